@@ -1,0 +1,1 @@
+"""RadiogenomicGAN training package."""
