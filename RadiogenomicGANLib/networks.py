@@ -1,0 +1,465 @@
+"""Generators of Xu et al. (MIDL 2019) "Correlation via synthesis", and the two baselines of its Table 1.
+
+The file reads bottom-up like the paper's Fig. 1 (stylegan2-ada's `networks.py` layout): small named
+layers, the gene mapping network (Fig. 1a right), the background encoder (Fig. 1a left), the fusion
+block (Fig. 1b), the proposed generator (Fig. 1a centre); then the MC-GAN-style and inpainting baselines,
+so that any weights file can hold any of the three (`GeneratorConfig.kind`).
+
+Shared choices (DESIGN.md leaves them open):
+- Resolution levels run from the patch size down to a 4×4 bottleneck (64² → 5 levels, 128² → 6); the
+  channel width at a level is `min(base_channels · 2**i, max_channels)`, i = halvings from full size.
+- Every generator can copy its input background to its output: the full-resolution background feature
+  carries, as channel 0, the background in tanh-logit space (`atanh` of the clamped input), and the image
+  head is initialised to read that channel. With the fusion weight W → 0 the image then equals the
+  background (to 1e-3): the (1 − W)⊙B path is a real identity, which the background L1 term relies on.
+- LeakyReLU(0.2) activations, batch norm after every convolution except the heads (the paper's conv+BN).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+KINDS: tuple[str, ...] = ("proposed", "mcgan", "inpainting")
+BOTTLENECK = 4              # synthesis starts at 4×4 for every patch size
+_LOGIT_EPS = 1e-3           # background clamp before atanh: |logit| ≤ atanh(0.999) ≈ 3.8
+_WEIGHT_INIT_BIAS = -1.0    # W starts at σ(−1) ≈ 0.27: mostly background at initialisation
+_MASK_INIT_BIAS = -2.0      # mask starts mostly empty, so the background L1 covers most of the patch
+_INPAINT_FILL = 0.0         # value written into the erased disc (≈ −250 HU: neither air nor tissue)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration and output
+
+
+@dataclass
+class GeneratorConfig:
+    """Everything needed to rebuild a generator from code; stored as the `architecture` of a weights file."""
+
+    kind: str = "proposed"      # "proposed" | "mcgan" | "inpainting"
+    num_genes: int = 5172
+    patch_size: int = 64        # 64 or 128 (any power of two ≥ 8 works)
+    code_dim: int = 128         # φ(g)
+    noise_dim: int = 16
+    base_channels: int = 32
+    max_channels: int = 256
+    gene_hidden: int = 256      # hidden width of the 2-layer mapping network
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown generator kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        size = self.patch_size
+        if size < 2 * BOTTLENECK or size & (size - 1):
+            raise ValueError(f"patch_size must be a power of two ≥ {2 * BOTTLENECK}, got {size}")
+        for name in ("num_genes", "code_dim", "base_channels", "max_channels", "gene_hidden"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.noise_dim < 0:
+            raise ValueError(f"noise_dim must be ≥ 0, got {self.noise_dim}")
+        if self.base_channels < 2:
+            raise ValueError("base_channels must be ≥ 2 (one channel carries the raw background)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GeneratorConfig:
+        """Rebuild from `to_dict()`; unknown keys are refused (they mean another version of the code)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown generator config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+    @property
+    def resolutions(self) -> list[int]:
+        """Resolution of every level, coarse → fine: [4, 8, …, patch_size]."""
+        return [BOTTLENECK * 2**i for i in range(int(math.log2(self.patch_size // BOTTLENECK)) + 1)]
+
+    def channels(self, resolution: int) -> int:
+        """Channel width at a resolution level: doubles per halving from base_channels, capped."""
+        halvings = int(math.log2(self.patch_size // resolution))
+        return min(self.base_channels * 2**halvings, self.max_channels)
+
+    @property
+    def style_dim(self) -> int:
+        return self.code_dim + self.noise_dim
+
+
+class GeneratorOutput(NamedTuple):
+    image: Tensor                  # (B,1,H,W) in [-1,1]
+    mask: Tensor                   # (B,1,H,W) probability in [0,1]
+    weight_maps: list[Tensor]      # fusion weight map of every level, coarse→fine, each (B,1,h,w) in [0,1]
+    gene_code: Tensor | None       # φ(g) (B, code_dim); None for inpainting
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small named layers
+
+
+def _act() -> nn.Module:
+    return nn.LeakyReLU(0.2)
+
+
+class ConvBNAct(nn.Sequential):
+    """conv → batch norm → LeakyReLU; the conv has no bias (batch norm would cancel it)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False),
+            nn.BatchNorm2d(out_channels),
+            _act(),
+        )
+
+
+class AdaIN(nn.Module):
+    """Adaptive instance normalisation (Karras et al.): per-channel scale and shift predicted from the style."""
+
+    def __init__(self, channels: int, style_dim: int) -> None:
+        super().__init__()
+        self.affine = nn.Linear(style_dim, 2 * channels)
+        # start near the identity style (scale 1, shift 0), as stylegan does, but not at it exactly,
+        # so the style (genes and noise) already changes the output at initialisation
+        nn.init.normal_(self.affine.weight, std=0.5 / math.sqrt(style_dim))
+        nn.init.zeros_(self.affine.bias)
+
+    def forward(self, x: Tensor, style: Tensor) -> Tensor:
+        gamma, beta = self.affine(style)[:, :, None, None].chunk(2, dim=1)
+        return F.instance_norm(x, eps=1e-5) * (1.0 + gamma) + beta
+
+
+def _upsample(x: Tensor) -> Tensor:
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+def _background_logit(background: Tensor) -> Tensor:
+    """The background in tanh-logit space, so that tanh(image head) can reproduce it exactly."""
+    return torch.atanh(background.clamp(-1.0 + _LOGIT_EPS, 1.0 - _LOGIT_EPS))
+
+
+class ImageHead(nn.Module):
+    """3×3 conv → tanh; initialised to copy channel 0 (the background logit) with a small learned rest."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 1, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.mul_(0.1)
+            self.conv.weight[0, 0, 1, 1] += 1.0
+            self.conv.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.conv(x))
+
+
+class MaskHead(nn.Module):
+    """3×3 conv → sigmoid: the nodule mask probability."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 1, 3, padding=1)
+        nn.init.constant_(self.conv.bias, _MASK_INIT_BIAS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.conv(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gene mapping network (Fig. 1a, right) and background encoder (Fig. 1a, left)
+
+
+class GeneMappingNetwork(nn.Module):
+    """Exactly two FC layers, g → φ(g) (paper §2.1: chosen for interpretability of the gene code)."""
+
+    def __init__(self, num_genes: int, hidden: int, code_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(num_genes, hidden)
+        self.act = _act()
+        self.fc2 = nn.Linear(hidden, code_dim)
+
+    def forward(self, genes: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(genes)))
+
+
+class BackgroundEncoder(nn.Module):
+    """Strided convs; returns the feature of every level, fine → coarse (full size … 4×4).
+
+    With `raw_channel`, channel 0 of the full-resolution feature is the background logit itself (see the
+    module docstring); the other channels come from a 3×3 stem.
+    """
+
+    def __init__(self, config: GeneratorConfig, in_channels: int = 1, raw_channel: bool = True) -> None:
+        super().__init__()
+        self.raw_channel = raw_channel
+        sizes = config.resolutions[::-1]                       # fine → coarse
+        full = config.channels(sizes[0])
+        self.stem = ConvBNAct(in_channels, full - 1 if raw_channel else full, 3)
+        self.down = nn.ModuleDict({
+            f"b{res}": ConvBNAct(config.channels(2 * res), config.channels(res), 3, stride=2)
+            for res in sizes[1:]
+        })
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        feature = self.stem(x)
+        if self.raw_channel:
+            feature = torch.cat([_background_logit(x[:, :1]), feature], dim=1)
+        features = [feature]
+        for layer in self.down.values():
+            features.append(layer(features[-1]))
+        return features
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fusion block (Fig. 1b) and the proposed generator (Fig. 1a)
+
+
+class FusionBlock(nn.Module):
+    """One resolution level of Fig. 1b: separates object from background and lets the genes style the object.
+
+    synthetic features x → (3×3 conv, BN, act) → (1×1 conv, BN) → 2C channels, split into
+    W = σ(first C) (a weight per channel and pixel) and O = act(last C); then
+    out = W ⊙ AdaIN(W ⊙ O, style) + (1 − W) ⊙ B, B the background encoder's feature at this level.
+
+    Decisions, each to keep the (1 − W) ⊙ B path an exact pass-through:
+    - AdaIN(W ⊙ O) is gated by W once more: instance norm re-inflates W ⊙ O where W ≈ 0 and the style
+      shift is added everywhere, so without the gate the style would leak into the background that W
+      means to keep. The normalisation statistics still come from W ⊙ O (the object), as in the paper.
+    - The weight half skips the activation: a LeakyReLU before σ would squash negative logits 5× and
+      make W → 0 hard to reach.
+    - The second conv is 1×1 (the first already sees 3×3 context), which keeps the generator ≤ 5 M
+      parameters at 64² with 5172 genes.
+    - The first conv also changes the width from the previous level's (it is the "decoding" conv after
+      the upsampling), so there is no separate upsampling conv.
+    The returned weight map is the channel mean of W, (B,1,h,w) in [0,1], for visualisation.
+    """
+
+    def __init__(self, in_channels: int, channels: int, style_dim: int) -> None:
+        super().__init__()
+        self.conv1 = ConvBNAct(in_channels, channels, 3)
+        self.conv2 = nn.Conv2d(channels, 2 * channels, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(2 * channels)
+        self.act = _act()
+        self.adain = AdaIN(channels, style_dim)
+        with torch.no_grad():
+            self.norm2.bias[:channels].fill_(_WEIGHT_INIT_BIAS)
+
+    def forward(self, x: Tensor, background: Tensor, style: Tensor) -> tuple[Tensor, Tensor]:
+        weight_logit, obj = self.norm2(self.conv2(self.conv1(x))).chunk(2, dim=1)
+        weight = torch.sigmoid(weight_logit)
+        out = weight * self.adain(weight * self.act(obj), style) + (1.0 - weight) * background
+        return out, weight.mean(dim=1, keepdim=True)
+
+
+def _check_inputs(config: GeneratorConfig, background: Tensor, genes: Tensor | None, need_genes: bool) -> None:
+    size = config.patch_size
+    if background.ndim != 4 or background.shape[1] != 1 or background.shape[2:] != (size, size):
+        raise ValueError(f"background must be (B,1,{size},{size}), got {tuple(background.shape)}")
+    if not need_genes:
+        return
+    if genes is None:
+        raise ValueError(f"the {config.kind} generator needs a gene vector (B,{config.num_genes})")
+    if genes.ndim != 2 or genes.shape != (background.shape[0], config.num_genes):
+        raise ValueError(f"genes must be (B={background.shape[0]}, {config.num_genes}), got {tuple(genes.shape)}")
+
+
+def _style(config: GeneratorConfig, code: Tensor, noise: Tensor | None) -> Tensor:
+    """style = [φ(g), n]; n ~ N(0, I) when not given."""
+    if noise is None:
+        noise = torch.randn(code.shape[0], config.noise_dim, device=code.device, dtype=code.dtype)
+    if noise.shape != (code.shape[0], config.noise_dim):
+        raise ValueError(f"noise must be (B={code.shape[0]}, {config.noise_dim}), got {tuple(noise.shape)}")
+    return torch.cat([code, noise.to(code.dtype)], dim=1)
+
+
+class ProposedGenerator(nn.Module):
+    """Fig. 1a: background encoder + gene mapping network + a fusion block at every level, 4×4 → full size."""
+
+    def __init__(self, config: GeneratorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.mapping = GeneMappingNetwork(config.num_genes, config.gene_hidden, config.code_dim)
+        self.encoder = BackgroundEncoder(config)
+        self.blocks = nn.ModuleDict()
+        previous = config.channels(BOTTLENECK)                  # synthesis starts from the bottleneck feature
+        for res in config.resolutions:
+            self.blocks[f"b{res}"] = FusionBlock(previous, config.channels(res), config.style_dim)
+            previous = config.channels(res)
+        self.image_head = ImageHead(previous)
+        self.mask_head = MaskHead(previous)
+
+    def encode_genes(self, genes: Tensor) -> Tensor:
+        """φ(g) for a batch of z-scored gene vectors (B,G) → (B, code_dim); the radiogenomic map uses it."""
+        return self.mapping(genes)
+
+    def forward(self, background: Tensor, genes: Tensor | None, noise: Tensor | None = None,
+                hole: Tensor | None = None) -> GeneratorOutput:
+        _check_inputs(self.config, background, genes, need_genes=True)
+        code = self.encode_genes(genes)
+        style = _style(self.config, code, noise)
+        features = self.encoder(background)[::-1]               # coarse → fine
+        x = features[0]
+        weight_maps = []
+        for i, block in enumerate(self.blocks.values()):
+            if i > 0:
+                x = _upsample(x)
+            x, weight = block(x, features[i], style)
+            weight_maps.append(weight)
+        return GeneratorOutput(self.image_head(x), self.mask_head(x), weight_maps, code)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Baseline 1: MC-GAN-style (Park et al. 2018)
+
+
+class MCGANBlock(nn.Module):
+    """MC-GAN's synthesis block, no AdaIN: F = conv(x); out = F + B · σ(w), w = 1×1 conv(F).
+
+    σ(w) weighs the *background* (MC-GAN's "switch"), per channel; its channel mean is the returned map.
+    """
+
+    def __init__(self, in_channels: int, channels: int) -> None:
+        super().__init__()
+        self.conv = ConvBNAct(in_channels, channels, 3)
+        self.gate = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor, background: Tensor) -> tuple[Tensor, Tensor]:
+        feature = self.conv(x)
+        switch = torch.sigmoid(self.gate(feature))
+        return feature + background * switch, switch.mean(dim=1, keepdim=True)
+
+
+class MCGANGenerator(nn.Module):
+    """Gene code (same 2-FC mapping, so Fig. 4 compares like with like) + noise → a 4×4 base map, combined
+    with the background bottleneck feature; then MC-GAN synthesis blocks up to full size."""
+
+    def __init__(self, config: GeneratorConfig) -> None:
+        super().__init__()
+        self.config = config
+        bottleneck = config.channels(BOTTLENECK)
+        self.mapping = GeneMappingNetwork(config.num_genes, config.gene_hidden, config.code_dim)
+        self.encoder = BackgroundEncoder(config)
+        self.base = nn.Linear(config.style_dim, bottleneck * BOTTLENECK * BOTTLENECK)
+        self.base_norm = nn.Sequential(nn.BatchNorm2d(bottleneck), _act())
+        self.combine = ConvBNAct(2 * bottleneck, bottleneck, 1)   # 1×1: the next block's conv is 3×3
+        self.blocks = nn.ModuleDict()
+        previous = bottleneck
+        for res in config.resolutions:
+            self.blocks[f"b{res}"] = MCGANBlock(previous, config.channels(res))
+            previous = config.channels(res)
+        self.image_head = ImageHead(previous)
+        self.mask_head = MaskHead(previous)
+
+    def encode_genes(self, genes: Tensor) -> Tensor:
+        """φ(g) for a batch of z-scored gene vectors (B,G) → (B, code_dim)."""
+        return self.mapping(genes)
+
+    def forward(self, background: Tensor, genes: Tensor | None, noise: Tensor | None = None,
+                hole: Tensor | None = None) -> GeneratorOutput:
+        _check_inputs(self.config, background, genes, need_genes=True)
+        code = self.encode_genes(genes)
+        style = _style(self.config, code, noise)
+        features = self.encoder(background)[::-1]
+        base = self.base(style).view(style.shape[0], -1, BOTTLENECK, BOTTLENECK)
+        x = self.combine(torch.cat([self.base_norm(base), features[0]], dim=1))
+        weight_maps = []
+        for i, block in enumerate(self.blocks.values()):
+            if i > 0:
+                x = _upsample(x)
+            x, switch = block(x, features[i])
+            weight_maps.append(switch)
+        return GeneratorOutput(self.image_head(x), self.mask_head(x), weight_maps, code)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Baseline 2: inpainting (Jin et al. 2018, 2D on the same slices)
+
+
+def hole_from_mask(mask: Tensor, scale: float = 1.5, default_radius: float | None = None) -> Tensor:
+    """Disc of `scale` × the mask's equivalent radius sqrt(area/π), centred at the mask centroid.
+
+    mask (B,1,H,W) (thresholded at 0.5) → (B,1,H,W) float {0,1}. An empty mask gives a disc of
+    `default_radius` pixels (H/8 when None) at the patch centre.
+    """
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise ValueError(f"mask must be (B,1,H,W), got {tuple(mask.shape)}")
+    _, _, height, width = mask.shape
+    binary = (mask > 0.5).to(torch.float32)
+    yy, xx = torch.meshgrid(torch.arange(height, dtype=torch.float32, device=mask.device),
+                            torch.arange(width, dtype=torch.float32, device=mask.device), indexing="ij")
+    area = binary.sum(dim=(1, 2, 3))
+    safe = area.clamp(min=1.0)
+    cy = torch.where(area > 0, (binary[:, 0] * yy).sum(dim=(1, 2)) / safe, torch.full_like(area, (height - 1) / 2))
+    cx = torch.where(area > 0, (binary[:, 0] * xx).sum(dim=(1, 2)) / safe, torch.full_like(area, (width - 1) / 2))
+    fallback = height / 8.0 if default_radius is None else float(default_radius)
+    radius = torch.where(area > 0, scale * torch.sqrt(area / math.pi), torch.full_like(area, fallback))
+    dist2 = (yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2
+    return (dist2 <= (radius**2)[:, None, None]).to(mask.dtype)[:, None]
+
+
+class InpaintingGenerator(nn.Module):
+    """U-Net on [background with the hole set to 0, hole]; the result is composited so that only the hole
+    changes: background · (1 − hole) + generated · hole. No gene input (gene_code None, weight_maps [hole])."""
+
+    def __init__(self, config: GeneratorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = BackgroundEncoder(config, in_channels=2, raw_channel=False)
+        self.bottleneck = ConvBNAct(config.channels(BOTTLENECK), config.channels(BOTTLENECK), 3)
+        self.decoder = nn.ModuleDict({
+            f"b{res}": ConvBNAct(config.channels(res // 2) + config.channels(res), config.channels(res), 3)
+            for res in config.resolutions[1:]
+        })
+        self.image_head = ImageHead(config.channels(config.patch_size))
+        self.mask_head = MaskHead(config.channels(config.patch_size))
+
+    def forward(self, background: Tensor, genes: Tensor | None = None, noise: Tensor | None = None,
+                hole: Tensor | None = None) -> GeneratorOutput:
+        _check_inputs(self.config, background, genes, need_genes=False)
+        if hole is None:
+            raise ValueError("the inpainting generator needs `hole` (B,1,H,W), 1 = erased disc; "
+                             "make it with hole_from_mask(mask)")
+        if hole.shape != background.shape:
+            raise ValueError(f"hole must have the background's shape {tuple(background.shape)}, "
+                             f"got {tuple(hole.shape)}")
+        hole = hole.to(background.dtype)
+        erased = background * (1.0 - hole) + _INPAINT_FILL * hole
+        skips = self.encoder(torch.cat([erased, hole], dim=1))[::-1]   # coarse → fine
+        x = self.bottleneck(skips[0])
+        for skip, layer in zip(skips[1:], self.decoder.values()):
+            x = layer(torch.cat([_upsample(x), skip], dim=1))
+        generated = self.image_head(x)
+        image = background * (1.0 - hole) + generated * hole
+        return GeneratorOutput(image, self.mask_head(x), [hole], None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entry points
+
+
+_BUILDERS: dict[str, type[nn.Module]] = {
+    "proposed": ProposedGenerator,
+    "mcgan": MCGANGenerator,
+    "inpainting": InpaintingGenerator,
+}
+
+
+def build_generator(config: GeneratorConfig) -> nn.Module:
+    """The generator that `config.kind` names, freshly initialised."""
+    return _BUILDERS[config.kind](config)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def summarize(module: nn.Module) -> str:
+    """A table of parameters per top-level child (stylegan's printed summary), for logs and benchmarks."""
+    rows = [(name, count_parameters(child)) for name, child in module.named_children()]
+    rows.append(("total", count_parameters(module)))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {count:>12,}" for name, count in rows)
