@@ -1,0 +1,120 @@
+"""The dataset file: validated loading with one clear error per problem, and reproducible training batches."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from training.dataset import (
+    DatasetError,
+    NoduleBatchDataset,
+    epoch_permutation,
+    load_dataset,
+    make_synthetic_dataset,
+    write_dataset,
+)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("ds") / "synthetic.npz", patients=8, genes=16, size=32)
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def test_synthetic_round_trip(synthetic: Path) -> None:
+    data = load_dataset(synthetic)
+    assert data.num_patients == 8 and data.num_genes == 16 and data.patch_size == 32
+    assert data.nodule_images.dtype == np.float32 and data.nodule_masks.dtype == np.uint8
+    assert data.nodule_images.min() >= -1.0 and data.nodule_images.max() <= 1.0
+    assert set(data.split.tolist()) == {"train", "val", "test"}
+    for name in ("train", "val", "test"):
+        owners = set(data.nodule_patient[data.nodule_indices(name)].tolist())
+        assert owners == set(data.patients_in(name).tolist())
+    assert "train" in data.summary()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda a: a.pop("genes"), "missing keys: genes"),
+        (lambda a: a.pop("split"), "no train/val/test split"),
+        (lambda a: a.update(split=np.array(["val"] * 8)), "no train patients"),
+        (lambda a: a.update(split=np.array(["train"] * 7 + ["holdout"])), "holdout"),
+        (lambda a: a.update(nodule_masks=a["nodule_masks"][:-1]), "'nodule_masks' has shape"),
+        (lambda a: a.update(nodule_patient=a["nodule_patient"][:-1]), "'nodule_patient' has shape"),
+        (lambda a: a.update(genes=a["genes"][:, :-1]), "'gene_names' has shape"),
+        (lambda a: a.update(background_patient=a["background_patient"] + 100), "outside"),
+        (lambda a: a.update(patient_ids=np.array(["A"] * 8)), "duplicates"),
+    ],
+)
+def test_each_problem_gives_one_clear_error(synthetic: Path, tmp_path: Path, mutate, message: str) -> None:
+    arrays = _arrays(synthetic)
+    mutate(arrays)
+    broken = tmp_path / "broken.npz"
+    np.savez(broken, **arrays)
+    with pytest.raises(DatasetError, match=message):
+        load_dataset(broken)
+
+
+def test_missing_file_and_not_an_npz(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="not found"):
+        load_dataset(tmp_path / "nope.npz")
+    text = tmp_path / "notes.npz"
+    text.write_text("hello")
+    with pytest.raises(DatasetError, match="not a dataset file"):
+        load_dataset(text)
+    with pytest.raises(DatasetError, match="folder"):
+        load_dataset(tmp_path)
+
+
+def test_write_refuses_inconsistent_arrays(synthetic: Path, tmp_path: Path) -> None:
+    arrays = _arrays(synthetic)
+    arrays["nodule_images"] = arrays["nodule_images"][:, :16]
+    with pytest.raises(DatasetError, match="nodule_images"):
+        write_dataset(tmp_path / "bad.npz", **arrays)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_batches_follow_the_contract(synthetic: Path) -> None:
+    data = load_dataset(synthetic)
+    dataset = NoduleBatchDataset(data, "train", seed=3)
+    batch = next(iter(DataLoader(dataset, batch_size=5, shuffle=False)))
+    s, g = data.patch_size, data.num_genes
+    assert batch["image"].shape == (5, 1, s, s) and batch["mask"].shape == (5, 1, s, s)
+    assert batch["background"].shape == (5, 1, s, s) and batch["wrong_mask"].shape == (5, 1, s, s)
+    assert batch["genes"].shape == (5, g) and batch["wrong_genes"].shape == (5, g)
+    assert batch["patient"].dtype == torch.int64
+    assert set(torch.unique(batch["mask"]).tolist()) <= {0.0, 1.0}
+    train = set(data.patients_in("train").tolist())
+    for index in range(len(dataset)):
+        item = dataset[index]
+        patient = int(item["patient"])
+        assert patient in train
+        assert not torch.equal(item["wrong_genes"], item["genes"])
+        # the background comes from the same split
+        matches = [
+            b
+            for b in data.background_indices("train")
+            if np.array_equal(data.background_images[b], item["background"][0].numpy())
+        ]
+        assert matches
+
+
+def test_pairings_are_reproducible_per_seed_and_epoch(synthetic: Path) -> None:
+    data = load_dataset(synthetic)
+    a, b = NoduleBatchDataset(data, seed=1), NoduleBatchDataset(data, seed=1)
+    for index in (0, 3, len(a) - 1):
+        for key in ("background", "wrong_genes", "wrong_mask"):
+            assert torch.equal(a[index][key], b[index][key])
+    draws = {tuple(a[i]["background"].flatten()[:4].tolist()) for i in range(len(a))}
+    a.set_epoch(1)
+    redraws = {tuple(a[i]["background"].flatten()[:4].tolist()) for i in range(len(a))}
+    assert draws != redraws
+    np.testing.assert_array_equal(epoch_permutation(10, 0, 2), epoch_permutation(10, 0, 2))
+    assert not np.array_equal(epoch_permutation(10, 0, 2), epoch_permutation(10, 0, 3))

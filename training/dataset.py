@@ -1,0 +1,453 @@
+"""The dataset file written by `python -m training.prepare`, and the training batches drawn from it.
+
+One `.npz` (no pickles) holds every patch, the gene matrix and the split, so training, evaluation and the
+radiogenomic map all read the same, validated arrays. Keys (see interfaces.md, "Dataset file"):
+
+- `format_version`, `patch_size`, `patch_spacing_mm`, `hu_window`
+- `nodule_images` (N,S,S) float32 [-1,1], `nodule_masks` (N,S,S) uint8, `nodule_patient`, `nodule_slice`,
+  `nodule_centre_ras` — one row per axial slice with nodule present
+- `background_images` (M,S,S), `background_patient`, `background_slice`, `background_centre_ras` — nodule-free
+  lung patches (the generator's input)
+- `patient_ids` (P,), `patient_spacing` (P,3) (i,j,k mm), `split` (P,) in {train,val,test}
+- `genes` (P,G) z-scored with train-patient statistics, `gene_names` (G,), `gene_means`, `gene_stds` (G,)
+
+Determinism (so a resumed run sees the same data): `NoduleBatchDataset` draws its random pairings (background,
+wrong genes, wrong mask) from a generator seeded by `(seed, epoch, index)`, never from global state. The
+training loop shuffles with a sampler seeded from `(seed, epoch)` — `epoch_permutation(n, seed, epoch)` here, or
+`DistributedSampler(seed=seed)` + `set_epoch(epoch)` — and calls `dataset.set_epoch(epoch)` every epoch. Resuming
+at (epoch, step) then reproduces exactly the batches an uninterrupted run would have seen, whatever the number
+of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from RadiogenomicGANLib.intensity import HU_WINDOW
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+REQUIRED_KEYS = (
+    "format_version",
+    "patch_size",
+    "patch_spacing_mm",
+    "hu_window",
+    "nodule_images",
+    "nodule_masks",
+    "nodule_patient",
+    "nodule_slice",
+    "nodule_centre_ras",
+    "background_images",
+    "background_patient",
+    "background_slice",
+    "background_centre_ras",
+    "patient_ids",
+    "patient_spacing",
+    "split",
+    "genes",
+    "gene_names",
+    "gene_means",
+    "gene_stds",
+)
+
+_DTYPES: dict[str, type] = {
+    "nodule_images": np.float32,
+    "nodule_masks": np.uint8,
+    "nodule_patient": np.int32,
+    "nodule_slice": np.int32,
+    "nodule_centre_ras": np.float32,
+    "background_images": np.float32,
+    "background_patient": np.int32,
+    "background_slice": np.int32,
+    "background_centre_ras": np.float32,
+    "patient_spacing": np.float32,
+    "genes": np.float32,
+    "gene_means": np.float32,
+    "gene_stds": np.float32,
+    "hu_window": np.float32,
+}
+
+
+class DatasetError(ValueError):
+    """A dataset file that is missing, unreadable or inconsistent; the message says which and how to fix it."""
+
+
+@dataclass
+class RadiogenomicDataset:
+    """All arrays of one dataset file, validated, with the look-ups training and evaluation need."""
+
+    patch_size: int
+    patch_spacing_mm: float
+    hu_window: np.ndarray
+    nodule_images: np.ndarray
+    nodule_masks: np.ndarray
+    nodule_patient: np.ndarray
+    nodule_slice: np.ndarray
+    nodule_centre_ras: np.ndarray
+    background_images: np.ndarray
+    background_patient: np.ndarray
+    background_slice: np.ndarray
+    background_centre_ras: np.ndarray
+    patient_ids: np.ndarray
+    patient_spacing: np.ndarray
+    split: np.ndarray
+    genes: np.ndarray
+    gene_names: np.ndarray
+    gene_means: np.ndarray
+    gene_stds: np.ndarray
+    format_version: int = FORMAT_VERSION
+    source: str = ""
+
+    # --- sizes ---------------------------------------------------------------------------------------
+    @property
+    def num_patients(self) -> int:
+        return int(self.patient_ids.shape[0])
+
+    @property
+    def num_genes(self) -> int:
+        return int(self.genes.shape[1])
+
+    @property
+    def num_nodules(self) -> int:
+        return int(self.nodule_images.shape[0])
+
+    @property
+    def num_backgrounds(self) -> int:
+        return int(self.background_images.shape[0])
+
+    # --- split look-ups ------------------------------------------------------------------------------------
+    def patients_in(self, split: str | Sequence[str]) -> np.ndarray:
+        """Patient indices of one split (or several), ascending."""
+        names = [split] if isinstance(split, str) else list(split)
+        for name in names:
+            if name not in SPLITS:
+                raise DatasetError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+        return np.flatnonzero(np.isin(self.split, names))
+
+    def nodule_indices(self, split: str | Sequence[str]) -> np.ndarray:
+        """Nodule-sample indices whose patient is in `split`."""
+        return np.flatnonzero(np.isin(self.nodule_patient, self.patients_in(split)))
+
+    def background_indices(self, split: str | Sequence[str]) -> np.ndarray:
+        """Background-sample indices whose patient is in `split`."""
+        return np.flatnonzero(np.isin(self.background_patient, self.patients_in(split)))
+
+    def patient_index(self, patient_id: str) -> int:
+        matches = np.flatnonzero(self.patient_ids == patient_id)
+        if matches.size == 0:
+            known = ", ".join(map(str, self.patient_ids[:5]))
+            raise DatasetError(f"patient {patient_id!r} is not in the dataset (e.g. {known})")
+        return int(matches[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every key of the file format, ready for `write_dataset`."""
+        return {key: np.asarray(getattr(self, key)) for key in REQUIRED_KEYS}
+
+    def summary(self) -> str:
+        """One line per split: patients, nodule slices, background slices."""
+        lines = [f"{self.num_patients} patients, {self.num_genes} genes, patch {self.patch_size}px"]
+        for name in SPLITS:
+            lines.append(
+                f"  {name:5s}: {self.patients_in(name).size} patients, {self.nodule_indices(name).size} nodule "
+                f"slices, {self.background_indices(name).size} background slices"
+            )
+        return "\n".join(lines)
+
+
+# --- validation ----------------------------------------------------------------------------------------------
+
+
+def _validate(arrays: dict[str, np.ndarray], source: str) -> RadiogenomicDataset:
+    """Check keys, split and shapes; every failure is one DatasetError naming the file and the problem."""
+    where = f"dataset file {source}" if source else "dataset"
+    missing = [key for key in REQUIRED_KEYS if key not in arrays]
+    if "split" in missing:
+        raise DatasetError(
+            f"{where} has no train/val/test split (key 'split' missing); re-create it with python -m training.prepare"
+        )
+    if missing:
+        raise DatasetError(f"{where} is missing keys: {', '.join(missing)}; re-create it with training.prepare")
+
+    version = int(np.asarray(arrays["format_version"]))
+    if version != FORMAT_VERSION:
+        raise DatasetError(f"{where} has format_version {version}; this code reads version {FORMAT_VERSION}")
+
+    a = {key: np.asarray(arrays[key]) for key in REQUIRED_KEYS}
+    for key in ("patient_ids", "split", "gene_names"):
+        if a[key].dtype.kind not in "U":
+            raise DatasetError(f"{where}: '{key}' must be an array of strings, got dtype {a[key].dtype}")
+        a[key] = a[key].astype(str)
+    size = int(a["patch_size"])
+    patients = a["patient_ids"].shape[0]
+
+    def fail(message: str) -> None:
+        raise DatasetError(f"{where} is inconsistent: {message}")
+
+    if a["split"].shape != (patients,):
+        fail(f"'split' has shape {a['split'].shape}, expected ({patients},) — one entry per patient")
+    bad = sorted(set(a["split"].tolist()) - set(SPLITS))
+    if bad:
+        fail(f"'split' holds {bad}; allowed values are {', '.join(SPLITS)}")
+    if not np.any(a["split"] == "train"):
+        raise DatasetError(f"{where} has no train patients in its split")
+    if len(set(a["patient_ids"].tolist())) != patients:
+        fail("'patient_ids' has duplicates, so a patient could sit in two splits")
+
+    for prefix in ("nodule", "background"):
+        images = a[f"{prefix}_images"]
+        if images.ndim != 3 or images.shape[1:] != (size, size):
+            fail(f"'{prefix}_images' has shape {images.shape}, expected (N, {size}, {size})")
+        count = images.shape[0]
+        for key, shape in (
+            (f"{prefix}_patient", (count,)),
+            (f"{prefix}_slice", (count,)),
+            (f"{prefix}_centre_ras", (count, 3)),
+        ):
+            if a[key].shape != shape:
+                fail(f"'{key}' has shape {a[key].shape}, expected {shape} to match '{prefix}_images'")
+        owners = a[f"{prefix}_patient"]
+        if owners.size and (owners.min() < 0 or owners.max() >= patients):
+            fail(f"'{prefix}_patient' refers to patients outside 0…{patients - 1}")
+    if a["nodule_masks"].shape != a["nodule_images"].shape:
+        fail(f"'nodule_masks' has shape {a['nodule_masks'].shape}, expected {a['nodule_images'].shape}")
+    if a["nodule_images"].shape[0] == 0:
+        raise DatasetError(f"{where} holds no nodule slices")
+    if a["background_images"].shape[0] == 0:
+        raise DatasetError(f"{where} holds no background slices")
+    if a["patient_spacing"].shape != (patients, 3):
+        fail(f"'patient_spacing' has shape {a['patient_spacing'].shape}, expected ({patients}, 3)")
+    if a["genes"].ndim != 2 or a["genes"].shape[0] != patients:
+        fail(f"'genes' has shape {a['genes'].shape}, expected ({patients}, G)")
+    genes = a["genes"].shape[1]
+    for key in ("gene_names", "gene_means", "gene_stds"):
+        if a[key].shape != (genes,):
+            fail(f"'{key}' has shape {a[key].shape}, expected ({genes},) to match 'genes'")
+    if a["hu_window"].shape != (2,):
+        fail(f"'hu_window' has shape {a['hu_window'].shape}, expected (2,)")
+    if not np.all(np.isfinite(a["genes"])):
+        fail("'genes' holds NaN or infinite values")
+
+    for key, dtype in _DTYPES.items():
+        a[key] = a[key].astype(dtype, copy=False)
+    return RadiogenomicDataset(
+        patch_size=size,
+        patch_spacing_mm=float(a["patch_spacing_mm"]),
+        format_version=version,
+        source=source,
+        **{key: a[key] for key in REQUIRED_KEYS if key not in ("patch_size", "patch_spacing_mm", "format_version")},
+    )
+
+
+# --- file I/O ------------------------------------------------------------------------------------------------
+
+
+def write_dataset(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+    """Validate and write the arrays as one compressed `.npz` (atomically: a crash never leaves half a file).
+
+    `format_version`, `hu_window`, and `patch_spacing_mm` default to this code's values when not given.
+    """
+    arrays = dict(arrays)
+    arrays.setdefault("format_version", np.int64(FORMAT_VERSION))
+    arrays.setdefault("hu_window", np.asarray(HU_WINDOW, dtype=np.float32))
+    arrays.setdefault("patch_spacing_mm", np.float64(60.0 / int(np.asarray(arrays.get("patch_size", 64)))))
+    dataset = _validate(arrays, "")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {key: np.asarray(value) for key, value in dataset.arrays().items()}
+    payload["format_version"] = np.int64(dataset.format_version)
+    payload["patch_size"] = np.int64(dataset.patch_size)
+    payload["patch_spacing_mm"] = np.float64(dataset.patch_spacing_mm)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.savez_compressed(stream, **payload)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_dataset(path: str | os.PathLike) -> RadiogenomicDataset:
+    """Read and validate a dataset file (never unpickles); raises DatasetError with a clear message."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"dataset file not found: {path} (create it with python -m training.prepare)")
+    if path.is_dir():
+        raise DatasetError(f"dataset path {path} is a folder; pass the .npz file written by training.prepare")
+    if not zipfile.is_zipfile(path):
+        raise DatasetError(f"{path} is not a dataset file (.npz written by training.prepare)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise DatasetError(f"{path} could not be read as a dataset file: {error}") from error
+    return _validate(arrays, str(path))
+
+
+# --- training batches ----------------------------------------------------------------------------------------
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The sample order of one epoch, a pure function of (seed, epoch) — what a resumed run must replay."""
+    return np.random.default_rng([int(seed), int(epoch), 0x5A17]).permutation(n)
+
+
+class NoduleBatchDataset(Dataset):
+    """Training tuples of one split, per the batch contract (interfaces.md, "Training batch contract").
+
+    Item `index` is the `index`-th nodule slice of the split; the default collate stacks items into a batch
+    of `image` (1,S,S), `mask` (1,S,S) {0,1}, `genes` (G,), `background` (1,S,S) — a random background patch of
+    the SAME split, `wrong_genes` (G,) — genes of another patient, `wrong_mask` (1,S,S) — the mask of a nodule
+    slice of another patient (of the same split when it has one), `patient` int64. The random choices come from
+    `numpy.random.default_rng((seed, epoch, index))`, so they are reproducible and worker-independent.
+    """
+
+    def __init__(self, data: RadiogenomicDataset, split: str | Sequence[str] = "train", seed: int = 0) -> None:
+        self.data = data
+        self.split = split
+        self.seed = int(seed)
+        self.epoch = 0
+        self.nodules = data.nodule_indices(split)
+        self.backgrounds = data.background_indices(split)
+        if self.nodules.size == 0:
+            raise DatasetError(f"split {split!r} holds no nodule slices")
+        if self.backgrounds.size == 0:
+            raise DatasetError(f"split {split!r} holds no background slices")
+        if data.num_patients < 2:
+            raise DatasetError("wrong-gene pairs need at least two patients in the dataset")
+        patients = data.patients_in(split)
+        # Wrong genes: another patient of the split, or of the whole dataset when the split holds only one.
+        self._gene_pool = patients if patients.size >= 2 else np.arange(data.num_patients)
+        # Wrong masks: nodule slices of the split by patient, for "another patient" draws.
+        self._patients_with_nodules = np.unique(data.nodule_patient[self.nodules])
+        self._images = torch.from_numpy(np.ascontiguousarray(data.nodule_images[:, None]))
+        self._masks = torch.from_numpy(np.ascontiguousarray(data.nodule_masks[:, None].astype(np.float32)))
+        self._backgrounds = torch.from_numpy(np.ascontiguousarray(data.background_images[:, None]))
+        self._genes = torch.from_numpy(np.ascontiguousarray(data.genes))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the pairings drawn for every item (call once per epoch, like DistributedSampler)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return int(self.nodules.size)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, int(index)])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} outside 0…{len(self) - 1}")
+        rng = self._rng(index)
+        sample = int(self.nodules[index])
+        patient = int(self.data.nodule_patient[sample])
+        background = int(self.backgrounds[rng.integers(self.backgrounds.size)])
+        others = self._gene_pool[self._gene_pool != patient]
+        wrong_patient = int(others[rng.integers(others.size)])
+        wrong_mask = self._draw_wrong_mask(rng, sample, patient)
+        return {
+            "image": self._images[sample],
+            "mask": self._masks[sample],
+            "genes": self._genes[patient],
+            "background": self._backgrounds[background],
+            "wrong_genes": self._genes[wrong_patient],
+            "wrong_mask": self._masks[wrong_mask],
+            "patient": torch.tensor(patient, dtype=torch.int64),
+        }
+
+    def _draw_wrong_mask(self, rng: np.random.Generator, sample: int, patient: int) -> int:
+        """A nodule slice of another patient when there is one (a neighbouring slice of the same nodule is
+        nearly the same mask, a poor negative); else another slice of the split."""
+        other_patients = self._patients_with_nodules[self._patients_with_nodules != patient]
+        if other_patients.size:
+            chosen = other_patients[rng.integers(other_patients.size)]
+            pool = self.nodules[self.data.nodule_patient[self.nodules] == chosen]
+        else:
+            pool = self.nodules[self.nodules != sample]
+            if pool.size == 0:
+                pool = self.nodules
+        return int(pool[rng.integers(pool.size)])
+
+
+# --- a tiny synthetic dataset for tests ------------------------------------------------------------------------
+
+
+def make_synthetic_dataset(
+    path: str | os.PathLike, patients: int = 8, genes: int = 64, size: int = 64, seed: int = 0
+) -> Path:
+    """Write a small valid dataset of drawn discs on noisy lung-like backgrounds.
+
+    For tests of training and evaluation that must not wait for the phantom. The disc radius and density
+    follow genes 0 and 1, so a model can in principle learn a gene→image link. Split: the last two patients
+    are val and test (when there are at least four), the rest train.
+    """
+    if patients < 2:
+        raise ValueError("a synthetic dataset needs at least two patients")
+    rng = np.random.default_rng(seed)
+    raw = rng.normal(size=(patients, genes))
+    means, stds = raw.mean(axis=0), raw.std(axis=0) + 1e-6
+    gene_matrix = ((raw - means) / stds).astype(np.float32)
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
+    spacing_mm = 60.0 / size
+    nodule_images, nodule_masks, nodule_patient, nodule_slice, nodule_centres = [], [], [], [], []
+    background_images, background_patient, background_slice, background_centres = [], [], [], []
+
+    def lung_texture() -> np.ndarray:
+        noise = rng.normal(0.0, 0.03, size=(size, size)).astype(np.float32)
+        return np.float32(-0.75) + noise  # ≈ −840 HU in the [-1000, 500] window
+
+    for p in range(patients):
+        radius_mm = 8.0 + 3.0 * np.tanh(gene_matrix[p, 0] if genes else 0.0)
+        density = 0.05 + 0.1 * np.tanh(gene_matrix[p, 1] if genes > 1 else 0.0)
+        centre_ras = rng.uniform(-50, 50, size=3).astype(np.float32)
+        for s in range(4):
+            r_px = max(radius_mm * (1.0 - 0.15 * abs(s - 1.5)) / spacing_mm, 2.0)
+            cy, cx = (size - 1) / 2 + rng.normal(0, 1), (size - 1) / 2 + rng.normal(0, 1)
+            disc = (rows - cy) ** 2 + (cols - cx) ** 2 <= r_px**2
+            image = lung_texture()
+            image[disc] = density + rng.normal(0.0, 0.03, size=int(disc.sum()))
+            nodule_images.append(np.clip(image, -1, 1))
+            nodule_masks.append(disc.astype(np.uint8))
+            nodule_patient.append(p)
+            nodule_slice.append(10 + s)
+            nodule_centres.append(centre_ras)
+        for s in range(6):
+            background_images.append(np.clip(lung_texture(), -1, 1))
+            background_patient.append(p)
+            background_slice.append(5 + s)
+            background_centres.append(centre_ras + np.float32(30.0))
+    split = np.array(["train"] * patients, dtype="<U5")
+    if patients >= 4:
+        split[-2], split[-1] = "val", "test"
+    return write_dataset(
+        path,
+        patch_size=np.int64(size),
+        patch_spacing_mm=np.float64(spacing_mm),
+        nodule_images=np.asarray(nodule_images, dtype=np.float32),
+        nodule_masks=np.asarray(nodule_masks, dtype=np.uint8),
+        nodule_patient=np.asarray(nodule_patient, dtype=np.int32),
+        nodule_slice=np.asarray(nodule_slice, dtype=np.int32),
+        nodule_centre_ras=np.asarray(nodule_centres, dtype=np.float32),
+        background_images=np.asarray(background_images, dtype=np.float32),
+        background_patient=np.asarray(background_patient, dtype=np.int32),
+        background_slice=np.asarray(background_slice, dtype=np.int32),
+        background_centre_ras=np.asarray(background_centres, dtype=np.float32),
+        patient_ids=np.array([f"SYN-{p:03d}" for p in range(patients)]),
+        patient_spacing=np.tile(np.array([0.7, 0.7, 1.25], dtype=np.float32), (patients, 1)),
+        split=split,
+        genes=gene_matrix,
+        gene_names=np.array([f"GENE{g:04d}" for g in range(genes)]),
+        gene_means=means.astype(np.float32),
+        gene_stds=stds.astype(np.float32),
+    )
