@@ -1,0 +1,563 @@
+"""The insertion pipeline (DESIGN.md decision 10): synthetic nodules pasted into chosen slices of a CT.
+
+For every nodule centre (RAS mm) and every requested slice k, the 60 mm axial patch around the centre's
+projection on slice k is resampled in millimetres (`patches.py`), mapped to the network's HU window, and run
+through the generator together with the gene profile and a noise vector. All slices of all nodules go
+through the generator in a few batched forward passes; each nodule keeps one noise vector for all its
+slices, so its slices show the same nodule. The generated patch is resampled back onto the slice and
+composited with `feather_alpha` — 1 over the dilated generated mask, 0 well inside the patch border — so
+no voxel outside a patch footprint changes and no seam shows.
+
+Decisions a user should know:
+- Inputs are never modified: the result holds new arrays.
+- The lung mask is computed once per volume (keyed by shape, dtype, geometry and a CRC of the voxels) and
+  cached, so repeated insertions into the same CT are quick.
+- A centre outside the lung is refused unless `allow_outside_lung=True`; automatic placement picks centres
+  5–25 mm inside the lung boundary, on slices far enough from the volume's ends for the requested ±k.
+- The nodule label (value n for nodule n, 1-based) is the generated mask > 0.5 resampled to the slice,
+  where the composite alpha is ≥ 0.5, and inside the lung mask: the segmentation marks the synthetic
+  nodule in the lung, never a stray blob the network drew over the chest wall or the patch border.
+- Intensities must look like Hounsfield units (`check_hu_volume`): a chest CT holds air or lung
+  (≤ −500 HU) and soft tissue (≥ −200 HU). 8-bit images, raw 0…4095 detector values and normalised
+  floats have no voxel ≤ −500, and are refused rather than silently producing garbage.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from RadiogenomicGANLib.geometry import VolumeGeometry
+from RadiogenomicGANLib.intensity import hu_to_unit, unit_to_hu
+from RadiogenomicGANLib.patches import extract_patch, feather_alpha, patch_frame, resample_to_slice
+
+if TYPE_CHECKING:
+    from RadiogenomicGANLib.weights import WeightsMetadata
+
+ProgressCallback = Callable[[float, str], "bool | None"]
+
+# Intensity plausibility thresholds (see check_hu_volume).
+AIR_HU = -500.0
+TISSUE_HU = -200.0
+MIN_FRACTION = 0.002
+HU_LIMITS = (-4000.0, 40000.0)
+MIN_INPLANE_VOXELS = 16
+AUTO_MIN_MM = 5.0
+AUTO_MAX_MM = 25.0
+
+
+class InsertionError(ValueError):
+    """Bad input to the insertion (a clear message for the user); nothing was produced."""
+
+
+class InsertionCancelled(Exception):
+    """The progress callback returned False."""
+
+
+@dataclass
+class InsertionResult:
+    """The new CT (input dtype), the nodule label (n = nodule n) and, on request, the fusion weight map."""
+
+    volume_hu: np.ndarray
+    label: np.ndarray
+    weight_map: np.ndarray | None
+    centres_ras: np.ndarray
+    slices: list[list[int]]
+    provenance: dict[str, Any]
+    # Per-nodule, per-slice patches (patch pixels): handy for figures and checks, cheap to keep.
+    patches: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' → CUDA when available, else CPU; an explicit 'cuda' without a GPU is a clear error."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InsertionError("device 'cuda' was requested but no CUDA GPU is available; use 'auto' or 'cpu'")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise InsertionError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def check_hu_volume(volume: np.ndarray) -> None:
+    """Refuse arrays that are not 3D CT in Hounsfield units, with the reason.
+
+    Rule (on a strided sample, robust to a few odd voxels): values finite and within −4000…40000; at least
+    0.2 % of voxels ≤ −500 HU (air/lung — every chest CT has them) and at least 0.2 % ≥ −200 HU (soft
+    tissue). 0…255 and 0…4095 images and [0, 1]/[−1, 1] normalised arrays fail the air test.
+    """
+    if volume.ndim != 3:
+        raise InsertionError(
+            f"the image is {volume.ndim}D (shape {tuple(volume.shape)}); a 3D CT volume is needed"
+        )
+    if min(volume.shape[1:]) < MIN_INPLANE_VOXELS:
+        raise InsertionError(f"the slices are only {volume.shape[1]}×{volume.shape[2]} voxels; is this a CT?")
+    if not (np.issubdtype(volume.dtype, np.integer) or np.issubdtype(volume.dtype, np.floating)):
+        raise InsertionError(f"unsupported voxel type {volume.dtype}; a CT in HU (integer or float) is needed")
+    step = max(1, round((volume.size / 2_000_000) ** (1 / 3)))
+    sample = np.asarray(volume[::step, ::step, ::step], dtype=np.float32)
+    if not np.isfinite(sample).all():
+        raise InsertionError("the volume contains NaN or infinite values")
+    low, high = float(sample.min()), float(sample.max())
+    if low < HU_LIMITS[0] or high > HU_LIMITS[1]:
+        raise InsertionError(
+            f"intensities {low:.0f}…{high:.0f} are outside any Hounsfield range; is the rescale applied?"
+        )
+    air = float(np.mean(sample <= AIR_HU))
+    tissue = float(np.mean(sample >= TISSUE_HU))
+    if air < MIN_FRACTION or tissue < MIN_FRACTION:
+        raise InsertionError(
+            f"intensities {low:.0f}…{high:.0f} do not look like a chest CT in Hounsfield units "
+            f"({100 * air:.1f}% of voxels ≤ {AIR_HU:.0f} HU, {100 * tissue:.1f}% ≥ {TISSUE_HU:.0f} HU); "
+            "8-bit, raw detector or normalised images are not supported"
+        )
+
+
+def _as_geometry(geometry: VolumeGeometry | np.ndarray) -> VolumeGeometry:
+    return geometry if isinstance(geometry, VolumeGeometry) else VolumeGeometry(np.asarray(geometry))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("radiogenomicgan")
+    except Exception:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class _SliceJob:
+    nodule: int
+    slice_k: int
+
+
+class NoduleInserter:
+    """A generator plus its metadata, ready to paste nodules into CT volumes (one per process is plenty)."""
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        metadata: WeightsMetadata,
+        device: str | torch.device = "auto",
+        *,
+        batch_size: int = 32,
+        weights_path: str | Path | None = None,
+        weights_sha256: str | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.generator = generator.to(self.device).eval()
+        self.metadata = metadata
+        self.batch_size = max(1, int(batch_size))
+        self.weights_path = Path(weights_path) if weights_path is not None else None
+        self.weights_sha256 = weights_sha256
+        config = getattr(generator, "config", None)
+        if config is not None and config.kind != metadata.config.kind:
+            raise InsertionError(
+                f"generator kind {config.kind!r} does not match its metadata ({metadata.config.kind!r})"
+            )
+        if int(metadata.patch_size) != int(metadata.config.patch_size):
+            raise InsertionError("weights metadata: patch_size disagrees with the generator configuration")
+        self._lung_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lung_cache_size = 2
+
+    # --- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_weights(cls, path: str | Path, device: str | torch.device = "auto", **kwargs: Any) -> NoduleInserter:
+        """Load `NAME.safetensors` + `NAME.json`; a missing or bad file is an InsertionError with the reason."""
+        from RadiogenomicGANLib.weights import load_weights
+
+        path = Path(path)
+        tensors = path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+        if path.suffix == ".json":
+            tensors = path.with_suffix(".safetensors")
+        if not tensors.exists():
+            raise InsertionError(f"weights file not found: {tensors}")
+        try:
+            generator, metadata = load_weights(tensors, map_location="cpu")
+        except (ValueError, OSError, KeyError, RuntimeError) as error:
+            raise InsertionError(f"cannot load weights {tensors.name}: {error}") from error
+        return cls(generator, metadata, device, weights_path=tensors, weights_sha256=_file_sha256(tensors), **kwargs)
+
+    @property
+    def kind(self) -> str:
+        return self.metadata.config.kind
+
+    @property
+    def num_genes(self) -> int:
+        return int(self.metadata.config.num_genes)
+
+    # --- lung mask ------------------------------------------------------------------------------------
+    def lung_mask(self, volume_hu: np.ndarray, geometry: VolumeGeometry | np.ndarray) -> np.ndarray:
+        """The volume's lung mask, computed once and cached (keyed by content, so edits are noticed)."""
+        from RadiogenomicGANLib.lungmask import compute_lung_mask
+
+        geometry = _as_geometry(geometry)
+        contiguous = np.ascontiguousarray(volume_hu)
+        key = (
+            contiguous.shape,
+            contiguous.dtype.str,
+            geometry.ijk_to_ras.round(6).tobytes(),
+            zlib.crc32(memoryview(contiguous).cast("B")),
+        )
+        cached = self._lung_cache.get(key)
+        if cached is not None:
+            self._lung_cache.move_to_end(key)
+            return cached
+        mask = np.asarray(compute_lung_mask(contiguous, geometry.spacing_kji), dtype=bool)
+        mask.setflags(write=False)
+        self._lung_cache[key] = mask
+        while len(self._lung_cache) > self._lung_cache_size:
+            self._lung_cache.popitem(last=False)
+        return mask
+
+    # --- the pipeline -------------------------------------------------------------------------------
+    def insert(
+        self,
+        volume_hu: np.ndarray,
+        geometry: VolumeGeometry | np.ndarray,
+        gene_profile: np.ndarray | Sequence[float] | None,
+        centres_ras: np.ndarray | Sequence[Sequence[float]] | None = None,
+        *,
+        auto_count: int = 0,
+        slices: Sequence[Sequence[int]] | None = None,
+        half_slices: int = 2,
+        seed: int = 0,
+        allow_outside_lung: bool = False,
+        return_weight_map: bool = False,
+        lung_mask: np.ndarray | None = None,
+        progress: ProgressCallback | None = None,
+        gene_sample: str | dict[str, Any] | None = None,
+    ) -> InsertionResult:
+        """Insert one nodule per centre (or `auto_count` automatically placed ones) into a copy of the CT.
+
+        `slices[n]` lists the slice indices k of nodule n; without it every nodule spans ±`half_slices`
+        around its centre's slice. `gene_sample` only documents the profile in the provenance.
+        Raises InsertionError on bad input (before any heavy work where possible) and InsertionCancelled
+        when `progress` returns False.
+        """
+        volume = np.asarray(volume_hu)
+        geometry = _as_geometry(geometry)
+        report = _Progress(progress)
+        check_hu_volume(volume)
+        genes = self._check_profile(gene_profile)
+        if half_slices < 0:
+            raise InsertionError(f"half_slices must be ≥ 0, got {half_slices}")
+        explicit = centres_ras is not None and np.size(centres_ras) > 0
+        if explicit and auto_count:
+            raise InsertionError("give either centres or an automatic count, not both")
+        if not explicit and auto_count <= 0:
+            raise InsertionError("no nodule centre given: pass centres (RAS mm) or an automatic count ≥ 1")
+        if auto_count and slices is not None:
+            raise InsertionError("explicit slice lists need explicit centres; use half_slices with automatic placement")
+
+        if explicit:
+            centres = self._check_centres(volume.shape, geometry, centres_ras)
+            nodule_slices = self._plan_slices(volume.shape[0], geometry, centres, slices, half_slices)
+        if lung_mask is not None:
+            lung = np.asarray(lung_mask, dtype=bool)
+            if lung.shape != volume.shape:
+                raise InsertionError(f"lung mask shape {lung.shape} differs from the volume's {volume.shape}")
+        else:
+            report(0.02, "Computing the lung mask")
+            lung = self.lung_mask(volume, geometry)
+        if not lung.any():
+            raise InsertionError("no lung found in this CT (the lung mask is empty)")
+        if explicit:
+            if not allow_outside_lung:
+                self._check_in_lung(lung, geometry, centres)
+        else:
+            centres = self._auto_centres(lung, geometry, auto_count, half_slices, seed)
+            nodule_slices = self._plan_slices(volume.shape[0], geometry, centres, None, half_slices)
+        report(0.25, "Extracting patches")
+
+        jobs = [_SliceJob(n, k) for n, ks in enumerate(nodule_slices) for k in ks]
+        size = int(self.metadata.patch_size)
+        spacing_mm = float(self.metadata.patch_spacing_mm)
+        window = tuple(float(v) for v in self.metadata.hu_window)
+        backgrounds = np.stack(
+            [extract_patch(volume, geometry, centres[job.nodule], job.slice_k, size, spacing_mm) for job in jobs]
+        )
+        images, masks, weights = self._run_generator(
+            hu_to_unit(backgrounds, window), genes, [job.nodule for job in jobs], len(centres), seed, report
+        )
+
+        report(0.85, "Pasting the nodules")
+        output = volume.copy()
+        label = np.zeros(volume.shape, dtype=np.uint8)
+        weight_map = np.zeros(volume.shape, dtype=np.float32) if return_weight_map else None
+        generated_hu = unit_to_hu(images, window)
+        alphas = np.stack([feather_alpha(mask) for mask in masks])
+        for index, job in enumerate(jobs):
+            self._paste(
+                output, label, weight_map, lung, geometry, centres[job.nodule], job,
+                generated_hu[index], alphas[index], masks[index], weights[index] if weights is not None else None,
+            )
+        report(1.0, "Done")
+        provenance = self._provenance(centres, nodule_slices, seed, auto_count, allow_outside_lung, gene_sample)
+        patches = {"background_hu": backgrounds, "generated_hu": generated_hu, "mask": masks, "alpha": alphas}
+        if weights is not None:
+            patches["weight_map"] = weights
+        patches["nodule"] = np.array([job.nodule for job in jobs], dtype=np.int32)
+        patches["slice"] = np.array([job.slice_k for job in jobs], dtype=np.int32)
+        return InsertionResult(output, label, weight_map, centres, nodule_slices, provenance, patches)
+
+    # --- validation ---------------------------------------------------------------------------------
+    def _check_profile(self, gene_profile: np.ndarray | Sequence[float] | None) -> np.ndarray | None:
+        if self.kind == "inpainting":
+            return None  # the inpainting baseline fills from context only
+        if gene_profile is None:
+            raise InsertionError(f"the {self.kind} model needs a gene profile of {self.num_genes} genes")
+        genes = np.asarray(gene_profile, dtype=np.float32).reshape(-1)
+        if genes.shape[0] != self.num_genes:
+            raise InsertionError(
+                f"the gene profile has {genes.shape[0]} values but the model expects {self.num_genes} genes "
+                "(align it with genes.profile_for_model)"
+            )
+        if not np.isfinite(genes).all():
+            raise InsertionError("the gene profile contains NaN or infinite values")
+        return genes
+
+    @staticmethod
+    def _check_centres(shape: tuple[int, ...], geometry: VolumeGeometry, centres_ras: Any) -> np.ndarray:
+        try:
+            centres = np.asarray(centres_ras, dtype=np.float64).reshape(-1, 3)
+        except (ValueError, TypeError) as error:
+            raise InsertionError("centres must be RAS points (n, 3) in mm") from error
+        if not np.isfinite(centres).all():
+            raise InsertionError("a centre has a NaN or infinite coordinate")
+        kji = geometry.ras_to_kji(centres)
+        upper = np.asarray(shape, dtype=np.float64) - 0.5
+        for n, (point, index) in enumerate(zip(centres, kji)):
+            if (index < -0.5).any() or (index > upper).any():
+                raise InsertionError(
+                    f"centre {n + 1} at RAS ({point[0]:.1f}, {point[1]:.1f}, {point[2]:.1f}) mm is outside the "
+                    f"volume (voxel k,j,i = {index[0]:.1f}, {index[1]:.1f}, {index[2]:.1f}; shape {tuple(shape)})"
+                )
+        return centres
+
+    @staticmethod
+    def _plan_slices(
+        num_slices: int,
+        geometry: VolumeGeometry,
+        centres: np.ndarray,
+        slices: Sequence[Sequence[int]] | None,
+        half_slices: int,
+    ) -> list[list[int]]:
+        centre_k = np.rint(geometry.ras_to_kji(centres)[:, 0]).astype(int)
+        if slices is None:
+            planned = [list(range(k - half_slices, k + half_slices + 1)) for k in centre_k]
+        else:
+            if len(slices) != len(centres):
+                raise InsertionError(f"{len(slices)} slice lists given for {len(centres)} centres")
+            planned = []
+            for n, ks in enumerate(slices):
+                values = sorted({int(k) for k in ks})
+                if not values:
+                    raise InsertionError(f"centre {n + 1} has an empty slice list")
+                planned.append(values)
+        for n, ks in enumerate(planned):
+            bad = [k for k in ks if not 0 <= k < num_slices]
+            if bad:
+                raise InsertionError(
+                    f"slices {bad} of centre {n + 1} are out of range: the volume has slices 0…{num_slices - 1}"
+                )
+        return planned
+
+    @staticmethod
+    def _check_in_lung(lung: np.ndarray, geometry: VolumeGeometry, centres: np.ndarray) -> None:
+        from RadiogenomicGANLib.placement import check_centre
+
+        for n, point in enumerate(centres):
+            reason = check_centre(lung, geometry, point)
+            if reason is not None:
+                raise InsertionError(
+                    f"centre {n + 1} at RAS ({point[0]:.1f}, {point[1]:.1f}, {point[2]:.1f}) mm is not in the lung: "
+                    f"{reason} (allow_outside_lung / --allow-outside-lung overrides)"
+                )
+
+    @staticmethod
+    def _auto_centres(
+        lung: np.ndarray, geometry: VolumeGeometry, count: int, half_slices: int, seed: int
+    ) -> np.ndarray:
+        """`count` lung centres 5–25 mm from the boundary, on slices where ±half_slices stays in the volume."""
+        from RadiogenomicGANLib.placement import sample_lung_centres
+
+        allowed = lung
+        if half_slices > 0:
+            allowed = lung.copy()
+            allowed[:half_slices] = False
+            allowed[lung.shape[0] - half_slices :] = False
+        if not allowed.any():
+            raise InsertionError(f"the volume has too few lung slices for ±{half_slices} slices per nodule")
+        rng = np.random.default_rng(seed)
+        try:
+            kji = sample_lung_centres(
+                allowed, geometry.spacing_kji, count, rng, min_mm=AUTO_MIN_MM, max_mm=AUTO_MAX_MM
+            )
+        except (ValueError, RuntimeError) as error:
+            raise InsertionError(f"automatic placement failed: {error}") from error
+        kji = np.asarray(kji, dtype=np.float64).reshape(-1, 3)
+        if len(kji) < count:
+            raise InsertionError(f"automatic placement found only {len(kji)} of {count} valid lung locations")
+        return geometry.kji_to_ras(kji)
+
+    # --- generator ------------------------------------------------------------------------------------
+    def _run_generator(
+        self,
+        backgrounds_unit: np.ndarray,
+        genes: np.ndarray | None,
+        nodule_of_job: list[int],
+        num_nodules: int,
+        seed: int,
+        report: _Progress,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """All patches through G in batches; one noise vector per nodule, drawn on the CPU from the seed."""
+        config = self.metadata.config
+        draw = torch.Generator().manual_seed(int(seed))
+        noise_all = torch.randn(num_nodules, int(config.noise_dim), generator=draw)
+        index = torch.as_tensor(nodule_of_job, dtype=torch.long)
+        images, masks, weights = [], [], []
+        total = len(nodule_of_job)
+        with torch.no_grad():
+            for start in range(0, total, self.batch_size):
+                stop = min(start + self.batch_size, total)
+                report(0.3 + 0.5 * start / total, f"Generating slices {start + 1}–{stop} of {total}")
+                background = torch.from_numpy(backgrounds_unit[start:stop, None]).to(self.device)
+                batch = stop - start
+                if self.kind == "inpainting":
+                    from RadiogenomicGANLib.networks import hole_from_mask
+
+                    hole = hole_from_mask(torch.zeros_like(background))
+                    out = self.generator(background, None, None, hole=hole)
+                else:
+                    gene_batch = torch.from_numpy(genes).to(self.device).expand(batch, -1)
+                    noise = noise_all[index[start:stop]].to(self.device)
+                    out = self.generator(background, gene_batch, noise)
+                images.append(out.image[:, 0].float().cpu().numpy())
+                masks.append(out.mask[:, 0].float().cpu().numpy())
+                if out.weight_maps:
+                    finest = out.weight_maps[-1].float()
+                    if finest.shape[-2:] != background.shape[-2:]:
+                        finest = torch.nn.functional.interpolate(
+                            finest, size=background.shape[-2:], mode="bilinear", align_corners=False
+                        )
+                    weights.append(finest[:, 0].cpu().numpy())
+        report(0.8, "Generated")
+        return (
+            np.concatenate(images).astype(np.float32),
+            np.concatenate(masks).astype(np.float32),
+            np.concatenate(weights).astype(np.float32) if len(weights) == len(images) and weights else None,
+        )
+
+    # --- composite ----------------------------------------------------------------------------------
+    def _paste(
+        self,
+        output: np.ndarray,
+        label: np.ndarray,
+        weight_map: np.ndarray | None,
+        lung: np.ndarray,
+        geometry: VolumeGeometry,
+        centre: np.ndarray,
+        job: _SliceJob,
+        generated_hu: np.ndarray,
+        alpha: np.ndarray,
+        mask: np.ndarray,
+        weight: np.ndarray | None,
+    ) -> None:
+        """Composite one generated patch onto its slice; only voxels with alpha > 0 are written."""
+        size = int(self.metadata.patch_size)
+        frame = patch_frame(geometry, centre, job.slice_k, size, float(self.metadata.patch_spacing_mm))
+        shape_ji = output.shape[1:]
+        box, values = resample_to_slice(generated_hu, frame, shape_ji)
+        if values.size == 0:
+            return
+        _, alpha_slice = resample_to_slice(alpha, frame, shape_ji)
+        _, mask_slice = resample_to_slice(mask, frame, shape_ji)
+        region = output[job.slice_k][box]
+        original = region.astype(np.float32)
+        blended = original + alpha_slice * (values - original)
+        if np.issubdtype(output.dtype, np.integer):
+            info = np.iinfo(output.dtype)
+            blended = np.clip(np.rint(blended), info.min, info.max)
+        write = alpha_slice > 0
+        region[write] = blended[write].astype(output.dtype)
+        output[job.slice_k][box] = region
+        nodule = (mask_slice > 0.5) & (alpha_slice >= 0.5) & lung[job.slice_k][box]
+        label_region = label[job.slice_k][box]
+        label_region[nodule] = job.nodule + 1
+        if weight_map is not None and weight is not None:
+            _, weight_slice = resample_to_slice(weight, frame, shape_ji)
+            inside = _inside_patch(frame, box, size)
+            target = weight_map[job.slice_k][box]
+            target[inside] = np.maximum(target[inside], weight_slice[inside])
+
+    # --- provenance -----------------------------------------------------------------------------------
+    def _provenance(
+        self,
+        centres: np.ndarray,
+        slices: list[list[int]],
+        seed: int,
+        auto_count: int,
+        allow_outside_lung: bool,
+        gene_sample: str | dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        trained = self.metadata.provenance if isinstance(self.metadata.provenance, dict) else {}
+        return {
+            "software": "RadiogenomicGAN",
+            "version": _package_version(),
+            "synthetic": True,
+            "model_kind": self.kind,
+            "weights_file": self.weights_path.name if self.weights_path else None,
+            "weights_sha256": self.weights_sha256,
+            "model_training": {key: trained[key] for key in list(trained)[:20]},
+            "gene_sample": gene_sample,
+            "seed": int(seed),
+            "placement": "automatic" if auto_count else "manual",
+            "allow_outside_lung": bool(allow_outside_lung),
+            "centres_ras": [[round(float(v), 3) for v in c] for c in centres],
+            "slices": [list(map(int, ks)) for ks in slices],
+            "patch_size": int(self.metadata.patch_size),
+            "patch_spacing_mm": float(self.metadata.patch_spacing_mm),
+            "device": str(self.device),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+
+def _inside_patch(frame: Any, box: tuple[slice, slice], size: int) -> np.ndarray:
+    """Slice voxels of `box` whose patch coordinates fall inside the patch grid."""
+    jj, ii = np.mgrid[box[0], box[1]].astype(np.float64)
+    rows, cols = frame.ji_to_pixel(jj, ii)
+    return (rows >= -0.5) & (rows <= size - 0.5) & (cols >= -0.5) & (cols <= size - 0.5)
+
+
+class _Progress:
+    """Calls the user's callback; a False return cancels the run."""
+
+    def __init__(self, callback: ProgressCallback | None) -> None:
+        self.callback = callback
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if self.callback is not None and self.callback(float(min(max(fraction, 0.0), 1.0)), message) is False:
+            raise InsertionCancelled(f"cancelled during: {message}")
