@@ -16,7 +16,8 @@ a small, nodule-centred 60 mm crop: the heads judge the whole nodule/mask/gene t
 
 The gene code `code` is, by default, the generator's φ(g) — the D step detaches it (DESIGN.md decision 5),
 so D never trains the generator's mapping network. With ``independent_mapping=True`` D owns its own
-two-layer mapping network and `code` is the raw z-scored gene vector (ablation).
+two-layer mapping network (a separate instance of the generator's `GeneMappingNetwork`) and `code` is the
+raw z-scored gene vector (ablation).
 
 The lower-level methods (`image_features`, `pair_features`, `score_*`, `gene_code`) let the loss batch the
 real, mismatched and fake tuples through each encoder once and reuse the (x, m) features for both the
@@ -31,6 +32,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from RadiogenomicGANLib.networks import GeneMappingNetwork
 
 _SLOPE = 0.2  # leaky ReLU slope of DCGAN/MC-GAN discriminators
 
@@ -116,19 +119,6 @@ def _logit(channels: int) -> nn.Conv2d:
     return nn.Conv2d(channels, 1, 4, stride=1, padding=0)
 
 
-class GeneMapping(nn.Module):
-    """D's own two-layer mapping network (ablation): raw genes → code, mirroring the generator's φ."""
-
-    def __init__(self, num_genes: int, hidden: int, code_dim: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(num_genes, hidden), nn.LeakyReLU(_SLOPE, inplace=True), nn.Linear(hidden, code_dim)
-        )
-
-    def forward(self, genes: Tensor) -> Tensor:
-        return self.net(genes)
-
-
 class Discriminator(nn.Module):
     """D_I, D_IS and D_ISG of Fig. 1(c); see the module docstring."""
 
@@ -139,12 +129,12 @@ class Discriminator(nn.Module):
         self.pair_encoder, _ = _encoder(2, config)
         self.image_logit = _logit(channels)
         self.pair_logit = _logit(channels)
-        self.mapping: GeneMapping | None = None
+        self.mapping: GeneMappingNetwork | None = None
         self.gene_joint: nn.Sequential | None = None
         self.gene_logit: nn.Conv2d | None = None
         if config.gene_conditioned:
             if config.independent_mapping:
-                self.mapping = GeneMapping(config.num_genes, config.gene_hidden, config.code_dim)
+                self.mapping = GeneMappingNetwork(config.num_genes, config.gene_hidden, config.code_dim)
             self.gene_joint = nn.Sequential(
                 nn.Conv2d(channels + config.code_dim, channels, 3, padding=1, bias=False),
                 nn.BatchNorm2d(channels),

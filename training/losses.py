@@ -37,16 +37,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from RadiogenomicGANLib.networks import GeneratorOutput, hole_from_mask
 from training.discriminator import Discriminator
-
-if TYPE_CHECKING:
-    from RadiogenomicGANLib.networks import GeneratorOutput
 
 MASK_THRESHOLD = 0.5  # decision 6: the L1 region is built from [Gm > 0.5]
 KINDS = ("proposed", "mcgan", "inpainting")
@@ -194,8 +192,6 @@ class GANLoss:
     # -- generator -------------------------------------------------------------------------------------
     def hole(self, batch: Mapping[str, Tensor]) -> Tensor:
         """The inpainting hole of this batch: a disc of hole_scale × the real nodule's radius."""
-        from RadiogenomicGANLib.networks import hole_from_mask
-
         return hole_from_mask(batch["mask"], self.weights.hole_scale)
 
     def run_generator(self, batch: Mapping[str, Tensor], noise: Tensor | None = None) -> GeneratorOutput:

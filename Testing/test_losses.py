@@ -1,0 +1,375 @@
+"""Every loss term against hand-computed values, the eroded background mask against a hand-drawn example,
+and one D step + one G step with the real generators: gradient everywhere it should go and nowhere else."""
+
+import pytest
+import torch
+from torch import nn
+
+from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_generator
+from training.discriminator import Discriminator, DiscriminatorConfig
+from training.losses import GANLoss, LossWeights, eroded_background_mask, ls_term, masked_l1
+
+# -- stubs with known scores -----------------------------------------------------------------------------
+
+
+class StubDiscriminator(Discriminator):
+    """Known scores: D_I = mean(x); D_IS = mean(x) + mean(m); D_ISG = D_IS + mean(code).
+
+    Records the batch size of every encoder call, to check the loss runs each encoder once per step.
+    """
+
+    def __init__(self, gene_conditioned: bool = True) -> None:
+        config = DiscriminatorConfig(
+            patch_size=8, base_channels=2, max_channels=2, code_dim=4, num_genes=3, gene_hidden=2,
+            gene_conditioned=gene_conditioned,
+        )
+        super().__init__(config)
+        self.calls: list[tuple[str, int]] = []
+
+    def image_features(self, image: torch.Tensor) -> torch.Tensor:
+        self.calls.append(("image", image.shape[0]))
+        return image.mean(dim=(1, 2, 3))
+
+    def pair_features(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.calls.append(("pair", image.shape[0]))
+        return torch.stack([image.mean(dim=(1, 2, 3)), mask.mean(dim=(1, 2, 3))], dim=1)
+
+    def score_image(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def score_pair(self, features: torch.Tensor) -> torch.Tensor:
+        return features.sum(dim=1)
+
+    def score_gene(self, pair_features: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        return pair_features.sum(dim=1) + code.mean(dim=1)
+
+
+class StubGenerator(nn.Module):
+    """Only what GANLoss reads: `.config` and `encode_genes` (φ(g) = the first gene, repeated)."""
+
+    def __init__(self, kind: str = "proposed") -> None:
+        super().__init__()
+        self.config = GeneratorConfig(
+            kind=kind, num_genes=3, patch_size=8, code_dim=4, base_channels=2, max_channels=2, gene_hidden=2
+        )
+
+    def encode_genes(self, genes: torch.Tensor) -> torch.Tensor:
+        return genes[:, :1].expand(-1, 4).clone()
+
+
+def _const(value: float, size: int = 8) -> torch.Tensor:
+    return torch.full((1, 1, size, size), value)
+
+
+def _hand_batch() -> dict[str, torch.Tensor]:
+    """x = 0.5, m = 1, m̄ = 0, b = 0, φ(g) = 0.2, φ(ḡ) = −0.1 (B = 1, 8×8)."""
+    return {
+        "image": _const(0.5),
+        "mask": _const(1.0),
+        "wrong_mask": _const(0.0),
+        "background": _const(0.0),
+        "genes": torch.tensor([[0.2, 9.0, 9.0]]),
+        "wrong_genes": torch.tensor([[-0.1, 9.0, 9.0]]),
+        "patient": torch.tensor([0]),
+    }
+
+
+def _hand_fake() -> GeneratorOutput:
+    """Gx = −0.5, Gm = 0.25 everywhere (no foreground), φ(g) = 0.2; leaves, to inspect their gradients."""
+    return GeneratorOutput(
+        _const(-0.5).requires_grad_(),
+        _const(0.25).requires_grad_(),
+        [],
+        torch.full((1, 4), 0.2).requires_grad_(),
+    )
+
+
+HAND_WEIGHTS = LossWeights(d_i=2.0, d_is=3.0, d_isg=0.5, background_l1=10.0)
+
+
+# -- pure functions --------------------------------------------------------------------------------------
+
+
+def test_ls_term_is_the_batch_mean_of_squares() -> None:
+    assert ls_term(torch.tensor([0.0, 2.0]), 1.0).item() == pytest.approx(1.0)
+    assert ls_term(torch.tensor([0.5, -1.0]), 0.0).item() == pytest.approx((0.25 + 1.0) / 2)
+
+
+# 8×8 mask: a 2×2 nodule at rows 1–2, cols 1–2 (next to the top-left border), one pixel at (5, 6), and a
+# pixel of exactly 0.5 at (7, 0), which is NOT foreground ([m > 0.5]).
+def _drawn_mask() -> torch.Tensor:
+    prob = torch.full((8, 8), 0.1)
+    prob[1:3, 1:3] = 0.9
+    prob[5, 6] = 0.7
+    prob[7, 0] = 0.5
+    return prob[None, None]
+
+
+ERODED_3 = [
+    [0, 0, 0, 0, 1, 1, 1, 1],
+    [0, 0, 0, 0, 1, 1, 1, 1],
+    [0, 0, 0, 0, 1, 1, 1, 1],
+    [0, 0, 0, 0, 1, 1, 1, 1],
+    [1, 1, 1, 1, 1, 0, 0, 0],
+    [1, 1, 1, 1, 1, 0, 0, 0],
+    [1, 1, 1, 1, 1, 0, 0, 0],
+    [1, 1, 1, 1, 1, 1, 1, 1],
+]
+ERODED_5 = [
+    [0, 0, 0, 0, 0, 1, 1, 1],
+    [0, 0, 0, 0, 0, 1, 1, 1],
+    [0, 0, 0, 0, 0, 1, 1, 1],
+    [0, 0, 0, 0, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0, 0, 0, 0],
+    [1, 1, 1, 1, 0, 0, 0, 0],
+    [1, 1, 1, 1, 0, 0, 0, 0],
+    [1, 1, 1, 1, 0, 0, 0, 0],
+]
+
+
+@pytest.mark.parametrize(("kernel", "expected"), [(3, ERODED_3), (5, ERODED_5)])
+def test_eroded_background_matches_the_hand_drawn_example(kernel: int, expected: list[list[int]]) -> None:
+    """Erosion shrinks the background by k//2 around every foreground pixel; the image border is
+    background (row 7 and column 0 stay 1 with k = 3), and 0.5 is not foreground."""
+    out = eroded_background_mask(_drawn_mask(), kernel)
+    assert out.shape == (1, 1, 8, 8) and out.dtype == torch.float32
+    assert out[0, 0].tolist() == [[float(v) for v in row] for row in expected]
+
+
+def test_eroded_background_edge_cases() -> None:
+    empty = torch.zeros(2, 1, 6, 6)
+    assert eroded_background_mask(empty).eq(1).all()  # no nodule: the border is not eroded
+    full = torch.ones(1, 1, 6, 6)
+    assert eroded_background_mask(full).eq(0).all()
+    corner = torch.zeros(1, 1, 6, 6)
+    corner[0, 0, 0, 5] = 1.0
+    out = eroded_background_mask(corner, 3)[0, 0]
+    assert out[:2, 4:].eq(0).all() and out.sum() == 36 - 4  # only the clipped 2×2 neighbourhood goes
+    assert torch.equal(eroded_background_mask(_drawn_mask(), 1)[0, 0], (_drawn_mask() <= 0.5).float()[0, 0])
+    with pytest.raises(ValueError, match="odd"):
+        eroded_background_mask(empty, 4)
+
+
+def test_no_gradient_flows_into_the_mask_through_the_l1_weighting() -> None:
+    mask_prob = _drawn_mask().requires_grad_()
+    image = torch.zeros(1, 1, 8, 8, requires_grad=True)
+    region = eroded_background_mask(mask_prob, 3)
+    assert not region.requires_grad
+    l1 = masked_l1(image, torch.ones(1, 1, 8, 8), region)
+    assert l1.item() == pytest.approx(sum(map(sum, ERODED_3)) / 64)  # mean over all 64 pixels
+    l1.backward()
+    assert mask_prob.grad is None
+    assert image.grad is not None and image.grad.abs().sum() > 0
+
+
+# -- GANLoss against hand-computed values ----------------------------------------------------------------
+
+
+def test_discriminator_loss_by_hand() -> None:
+    d = StubDiscriminator()
+    loss_fn = GANLoss(StubGenerator(), d, HAND_WEIGHTS)
+    fake = _hand_fake()
+    loss, logs = loss_fn.discriminator_loss(_hand_batch(), fake)
+    # D_I(x) = 0.5, D_I(Gx) = −0.5
+    # D_IS(x,m) = 1.5, D_IS(x,m̄) = 0.5, D_IS(Gx,Gm) = −0.25
+    # D_ISG(x,m,g) = 1.7, D_ISG(x,m̄,g) = 0.7, D_ISG(x,m,ḡ) = 1.4, D_ISG(Gx,Gm,g) = −0.05
+    expected_terms = {
+        "d_i_real": 0.25, "d_i_fake": 0.25,
+        "d_is_real": 0.25, "d_is_wrong_mask": 0.25, "d_is_fake": 0.0625,
+        "d_isg_real": 0.49, "d_isg_wrong_mask": 0.49, "d_isg_wrong_gene": 1.96, "d_isg_fake": 0.0025,
+    }  # fmt: skip
+    for name, value in expected_terms.items():
+        assert logs[name] == pytest.approx(value), name
+    # 2·(0.25 + 0.25) + 3·(0.25 + 0.25 + 0.0625) + 0.5·(0.49 + 0.49 + 1.96 + 0.0025)
+    assert loss.item() == pytest.approx(4.15875)
+    assert logs["d_total"] == pytest.approx(4.15875)
+    assert logs["d_real"] == pytest.approx(2 * 0.25 + 3 * 0.25 + 0.5 * 0.49)
+    assert logs["d_fake"] == pytest.approx(2 * 0.25 + 3 * 0.0625 + 0.5 * 0.0025)
+    assert logs["d_wrong"] == pytest.approx(3 * 0.25 + 0.5 * (0.49 + 1.96))
+    assert logs["score_i_real"] == pytest.approx(0.5) and logs["score_i_fake"] == pytest.approx(-0.5)
+    assert all(isinstance(v, float) for v in logs.values())
+    # each encoder ran once, on every tuple it scores stacked: [x; Gx] and [(x,m); (x,m̄); (Gx,Gm)]
+    assert d.calls == [("image", 2), ("pair", 3)]
+    # the stub scores have no parameters, so the loss depends on nothing but the (detached) fake tuple
+    assert not loss.requires_grad
+
+
+def test_generator_loss_by_hand() -> None:
+    d = StubDiscriminator()
+    loss_fn = GANLoss(StubGenerator(), d, HAND_WEIGHTS)
+    fake = _hand_fake()
+    loss, logs = loss_fn.generator_loss(_hand_batch(), fake)
+    # (−0.5 − 1)² = 2.25, (−0.25 − 1)² = 1.5625, (−0.05 − 1)² = 1.1025
+    assert logs["g_i"] == pytest.approx(2.25)
+    assert logs["g_is"] == pytest.approx(1.5625)
+    assert logs["g_isg"] == pytest.approx(1.1025)
+    assert logs["g_adv"] == pytest.approx(2 * 2.25 + 3 * 1.5625 + 0.5 * 1.1025)  # 9.73875
+    # Gm = 0.25 < 0.5 everywhere → the whole patch is background; |Gx − b| = 0.5
+    assert logs["l1_region_fraction"] == pytest.approx(1.0)
+    assert logs["g_l1"] == pytest.approx(0.5)
+    assert loss.item() == pytest.approx(9.73875 + 10 * 0.5)
+    assert d.calls == [("image", 1), ("pair", 1)]
+    loss.backward()
+    # D_ISG sees φ(g) with gradient in the G step: d/dcode of 0.5·(mean(code) + c − 1)² = 0.5·2·(−1.05)/4
+    torch.testing.assert_close(fake.gene_code.grad, torch.full((1, 4), -0.2625))
+    assert all(p.grad is None for p in d.parameters())
+    assert all(p.requires_grad for p in d.parameters())  # D unfrozen again
+
+
+def test_background_l1_uses_the_eroded_generated_mask_without_gradient() -> None:
+    weights = LossWeights(d_i=0.0, d_is=0.0, d_isg=0.0, background_l1=10.0, erosion_kernel=3)
+    loss_fn = GANLoss(StubGenerator(), StubDiscriminator(), weights)
+    gm = torch.full((1, 1, 8, 8), 0.1)
+    gm[0, 0, 3, 3] = 0.9  # one foreground pixel: its 3×3 neighbourhood leaves the L1 region
+    fake = GeneratorOutput(_const(-0.5).requires_grad_(), gm.requires_grad_(), [], torch.zeros(1, 4))
+    loss, logs = loss_fn.generator_loss(_hand_batch(), fake)
+    assert logs["l1_region_fraction"] == pytest.approx(55 / 64)
+    assert loss.item() == pytest.approx(10 * 0.5 * 55 / 64)
+    loss.backward()
+    assert fake.mask.grad is None or fake.mask.grad.abs().sum() == 0
+    grad = fake.image.grad[0, 0]
+    assert grad[2:5, 2:5].eq(0).all() and grad[0, 0] != 0
+
+
+def test_inpainting_loss_by_hand() -> None:
+    """Hole L1 against the real image + D_I and D_IS; no D_ISG, no genes needed."""
+    d = StubDiscriminator(gene_conditioned=False)
+    weights = LossWeights(hole_l1=10.0)
+    loss_fn = GANLoss(StubGenerator("inpainting"), d, weights)
+    batch = _hand_batch()
+    batch["mask"] = torch.zeros(1, 1, 8, 8)
+    batch["mask"][0, 0, 3:5, 3:5] = 1.0  # area 4 → disc radius 1.5·√(4/π) ≈ 1.69 around (3.5, 3.5)
+    hole = loss_fn.hole(batch)
+    assert hole.sum().item() == 12  # offsets (±0.5, ±0.5) and (±0.5, ±1.5)/(±1.5, ±0.5)
+    del batch["genes"], batch["wrong_genes"]
+    gx = (0.5 - hole).requires_grad_()  # the hole filled with −0.5, the rest the real 0.5
+    fake = GeneratorOutput(gx, torch.zeros(1, 1, 8, 8), [hole], None)
+    loss, logs = loss_fn.generator_loss(batch, fake)
+    mean_gx = (52 * 0.5 - 12 * 0.5) / 64  # D_I = D_IS = 0.3125
+    assert "g_isg" not in logs
+    assert logs["g_l1"] == pytest.approx(12 / 64)
+    assert loss.item() == pytest.approx(2 * (mean_gx - 1) ** 2 + 10 * 12 / 64)
+    d_loss, d_logs = loss_fn.discriminator_loss(batch, fake)
+    assert not any(k.startswith("d_isg") for k in d_logs)
+    # D_I: (0.5−1)² + 0.3125²; D_IS: (x,m) = 0.5 + 4/64 → (0.5625−1)², (x,m̄) = 0.5 → 0.5², (Gx,0) → 0.3125²
+    assert d_loss.item() == pytest.approx(0.25 + mean_gx**2 + 0.4375**2 + 0.25 + mean_gx**2)
+
+
+def test_loss_refuses_mismatched_networks_and_batches() -> None:
+    with pytest.raises(ValueError, match="gene_conditioned=False"):
+        GANLoss(StubGenerator("inpainting"), StubDiscriminator(gene_conditioned=True))
+    with pytest.raises(ValueError, match="gene_conditioned=True"):
+        GANLoss(StubGenerator("mcgan"), StubDiscriminator(gene_conditioned=False))
+    other = Discriminator(DiscriminatorConfig(patch_size=8, base_channels=2, max_channels=2, code_dim=5))
+    with pytest.raises(ValueError, match="code size"):
+        GANLoss(StubGenerator(), other)
+    loss_fn = GANLoss(StubGenerator(), StubDiscriminator())
+    batch = _hand_batch()
+    del batch["wrong_mask"]
+    with pytest.raises(KeyError, match="wrong_mask"):
+        loss_fn.discriminator_loss(batch, _hand_fake())
+
+
+def test_loss_weights_validation_and_round_trip() -> None:
+    default = LossWeights()
+    assert (default.d_i, default.d_is, default.d_isg, default.background_l1) == (1.0, 1.0, 1.0, 100.0)
+    assert default.erosion_kernel == 5 and default.hole_scale == 1.5
+    peer = LossWeights.monai_peer()
+    assert (peer.d_i, peer.d_is, peer.d_isg, peer.background_l1) == (8.0, 1.0, 10.0, 100.0)
+    assert LossWeights.from_dict(peer.to_dict()) == peer
+    with pytest.raises(ValueError, match="unknown"):
+        LossWeights.from_dict({"lambda_l1": 3})
+    with pytest.raises(ValueError, match=">= 0"):
+        LossWeights(d_is=-1.0)
+    with pytest.raises(ValueError, match="odd"):
+        LossWeights(erosion_kernel=4)
+
+
+# -- one D step and one G step with the real generators ------------------------------------------------
+
+SMALL_G = {"num_genes": 40, "patch_size": 16, "code_dim": 8, "noise_dim": 4, "base_channels": 4,
+           "max_channels": 16, "gene_hidden": 16}  # fmt: skip
+
+
+def _real_batch(batch: int = 3, size: int = 16, genes: int = 40) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    masks = torch.zeros(2 * batch, 1, size, size)
+    for i in range(2 * batch):
+        r = 2 + i % 3
+        masks[i, 0, 8 - r : 8 + r, 7 - r : 7 + r] = 1.0
+    return {
+        "image": torch.rand(batch, 1, size, size, generator=gen) * 2 - 1,
+        "mask": masks[:batch],
+        "wrong_mask": masks[batch:],
+        "background": torch.rand(batch, 1, size, size, generator=gen) * 2 - 1,
+        "genes": torch.randn(batch, genes, generator=gen),
+        "wrong_genes": torch.randn(batch, genes, generator=gen),
+        "patient": torch.arange(batch),
+    }
+
+
+def _nonzero(p: torch.nn.Parameter) -> bool:
+    return p.grad is not None and bool(p.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "independent"), [("proposed", False), ("proposed", True), ("mcgan", False), ("inpainting", False)]
+)
+def test_one_d_step_and_one_g_step_reach_every_parameter(kind: str, independent: bool) -> None:
+    torch.manual_seed(0)
+    g = build_generator(GeneratorConfig(kind=kind, **SMALL_G))
+    dcfg = DiscriminatorConfig.for_generator(g.config, base_channels=4, max_channels=16,
+                                             independent_mapping=independent)  # fmt: skip
+    d = Discriminator(dcfg)
+    loss_fn = GANLoss(g, d)
+    batch = _real_batch()
+
+    # D step: every D parameter learns (its own mapping too, with the switch); nothing reaches G,
+    # in particular not G's mapping network (φ(g) detached)
+    fake = loss_fn.run_generator(batch)
+    d_loss, d_logs = loss_fn.discriminator_loss(batch, fake)
+    d_loss.backward()
+    dead = [n for n, p in d.named_parameters() if not _nonzero(p)]
+    assert not dead, f"D parameters without gradient in the D step: {dead}"
+    assert all(p.grad is None for p in g.parameters())
+    assert (d.mapping is not None) == independent
+    assert ("d_isg_wrong_gene" in d_logs) == (kind != "inpainting")
+
+    # G step: every G parameter learns; D is frozen for the step and unfrozen after
+    d.zero_grad(set_to_none=True)
+    fake = loss_fn.run_generator(batch)
+    g_loss, g_logs = loss_fn.generator_loss(batch, fake)
+    g_loss.backward()
+    dead = [n for n, p in g.named_parameters() if not _nonzero(p)]
+    assert not dead, f"G parameters without gradient in the G step: {dead}"
+    assert all(p.grad is None for p in d.parameters())
+    assert all(p.requires_grad for p in d.parameters())
+    assert g_logs["g_total"] == pytest.approx(g_logs["g_adv"] + 100.0 * g_logs["g_l1"], rel=1e-5)
+
+
+def test_inpainting_generator_gets_the_real_slice_with_the_nodule_hole() -> None:
+    """Decision 9's fair comparison: inpainting erases the disc over the real nodule of x and refills it,
+    so everything outside the 1.5 × radius disc is the real image."""
+    torch.manual_seed(0)
+    g = build_generator(GeneratorConfig(kind="inpainting", **SMALL_G))
+    loss_fn = GANLoss(g, Discriminator(DiscriminatorConfig.for_generator(g.config, base_channels=4)))
+    batch = _real_batch()
+    fake = loss_fn.run_generator(batch)
+    hole = loss_fn.hole(batch)
+    assert hole.sum() > batch["mask"].sum()  # the disc covers the nodule with margin
+    outside = hole == 0
+    torch.testing.assert_close(fake.image[outside], batch["image"][outside])
+    assert fake.gene_code is None
+
+
+def test_noise_is_passed_through() -> None:
+    torch.manual_seed(0)
+    g = build_generator(GeneratorConfig(kind="proposed", **SMALL_G)).eval()
+    loss_fn = GANLoss(g, Discriminator(DiscriminatorConfig.for_generator(g.config, base_channels=4)))
+    batch = _real_batch()
+    noise = torch.randn(3, 4)
+    a = loss_fn.run_generator(batch, noise).image
+    b = loss_fn.run_generator(batch, noise).image
+    c = loss_fn.run_generator(batch, torch.randn(3, 4)).image
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
