@@ -283,6 +283,9 @@ def test_loss_weights_validation_and_round_trip() -> None:
         LossWeights(d_is=-1.0)
     with pytest.raises(ValueError, match="odd"):
         LossWeights(erosion_kernel=4)
+    assert LossWeights.from_dict({"erosion_kernel": 3.0}).erosion_kernel == 3  # configs hold floats
+    with pytest.raises(ValueError, match="integer"):
+        LossWeights(erosion_kernel=3.5)
 
 
 # -- one D step and one G step with the real generators ------------------------------------------------

@@ -78,6 +78,10 @@ class LossWeights:
     hole_scale: float = 1.5
 
     def __post_init__(self) -> None:
+        if isinstance(self.erosion_kernel, float) and self.erosion_kernel.is_integer():
+            self.erosion_kernel = int(self.erosion_kernel)  # from a JSON/YAML config of floats
+        if not isinstance(self.erosion_kernel, int):
+            raise ValueError(f"erosion_kernel must be an integer, got {self.erosion_kernel!r}")
         for f in fields(self):
             if float(getattr(self, f.name)) < 0:
                 raise ValueError(f"LossWeights.{f.name} must be >= 0, got {getattr(self, f.name)}")
@@ -165,7 +169,11 @@ def _logs(values: dict[str, Tensor]) -> dict[str, float]:
 
 
 class GANLoss:
-    """Runs G and D and computes the D-step and G-step losses for any of the three generator kinds."""
+    """Runs G and D and computes the D-step and G-step losses for any of the three generator kinds.
+
+    One `run_generator` output may serve both steps (the D step detaches it; the G step re-scores it with
+    the updated D), which saves a generator forward per iteration.
+    """
 
     def __init__(self, generator: nn.Module, discriminator: Discriminator, weights: LossWeights | None = None) -> None:
         self.generator = generator
