@@ -132,6 +132,8 @@ def read_header(path: Path, *, check_size: bool = True) -> tuple[Dataset | None,
         except InvalidDicomError:  # no preamble: a raw dataset is still legal DICOM, garbage is not
             dataset = pydicom.dcmread(path, stop_before_pixels=True, force=True)
             if "SOPInstanceUID" not in dataset or "SeriesInstanceUID" not in dataset:
+                if path.suffix.lower() == ".dcm":  # named as DICOM, so a damaged file, not a foreign one
+                    return None, "corrupt DICOM file (a .dcm name but no DICOM content)"
                 return None, NOT_DICOM
     except Exception as error:  # truncated or garbled headers raise anything from EOFError to ValueError
         return None, f"corrupt DICOM header ({type(error).__name__}: {error})"

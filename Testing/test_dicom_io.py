@@ -81,7 +81,7 @@ def test_list_series_records_corrupt_and_foreign_files(ct: CTFixture, tmp_path: 
     assert list(index) == [ct.series_uid] and len(index[ct.series_uid]) == SHAPE[0]
     reasons = {path.name: reason for path, reason in index.unreadable}
     assert set(reasons) == {"garbage.dcm", "truncated.dcm"}
-    assert "not a DICOM file" in reasons["garbage.dcm"]
+    assert "corrupt DICOM file" in reasons["garbage.dcm"]
     assert "truncated" in reasons["truncated.dcm"]
     assert index.info[ct.series_uid].modality == "CT"
 
