@@ -354,10 +354,13 @@ def _slice_hu(dataset: Dataset, path: Path) -> np.ndarray:
     slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
     if slope == 1.0 and float(intercept).is_integer():
-        hu = pixels.astype(np.int32) + int(intercept)  # the common case, exact and fast
+        hu = pixels.astype(np.int32)  # the common case, exact and fast
+        hu += int(intercept)
     else:
-        hu = pixels.astype(np.float64) * slope + intercept
-    return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+        hu = np.rint(pixels.astype(np.float64) * slope + intercept)
+    if hu.min() < -32768 or hu.max() > 32767:
+        hu = np.clip(hu, -32768, 32767)
+    return hu.astype(np.int16)
 
 
 def _plain(value: Any) -> Any:
@@ -425,14 +428,16 @@ def read_seg_mask(
     segment_number: int | None = None,
     backend: str = "auto",
     slice_tolerance: float = 0.25,
+    inplane_tolerance: float = 0.25,
 ) -> np.ndarray:
     """The SEG's foreground on the CT grid: bool (K, J, I) like `ct.volume_hu`.
 
     backend "auto" tries highdicom and falls back to pydicom on any exception (both readers are also
     selectable, for tests). `segment_number` None = union of all segments (NSCLC SEGs hold one). FRACTIONAL
     SEGs are thresholded at 0.5. Each frame goes to the CT slice whose position along the CT normal is
-    within `slice_tolerance` × slice spacing of the frame's ImagePositionPatient; a frame matching no slice,
-    a different orientation or pixel spacing, or foreground outside the CT is a DicomError.
+    within `slice_tolerance` × slice spacing of the frame's ImagePositionPatient, shifted in-plane by a whole
+    number of pixels (± `inplane_tolerance` pixel); a frame matching no slice, a different orientation or
+    pixel spacing, or foreground outside the CT is a DicomError.
     """
     seg_path = Path(seg_path)
     try:
@@ -445,7 +450,6 @@ def read_seg_mask(
     if backend not in ("auto", "highdicom", "pydicom"):
         raise ValueError(f"backend must be auto, highdicom or pydicom, not {backend!r}")
 
-    frames: _Frames | None = None
     if backend in ("auto", "highdicom"):
         try:
             frames = _frames_highdicom(dataset, segment_number)
@@ -455,14 +459,21 @@ def read_seg_mask(
                     from error
             logger.info("highdicom failed on %s (%s: %s); falling back to pydicom", seg_path,
                         type(error).__name__, error)
-    if frames is None:
-        try:
-            frames = _frames_pydicom(dataset, segment_number)
-        except DicomError as error:
-            raise DicomError(f"SEG {seg_path}: {error}") from error
-        except Exception as error:
-            raise DicomError(f"cannot decode SEG {seg_path}: {type(error).__name__}: {error}") from error
-    return _place_frames(frames, ct, seg_path, slice_tolerance)
+        else:
+            try:
+                return _place_frames(frames, ct, seg_path, slice_tolerance, inplane_tolerance)
+            except DicomError as error:
+                if backend == "highdicom":
+                    raise
+                logger.info("highdicom's frames of %s do not fit the CT (%s); retrying with pydicom",
+                            seg_path, error)
+    try:
+        frames = _frames_pydicom(dataset, segment_number)
+    except DicomError as error:
+        raise DicomError(f"SEG {seg_path}: {error}") from error
+    except Exception as error:
+        raise DicomError(f"cannot decode SEG {seg_path}: {type(error).__name__}: {error}") from error
+    return _place_frames(frames, ct, seg_path, slice_tolerance, inplane_tolerance)
 
 
 def _frames_highdicom(dataset: Dataset, segment_number: int | None) -> _Frames:
@@ -540,7 +551,8 @@ def _frames_pydicom(dataset: Dataset, segment_number: int | None) -> _Frames:
     return _Frames(pixels[keep], origins[keep], column_step, row_step, "pydicom")
 
 
-def _place_frames(frames: _Frames, ct: CTVolume, seg_path: Path, slice_tolerance: float) -> np.ndarray:
+def _place_frames(frames: _Frames, ct: CTVolume, seg_path: Path, slice_tolerance: float,
+                  inplane_tolerance: float) -> np.ndarray:
     geometry = ct.geometry
     depth, rows, columns = ct.volume_hu.shape
     lps_to_ijk = np.linalg.inv(np.diag([-1.0, -1.0, 1.0, 1.0]) @ geometry.ijk_to_ras)  # LPS → continuous ijk
@@ -570,7 +582,7 @@ def _place_frames(frames: _Frames, ct: CTVolume, seg_path: Path, slice_tolerance
                 f"(CT slices at 0…{(depth - 1) * spacing_k:.2f} mm from the first); wrong CT series?"
             )
         io, jo = round(i0), round(j0)
-        if abs(i0 - io) > 0.1 or abs(j0 - jo) > 0.1:
+        if abs(i0 - io) > inplane_tolerance or abs(j0 - jo) > inplane_tolerance:
             raise DicomError(f"SEG {seg_path} frame {f + 1} is offset by a fraction of a pixel "
                              f"({i0:.2f}, {j0:.2f}) from the CT grid")
         fr, fc = frame.shape
