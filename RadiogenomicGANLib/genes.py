@@ -201,22 +201,22 @@ def _detect_orientation(corner: str, row_labels: list[str], column_labels: list[
 
 
 def _parse_values(body: list[list[str]], column_labels: list[str], path: Path) -> np.ndarray:
-    cells = np.char.strip(np.array([row[1:] for row in body], dtype=str).reshape(len(body), len(column_labels)))
-    is_na = np.isin(np.char.lower(cells), list(NA_STRINGS))
-    values = np.full(cells.shape, np.nan)
+    flat = ["nan" if cell.strip().lower() in NA_STRINGS else cell for row in body for cell in row[1:]]
     try:
-        values[~is_na] = cells[~is_na].astype(np.float64)
+        return np.array(flat, dtype=np.float64).reshape(len(body), len(column_labels))
     except ValueError:
-        for r, c in zip(*np.nonzero(~is_na)):
-            try:
-                float(cells[r, c])
-            except ValueError:
-                raise GeneTableError(
-                    f"gene table {path}: value {str(cells[r, c])!r} in row '{body[r][0].strip()}', column "
-                    f"'{column_labels[c]}' is neither a number nor NA"
-                ) from None
+        for row in body:
+            for c, cell in enumerate(row[1:]):
+                if cell.strip().lower() in NA_STRINGS:
+                    continue
+                try:
+                    float(cell)
+                except ValueError:
+                    raise GeneTableError(
+                        f"gene table {path}: value {cell.strip()!r} in row '{row[0].strip()}', column "
+                        f"'{column_labels[c]}' is neither a number nor NA"
+                    ) from None
         raise
-    return values
 
 
 def _refuse_duplicates(labels: list[str], what: str, source: str) -> None:
