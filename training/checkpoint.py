@@ -1,0 +1,208 @@
+"""Training checkpoints: one safetensors file per checkpoint, tensors in the body, everything else as JSON.
+
+Why this format: resuming must never unpickle (a checkpoint may come from someone else), so tensors go
+through safetensors and the rest — step, configs, optimiser hyper-parameters, Python/NumPy RNG states —
+is JSON in the safetensors header (``metadata["state"]``). One file per checkpoint makes the write atomic
+with a single ``os.replace``: a run killed mid-save leaves the previous checkpoint intact and at worst a
+stray ``*.tmp`` file, which the next save removes.
+
+Layout of the tensor names::
+
+    model/<name>/<state-dict key>      networks (G, D, G_ema), raw modules, never DDP wrappers
+    optim/<name>/<param index>/<key>   optimiser state tensors (Adam exp_avg, exp_avg_sq, step)
+    rng/torch, rng/cuda/<i>, rng/numpy, rng/generator/<name>
+
+Bit-exact resume needs every piece of state: model weights and buffers (BN running statistics), optimiser
+moments and step counts, and all random-number states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+FORMAT = "radiogenomicgan-training-checkpoint"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d{8,})\.safetensors$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit the run resuming from it."""
+
+
+# -- files -----------------------------------------------------------------------------------------------
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    return Path(directory) / f"ckpt-{step:08d}.safetensors"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Checkpoints in a folder, oldest first (by step, from the file name)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    directory: str | Path, step: int, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any], keep: int = 3
+) -> Path:
+    """Write ``ckpt-<step>.safetensors`` atomically (temp file, fsync, rename), then keep only the newest `keep`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.tmp"):
+        stale.unlink(missing_ok=True)
+    final = checkpoint_path(directory, step)
+    tmp = final.with_name(final.name + ".tmp")
+    body = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "state": json.dumps(state)}
+    save_file(body, str(tmp), metadata=header)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+    for old in list_checkpoints(directory)[: -max(1, keep)]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read tensors (on CPU) and the JSON state; CheckpointError if it is not one of our checkpoints."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            header = handle.metadata() or {}
+            if header.get("format") != FORMAT:
+                raise CheckpointError(f"{path} is not a RadiogenomicGAN training checkpoint")
+            if int(header.get("format_version", -1)) > FORMAT_VERSION:
+                raise CheckpointError(
+                    f"{path} has checkpoint format {header['format_version']}, newer than this code "
+                    f"({FORMAT_VERSION})"
+                )
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+        state = json.loads(header["state"])
+    except CheckpointError:
+        raise
+    except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+    return tensors, state
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- modules -------------------------------------------------------------------------------------------
+def module_tensors(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"model/{name}/{key}": value for key, value in module.state_dict().items()}
+
+
+def load_module(name: str, module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    prefix = f"model/{name}/"
+    state = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+    if not state:
+        raise CheckpointError(f"checkpoint holds no network {name!r}")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint network {name!r} does not fit this architecture: {error}") from None
+
+
+# -- optimisers: state dict → tensors + JSON ------------------------------------------------------------
+def optimizer_state(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten an optimiser state dict: tensors by ``optim/<name>/<param>/<key>``, the rest JSON."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, per_param in sd["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim/{name}/{index}/{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(
+    name: str, optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
+) -> None:
+    prefix = f"optim/{name}/"
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            index, _, entry = key[len(prefix) :].partition("/")
+            state.setdefault(int(index), {})[entry] = value
+    for index, entries in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(entries)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint optimiser {name!r} does not fit: {error}") from None
+
+
+# -- random-number generators ---------------------------------------------------------------------------
+def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Python, NumPy, torch (CPU and CUDA) and named torch.Generator states."""
+    tensors: dict[str, torch.Tensor] = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    tensors["rng/numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    for name, gen in (generators or {}).items():
+        tensors[f"rng/generator/{name}"] = gen.get_state()
+    version, internal, gauss_next = random.getstate()
+    meta = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+    }
+    return tensors, meta
+
+
+def set_rng_state(
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+    generators: Mapping[str, torch.Generator] | None = None,
+) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda = [tensors[f"rng/cuda/{i}"] for i in range(len(tensors)) if f"rng/cuda/{i}" in tensors]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, cached = meta["numpy"]
+    keys = tensors["rng/numpy"].numpy().astype(np.uint32)
+    np.random.set_state((kind, keys, pos, has_gauss, cached))
+    version, internal, gauss_next = meta["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    for name, gen in (generators or {}).items():
+        key = f"rng/generator/{name}"
+        if key in tensors:
+            gen.set_state(tensors[key])

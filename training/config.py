@@ -1,0 +1,180 @@
+"""Every option of a training run in one dataclass, saved next to the run as ``config.json``.
+
+One place for defaults, so the CLI, a ``--config FILE`` and a resumed run all resolve to the same thing and
+the run folder records exactly what was trained. Unknown keys are refused: a typo in a JSON config must not
+silently fall back to a default.
+
+Batch size is **per process**: under ``torchrun --nproc_per_node N`` the global batch is ``N × batch_size``
+(the paper's and the MONAI peer's batch of 16 on 4 GPUs is ``--batch-size 4``). Learning rates are not
+rescaled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MODELS: tuple[str, ...] = ("proposed", "mcgan", "inpainting")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+# Architecture keys fixed by the run itself (model choice and dataset), not by generator/discriminator overrides.
+_DERIVED_ARCH_KEYS: tuple[str, ...] = ("kind", "num_genes", "patch_size")
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot be run; the message says which option and why."""
+
+
+@dataclass
+class TrainConfig:
+    """Resolved options of one training run (see the module docstring for the batch-size convention)."""
+
+    data: str = ""                     # dataset file written by `python -m training.prepare`
+    model: str = "proposed"            # proposed | mcgan | inpainting
+    out: str = ""                      # run folder: config.json, checkpoints/, samples/, tensorboard/, weights
+    steps: int = 10_000                # total optimisation steps (a resumed run continues up to this number)
+    batch_size: int = 16               # per process; global batch = batch_size × world size
+    lr_g: float = 2e-4                 # Adam, MC-GAN/DCGAN practice
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    ema_decay: float = 0.999           # EMA of G (the exported, sampled generator)
+    ema_warmup: bool = True            # decay min(ema_decay, (1+t)/(10+t)): short runs get a usable EMA
+    loss_weights: dict[str, float] = field(default_factory=dict)      # overrides of training.losses.LossWeights
+    generator: dict[str, Any] = field(default_factory=dict)          # overrides of GeneratorConfig
+    discriminator: dict[str, Any] = field(default_factory=dict)      # overrides of DiscriminatorConfig
+    seed: int = 0
+    device: str = "auto"               # auto | cpu | cuda
+    amp: bool = True                   # bf16 autocast (CUDA only)
+    channels_last: bool = True         # channels-last memory format (CUDA only)
+    sync_batchnorm: bool = True        # under DDP, batch-norm statistics over the global batch
+    deterministic: bool = False        # CUDA: deterministic cuDNN (CPU is deterministic anyway)
+    num_workers: int = 0               # DataLoader worker processes per rank
+    log_every: int = 10                # TensorBoard scalars / progress-bar refresh, in steps
+    sample_every: int = 500            # image grids (TensorBoard + samples/*.png), 0 = only at the end
+    checkpoint_every: int = 1000       # 0 = only at the end
+    keep_checkpoints: int = 3          # newest checkpoints kept
+    num_samples: int = 8               # rows of the image grid (fixed validation samples)
+    tensorboard: bool = True
+    progress: bool = True              # tqdm bar
+    export_name: str = ""              # RUN/<export_name>.safetensors+json; empty = the model name
+
+    # -- JSON round trip ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a mapping, refusing unknown keys (typos) and wrong types."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a training configuration must be a JSON object, got {type(data).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            values[key] = _coerce(key, value, getattr(defaults, key))
+        return cls(**values)
+
+    def save(self, path: str | Path) -> Path:
+        """Write as indented JSON (atomically: a crash never leaves half a config)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"configuration file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path} is not valid JSON: {error}") from None
+        return cls.from_dict(data)
+
+    # -- checks that need no dataset ---------------------------------------------------------------
+    def validate(self) -> TrainConfig:
+        """Raise ConfigError on the first option that cannot work; returns self for chaining."""
+        if not self.data:
+            raise ConfigError("no dataset given (--data FILE)")
+        if not self.out:
+            raise ConfigError("no run folder given (--out RUN)")
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        for name in ("steps", "batch_size", "num_samples", "keep_checkpoints", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("sample_every", "checkpoint_every", "num_workers"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr_g", "lr_d"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number, got {value}")
+        for name in ("beta1", "beta2", "ema_decay"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must lie in [0, 1), got {value}")
+        for section in ("generator", "discriminator"):
+            fixed = sorted(set(getattr(self, section)) & set(_DERIVED_ARCH_KEYS))
+            if fixed:
+                raise ConfigError(
+                    f"{section} option(s) {fixed} are set by the run (--model and the dataset), not by overrides"
+                )
+        for key, value in self.loss_weights.items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"loss weight {key!r} must be a finite number >= 0, got {value!r}")
+        return self
+
+    @property
+    def weights_name(self) -> str:
+        """File stem of the exported EMA generator."""
+        return self.export_name or self.model
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check a JSON value against the default's type (ints are accepted for floats)."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"option {key!r} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"option {key!r} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"option {key!r} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"option {key!r} must be a string, got {value!r}")
+        return value
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"option {key!r} must be an object, got {value!r}")
+        return dict(value)
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` from the command line; VALUE is read as JSON when it parses (numbers, true), else a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key:
+        raise ConfigError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key, value
