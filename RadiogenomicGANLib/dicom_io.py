@@ -126,6 +126,8 @@ def _walk_files(root: Path) -> Iterable[Path]:
 
 def read_header(path: Path, *, check_size: bool = True) -> tuple[Dataset | None, str]:
     """(header dataset, "") or (None, why it cannot be used). Never raises for a bad file."""
+    if not path.is_file():
+        return None, "file not found"
     try:
         try:
             dataset = pydicom.dcmread(path, stop_before_pixels=True)
@@ -224,6 +226,13 @@ def read_ct_series(
             datasets.append(pydicom.dcmread(path))
         except Exception as error:
             raise DicomError(f"cannot read CT slice {path}: {type(error).__name__}: {error}") from error
+    # A scout/localizer stored inside the axial series would break the stack; it is not a slice of it.
+    axial = [i for i, d in enumerate(datasets) if "LOCALIZER" not in [str(v).upper() for v in
+                                                                      d.get("ImageType", []) or []]]
+    if axial and len(axial) < len(datasets):
+        logger.info("leaving %d localizer image(s) out of series %s", len(datasets) - len(axial),
+                    datasets[0].get("SeriesInstanceUID", "?"))
+        datasets, paths = [datasets[i] for i in axial], [paths[i] for i in axial]
     first = datasets[0]
     series = str(first.get("SeriesInstanceUID", ""))
     where = f"series {series} ({paths[0].parent})"
