@@ -1,0 +1,62 @@
+"""CLI: ``python -m RadiogenomicGANLib.phantom --out DIR --patients N --seed S [--size 256] ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .writers import write_cohort
+
+
+def _parse_ids(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m RadiogenomicGANLib.phantom",
+        description="Write a radiogenomic phantom cohort in the NSCLC-Radiogenomics formats "
+        "(TCIA tree with DICOM CT + SEG, metadata.csv, GEO RNA-seq table, ground_truth.csv).",
+    )
+    parser.add_argument("--out", required=True, help="output folder (the download root)")
+    parser.add_argument("--patients", type=int, default=20, help="number of patients (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="cohort seed; same seed → same bytes")
+    parser.add_argument("--size", type=int, default=256, help="in-plane matrix (default 256; 512 = scanner)")
+    parser.add_argument("--slices", type=int, default=None, help="slices per CT (default: cover the lungs "
+                        "at a drawn 1–2.5 mm thickness)")
+    parser.add_argument("--fov", type=float, default=None, help="in-plane field of view in mm (default: drawn "
+                        "so the 512-equivalent pixel is 0.56–0.85 mm)")
+    parser.add_argument("--spacing", type=float, nargs=2, metavar=("IN_PLANE_MM", "SLICE_MM"), default=None,
+                        help="fix the voxel spacing for every patient")
+    parser.add_argument("--genes", type=int, default=5172, help="genes left after dropping NA rows (default 5172)")
+    parser.add_argument("--na-genes", type=int, default=None, help="extra genes that carry NA (default genes/2)")
+    parser.add_argument("--modules", type=int, default=4, help="latent gene modules (default 4)")
+    parser.add_argument("--classes", type=int, default=4, help="patient classes (clusters) (default 4)")
+    parser.add_argument("--decoy-fraction", type=float, default=0.35,
+                        help="share of studies with a decoy CT series (default 0.35)")
+    parser.add_argument("--without-rna", type=_parse_ids, default=[], help="comma-separated ids with no RNA column")
+    parser.add_argument("--without-seg", type=_parse_ids, default=[], help="comma-separated ids with no SEG")
+    parser.add_argument("--quiet", action="store_true", help="no per-patient progress lines")
+    args = parser.parse_args(argv)
+    if args.patients < 1:
+        parser.error("--patients must be ≥ 1")
+
+    def progress(done: int, total: int, pid: str) -> None:
+        if not args.quiet:
+            print(f"[{done}/{total}] {pid}", file=sys.stderr, flush=True)
+
+    summary = write_cohort(
+        args.out, args.patients, args.seed, size_ij=args.size, slices=args.slices,
+        spacing=tuple(args.spacing) if args.spacing else None, fov=args.fov, n_genes=args.genes,
+        n_na_genes=args.na_genes, n_modules=args.modules, n_classes=args.classes,
+        without_rna=args.without_rna, without_seg=args.without_seg, decoy_fraction=args.decoy_fraction,
+        progress=progress,
+    )  # fmt: skip
+    print(summary.describe())
+    print(f"metadata: {summary.metadata_path}\nRNA-seq:  {summary.rnaseq_path}\ntruth:    {summary.ground_truth_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""Latent gene modules → module activations and an RNA-seq profile (linear FPKM, exact zeros, literal NA).
+
+Why: the phantom needs a *known* gene→image truth. Each patient belongs to one of a few classes (clusters);
+its K module activations are the class prototype plus noise, so clustering metrics (ARI) have a truth. Each
+module drives ``genes_per_module`` genes (log2 expression = base + loading · activation + noise); a few
+nuisance factors drive other gene blocks (batch-like structure that is *not* linked to the image), and all
+other genes are independent noise. The table is written as linear FPKM like Cufflinks in GSE103584.
+
+NA placement: the table has ``n_genes`` complete genes plus ``n_na_genes`` genes that carry at least one
+``NA`` in the written cohort (`write_cohort` guarantees "at least one" over the samples it writes), plus
+a few ``__``-prefixed counter rows that also carry an NA, so "drop every gene with an NA" leaves exactly
+``n_genes`` rows whether or not a reader drops the ``_`` rows first. Module genes are always complete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+# Class prototypes for the default K = 4 modules (rows: classes, columns: modules 1..4). Module 1 → size,
+# 2 → solid/ground-glass density, 3 → margin blur + spiculation, 4 → lobulation (see nodule.py).
+DEFAULT_PROTOTYPES = np.array(
+    [
+        [+1.0, +1.0, -1.0, -0.5],  # large, solid, smooth
+        [-1.0, +1.0, +1.0, +0.5],  # small, solid, spiculated
+        [+0.5, -1.0, -0.5, +1.0],  # largish ground-glass, lobulated
+        [-0.5, -1.0, +1.0, -1.0],  # small ground-glass, fuzzy/spiculated
+    ]
+)
+ACTIVATION_NOISE = 0.3
+COUNTER_ROWS = ("__no_feature", "__ambiguous", "__alignment_not_unique")
+
+_FAMILIES = (
+    "ABCA", "ABCB", "ABCC", "ACSL", "ADAM", "ADAMTS", "AKAP", "ALDH", "ANKRD", "ANO", "ARHGAP", "ARHGEF",
+    "ATP", "BTBD", "C1orf", "C2orf", "C9orf", "CACNA", "CCDC", "CD", "CDH", "CDK", "CEP", "CLDN", "COL",
+    "CPNE", "CSNK", "CYP", "DCAF", "DDX", "DHX", "DNAJB", "DNAJC", "DUSP", "EIF", "ELOVL", "EPHA", "FAM",
+    "FBXL", "FBXO", "FGF", "FOXO", "FOXP", "FZD", "GAB", "GALNT", "GATA", "GPR", "GRIK", "GRM", "GSTM",
+    "HDAC", "HOXA", "HOXB", "HSPA", "IFIT", "IGF", "IL", "INPP", "ITGA", "ITGB", "KCNA", "KCNJ", "KIAA",
+    "KIF", "KLF", "KLHL", "KRT", "LRRC", "MAP", "MAPK", "MED", "MMP", "MRPL", "MRPS", "MYO", "NDUFA",
+    "NDUFB", "NOTCH", "NUP", "OR", "PAX", "PCDH", "PDE", "PLEKH", "PPP1R", "PRKC", "PSMA", "PSMB", "PTPR",
+    "RAB", "RBM", "RNF", "RPL", "RPS", "SCN", "SEMA", "SERPINA", "SH3", "SLC", "SMAD", "SNX", "SOX",
+    "SPATA", "STK", "SYT", "TBC1D", "TMEM", "TNF", "TRIM", "TTC", "UBE2", "USP", "VPS", "WDR", "WNT",
+    "ZBTB", "ZC3H", "ZNF",
+)
+# Excel-mangling-prone symbols exist in real tables; keep a few so readers meet them.
+_EXTRA_SYMBOLS = ("SEPT7", "MARCH5", "DEC1", "NOV", "TP53", "EGFR", "KRAS", "ALK", "STK11", "KEAP1")
+
+
+@dataclass(frozen=True)
+class GeneModel:
+    """Cohort-level gene parameters (shared by all patients of one seed)."""
+
+    gene_names: tuple[str, ...]  # every table row, counter rows last
+    module_of_gene: np.ndarray  # (G,) int: 0 = none, m = module m (1-based), -f = nuisance factor f
+    loading: np.ndarray  # (G,) log2 units per unit of the driving latent
+    base: np.ndarray  # (G,) log2(FPKM+1) mean
+    noise_sd: np.ndarray  # (G,)
+    na_probability: np.ndarray  # (G,) 0 for complete genes
+    n_genes: int  # complete genes (the count after NA drop)
+    n_modules: int
+    n_nuisance: int
+
+    @property
+    def na_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.na_probability > 0)
+
+
+def _gene_symbols(count: int, rng: np.random.Generator) -> list[str]:
+    """Unique HGNC-like symbols (family prefix + number [+ letter])."""
+    names: list[str] = list(_EXTRA_SYMBOLS[: max(0, min(len(_EXTRA_SYMBOLS), count // 20))])
+    seen = set(names)
+    letters = ["", "", "", "A", "B", "L", "P1", "-AS1"]
+    while len(names) < count:
+        need = count - len(names)
+        fam = rng.choice(_FAMILIES, size=2 * need + 16)
+        num = rng.integers(1, 100, size=fam.size)
+        suf = rng.choice(letters, size=fam.size)
+        for f, n, s in zip(fam, num, suf):
+            name = f"{f}{n}{s}"
+            if name not in seen:
+                seen.add(name)
+                names.append(name)
+                if len(names) == count:
+                    break
+    order = rng.permutation(count)
+    return [names[i] for i in order]
+
+
+@lru_cache(maxsize=8)
+def gene_model(
+    seed: int,
+    n_genes: int = 5172,
+    n_na_genes: int | None = None,
+    n_modules: int = 4,
+    genes_per_module: int = 50,
+    n_nuisance: int = 2,
+    genes_per_nuisance: int = 100,
+) -> GeneModel:
+    """Build (and cache) the cohort's gene parameters; depends only on the seed and the sizes."""
+    if n_na_genes is None:
+        n_na_genes = max(3, n_genes // 2)
+    rng = np.random.default_rng([seed, 0x6E5E])
+    n_rows = n_genes + n_na_genes
+    # Module genes first need room; shrink blocks for tiny test tables, never below 5 genes per module.
+    per_module = min(genes_per_module, max(5, n_genes // (2 * max(1, n_modules))))
+    per_nuisance = min(genes_per_nuisance, max(0, (n_genes - per_module * n_modules) // (2 * max(1, n_nuisance))))
+    if per_module * n_modules > n_genes:
+        raise ValueError(f"n_genes={n_genes} is too small for {n_modules} modules of {per_module} genes")
+
+    module_of = np.zeros(n_rows + len(COUNTER_ROWS), dtype=np.int64)
+    complete = rng.permutation(n_genes)  # positions among complete rows (which come first before shuffling)
+    cursor = 0
+    for m in range(1, n_modules + 1):
+        module_of[complete[cursor : cursor + per_module]] = m
+        cursor += per_module
+    for f in range(1, n_nuisance + 1):
+        module_of[complete[cursor : cursor + per_nuisance]] = -f
+        cursor += per_nuisance
+
+    total = module_of.size
+    loading = np.zeros(total)
+    driven = module_of != 0
+    loading[driven] = rng.choice([-1.0, 1.0], size=driven.sum()) * rng.uniform(0.8, 1.6, size=driven.sum())
+    base = np.where(rng.random(total) < 0.3, rng.uniform(-1.5, 1.5, total), rng.uniform(1.0, 9.0, total))
+    base[driven] = rng.uniform(3.0, 8.0, size=driven.sum())  # expressed, so the signal survives log2(x+1)
+    noise_sd = rng.uniform(0.2, 0.9, total)
+    noise_sd[driven] = rng.uniform(0.2, 0.45, size=driven.sum())
+    na_prob = np.zeros(total)
+    na_prob[n_genes:] = rng.uniform(0.05, 0.9, size=total - n_genes)
+    # Counter rows: HTSeq-like read counts, not FPKM; large values.
+    counters = slice(n_rows, total)
+    base[counters] = rng.uniform(17.0, 21.0, size=len(COUNTER_ROWS))
+    noise_sd[counters] = 0.3
+
+    names = _gene_symbols(n_rows, rng) + list(COUNTER_ROWS)
+    # Shuffle gene rows (not the counter rows) so modules and NA genes are scattered through the table.
+    order = np.concatenate([rng.permutation(n_rows), np.arange(n_rows, total)])
+    return GeneModel(
+        gene_names=tuple(names),
+        module_of_gene=module_of[order],
+        loading=loading[order],
+        base=base[order],
+        noise_sd=noise_sd[order],
+        na_probability=na_prob[order],
+        n_genes=n_genes,
+        n_modules=n_modules,
+        n_nuisance=n_nuisance,
+    )
+
+
+def prototypes(n_modules: int, n_classes: int) -> np.ndarray:
+    """Class prototypes (n_classes, n_modules); the documented table for 4×4, else a fixed ±1 pattern."""
+    if n_modules == 4 and n_classes == 4:
+        return DEFAULT_PROTOTYPES.copy()
+    rng = np.random.default_rng(20190708)  # fixed: the truth must not depend on the cohort seed
+    table = rng.choice([-1.0, -0.5, 0.5, 1.0], size=(n_classes, n_modules))
+    return table
+
+
+def module_class_of(patient_index: int, seed: int, n_classes: int) -> int:
+    """Balanced classes: each block of n_classes consecutive patients holds every class once."""
+    block, slot = divmod(patient_index, n_classes)
+    return int(np.random.default_rng([seed, 0xC1A55, block]).permutation(n_classes)[slot])
+
+
+def draw_module_activations(
+    patient_index: int, seed: int, n_modules: int = 4, n_classes: int = 4
+) -> tuple[int, np.ndarray]:
+    """(class, activations): prototype of the patient's class + N(0, ACTIVATION_NOISE²)."""
+    cls = module_class_of(patient_index, seed, n_classes)
+    rng = np.random.default_rng([seed, 0xAC7, patient_index])
+    return cls, prototypes(n_modules, n_classes)[cls] + ACTIVATION_NOISE * rng.standard_normal(n_modules)
+
+
+def gene_profile(model: GeneModel, activations: np.ndarray, patient_index: int, seed: int) -> np.ndarray:
+    """Linear FPKM vector (G,) float64 with exact zeros and NaN where the table will say ``NA``."""
+    rng = np.random.default_rng([seed, 0x9E7E, patient_index])
+    total = len(model.gene_names)
+    nuisance = rng.standard_normal(max(1, model.n_nuisance))
+    latent = np.zeros(total)
+    m = model.module_of_gene
+    for k in range(1, model.n_modules + 1):
+        latent[m == k] = activations[k - 1] if k <= activations.size else 0.0
+    for f in range(1, model.n_nuisance + 1):
+        latent[m == -f] = nuisance[f - 1]
+    log_expr = model.base + model.loading * latent + model.noise_sd * rng.standard_normal(total)
+    fpkm = np.exp2(log_expr) - 1.0
+    # Exact zeros: low expression drops out (like unobserved transcripts), more often the lower it is.
+    dropout = rng.random(total) < 1.0 / (1.0 + np.exp(3.0 * (log_expr - 0.8)))
+    fpkm[(fpkm <= 0.0) | dropout] = 0.0
+    fpkm = np.round(fpkm, 4)  # the precision the GEO writer uses, so memory and file agree
+    counters = np.isin(np.asarray(model.gene_names), COUNTER_ROWS)
+    fpkm[counters] = np.round(fpkm[counters])
+    fpkm[rng.random(total) < model.na_probability] = np.nan
+    return fpkm
