@@ -10,8 +10,9 @@ Shared choices (DESIGN.md leaves them open):
   channel width at a level is `min(base_channels · 2**i, max_channels)`, i = halvings from full size.
 - Every generator can copy its input background to its output: the full-resolution background feature
   carries, as channel 0, the background in tanh-logit space (`atanh` of the clamped input), and the image
-  head is initialised to read that channel. With the fusion weight W → 0 the image then equals the
-  background (to 1e-3): the (1 − W)⊙B path is a real identity, which the background L1 term relies on.
+  head starts close to a copy of that channel. With the fusion weight W → 0 and the head at the copy, the
+  image equals the background to 1e-3: the (1 − W)⊙B path is a real identity, which the background L1
+  term relies on (Testing/test_networks.py checks it).
 - LeakyReLU(0.2) activations, batch norm after every convolution except the heads (the paper's conv+BN).
 """
 
@@ -110,11 +111,12 @@ class ConvBNAct(nn.Sequential):
     """conv → batch norm → LeakyReLU; the conv has no bias (batch norm would cancel it)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False),
-            nn.BatchNorm2d(out_channels),
-            _act(),
-        )
+        conv = nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False)
+        # He init for LeakyReLU(0.2): unit gain per layer, so that at initialisation (batch norm running
+        # stats = identity in eval mode) a signal injected at 4×4, e.g. MC-GAN's gene map, still reaches
+        # the output instead of shrinking by PyTorch's default ≈ 1/√3 per layer
+        nn.init.kaiming_normal_(conv.weight, a=0.2, nonlinearity="leaky_relu")
+        super().__init__(conv, nn.BatchNorm2d(out_channels), _act())
 
 
 class AdaIN(nn.Module):
