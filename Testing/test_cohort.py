@@ -150,3 +150,71 @@ def test_match_rna_skips_patients_without_a_sample(cohort: Cohort) -> None:
     assert "no RNA-seq sample 'R01-002'" in reasons["R01-002"]
     assert "only NA" in reasons["R01-014"]
     assert all(s.stage == "genes" for s in skipped)
+
+
+# --- end to end on the phantom cohort (real on-disk formats, known truth) --------------------------------
+PHANTOM = {"patients": 4, "seed": 3, "size_ij": 64, "slices": 40, "n_genes": 200}
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory):  # -> CohortSummary
+    writers = pytest.importorskip("RadiogenomicGANLib.phantom.writers")
+    return writers.write_cohort(
+        tmp_path_factory.mktemp("phantom"), PHANTOM["patients"], PHANTOM["seed"], size_ij=PHANTOM["size_ij"],
+        slices=PHANTOM["slices"], n_genes=PHANTOM["n_genes"], seg_variants=["slicer", "epad", "epad", "slicer"],
+        without_rna=["R01-002"], without_seg=["R01-004"], decoy_fraction=1.0,
+    )  # fmt: skip
+
+
+def test_phantom_both_seg_variants_give_exactly_the_nodule(phantom) -> None:  # type: ignore[no-untyped-def]
+    from RadiogenomicGANLib.phantom import generate_patient
+
+    scans, skipped = scan_cohort(phantom.out_dir)
+    assert [s.patient_id for s in scans] == ["R01-001", "R01-002", "R01-003"]
+    assert [(s.patient_id, s.stage) for s in skipped] == [("R01-004", "scan")]
+    assert "no SEG" in skipped[0].reason
+    for index, scan in enumerate(scans):
+        assert scan.series_uid == phantom.ct_series_uid[scan.patient_id]  # not the decoy series
+        truth = generate_patient(index, PHANTOM["seed"], size_ij=PHANTOM["size_ij"], slices=PHANTOM["slices"],
+                                 n_genes=PHANTOM["n_genes"])
+        loaded = load_patient(scan)
+        np.testing.assert_array_equal(loaded.volume_hu, truth.volume_hu)
+        np.testing.assert_allclose(loaded.geometry.ijk_to_ras, truth.geometry.ijk_to_ras, atol=1e-4)
+        assert loaded.nodule_mask.any()
+        np.testing.assert_array_equal(loaded.nodule_mask, truth.nodule_mask, err_msg=scan.patient_id)
+    assert {phantom.seg_variant[s.patient_id] for s in scans} == {"slicer", "epad"}
+
+
+def test_phantom_geo_table_and_rna_join(phantom) -> None:  # type: ignore[no-untyped-def]
+    from RadiogenomicGANLib.genes import drop_na_genes, read_gene_table
+
+    table = read_gene_table(phantom.rnaseq_path)
+    assert table.sample_ids == ["R01-001", "R01-003", "R01-004"]
+    assert drop_na_genes(table).num_genes == PHANTOM["n_genes"]  # the exact count after the NA drop
+    scans, _ = scan_cohort(phantom.collection_dir)
+    kept, skipped = match_rna(scans, table)
+    assert [s.patient_id for s in kept] == ["R01-001", "R01-003"]
+    assert [s.patient_id for s in skipped] == ["R01-002"] and "no RNA-seq sample" in skipped[0].reason
+
+
+def test_phantom_damaged_copy_skips_with_reasons(phantom, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(phantom.out_dir, root)
+    collection = root / phantom.collection_dir.name
+    # R01-001: the referenced CT series was not downloaded; R01-002: one of its CT slices is cut short;
+    # R01-003: a garbage .dcm sits in its CT folder.
+    series = {s.patient_id: s for s in scan_cohort(collection)[0]}
+    relative = {pid: s.ct_files[0].parent.relative_to(collection) for pid, s in series.items()}
+    shutil.rmtree(collection / relative["R01-001"])
+    victim = sorted((collection / relative["R01-002"]).glob("*.dcm"))[5]
+    victim.write_bytes(victim.read_bytes()[:-500])
+    (collection / relative["R01-003"] / "1-999.dcm").write_bytes(b"garbage" * 100)
+    scans, skipped = scan_cohort(root)
+    assert scans == []
+    reasons = {s.patient_id: s.reason for s in skipped}
+    assert "not present in the patient's folder" in reasons["R01-001"]
+    assert "truncated" in reasons["R01-002"]
+    assert "1-999.dcm" in reasons["R01-003"] and "corrupt DICOM file" in reasons["R01-003"]
+    assert "no SEG" in reasons["R01-004"]
