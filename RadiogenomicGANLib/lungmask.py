@@ -17,8 +17,10 @@ distance from the pleura, so the mask has to be right on real scans, not only on
    largest component and the second largest when it is at least `second_lung_ratio` of it: the lungs may or
    may not touch, and bowel gas must not be taken for a lung.
 6. Per lung: a closing of radius `closing_mm` (in mm, by distance transforms on a ≈3 mm grid), so
-   juxta-pleural nodules and hilar vessels up to about that radius are inside; then slice-wise hole filling
-   (vessels, nodules enclosed by lung) and a light smoothing closing; crumbs the airway removal left go.
+   juxta-pleural nodules and hilar vessels up to about that radius are inside; a light smoothing closing;
+   hole filling — regions enclosed in 3D (nodules) and slice-wise holes up to `max_hole_mm2` (vessels; the
+   cap keeps out the diaphragm dome, which the lung base rings in axial slices); crumbs the airway removal
+   left go.
 7. Back to the input grid by block repetition.
 
 All distances are in millimetres (`sampling=spacing_kji`), so anisotropic voxels are handled.
@@ -77,16 +79,28 @@ def _repeat(mask: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, .
     return np.ascontiguousarray(out[: shape[0], : shape[1], : shape[2]])
 
 
-def _fill_holes_slicewise(mask: np.ndarray) -> np.ndarray:
-    """Fill holes in every axial slice: background not connected to the slice's in-plane border."""
+def _fill_holes(mask: np.ndarray, spacing: np.ndarray, max_hole_mm2: float) -> np.ndarray:
+    """Fill holes: every region enclosed in 3D (a nodule inside the lung), and slice-wise holes up to
+    `max_hole_mm2` (vessels, nodules touching vessels). The area cap keeps the liver/spleen under the
+    diaphragm dome out, which the lung base rings in axial slices."""
+    filled = mask.copy()
     labels, count = ndimage.label(~mask, structure=_CROSS_2D_IN_3D)
-    if count == 0:
-        return mask.copy()
-    outside = np.zeros(count + 1, dtype=bool)
-    for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
-        outside[np.unique(face)] = True
-    outside[0] = False
-    return mask | ~outside[labels]
+    if count:
+        outside = np.zeros(count + 1, dtype=bool)
+        for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+            outside[np.unique(face)] = True
+        area = np.bincount(labels.ravel(), minlength=count + 1) * (spacing[1] * spacing[2])
+        hole = ~outside & (area <= max_hole_mm2)
+        hole[0] = False
+        filled |= hole[labels]
+    labels, count = ndimage.label(~filled, structure=_CROSS_3D)
+    if count:
+        outside = np.zeros(count + 1, dtype=bool)
+        for axis in range(3):
+            outside[np.unique(np.take(labels, [0, -1], axis=axis))] = True
+        outside[0] = True
+        filled |= ~outside[labels]
+    return filled
 
 
 def _closing_mm(mask: np.ndarray, spacing: np.ndarray, radius_mm: float) -> np.ndarray:
@@ -178,6 +192,7 @@ def compute_lung_mask(
     max_airway_area_mm2: float = 900.0,
     airway_follow_mm: float = 20.0,
     closing_mm: float = 10.0,
+    max_hole_mm2: float = 1000.0,
     shell_mm: float = 6.0,
     second_lung_ratio: float = 0.1,
     work_mm: float = 1.5,
@@ -241,7 +256,7 @@ def compute_lung_mask(
         added_grid = _closing_mm(part_grid, work_spacing * grid, closing_mm) & ~part_grid
         part = part | _repeat(added_grid, grid, part.shape)
         part = ndimage.binary_closing(part, _CROSS_3D, iterations=1, border_value=0) | part
-        lungs[box] |= _fill_holes_slicewise(part)
+        lungs[box] |= _fill_holes(part, work_spacing, max_hole_mm2)
     lungs &= ~airway
     lungs = _drop_crumbs(lungs)
 
