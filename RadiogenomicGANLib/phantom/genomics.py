@@ -103,9 +103,9 @@ def gene_model(
         n_na_genes = max(3, n_genes // 2)
     rng = np.random.default_rng([seed, 0x6E5E])
     n_rows = n_genes + n_na_genes
-    # Module genes first need room; shrink blocks for tiny test tables, never below 5 genes per module.
-    per_module = min(genes_per_module, max(5, n_genes // (2 * max(1, n_modules))))
-    per_nuisance = min(genes_per_nuisance, max(0, (n_genes - per_module * n_modules) // (2 * max(1, n_nuisance))))
+    # Small test tables shrink the blocks so that most genes stay pure noise (≥ 5 genes per module).
+    per_module = min(genes_per_module, max(5, n_genes // (4 * max(1, n_modules))))
+    per_nuisance = min(genes_per_nuisance, n_genes // (8 * max(1, n_nuisance)))
     if per_module * n_modules > n_genes:
         raise ValueError(f"n_genes={n_genes} is too small for {n_modules} modules of {per_module} genes")
 

@@ -270,6 +270,9 @@ def build_seg(
     # Determinism: highdicom stamps the creation time and draws a random dimension-organisation UID.
     seg.InstanceCreationDate = date
     seg.InstanceCreationTime = time_
+    for item in seg.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = date + time_
     dim_uid = uid_for(seed, patient_id, "seg-dimension-organisation")
     for item in seg.DimensionOrganizationSequence:
         item.DimensionOrganizationUID = dim_uid
