@@ -225,7 +225,10 @@ class NoduleInserter:
         if cached is not None:
             self._lung_cache.move_to_end(key)
             return cached
-        mask = np.asarray(compute_lung_mask(contiguous, geometry.spacing_kji), dtype=bool)
+        try:
+            mask = np.asarray(compute_lung_mask(contiguous, geometry.spacing_kji), dtype=bool)
+        except ValueError as error:  # LungMaskError: no lung-sized air region inside the body
+            raise InsertionError(f"no lung found in this CT: {error}") from error
         mask.setflags(write=False)
         self._lung_cache[key] = mask
         while len(self._lung_cache) > self._lung_cache_size:
