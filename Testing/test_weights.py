@@ -1,0 +1,256 @@
+"""Weights files: save → load is bit-identical, and every way a file can be wrong is refused clearly."""
+
+from __future__ import annotations
+
+import ast
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import RadiogenomicGANLib.weights as weights_module
+from RadiogenomicGANLib.networks import KINDS, GeneratorConfig, build_generator, hole_from_mask
+from RadiogenomicGANLib.weights import (
+    FORMAT_VERSION,
+    WeightsError,
+    WeightsMetadata,
+    load_weights,
+    save_weights,
+    weights_paths,
+)
+
+GENES = 12
+
+
+def small_config(kind: str = "proposed", **changes: int) -> GeneratorConfig:
+    params = {"kind": kind, "num_genes": GENES, "code_dim": 8, "noise_dim": 4, "base_channels": 4,
+              "max_channels": 16, "gene_hidden": 16, **changes}
+    return GeneratorConfig(**params)
+
+
+def metadata_for(config: GeneratorConfig) -> WeightsMetadata:
+    rng = np.random.default_rng(0)
+    return WeightsMetadata(config=config, gene_names=[f"GENE{i}" for i in range(config.num_genes)],
+                           gene_means=rng.normal(size=config.num_genes).astype(np.float32),
+                           gene_stds=rng.uniform(0.5, 2, size=config.num_genes).astype(np.float32),
+                           patch_size=config.patch_size, patch_spacing_mm=0.9375,
+                           provenance={"dataset": "phantom", "epochs": 3, "ema": 0.999})
+
+
+def trained_like(config: GeneratorConfig) -> torch.nn.Module:
+    """A generator whose batch-norm running stats are no longer the defaults (they must round-trip too)."""
+    torch.manual_seed(0)
+    generator = build_generator(config).train()
+    s = config.patch_size
+    with torch.no_grad():
+        generator(torch.rand(3, 1, s, s) * 2 - 1, torch.randn(3, config.num_genes),
+                  hole=hole_from_mask(torch.zeros(3, 1, s, s)))
+    return generator.eval()
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    config = small_config()
+    return save_weights(tmp_path / "model", trained_like(config), metadata_for(config))
+
+
+def rewrite_json(saved: Path, **changes: object) -> None:
+    json_path = saved.with_suffix(".json")
+    record = json.loads(json_path.read_text())
+    record.update(changes)
+    json_path.write_text(json.dumps(record))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Round trip
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_then_load_gives_bit_identical_outputs(tmp_path: Path, kind: str) -> None:
+    config = small_config(kind)
+    generator = trained_like(config)
+    metadata = metadata_for(config)
+    path = save_weights(tmp_path / "sub" / f"{kind}.safetensors", generator, metadata)
+    assert path == tmp_path / "sub" / f"{kind}.safetensors" and path.with_suffix(".json").is_file()
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")], "no temporary files left"
+
+    loaded, meta = load_weights(tmp_path / "sub" / kind, expected_kind=kind, expected_num_genes=GENES)
+    assert not loaded.training and loaded.config == config and meta.kind == kind
+    assert meta.gene_names == metadata.gene_names and meta.provenance == metadata.provenance
+    np.testing.assert_array_equal(meta.gene_means, metadata.gene_means)
+    np.testing.assert_array_equal(meta.gene_stds, metadata.gene_stds)
+    assert meta.hu_window == (-1000.0, 500.0) and meta.patch_size == 64 and meta.patch_spacing_mm == 0.9375
+    assert meta.format_version == FORMAT_VERSION
+
+    torch.manual_seed(1)
+    x = (torch.rand(2, 1, 64, 64) * 2 - 1, torch.randn(2, GENES), torch.randn(2, config.noise_dim))
+    hole = hole_from_mask(torch.zeros(2, 1, 64, 64))
+    with torch.no_grad():
+        before, after = generator(*x, hole=hole), loaded(*x, hole=hole)
+    assert torch.equal(before.image, after.image) and torch.equal(before.mask, after.mask)
+    for a, b in zip(before.weight_maps, after.weight_maps):
+        assert torch.equal(a, b)
+    # any of the three spellings names the same pair of files
+    assert weights_paths(path) == weights_paths(path.with_suffix(".json")) == weights_paths(path.with_suffix(""))
+
+
+def test_json_sidecar_is_readable_and_complete(saved: Path) -> None:
+    record = json.loads(saved.with_suffix(".json").read_text())
+    assert record["format_version"] == FORMAT_VERSION and record["kind"] == "proposed"
+    assert GeneratorConfig.from_dict(record["architecture"]) == small_config()
+    assert record["hu_window"] == [-1000.0, 500.0] and len(record["gene_names"]) == GENES
+    assert len(record["safetensors_sha256"]) == 64
+
+
+def test_save_refuses_inconsistent_metadata(tmp_path: Path) -> None:
+    config = small_config()
+    generator = build_generator(config)
+    with pytest.raises(WeightsError, match="gene names for a generator that takes"):
+        save_weights(tmp_path / "m", generator, WeightsMetadata(**{**vars(metadata_for(config)),
+                                                                     "gene_names": ["A", "B"]}))
+    with pytest.raises(WeightsError, match=r"differs from metadata\.config"):
+        save_weights(tmp_path / "m", generator, metadata_for(small_config(num_genes=GENES + 1)))
+    with pytest.raises(WeightsError, match="JSON-serialisable"):
+        save_weights(tmp_path / "m", generator, WeightsMetadata(**{**vars(metadata_for(config)),
+                                                                     "provenance": {"x": object()}}))
+    assert not list(tmp_path.iterdir()), "a refused save writes nothing"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Refusals
+
+
+def test_missing_files(tmp_path: Path, saved: Path) -> None:
+    with pytest.raises(WeightsError, match="no weights file"):
+        load_weights(tmp_path / "absent")
+    saved.with_suffix(".json").unlink()
+    with pytest.raises(WeightsError, match=r"model\.json is missing"):
+        load_weights(saved)
+    json_only = tmp_path / "other.json"
+    json_only.write_text("{}")
+    with pytest.raises(WeightsError, match=r"sidecar other\.json is there"):
+        load_weights(json_only)
+
+
+def test_pickle_and_zip_checkpoints_are_refused_without_unpickling(tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (open, (str(marker), "w"))          # unpickling would create the marker file
+
+    blob = pickle.dumps(Payload(), protocol=4)
+    for name in ("model.pt", "model.ckpt", "model.safetensors"):
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(WeightsError, match=r"pickle.*refused"):
+            load_weights(tmp_path / name)
+    with zipfile.ZipFile(tmp_path / "model.pth", "w") as archive:     # torch.save's format
+        archive.writestr("archive/data.pkl", blob)
+    with pytest.raises(WeightsError, match=r"zip archive.*refused"):
+        load_weights(tmp_path / "model.pth")
+    assert not marker.exists()
+
+
+def test_no_module_of_ours_can_unpickle() -> None:
+    """weights.py (and networks.py) neither import pickle nor call torch.load."""
+    for module_file in (Path(weights_module.__file__), Path(weights_module.__file__).with_name("networks.py")):
+        tree = ast.parse(module_file.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not any(n.split(".")[0] in {"pickle", "dill", "joblib"} for n in names), module_file
+            if isinstance(node, ast.Attribute) and node.attr == "load":
+                assert not (isinstance(node.value, ast.Name) and node.value.id == "torch"), module_file
+
+
+def test_not_safetensors_at_all(tmp_path: Path, saved: Path) -> None:
+    saved.write_bytes(b"hello, not weights")
+    with pytest.raises(WeightsError, match="not a safetensors file"):
+        load_weights(saved)
+
+
+def test_truncated_file(saved: Path) -> None:
+    data = saved.read_bytes()
+    saved.write_bytes(data[: len(data) - 100])
+    with pytest.raises(WeightsError, match="truncated"):
+        load_weights(saved)
+
+
+def test_flipped_byte_inside_tensor_data(saved: Path) -> None:
+    data = bytearray(saved.read_bytes())
+    data[-10] ^= 0x01                               # inside the last tensor's data, header intact
+    saved.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="corrupt: its SHA-256 differs"):
+        load_weights(saved)
+
+
+def test_bad_json(saved: Path) -> None:
+    json_path = saved.with_suffix(".json")
+    json_path.write_text("{not json")
+    with pytest.raises(WeightsError, match="not valid JSON"):
+        load_weights(saved)
+    json_path.write_text("[1, 2]")
+    with pytest.raises(WeightsError, match="JSON object"):
+        load_weights(saved)
+    json_path.write_text(json.dumps({"format_version": 1, "kind": "proposed"}))
+    with pytest.raises(WeightsError, match="lacks the keys"):
+        load_weights(saved)
+
+
+def test_unknown_format_version(saved: Path) -> None:
+    rewrite_json(saved, format_version=FORMAT_VERSION + 1)
+    with pytest.raises(WeightsError, match="reads version 1 only"):
+        load_weights(saved)
+
+
+def test_unknown_and_unexpected_kind(saved: Path) -> None:
+    with pytest.raises(WeightsError, match="of kind 'proposed', but kind 'mcgan' was expected"):
+        load_weights(saved, expected_kind="mcgan")
+    rewrite_json(saved, kind="stylegan3")
+    with pytest.raises(WeightsError, match="unknown model kind 'stylegan3'"):
+        load_weights(saved)
+
+
+def test_wrong_gene_count(saved: Path) -> None:
+    with pytest.raises(WeightsError, match="trained on 12 genes, but 5172 were expected"):
+        load_weights(saved, expected_num_genes=5172)
+    record = json.loads(saved.with_suffix(".json").read_text())
+    rewrite_json(saved, gene_names=record["gene_names"][:-1])
+    with pytest.raises(WeightsError, match="11 gene names for a generator that takes 12 genes"):
+        load_weights(saved)
+
+
+def test_architecture_mismatch_shapes(saved: Path) -> None:
+    record = json.loads(saved.with_suffix(".json").read_text())
+    rewrite_json(saved, architecture={**record["architecture"], "base_channels": 8})
+    with pytest.raises(WeightsError, match="differ in shape or dtype from the JSON's architecture"):
+        load_weights(saved)
+
+
+def test_architecture_mismatch_keys(saved: Path) -> None:
+    record = json.loads(saved.with_suffix(".json").read_text())
+    rewrite_json(saved, kind="mcgan", architecture={**record["architecture"], "kind": "mcgan"})
+    with pytest.raises(WeightsError, match="another architecture than its JSON describes"):
+        load_weights(saved)
+
+
+def test_architecture_this_code_cannot_build(saved: Path) -> None:
+    record = json.loads(saved.with_suffix(".json").read_text())
+    rewrite_json(saved, architecture={**record["architecture"], "embed_dim": 512})
+    with pytest.raises(WeightsError, match=r"cannot be built by this code.*embed_dim"):
+        load_weights(saved)
+    rewrite_json(saved, architecture={**record["architecture"], "kind": "mcgan"})
+    with pytest.raises(WeightsError, match="kind 'proposed' but the architecture says 'mcgan'"):
+        load_weights(saved)
+
+
+def test_tensors_from_another_export_are_caught_by_the_hash(tmp_path: Path, saved: Path) -> None:
+    config = small_config(base_channels=8)
+    other = save_weights(tmp_path / "other", build_generator(config), metadata_for(config))
+    saved.write_bytes(other.read_bytes())
+    with pytest.raises(WeightsError, match=r"SHA-256|truncated|longer"):
+        load_weights(saved)
