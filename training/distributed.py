@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -103,14 +104,29 @@ def all_reduce_mean(ctx: DistContext, values: dict[str, float]) -> dict[str, flo
     return dict(zip(keys, packed.tolist()))
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks: the backward of a sum over ranks is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        out = grad.clone()
+        dist.all_reduce(out)
+        return out
+
+
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm whose training statistics cover the batches of all ranks (CPU/gloo SyncBatchNorm).
 
     Sums of x and x² (in float64, so the one-pass variance loses nothing) and the element count are
-    all-reduced with ``torch.distributed.nn.functional.all_reduce``, whose backward all-reduces the
-    gradients: each rank's input gets the gradient of the *whole* objective with respect to the shared
-    statistics, exactly as SyncBatchNorm does. Outside training or without a process group it is plain
-    batch norm.
+    all-reduced by a differentiable all-reduce whose backward all-reduces the gradients: each rank's
+    input gets the gradient of the *whole* objective with respect to the shared statistics, exactly as
+    SyncBatchNorm does. Outside training or without a process group it is plain batch norm.
     """
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -121,13 +137,11 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return self._plain(input)
-        from torch.distributed.nn.functional import all_reduce
-
         channels = input.shape[1]
         dims = [0, *range(2, input.dim())]
         x64 = input.double()
         count = torch.full((1,), input.numel() / channels, dtype=torch.float64, device=input.device)
-        stats = all_reduce(torch.cat([x64.sum(dims), (x64 * x64).sum(dims), count]))
+        stats = _AllReduceSum.apply(torch.cat([x64.sum(dims), (x64 * x64).sum(dims), count]))
         n = stats[-1]
         mean = stats[:channels] / n
         var = (stats[channels : 2 * channels] / n - mean * mean).clamp_min(0.0)

@@ -471,7 +471,9 @@ def export_generator(nets: Networks, data: RadiogenomicDataset, path: Path, prov
 
 
 def checkpoint_state(nets: Networks, step: int, cfg: TrainConfig, run: dict[str, Any],
-                     data_generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, Any]]:
+                     sampler: ResumableDistributedSampler) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Everything a bit-exact resume needs. The data order is not a generator state: it is a function of
+    (seed, epoch, position), recorded under "data_order"."""
     tensors: dict[str, Tensor] = {}
     for name, module in (("G", nets.generator), ("D", nets.discriminator), ("G_ema", nets.generator_ema)):
         tensors.update(ckpt.module_tensors(name, module))
@@ -480,7 +482,7 @@ def checkpoint_state(nets: Networks, step: int, cfg: TrainConfig, run: dict[str,
         flat, meta = ckpt.optimizer_state(name, opt)
         tensors.update(flat)
         optim_meta[name] = meta
-    rng_tensors, rng_meta = ckpt.rng_state({"data": data_generator})
+    rng_tensors, rng_meta = ckpt.rng_state()
     tensors.update(rng_tensors)
     state = {
         "step": step,
@@ -492,6 +494,13 @@ def checkpoint_state(nets: Networks, step: int, cfg: TrainConfig, run: dict[str,
         "train_config": cfg.to_dict(),
         "optimizers": optim_meta,
         "rng": rng_meta,
+        "data_order": {
+            "seed": cfg.seed,
+            "epoch": sampler.epoch_of(step),
+            "step_in_epoch": step % sampler.steps_per_epoch,
+            "steps_per_epoch": sampler.steps_per_epoch,
+            "permutation": "training.dataset.epoch_permutation(n, seed, epoch)",
+        },
         **run,
     }
     return tensors, state
@@ -565,7 +574,6 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: str | None, command: str 
 
     # Construct networks.
     nets = build_networks(cfg, g_cfg, d_cfg, weights, ctx)
-    data_generator = torch.Generator().manual_seed(cfg.seed)
     gene_sha = _gene_names_sha(data.gene_names)
 
     # Resume.
@@ -577,7 +585,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: str | None, command: str 
             ckpt.load_module(name, module, tensors)
         ckpt.load_optimizer("G", nets.opt_g, tensors, state["optimizers"]["G"])
         ckpt.load_optimizer("D", nets.opt_d, tensors, state["optimizers"]["D"])
-        ckpt.set_rng_state(tensors, state["rng"], {"data": data_generator})
+        ckpt.set_rng_state(tensors, state["rng"])
         start_step = int(state["step"])
         if ctx.is_main and state.get("global_batch") not in (None, sampler_probe.global_batch):
             print(f"warning: resuming with global batch {sampler_probe.global_batch}, the checkpoint used "
@@ -627,7 +635,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: str | None, command: str 
         num_workers=cfg.num_workers,
         pin_memory=on_cuda,
         persistent_workers=cfg.num_workers > 0,
-        generator=data_generator,
+        # Only seeds worker processes' global RNGs, which no item uses (items are keyed by epoch and index).
+        generator=torch.Generator().manual_seed((cfg.seed * 1_000_003 + start_step) % 2**63),
     )
     use_amp = cfg.amp and on_cuda
     channels_last = cfg.channels_last and on_cuda
@@ -663,7 +672,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: str | None, command: str 
             writer.add_image("samples/real|input|synthetic|mask|weight", grid, step)
 
     def save(step: int) -> Path:
-        tensors, state = checkpoint_state(nets, step, cfg, run_info, data_generator)
+        tensors, state = checkpoint_state(nets, step, cfg, run_info, sampler)
         return ckpt.save_checkpoint(ckpt_dir, step, tensors, state, keep=cfg.keep_checkpoints)
 
     # Train.
