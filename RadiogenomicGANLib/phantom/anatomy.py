@@ -369,7 +369,6 @@ def build_chest(grid: Grid, p: ChestParams, rng: np.random.Generator) -> Chest:
     carina = np.array([p.bx, p.by + y_tr, z_car])
     trachea_top = np.array([p.bx, p.by + y_tr, grid.z[-1] + 10.0])
     airway_segments = [(carina, trachea_top, p.trachea_r, p.trachea_r)]
-    side_fn = lung_field(p)
     hila = []
     for sign, drop in ((-1.0, 18.0), (1.0, 28.0)):
         hilum = carina + np.array([sign * (p.mediastinum + 22.0 * s), 8.0 * s, -drop * s])
@@ -380,8 +379,9 @@ def build_chest(grid: Grid, p: ChestParams, rng: np.random.Generator) -> Chest:
     paint_capsules(hu, grid, airway_segments, -1000.0, labels=labels, label=AIRWAY)
 
     def in_lung(code: int) -> Callable[[np.ndarray], bool]:
-        def inside(q: np.ndarray) -> bool:
-            return bool(side_fn(np.array(q[0]), np.array(q[1]), np.array(q[2])) == code)
+        def inside(q: np.ndarray) -> bool:  # nearest-voxel lookup: cheap, and exactly the rendered lung
+            k, j, i = np.rint(grid.to_index(q)).astype(int)
+            return bool(0 <= k < K and 0 <= j < J and 0 <= i < I and side[k, j, i] == code)
 
         return inside
 

@@ -118,14 +118,14 @@ def _surface_radius(shape: NoduleShape, u: np.ndarray) -> np.ndarray:
 def place_nodule(
     lung_side: np.ndarray, grid: Grid, extent: float, rng: np.random.Generator, margin: float = 3.0
 ) -> tuple[np.ndarray, float]:
-    """Pick a centre (LPS mm) whose distance to the lung boundary ≥ extent + margin, on a ~3 mm grid.
+    """Pick a centre (LPS mm) whose distance to the lung boundary ≥ extent + margin, on a ~4 mm grid.
 
     Returns (centre, clearance_mm). Falls back to the deepest point when nothing is deep enough (the caller
     shrinks the spicules in that case). Why a coarse grid: the EDT of a full-resolution volume costs more
     than the whole rest of the patient.
     """
-    step_k = max(1, round(3.0 / grid.dz))
-    step_ij = max(1, round(3.0 / grid.dx))
+    step_k = max(1, round(4.0 / grid.dz))
+    step_ij = max(1, round(4.0 / grid.dx))
     coarse = lung_side[::step_k, ::step_ij, ::step_ij] > 0
     dist = ndimage.distance_transform_edt(
         np.pad(coarse, 1), sampling=(grid.dz * step_k, grid.dx * step_ij, grid.dx * step_ij)
