@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,14 +128,17 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
 
 
 # --- reading --------------------------------------------------------------------------------------------
-def read_volume(path: str | Path) -> LoadedVolume:
-    """Read a CT from NRRD / NIfTI / MHA (SimpleITK) or a DICOM folder (`dicom_io.read_ct_series`)."""
+def read_volume(path: str | Path, *, series_uid: str | None = None) -> LoadedVolume:
+    """Read a CT from NRRD / NIfTI / MHA (SimpleITK) or a DICOM folder (`dicom_io.read_ct_series`).
+
+    `series_uid` picks one CT series when the folder holds several.
+    """
     path = Path(path)
     if not path.exists():
         raise VolumeIOError(f"input not found: {path}")
     kind = volume_format(path)
     if kind == "dicom":
-        return _read_dicom(path)
+        return _read_dicom(path, series_uid)
     import SimpleITK as sitk
 
     try:
@@ -152,11 +156,11 @@ def read_volume(path: str | Path) -> LoadedVolume:
     return LoadedVolume(array, geometry, path, kind)
 
 
-def _read_dicom(path: Path) -> LoadedVolume:
+def _read_dicom(path: Path, series_uid: str | None) -> LoadedVolume:
     from RadiogenomicGANLib import dicom_io
 
     try:
-        ct = dicom_io.read_ct_series(path if path.is_dir() else [path])
+        ct = dicom_io.read_ct_series(path if path.is_dir() else [path], series_uid)
     except (ValueError, OSError) as error:
         raise VolumeIOError(f"cannot read the DICOM series in {path}: {error}") from error
     files = [Path(f) for f in getattr(ct, "files", []) or []]
@@ -285,7 +289,6 @@ def write_dicom_seg(
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
-    from pydicom.uid import generate_uid
 
     if loaded.source != "dicom":
         raise VolumeIOError("a DICOM SEG needs a DICOM input series to reference (use --out-segmentation instead)")
@@ -327,7 +330,21 @@ def write_dicom_seg(
         description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [synthetic]
         descriptions.append(description)
     first = datasets[0]
-    seg = hd.seg.Segmentation(
+    with warnings.catch_warnings():
+        # TCIA-style PatientName "R01-001" (copied from the source) is a valid single-component name
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        seg = _build_seg(hd, datasets, pixel, descriptions, first, version)
+    seg.SeriesDescription = SERIES_DESCRIPTION
+    with atomic_target(path) as temporary:
+        seg.save_as(str(temporary))
+    return path
+
+
+def _build_seg(hd: Any, datasets: list[Any], pixel: np.ndarray, descriptions: list[Any], first: Any,
+               version: str) -> Any:
+    from pydicom.uid import generate_uid
+
+    return hd.seg.Segmentation(
         source_images=datasets,
         pixel_array=pixel,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -342,12 +359,8 @@ def write_dicom_seg(
         device_serial_number="synthetic",
         content_label="SYNTHETIC",
         content_description="Synthetic nodules (RadiogenomicGAN)",
-        content_creator_name="RadiogenomicGAN",
+        content_creator_name="RadiogenomicGAN^",
     )
-    seg.SeriesDescription = SERIES_DESCRIPTION
-    with atomic_target(path) as temporary:
-        seg.save_as(str(temporary))
-    return path
 
 
 def _source_datasets(loaded: LoadedVolume, pydicom: Any) -> list[Any]:

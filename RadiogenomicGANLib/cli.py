@@ -1,0 +1,326 @@
+"""Headless command line: `python -m RadiogenomicGANLib insert ...` — the module's insertion, from files.
+
+The same `NoduleInserter` as the Slicer module does the work. Everything that can be checked is checked
+before anything is written (output suffixes and folders, weights, gene table and sample, the CT, centres,
+slices, lung), outputs are written to hidden temporary files and renamed only when all of them are complete,
+so a failed or cancelled run leaves no partial output. Bad input exits with status 2 and one clear line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from RadiogenomicGANLib.insertion import InsertionCancelled, InsertionError, NoduleInserter
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "Resources" / "demo_model.safetensors"
+EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 130
+
+
+class CLIError(ValueError):
+    """Bad command-line input (exit status 2)."""
+
+
+# --- parsing --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m RadiogenomicGANLib",
+        description="RadiogenomicGAN: gene-controlled synthetic lung nodules in CT volumes.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    insert = commands.add_parser(
+        "insert",
+        help="insert synthetic nodules into a CT and write the new volume and its segmentation",
+        description="Insert synthetic nodules driven by a gene-expression profile into a CT volume. The input is "
+        "never modified; new files are written.",
+    )
+    source = insert.add_argument_group("inputs")
+    source.add_argument("--ct", required=True, type=Path, metavar="FILE_OR_DICOM_DIR",
+                        help="CT volume (.nrrd, .nii, .nii.gz, .mha) or DICOM folder")
+    source.add_argument("--series-uid", help="the CT series to use when the DICOM folder holds several")
+    source.add_argument("--genes", required=True, type=Path, help="gene table (GEO text, .txt.gz or CSV)")
+    source.add_argument("--sample", required=True, help="sample id whose profile drives the nodule")
+    source.add_argument("--blend-with", help="second sample id: the profile becomes a blend of the two")
+    source.add_argument("--blend-weight", type=float, default=0.5, help="weight of --blend-with in [0, 1] (0.5)")
+    source.add_argument("--impute-missing-genes", action="store_true",
+                        help="set genes the table lacks to the training mean instead of failing")
+    source.add_argument("--weights", type=Path, default=None,
+                        help=f"model weights .safetensors (default: the bundled demo model {DEFAULT_WEIGHTS.name})")
+
+    where = insert.add_argument_group("where (one of)")
+    placement = where.add_mutually_exclusive_group(required=True)
+    placement.add_argument("--center-ras", action="append", metavar="X,Y,Z",
+                           help="nodule centre in RAS mm (repeat for several nodules)")
+    placement.add_argument("--auto", type=int, metavar="N", help="place N nodules automatically in the lung")
+    where.add_argument("--slices", action="append", metavar="SPEC",
+                       help="slices of a centre: '±K' (or '+-K') around its slice, or a list like '10,11,12' or "
+                       "'10-14'; once for all centres or once per --center-ras")
+    where.add_argument("--half-slices", type=int, default=2, help="±K slices around each centre (default 2)")
+    where.add_argument("--allow-outside-lung", action="store_true", help="accept centres outside the lung mask")
+
+    run = insert.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+    outputs = insert.add_argument_group("outputs")
+    outputs.add_argument("--out-volume", required=True, type=Path, help="new CT (.nrrd, .nii, .nii.gz, .mha)")
+    outputs.add_argument("--out-segmentation", required=True, type=Path, help="nodule segmentation (.seg.nrrd)")
+    outputs.add_argument("--out-weight-map", type=Path, help="fusion weight map volume (optional)")
+    outputs.add_argument("--out-dicom-seg", type=Path, help="DICOM SEG of the nodules (DICOM input only)")
+    outputs.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_centre(text: str) -> np.ndarray:
+    """'X,Y,Z' (commas or spaces) → (3,) RAS mm."""
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    try:
+        values = np.array([float(p) for p in parts], dtype=np.float64)
+    except ValueError:
+        values = np.zeros(0)
+    if values.shape != (3,) or not np.isfinite(values).all():
+        raise CLIError(f"--center-ras {text!r}: expected three numbers X,Y,Z in RAS mm")
+    return values
+
+
+def parse_slices(text: str) -> int | list[int]:
+    """'±K' / '+-K' / 'K' with sign → half width (int); '10,11,12' or '10-14' → explicit list."""
+    spec = text.strip().replace(" ", "")
+    match = re.fullmatch(r"(?:±|\+-|\+/-)(\d+)", spec)
+    if match:
+        return int(match.group(1))
+    values: list[int] = []
+    for part in spec.split(","):
+        span = re.fullmatch(r"(-?\d+)(?:-|\.\.|:)(-?\d+)", part)
+        if span:
+            low, high = int(span.group(1)), int(span.group(2))
+            if high < low:
+                raise CLIError(f"--slices {text!r}: range {part} runs backwards")
+            values.extend(range(low, high + 1))
+        elif re.fullmatch(r"-?\d+", part):
+            values.append(int(part))
+        else:
+            raise CLIError(f"--slices {text!r}: expected '±K' or slice indices like '10,11,12' or '10-14'")
+    return values
+
+
+def plan_slices(
+    specs: Sequence[str] | None, centres: np.ndarray, geometry: Any, half_slices: int
+) -> list[list[int]]:
+    """Explicit slice lists for every centre from the --slices specs (one for all, or one per centre)."""
+    centre_k = np.rint(geometry.ras_to_kji(centres)[:, 0]).astype(int)
+    parsed = [parse_slices(s) for s in specs] if specs else [half_slices]
+    if len(parsed) == 1:
+        parsed = parsed * len(centres)
+    if len(parsed) != len(centres):
+        raise CLIError(f"{len(parsed)} --slices given for {len(centres)} centres: give one for all or one per centre")
+    plans = []
+    for k, spec in zip(centre_k, parsed):
+        plans.append(list(range(k - spec, k + spec + 1)) if isinstance(spec, int) else spec)
+    return plans
+
+
+# --- the insert command ---------------------------------------------------------------------------------
+def _staging_path(final: Path) -> Path:
+    return final.with_name(f".{os.getpid()}.partial.{final.name}")
+
+
+def run_insert(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate everything, insert, write all outputs atomically; returns a summary for printing."""
+    from RadiogenomicGANLib import genes as gene_io
+    from RadiogenomicGANLib import volume_io
+
+    # 1. outputs: suffixes and folders, before any work.
+    volume_io.check_output_path(args.out_volume)
+    volume_io.check_output_path(args.out_segmentation, (volume_io.SEG_SUFFIX,))
+    if args.out_weight_map is not None:
+        volume_io.check_output_path(args.out_weight_map)
+    if args.out_dicom_seg is not None:
+        if args.out_dicom_seg.is_dir() or not args.out_dicom_seg.parent.exists():
+            raise CLIError(f"--out-dicom-seg {args.out_dicom_seg}: not a file in an existing folder")
+        if args.ct.is_file() and not args.ct.name.lower().endswith(".dcm"):
+            raise CLIError("--out-dicom-seg needs a DICOM input series (--ct DICOM_FOLDER) to reference")
+    finals = [p for p in (args.out_volume, args.out_segmentation, args.out_weight_map, args.out_dicom_seg) if p]
+    if len({p.resolve() for p in finals}) != len(finals):
+        raise CLIError("two outputs have the same path")
+    if args.ct.exists() and any(p.resolve() == args.ct.resolve() for p in finals):
+        raise CLIError("an output would overwrite the input CT")
+    if args.auto is not None and args.auto < 1:
+        raise CLIError("--auto N needs N ≥ 1")
+    if args.half_slices < 0:
+        raise CLIError("--half-slices must be ≥ 0")
+    centres = np.stack([parse_centre(c) for c in args.center_ras]) if args.center_ras else None
+    if args.auto is not None and args.slices:
+        specs = [parse_slices(s) for s in args.slices]
+        if len(specs) != 1 or not isinstance(specs[0], int):
+            raise CLIError("with --auto, --slices accepts only one '±K'")
+        args.half_slices = specs[0]
+
+    # 2. model, genes, CT.
+    weights = args.weights or DEFAULT_WEIGHTS
+    if not Path(weights).exists():
+        if args.weights is None:
+            raise CLIError(f"the bundled demo model {DEFAULT_WEIGHTS} is not there (not trained/bundled yet): "
+                           "pass --weights FILE.safetensors")
+        raise CLIError(f"weights file not found: {weights}")
+    inserter = NoduleInserter.from_weights(weights, device=args.device)
+    metadata = inserter.metadata
+    profile = None
+    if inserter.kind != "inpainting":
+        table = gene_io.read_gene_table(args.genes)
+        profile = gene_io.profile_for_model(
+            table, args.sample, metadata.gene_names, metadata.gene_means, metadata.gene_stds,
+            impute=args.impute_missing_genes, blend_with=args.blend_with,
+            blend_weight=args.blend_weight if args.blend_with else 0.0,
+        )
+    sample = args.sample if not args.blend_with else (
+        f"{args.sample} ({1 - args.blend_weight:.2f}) + {args.blend_with} ({args.blend_weight:.2f})"
+    )
+    loaded = volume_io.read_volume(args.ct, series_uid=args.series_uid)
+    if args.out_dicom_seg is not None and loaded.source != "dicom":
+        raise CLIError("--out-dicom-seg needs a DICOM input series (--ct DICOM_FOLDER) to reference")
+    slices = plan_slices(args.slices, centres, loaded.geometry, args.half_slices) if centres is not None else None
+
+    # 3. insert (validates the CT, centres, slices and lung before the generator runs).
+    with _ProgressBar(args.quiet) as progress:
+        result = inserter.insert(
+            loaded.array, loaded.geometry, profile, centres,
+            auto_count=args.auto or 0, slices=slices, half_slices=args.half_slices, seed=args.seed,
+            allow_outside_lung=args.allow_outside_lung, return_weight_map=args.out_weight_map is not None,
+            progress=progress, gene_sample=sample,
+        )
+
+    # 4. outputs: staged beside their targets, renamed together at the end.
+    segments = volume_io.nodule_segments(len(result.centres_ras), result.provenance)
+    provenance_text = _provenance_text(result.provenance)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        target = _staging_path(args.out_volume)
+        staged.append((target, args.out_volume))
+        volume_io.write_volume(target, result.volume_hu, loaded.geometry,
+                               metadata={"RadiogenomicGAN_Provenance": provenance_text})
+        target = _staging_path(args.out_segmentation)
+        staged.append((target, args.out_segmentation))
+        volume_io.write_segmentation(target, result.label, loaded.geometry, segments)
+        if args.out_weight_map is not None and result.weight_map is not None:
+            target = _staging_path(args.out_weight_map)
+            staged.append((target, args.out_weight_map))
+            volume_io.write_volume(target, result.weight_map, loaded.geometry)
+        if args.out_dicom_seg is not None:
+            target = _staging_path(args.out_dicom_seg)
+            staged.append((target, args.out_dicom_seg))
+            volume_io.write_dicom_seg(target, result.label, loaded, segments, result.provenance)
+        for temporary, final in staged:
+            os.replace(temporary, final)
+    finally:
+        for temporary, _ in staged:
+            if temporary.exists():
+                temporary.unlink()
+    voxels = [int((result.label == n + 1).sum()) for n in range(len(result.centres_ras))]
+    return {"result": result, "outputs": [final for _, final in staged], "voxels": voxels, "sample": sample}
+
+
+def _provenance_text(provenance: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(provenance, separators=(",", ":"), default=str)
+
+
+class _ProgressBar:
+    """A tqdm bar driven by the inserter's (fraction, message) callback."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: Any = None
+
+    def __enter__(self) -> Any:
+        if self.quiet:
+            return None
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=100, unit="%", desc="Inserting", file=sys.stderr, leave=False,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+        def update(fraction: float, message: str) -> bool:
+            self.bar.n = round(100 * fraction)
+            self.bar.set_postfix_str(message)
+            self.bar.refresh()
+            return True
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Every exception type that means 'bad input' (exit 2), imported lazily so --help stays fast."""
+    errors: list[type[BaseException]] = [CLIError, InsertionError]
+    for module, name in (
+        ("RadiogenomicGANLib.volume_io", "VolumeIOError"),
+        ("RadiogenomicGANLib.genes", "GeneTableError"),
+        ("RadiogenomicGANLib.dicom_io", "DicomError"),
+        ("RadiogenomicGANLib.weights", "WeightsError"),
+    ):
+        with contextlib.suppress(ImportError, AttributeError):
+            errors.append(getattr(importlib.import_module(module), name))
+    return tuple(errors)
+
+
+def _join_negative_values(argv: Sequence[str]) -> list[str]:
+    """'--center-ras -12.5,30,4' → '--center-ras=-12.5,30,4': argparse takes '-12.5,…' for an option."""
+    joined: list[str] = []
+    items = list(argv)
+    index = 0
+    while index < len(items):
+        item = items[index]
+        if item in ("--center-ras", "--slices") and index + 1 < len(items) and items[index + 1].startswith("-"):
+            joined.append(f"{item}={items[index + 1]}")
+            index += 2
+            continue
+        joined.append(item)
+        index += 1
+    return joined
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
+    if args.command != "insert":
+        parser.print_help(sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        summary = run_insert(args)
+    except InsertionCancelled:
+        print("cancelled: no output written", file=sys.stderr)
+        return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return EXIT_CANCELLED
+    except _bad_input_errors() as error:
+        message = " ".join(str(error).split())
+        # the gene reader names the Python keyword; say the flag of this command instead
+        message = message.replace("pass impute=True (--impute)", "pass --impute-missing-genes")
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    result = summary["result"]
+    print(f"Inserted {len(result.centres_ras)} synthetic nodule(s) for {summary['sample']} "
+          f"(seed {result.provenance['seed']}, {result.provenance['model_kind']} model, "
+          f"{result.provenance['device']}):")
+    for n, (centre, ks, voxels) in enumerate(zip(result.centres_ras, result.slices, summary["voxels"]), start=1):
+        print(f"  nodule {n}: RAS ({centre[0]:.1f}, {centre[1]:.1f}, {centre[2]:.1f}) mm, "
+              f"slices {ks[0]}–{ks[-1]}, {voxels} labelled voxels")
+    for path in summary["outputs"]:
+        print(f"  wrote {path}")
+    return 0

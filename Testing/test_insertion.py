@@ -1,0 +1,310 @@
+"""The insertion pipeline on a small in-memory phantom with a tiny, randomly initialised generator.
+
+What a user relies on: the input is never touched, nothing outside the patch footprints changes, the label
+lies on the requested slices inside the lung, batching does not change the result, a seed reproduces it,
+and every bad input is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_insertion_support import NUM_GENES, DiscMaskGenerator, make_generator, make_metadata
+
+from RadiogenomicGANLib.geometry import VolumeGeometry
+from RadiogenomicGANLib.insertion import InsertionCancelled, InsertionError, NoduleInserter, check_hu_volume
+from RadiogenomicGANLib.patches import patch_frame
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def phantom():  # type: ignore[no-untyped-def]
+    from RadiogenomicGANLib.phantom.patient import generate_patient
+
+    return generate_patient(0, 7, size_ij=128, slices=24, spacing=(2.5, 4.0), n_genes=64)
+
+
+@pytest.fixture(scope="module")
+def inserter() -> NoduleInserter:
+    generator = DiscMaskGenerator(make_generator())
+    return NoduleInserter(generator, make_metadata(generator.config), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def genes() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal(NUM_GENES).astype(np.float32)
+
+
+def _lung_centre(phantom, offset_mm=(0.0, 0.0, 0.0)) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """A point deep in the phantom's lung: the voxel farthest from the lung boundary."""
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_edt(phantom.lung_mask, sampling=phantom.geometry.spacing_kji)
+    distance[:4] = distance[-4:] = 0
+    kji = np.unravel_index(np.argmax(distance), distance.shape)
+    return phantom.geometry.kji_to_ras([kji])[0] + np.asarray(offset_mm)
+
+
+def _footprints(inserter: NoduleInserter, phantom, result) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Boolean volume of every patch footprint box of the run."""
+    inside = np.zeros(phantom.volume_hu.shape, dtype=bool)
+    for centre, ks in zip(result.centres_ras, result.slices):
+        for k in ks:
+            frame = patch_frame(phantom.geometry, centre, k, inserter.metadata.patch_size,
+                                inserter.metadata.patch_spacing_mm)
+            box = frame.footprint_ji(phantom.volume_hu.shape[1:])
+            inside[k][box] = True
+    return inside
+
+
+def test_inputs_unchanged_and_changes_confined(inserter, phantom, genes) -> None:  # type: ignore[no-untyped-def]
+    volume_before = phantom.volume_hu.copy()
+    lung_before = phantom.lung_mask.copy()
+    genes_before = genes.copy()
+    centre = _lung_centre(phantom)
+    result = inserter.insert(phantom.volume_hu, phantom.geometry, genes, [centre], half_slices=1,
+                             lung_mask=phantom.lung_mask, return_weight_map=True, seed=3)
+    assert np.array_equal(phantom.volume_hu, volume_before) and phantom.volume_hu.dtype == volume_before.dtype
+    assert np.array_equal(phantom.lung_mask, lung_before) and np.array_equal(genes, genes_before)
+    assert result.volume_hu.dtype == np.int16 and result.volume_hu.shape == volume_before.shape
+    assert result.volume_hu is not phantom.volume_hu
+
+    changed = result.volume_hu != volume_before
+    footprint = _footprints(inserter, phantom, result)
+    assert changed.any(), "the nodule should change some voxels"
+    assert not (changed & ~footprint).any(), "a voxel outside the patch footprints changed"
+    k_centre = int(np.rint(phantom.geometry.ras_to_kji([centre])[0, 0]))
+    assert result.slices == [[k_centre - 1, k_centre, k_centre + 1]]
+    assert set(np.flatnonzero(changed.any(axis=(1, 2)))) <= set(result.slices[0])
+
+    label = result.label
+    assert label.dtype == np.uint8 and set(np.unique(label)) == {0, 1}
+    assert set(np.flatnonzero(label.any(axis=(1, 2)))) == set(result.slices[0])
+    assert not (label.astype(bool) & ~phantom.lung_mask).any(), "label outside the lung"
+    # the disc of radius 6 px at 0.9375 mm/px ≈ 5.6 mm: about π·5.6² / 2.5² ≈ 16 voxels per slice
+    assert 8 <= (label[k_centre] == 1).sum() <= 30
+    # the nodule was painted where it is labelled: soft tissue in the lung
+    assert result.volume_hu[label == 1].mean() > -300
+    assert result.weight_map is not None and result.weight_map.dtype == np.float32
+    assert not (result.weight_map.astype(bool) & ~footprint).any()
+    assert result.weight_map.min() >= 0.0 and result.weight_map.max() <= 1.0
+
+
+def test_no_seam_at_the_footprint_border(inserter, phantom, genes) -> None:  # type: ignore[no-untyped-def]
+    """The composite is feathered to zero inside the patch: its outer rim of voxels is unchanged."""
+    centre = _lung_centre(phantom)
+    result = inserter.insert(phantom.volume_hu, phantom.geometry, genes, [centre], half_slices=0,
+                             lung_mask=phantom.lung_mask)
+    k = result.slices[0][0]
+    frame = patch_frame(phantom.geometry, centre, k, 64, 60 / 64)
+    box = frame.footprint_ji(phantom.volume_hu.shape[1:])
+    before, after = phantom.volume_hu[k][box], result.volume_hu[k][box]
+    rim = np.ones(before.shape, dtype=bool)
+    rim[3:-3, 3:-3] = False
+    assert np.array_equal(before[rim], after[rim])
+
+
+def test_batched_equals_per_slice_and_seed_reproduces(phantom, genes) -> None:  # type: ignore[no-untyped-def]
+    generator = DiscMaskGenerator(make_generator(seed=1))
+    metadata = make_metadata(generator.config)
+    batched = NoduleInserter(generator, metadata, "cpu", batch_size=64)
+    single = NoduleInserter(generator, metadata, "cpu", batch_size=1)
+    centres = [_lung_centre(phantom), _lung_centre(phantom, (0.0, 0.0, 8.0))]
+    kwargs = dict(slices=[[10, 11, 12], [12, 13]], lung_mask=phantom.lung_mask, seed=5, return_weight_map=True)
+    a = batched.insert(phantom.volume_hu, phantom.geometry, genes, centres, **kwargs)
+    b = single.insert(phantom.volume_hu, phantom.geometry, genes, centres, **kwargs)
+    assert np.abs(a.volume_hu.astype(np.int32) - b.volume_hu).max() <= 1
+    assert np.array_equal(a.label, b.label)
+    np.testing.assert_allclose(a.weight_map, b.weight_map, atol=1e-5)
+    again = batched.insert(phantom.volume_hu, phantom.geometry, genes, centres, **kwargs)
+    assert np.array_equal(a.volume_hu, again.volume_hu) and np.array_equal(a.label, again.label)
+    other = batched.insert(phantom.volume_hu, phantom.geometry, genes, centres, **{**kwargs, "seed": 6})
+    assert not np.array_equal(a.volume_hu, other.volume_hu)
+
+
+def test_one_noise_vector_per_nodule(phantom, genes) -> None:  # type: ignore[no-untyped-def]
+    """All slices of a nodule share its noise (a coherent nodule); different nodules get different noise."""
+    generator = DiscMaskGenerator(make_generator())
+    inserter = NoduleInserter(generator, make_metadata(generator.config), "cpu")
+    centres = [_lung_centre(phantom), _lung_centre(phantom, (0.0, 0.0, 8.0))]
+    result = inserter.insert(phantom.volume_hu, phantom.geometry, genes, centres, half_slices=1,
+                             lung_mask=phantom.lung_mask, seed=11)
+    noise = torch.cat(generator.seen_noise)
+    nodule = result.patches["nodule"]
+    assert len(noise) == len(nodule) == 6
+    for n in (0, 1):
+        rows = noise[torch.as_tensor(nodule == n)]
+        assert torch.equal(rows, rows[:1].expand_as(rows))
+    assert not torch.equal(noise[nodule == 0][0], noise[nodule == 1][0])
+    assert set(np.unique(result.label)) == {0, 1, 2}
+
+
+def test_flipped_storage_gives_the_same_nodule(inserter, phantom, genes) -> None:  # type: ignore[no-untyped-def]
+    """The same anatomy stored with i running the other way (and its geometry saying so) gets the same nodule."""
+    volume = phantom.volume_hu
+    origin, spacing, direction = phantom.geometry.to_lps()
+    direction = direction @ np.diag([-1.0, 1.0, 1.0])
+    origin = origin + (volume.shape[2] - 1) * spacing[0] * phantom.geometry.to_lps()[2][:, 0]
+    flipped_geometry = VolumeGeometry.from_lps(origin, spacing, direction)
+    flipped = volume[:, :, ::-1].copy()
+    centre = _lung_centre(phantom)
+    kwargs = dict(half_slices=1, seed=2, allow_outside_lung=True)
+    a = inserter.insert(volume, phantom.geometry, genes, [centre], lung_mask=phantom.lung_mask, **kwargs)
+    b = inserter.insert(flipped, flipped_geometry, genes, [centre], lung_mask=phantom.lung_mask[:, :, ::-1], **kwargs)
+    assert np.abs(a.volume_hu.astype(np.int32) - b.volume_hu[:, :, ::-1]).max() <= 1
+    assert np.array_equal(a.label, b.label[:, :, ::-1])
+
+
+def test_automatic_placement(inserter, phantom, genes) -> None:  # type: ignore[no-untyped-def]
+    from RadiogenomicGANLib.lungmask import boundary_distance_mm
+
+    kwargs = dict(auto_count=2, half_slices=2, seed=4, lung_mask=phantom.lung_mask)
+    result = inserter.insert(phantom.volume_hu, phantom.geometry, genes, **kwargs)
+    assert result.centres_ras.shape == (2, 3) and result.provenance["placement"] == "automatic"
+    distance = boundary_distance_mm(phantom.lung_mask, phantom.geometry.spacing_kji)
+    kji = np.rint(phantom.geometry.ras_to_kji(result.centres_ras)).astype(int)
+    for k, j, i in kji:
+        assert phantom.lung_mask[k, j, i]
+        assert 5.0 - 2.5 <= distance[k, j, i] <= 25.0 + 2.5  # ± one voxel
+    for ks in result.slices:
+        assert len(ks) == 5 and ks[0] >= 0 and ks[-1] < phantom.volume_hu.shape[0]
+    again = inserter.insert(phantom.volume_hu, phantom.geometry, genes, **kwargs)
+    np.testing.assert_array_equal(result.centres_ras, again.centres_ras)
+
+
+def test_lung_mask_computed_once_per_volume(phantom, genes, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import RadiogenomicGANLib.lungmask as lungmask
+
+    calls = []
+    real = lungmask.compute_lung_mask
+
+    def counting(volume, spacing):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(volume, spacing)
+
+    monkeypatch.setattr(lungmask, "compute_lung_mask", counting)
+    generator = DiscMaskGenerator(make_generator())
+    inserter = NoduleInserter(generator, make_metadata(generator.config), "cpu")
+    centre = _lung_centre(phantom)
+    for seed in (0, 1):
+        inserter.insert(phantom.volume_hu, phantom.geometry, genes, [centre], half_slices=0, seed=seed)
+    assert len(calls) == 1
+    edited = phantom.volume_hu.copy()
+    edited[0, 0, 0] += 1
+    inserter.insert(edited, phantom.geometry, genes, [centre], half_slices=0)
+    assert len(calls) == 2
+
+
+def test_progress_and_cancel(inserter, phantom, genes) -> None:  # type: ignore[no-untyped-def]
+    seen: list[float] = []
+    inserter.insert(phantom.volume_hu, phantom.geometry, genes, [_lung_centre(phantom)], half_slices=0,
+                    lung_mask=phantom.lung_mask, progress=lambda f, m: seen.append(f))
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    with pytest.raises(InsertionCancelled):
+        inserter.insert(phantom.volume_hu, phantom.geometry, genes, [_lung_centre(phantom)], half_slices=0,
+                        lung_mask=phantom.lung_mask, progress=lambda f, m: f < 0.5)
+
+
+def test_provenance(inserter, phantom, genes) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    result = inserter.insert(phantom.volume_hu, phantom.geometry, genes, [_lung_centre(phantom)], half_slices=0,
+                             lung_mask=phantom.lung_mask, seed=9, gene_sample="R01-001")
+    provenance = result.provenance
+    assert provenance["model_kind"] == "proposed" and provenance["seed"] == 9
+    assert provenance["gene_sample"] == "R01-001" and provenance["synthetic"] is True
+    assert provenance["slices"] == result.slices and len(provenance["centres_ras"]) == 1
+    json.dumps(provenance)  # serialisable, so it can travel in file headers and MRML attributes
+
+
+def test_inpainting_baseline_runs(phantom) -> None:  # type: ignore[no-untyped-def]
+    generator = make_generator("inpainting")
+    inserter = NoduleInserter(generator, make_metadata(generator.config), "cpu")
+    result = inserter.insert(phantom.volume_hu, phantom.geometry, None, [_lung_centre(phantom)], half_slices=0,
+                             lung_mask=phantom.lung_mask)
+    assert result.volume_hu.shape == phantom.volume_hu.shape
+
+
+# --- refusals -------------------------------------------------------------------------------------------
+def test_hu_plausibility_rule(phantom) -> None:  # type: ignore[no-untyped-def]
+    check_hu_volume(phantom.volume_hu)
+    check_hu_volume(phantom.volume_hu.astype(np.float32))
+    for bad, message in [
+        (np.zeros((40, 40), np.int16), "2D"),
+        (((phantom.volume_hu.astype(np.float32) + 1024) / 16).clip(0, 255).astype(np.uint8), "Hounsfield"),
+        ((phantom.volume_hu.astype(np.int32) + 1024).clip(0, 4095).astype(np.uint16), "Hounsfield"),
+        ((phantom.volume_hu.astype(np.float32) + 1000) / 1500, "Hounsfield"),
+        (np.full((4, 32, 32), np.nan, np.float32), "NaN"),
+    ]:
+        with pytest.raises(InsertionError, match=message):
+            check_hu_volume(bad)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("2d", "2D"),
+        ("not_hu", "Hounsfield"),
+        ("outside_volume", "outside the volume"),
+        ("outside_lung", "not in the lung"),
+        ("slices", "out of range"),
+        ("half_slices", "out of range"),
+        ("genes", f"model expects {NUM_GENES} genes"),
+        ("nothing", "no nodule centre"),
+        ("both", "not both"),
+        ("slice_lists", "slice lists given"),
+    ],
+)
+def test_bad_input_is_refused(inserter, phantom, genes, case, message) -> None:  # type: ignore[no-untyped-def]
+    volume, geometry = phantom.volume_hu, phantom.geometry
+    centre = _lung_centre(phantom)
+    args: dict = dict(volume_hu=volume, geometry=geometry, gene_profile=genes, centres_ras=[centre])
+    kwargs: dict = dict(lung_mask=phantom.lung_mask)
+    if case == "2d":
+        args["volume_hu"] = volume[10]
+    elif case == "not_hu":
+        args["volume_hu"] = ((volume.astype(np.float32) + 1024) / 16).clip(0, 255).astype(np.uint8)
+    elif case == "outside_volume":
+        args["centres_ras"] = [geometry.kji_to_ras([[5, -20, 10]])[0]]
+    elif case == "outside_lung":
+        body = phantom.body_mask & ~phantom.lung_mask
+        body[:4] = body[-4:] = False
+        args["centres_ras"] = [geometry.kji_to_ras([np.argwhere(body)[len(np.argwhere(body)) // 2]])[0]]
+    elif case == "slices":
+        kwargs["slices"] = [[5, 6, volume.shape[0]]]
+    elif case == "half_slices":
+        args["centres_ras"] = [geometry.kji_to_ras([[1, *np.argwhere(phantom.lung_mask[1])[0]]])[0]]
+        kwargs["half_slices"] = 3
+        kwargs["allow_outside_lung"] = True
+    elif case == "genes":
+        args["gene_profile"] = genes[:-1]
+    elif case == "nothing":
+        args["centres_ras"] = None
+    elif case == "both":
+        kwargs["auto_count"] = 2
+    elif case == "slice_lists":
+        kwargs["slices"] = [[3], [4]]
+    before = volume.copy()
+    with pytest.raises(InsertionError, match=message):
+        inserter.insert(**args, **kwargs)
+    assert np.array_equal(volume, before)
+
+
+def test_outside_lung_override(inserter, phantom, genes) -> None:  # type: ignore[no-untyped-def]
+    body = phantom.body_mask & ~phantom.lung_mask
+    body[:4] = body[-4:] = False
+    point = phantom.geometry.kji_to_ras([np.argwhere(body)[len(np.argwhere(body)) // 2]])[0]
+    result = inserter.insert(phantom.volume_hu, phantom.geometry, genes, [point], half_slices=0,
+                             lung_mask=phantom.lung_mask, allow_outside_lung=True)
+    assert result.provenance["allow_outside_lung"] is True
+    assert not (result.label.astype(bool) & ~phantom.lung_mask).any()
+
+
+def test_cuda_request_without_gpu_is_clear() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    generator = make_generator()
+    with pytest.raises(InsertionError, match="no CUDA GPU"):
+        NoduleInserter(generator, make_metadata(generator.config), device="cuda")
