@@ -1,0 +1,339 @@
+"""The module's Logic end to end on slicer-core: nodes in, nodes out, in a real vtkMRMLScene.
+
+RadiogenomicGAN/RadiogenomicGAN.py is imported from its file, exactly as Slicer loads it. Without Qt its
+guarded import gives the Logic plain base classes (asserted below), so what runs here is the module's own
+Logic code — parameter mapping, node validation, gene profile, insertion and node creation — on a small
+phantom CT, with a small randomly initialised generator saved and loaded through the real weights files.
+Checks are independent of the pipeline's internals: voxels outside the patches and slices are compared
+with the input, the label with the phantom's own lung truth.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+torch = pytest.importorskip("torch")
+vtk = pytest.importorskip("vtk")
+
+from RadiogenomicGANLib import mrml_adapter as adapter  # noqa: E402
+from RadiogenomicGANLib.genes import GeneTableError  # noqa: E402
+from RadiogenomicGANLib.insertion import InsertionCancelled, InsertionError  # noqa: E402
+from RadiogenomicGANLib.networks import GeneratorConfig, build_generator  # noqa: E402
+from RadiogenomicGANLib.phantom import generate_patient  # noqa: E402
+from RadiogenomicGANLib.weights import WeightsMetadata, save_weights  # noqa: E402
+
+MODULE_FILE = Path(__file__).resolve().parents[1] / "RadiogenomicGAN" / "RadiogenomicGAN.py"
+PHANTOM = dict(patientIndex=0, seed=7, size_ij=96, slices=24, spacing=(2.0, 3.0), n_genes=64)
+GENES = [f"GENE{g}" for g in range(16)]
+SAMPLES = ["S1", "S2", "S3", "S4"]
+HALF_PATCH_MM = 30.0  # the 60 mm patch
+
+
+@pytest.fixture(scope="module")
+def module():
+    spec = importlib.util.spec_from_file_location("RadiogenomicGAN", MODULE_FILE)
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules["RadiogenomicGAN"] = loaded
+    spec.loader.exec_module(loaded)
+    yield loaded
+    sys.modules.pop("RadiogenomicGAN", None)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """A small random generator, saved and later loaded through the real weights files.
+
+    Its mask head is biased on and its image head brightened, so every patch visibly changes: these tests
+    are about which voxels and nodes may change, not about what a trained nodule looks like.
+    """
+    torch.manual_seed(0)
+    config = GeneratorConfig(kind="proposed", num_genes=len(GENES), patch_size=64, code_dim=8, noise_dim=4,
+                             base_channels=8, max_channels=16, gene_hidden=16)
+    generator = build_generator(config)
+    with torch.no_grad():
+        generator.mask_head.conv.bias.fill_(4.0)
+        generator.image_head.conv.bias.fill_(0.5)
+    metadata = WeightsMetadata(config=config, gene_names=list(GENES), gene_means=np.full(len(GENES), 2.0),
+                               gene_stds=np.ones(len(GENES)), patch_size=64, patch_spacing_mm=0.9375,
+                               provenance={"note": "random initialisation, for tests"})
+    return Path(save_weights(tmp_path_factory.mktemp("weights") / "tiny", generator, metadata))
+
+
+@pytest.fixture(scope="module")
+def gene_table(tmp_path_factory) -> Path:
+    """GEO text (empty first header cell, linear FPKM): sample s is z = ±(s+1)/2 away from the mean."""
+    rng = np.random.default_rng(1)
+    z = rng.choice([-1.0, 1.0], size=(len(GENES), len(SAMPLES))) * (np.arange(len(SAMPLES)) + 1) / 2
+    fpkm = 2.0 ** (2.0 + z) - 1.0
+    path = tmp_path_factory.mktemp("genes") / "genes.txt"
+    lines = ["\t" + "\t".join(SAMPLES)] + [g + "\t" + "\t".join(f"{v:.6f}" for v in row) for g, row in zip(GENES, fpkm)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture(scope="module")
+def logic(module):
+    """One Logic for the file, as in Slicer: its generator and the lung mask of the phantom are cached."""
+    return module.RadiogenomicGANLogic()
+
+
+@pytest.fixture(scope="module")
+def patient():
+    options = dict(PHANTOM)
+    return generate_patient(options.pop("patientIndex"), options.pop("seed"), **options)
+
+
+@pytest.fixture()
+def ct(logic, scene):
+    return logic.createPhantomVolume(scene, **PHANTOM)
+
+
+def _deep_lung_point(patient, k: int) -> np.ndarray:
+    """RAS of the lung voxel of slice k farthest from the lung boundary (a safe nodule centre)."""
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_edt(patient.lung_mask[k])
+    j, i = np.unravel_index(np.argmax(distance), distance.shape)
+    return patient.geometry.kji_to_ras([[k, j, i]])[0]
+
+
+def _middle_lung_slice(patient) -> int:
+    slices = np.flatnonzero(patient.lung_mask.any(axis=(1, 2)))
+    return int(slices[len(slices) // 2])
+
+
+def _matrix(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _segment_masks(segmentation, reference) -> dict[str, np.ndarray]:
+    return {name: adapter.segment_label_array(segmentation, sid, reference)
+            for name, sid in adapter.segments_by_name(segmentation).items()}
+
+
+def _assert_in_lung(logic, weights: Path, patient, label: np.ndarray) -> None:
+    """Inside the lung mask the pipeline uses (exactly), and mostly inside the phantom's true lungs.
+
+    The classical mask is a little generous at the hilum and the pleura on this coarse 2×2×3 mm grid
+    (a closing, by design, so juxta-pleural nodules count as lung), hence the tolerance against the truth.
+    """
+    pipeline_lung = logic.getInserter(str(weights), "cpu").lung_mask(patient.volume_hu, patient.geometry)
+    assert np.all(pipeline_lung[label]), "label voxels outside the lung mask"
+    assert np.mean(patient.lung_mask[label]) >= 0.9, "label mostly outside the phantom's true lungs"
+
+
+def _tag(segment, name: str) -> str:
+    value = vtk.mutable("")
+    assert segment.GetTag(name, value)
+    return str(value)
+
+
+def _changed_outside_footprints(before: np.ndarray, after: np.ndarray, geometry, centres, slices) -> int:
+    """Changed voxels that lie off the nodules' slices or farther than the patch half-width in-plane."""
+    allowed = np.zeros(before.shape, dtype=bool)
+    jj, ii = np.mgrid[0 : before.shape[1], 0 : before.shape[2]]
+    margin = HALF_PATCH_MM + float(max(geometry.spacing[:2]))
+    for centre, ks in zip(centres, slices):
+        for k in ks:
+            ras = geometry.kji_to_ras(np.stack([np.full(jj.size, k), jj.ravel(), ii.ravel()], axis=1))
+            offset = np.abs(ras[:, :2] - np.asarray(centre)[:2]).max(axis=1).reshape(jj.shape)
+            allowed[k] |= offset <= margin
+    return int(np.count_nonzero((before != after) & ~allowed))
+
+
+# --- the headless module is honest about what it is -------------------------------------------------------
+def test_module_loads_headless_with_plain_bases(module) -> None:
+    assert module.SLICER_APPLICATION is False
+    assert module.RadiogenomicGANLogic.__mro__[1].__module__ == "RadiogenomicGAN"  # the stand-in base, no Qt
+    assert module.RadiogenomicGANLogic().moduleName == "RadiogenomicGAN"
+    fields = module.RadiogenomicGANParameterNode.__dataclass_fields__
+    assert {"inputVolume", "sampleId", "pointList", "outputSegmentation"} <= set(fields)
+
+
+# --- insertion from a point list ----------------------------------------------------------------------------
+def test_insert_from_points_end_to_end(logic, scene, ct, patient, weights, gene_table) -> None:
+    k = _middle_lung_slice(patient)
+    centre = _deep_lung_point(patient, k)
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "centres")
+    points.AddControlPoint(*centre)
+    before = adapter.array_from_volume_node(ct)
+    matrix_before = _matrix(ct)
+    nodes_before = scene.GetNumberOfNodes()
+
+    volume, segmentation, weight_map = logic.insertNodules(
+        ct, str(gene_table), "S2", pointListNode=points, halfSlices=1, seed=3, weightsPath=str(weights),
+        device="cpu", outputWeightMap=True, scene=scene)
+
+    # New nodes in the scene, named after the input; the input node untouched, voxel for voxel.
+    assert scene.GetNumberOfNodes() > nodes_before
+    for node in (volume, segmentation, weight_map):
+        assert scene.GetNodeByID(node.GetID()) is node and node is not ct
+    assert volume.GetName() == f"{ct.GetName()} synthetic"
+    assert np.array_equal(adapter.array_from_volume_node(ct), before)
+    assert np.array_equal(_matrix(ct), matrix_before)
+    # Same geometry out as in.
+    after = adapter.array_from_volume_node(volume)
+    assert after.shape == before.shape and after.dtype == before.dtype
+    assert np.allclose(_matrix(volume), matrix_before) and np.allclose(_matrix(weight_map), matrix_before)
+    # Something was inserted, and only inside the patches of the requested slices.
+    requested = [k - 1, k, k + 1]
+    assert np.any(after != before)
+    assert _changed_outside_footprints(before, after, patient.geometry, [centre], [requested]) == 0
+    changed_slices = set(np.flatnonzero((after != before).any(axis=(1, 2))))
+    assert changed_slices <= set(requested)
+
+    # One segment, named and tagged; its voxels in the lung, on the requested slices only.
+    masks = _segment_masks(segmentation, ct)
+    assert list(masks) == ["Synthetic nodule 1"]
+    label = masks["Synthetic nodule 1"]
+    assert label.any()
+    assert set(np.flatnonzero(label.any(axis=(1, 2)))) <= set(requested)
+    _assert_in_lung(logic, weights, patient, label)
+    segment = segmentation.GetSegmentation().GetNthSegment(0)
+    assert _tag(segment, adapter.TAG_SYNTHETIC) == "true"
+    assert _tag(segment, adapter.TAG_MODEL) == "tiny.safetensors"
+    assert _tag(segment, adapter.TAG_GENE_SAMPLE) == "S2"
+    assert _tag(segment, adapter.TAG_SEED) == "3"
+    provenance = json.loads(_tag(segment, adapter.TAG_PROVENANCE))
+    assert provenance["gene_table"] == "genes.txt" and provenance["slices"] == [requested]
+    assert np.allclose(provenance["centres_ras"][0], centre, atol=1e-2)
+    assert np.allclose(logic.insertedCentres(segmentation)[0], centre, atol=1e-2)
+
+    # The weight map: in [0, 1], zero off the requested slices.
+    w = adapter.array_from_volume_node(weight_map)
+    assert w.dtype == np.float32 and w.min() >= 0.0 and w.max() <= 1.0 and w.max() > 0
+    assert not w[[s for s in range(w.shape[0]) if s not in requested]].any()
+
+
+def test_same_seed_same_nodule_and_blend_changes_it(logic, scene, ct, patient, weights, gene_table) -> None:
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    points.AddControlPoint(*_deep_lung_point(patient, _middle_lung_slice(patient)))
+    common = dict(pointListNode=points, halfSlices=0, seed=11, weightsPath=str(weights), device="cpu", scene=scene)
+    first = adapter.array_from_volume_node(logic.insertNodules(ct, str(gene_table), "S1", **common)[0])
+    second = adapter.array_from_volume_node(logic.insertNodules(ct, str(gene_table), "S1", **common)[0])
+    blended = adapter.array_from_volume_node(
+        logic.insertNodules(ct, str(gene_table), "S1", blendSampleId="S4", blendWeight=1.0, **common)[0])
+    assert np.array_equal(first, second)
+    assert not np.array_equal(first, blended)
+    assert logic.getInserter(str(weights), "cpu") is logic.getInserter(str(weights), "cpu")  # cached
+
+
+# --- the parameter node path the Widget uses ----------------------------------------------------------------
+def test_parameter_node_automatic_placement(module, logic, scene, ct, patient, weights, gene_table) -> None:
+    p = module.RadiogenomicGANParameterNode(
+        inputVolume=ct, useBundledWeights=False, weightsPath=Path(weights), device=module.Device.CPU,
+        geneTablePath=Path(gene_table), sampleId="S3", placement=module.Placement.AUTOMATIC, autoCount=2,
+        halfSlices=0, seed=4)
+    volume, segmentation, weight_map = logic.processParameterNode(p, scene=scene)
+    assert weight_map is None
+    assert p.outputVolume is volume and p.outputSegmentation is segmentation
+    masks = _segment_masks(segmentation, ct)
+    assert list(masks) == ["Synthetic nodule 1", "Synthetic nodule 2"]
+    for mask in masks.values():
+        assert mask.any() and np.count_nonzero(mask.any(axis=(1, 2))) == 1  # ±0 slices: exactly one slice
+        _assert_in_lung(logic, weights, patient, mask)
+    # A second Apply refills the same output nodes (the template's behaviour), never the input.
+    again = logic.processParameterNode(p, scene=scene)
+    assert again[0] is volume and again[1] is segmentation
+
+
+def test_parameter_node_slice_list(module, logic, scene, ct, patient, weights, gene_table) -> None:
+    k = _middle_lung_slice(patient)
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    points.AddControlPoint(*_deep_lung_point(patient, k))
+    p = module.RadiogenomicGANParameterNode(
+        inputVolume=ct, useBundledWeights=False, weightsPath=Path(weights), device=module.Device.CPU,
+        geneTablePath=Path(gene_table), sampleId="S1", pointList=points, sliceMode=module.SliceMode.LIST,
+        sliceList=f"{k - 2}, {k}", outputWeightMapEnabled=True)
+    before = adapter.array_from_volume_node(ct)
+    volume, segmentation, weight_map = logic.processParameterNode(p, scene=scene)
+    changed = set(np.flatnonzero((adapter.array_from_volume_node(volume) != before).any(axis=(1, 2))))
+    assert changed and changed <= {k - 2, k}
+    label = _segment_masks(segmentation, ct)["Synthetic nodule 1"]
+    assert set(np.flatnonzero(label.any(axis=(1, 2)))) <= {k - 2, k}
+    assert p.outputWeightMap is weight_map
+
+
+def test_parse_slice_list(module) -> None:
+    parse = module.RadiogenomicGANLogic.parseSliceList
+    assert parse("40, 41, 45-47") == [40, 41, 45, 46, 47]
+    assert parse("3 4") == [3, 4]
+    assert parse("1-2; 5") == [[1, 2], [5]]
+    assert parse("  ") is None
+    for bad in ("4-x", "7-3", "a", "1;;2"):
+        with pytest.raises(ValueError):
+            parse(bad)
+
+
+# --- refusals leave the scene as it was ------------------------------------------------------------------
+def test_bad_inputs_are_clear_errors_and_add_no_nodes(logic, scene, ct, patient, weights, gene_table) -> None:
+    common = dict(weightsPath=str(weights), device="cpu", scene=scene)
+    outside = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "outside")
+    outside.AddControlPoint(1.0e4, 0.0, 0.0)
+    empty = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "empty")
+    inside = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "inside")
+    inside.AddControlPoint(*_deep_lung_point(patient, _middle_lung_slice(patient)))
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    count = scene.GetNumberOfNodes()
+    cases = [
+        (InsertionError, "outside the volume", dict(inputVolumeNode=ct, sampleId="S1", pointListNode=outside)),
+        (InsertionError, "no points", dict(inputVolumeNode=ct, sampleId="S1", pointListNode=empty)),
+        (InsertionError, "point list", dict(inputVolumeNode=ct, sampleId="S1")),
+        (InsertionError, "scalar volume", dict(inputVolumeNode=labelmap, sampleId="S1", autoCount=1)),
+        (GeneTableError, "NOPE", dict(inputVolumeNode=ct, sampleId="NOPE", pointListNode=inside)),
+        (InsertionError, "out of range", dict(inputVolumeNode=ct, sampleId="S1", pointListNode=inside,
+                                              sliceList=[0, 999])),
+        (adapter.MRMLAdapterError, "input", dict(inputVolumeNode=ct, sampleId="S1", pointListNode=inside,
+                                                 outputVolumeNode=ct)),
+    ]
+    for error, message, arguments in cases:
+        with pytest.raises(error, match=message):
+            logic.insertNodules(geneTablePath=str(gene_table), **arguments, **common)
+        assert scene.GetNumberOfNodes() == count, f"a refused run ({message}) left nodes behind"
+
+
+def test_cancel_adds_no_nodes(logic, scene, ct, patient, weights, gene_table) -> None:
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    points.AddControlPoint(*_deep_lung_point(patient, _middle_lung_slice(patient)))
+    messages: list[str] = []
+
+    def progress(fraction: float, message: str) -> bool:
+        messages.append(message)
+        return fraction < 0.5  # the user presses Cancel half-way
+
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(InsertionCancelled):
+        logic.insertNodules(ct, str(gene_table), "S1", pointListNode=points, weightsPath=str(weights),
+                            device="cpu", progress=progress, scene=scene)
+    assert messages and scene.GetNumberOfNodes() == count
+
+
+# --- radiogenomic map ----------------------------------------------------------------------------------------
+def test_radiogenomic_map(logic, scene, weights, gene_table) -> None:
+    ids, codes, xy = logic.computeRadiogenomicMap(str(gene_table), str(weights), device="cpu")
+    assert ids == SAMPLES and codes.shape == (4, 8) and xy.shape == (4, 2) and np.isfinite(xy).all()
+    chart = logic.showRadiogenomicMap(str(gene_table), highlight=["S2", ""], weightsPath=str(weights),
+                                      device="cpu", scene=scene)
+    assert chart.GetNumberOfPlotSeriesNodes() == 2
+    assert chart.GetNthPlotSeriesNode(1).GetTableNode().GetCellText(0, 2) == "S2"
+
+
+def test_phantom_volume_node(logic, scene, patient) -> None:
+    node = logic.createPhantomVolume(scene, **PHANTOM)
+    assert np.array_equal(adapter.array_from_volume_node(node), patient.volume_hu)
+    assert np.allclose(_matrix(node), patient.geometry.ijk_to_ras)
+    assert node.GetAttribute("RadiogenomicGAN.PhantomPatient") == patient.patient_id
