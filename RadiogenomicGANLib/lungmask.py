@@ -55,19 +55,30 @@ def _factors(spacing: np.ndarray, target_mm: float) -> tuple[int, int, int]:
 
 
 def _block_mean(volume: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
-    """Mean over non-overlapping blocks (edge-padded to whole blocks), float32."""
+    """Mean over non-overlapping blocks (edge-padded to whole blocks), float32.
+
+    Summed by strided slices axis after axis: several times faster than a reduction over a 6-D reshape.
+    """
     if factors == (1, 1, 1):
         return np.asarray(volume, dtype=np.float32)
     pad = [(0, (-n) % f) for n, f in zip(volume.shape, factors)]
     if any(p[1] for p in pad):
         volume = np.pad(volume, pad, mode="edge")
-    k, j, i = (n // f for n, f in zip(volume.shape, factors))
-    fk, fj, fi = factors
-    blocks = volume.reshape(k, fk, j, fj, i, fi)
-    if volume.dtype.kind in "iub":
-        total = blocks.sum(axis=(1, 3, 5), dtype=np.int64 if volume.dtype.kind != "b" else np.int32)
-        return (total / float(fk * fj * fi)).astype(np.float32)
-    return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
+    # counts of a mask fit in small integers (cheaper to add); HU sums need floats
+    accumulate = np.uint8 if volume.dtype == bool and np.prod(factors) < 256 else np.float32
+    out: np.ndarray = volume
+    for axis in (2, 1, 0):  # the last axis first: the largest reduction on the contiguous data
+        f = factors[axis]
+        if f == 1:
+            continue
+        index = [slice(None)] * 3
+        index[axis] = slice(0, None, f)
+        total = out[tuple(index)].astype(accumulate)
+        for r in range(1, f):
+            index[axis] = slice(r, None, f)
+            total += out[tuple(index)]
+        out = total
+    return out.astype(np.float32) * np.float32(1.0 / (factors[0] * factors[1] * factors[2]))
 
 
 def _repeat(mask: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...]) -> np.ndarray:

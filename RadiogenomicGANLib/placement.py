@@ -20,7 +20,7 @@ from RadiogenomicGANLib.geometry import VolumeGeometry
 from RadiogenomicGANLib.lungmask import _block_mean, _check_spacing, _factors, boundary_distance_mm
 
 #: Masks up to this many voxels get one exact distance transform; larger ones go the coarse-then-exact route.
-EXACT_LIMIT_VOXELS = 4_000_000
+EXACT_LIMIT_VOXELS = 250_000
 _COARSE_MM = 3.0
 
 
@@ -132,8 +132,9 @@ def sample_lung_centres(
         block = _factors(spacing, _COARSE_MM)
         coarse_spacing = spacing * np.asarray(block)
         tolerance = float(np.linalg.norm(coarse_spacing))
-        coarse_region = _block_mean(region, block) > 0
-        padded = np.pad(_block_mean(region, block) >= 0.5, 1)
+        fraction = _block_mean(region, block)
+        coarse_region = fraction > 0
+        padded = np.pad(fraction >= 0.5, 1)
         coarse_distance = ndimage.distance_transform_edt(padded, sampling=coarse_spacing)[1:-1, 1:-1, 1:-1]
         valid = coarse_region & (coarse_distance >= min_mm - tolerance) & (coarse_distance <= max_mm + tolerance)
         if exclude_points is not None and exclude_points.size:
@@ -153,14 +154,15 @@ def sample_lung_centres(
             point = _fine_voxel(region, point, block, rng)
             if point is None:
                 continue
+        position = point * spacing
+        if chosen and np.min(np.linalg.norm(chosen_mm - position, axis=1)) < min_separation_mm:
+            continue  # the cheap test first
+        if block is not None:
+            if _excluded_near(exclude_points, point, margin):
+                continue
             distance_mm = local_distance_mm(region, spacing, point, max_mm)
             if not min_mm <= distance_mm <= max_mm:
                 continue
-            if _excluded_near(exclude_points, point, margin):
-                continue
-        position = point * spacing
-        if chosen and np.min(np.linalg.norm(chosen_mm - position, axis=1)) < min_separation_mm:
-            continue
         chosen.append(point)
         chosen_mm = np.vstack([chosen_mm, position])
         if len(chosen) == n:
