@@ -114,6 +114,7 @@ sample and seed) and, on request, the generator's fusion weight map. "Show radio
 t-SNE of the learned gene codes of every sample in the table.
 From the Python console: <code>slicer.util.getModuleLogic("RadiogenomicGAN").insertNodules(volumeNode,
 "genes.txt", "R01-001", autoCount=2)</code>.
+Needs Slicer 5.10 or later (Python 3.10+) and the PyTorch extension.
 See the <a href="{project}">project documentation</a>.
 """).format(paper=PAPER_URL, project=PROJECT_URL)
         self.parent.acknowledgementText = _("""
