@@ -151,3 +151,14 @@ def test_boundary_distance_is_in_millimetres() -> None:
     assert distance[0].max() == 0 and distance.dtype == np.float32
     full = np.ones((5, 5, 5), dtype=bool)  # the volume edge counts as boundary
     assert boundary_distance_mm(full, (1.0, 1.0, 1.0))[2, 2, 2] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("index", [0, 1, 3])
+def test_dice_against_the_phantom_lungs(index: int) -> None:
+    """The phantom's truth (lungs with vessels, intrapulmonary airways and the nodule) at a small matrix."""
+    from RadiogenomicGANLib.phantom import generate_patient
+
+    patient = generate_patient(index, 0, size_ij=96, n_genes=40)
+    mask = compute_lung_mask(patient.volume_hu, patient.geometry.spacing_kji)
+    assert dice(mask, patient.lung_mask) >= 0.95
+    assert mask[patient.nodule_mask].mean() >= 0.95
