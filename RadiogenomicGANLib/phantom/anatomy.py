@@ -336,13 +336,12 @@ def build_chest(grid: Grid, p: ChestParams, rng: np.random.Generator) -> Chest:
     # Lungs: evaluated only on the slices that can hold lung.
     side = np.zeros((K, J, I), np.int8)
     lung_k = np.flatnonzero((t1[:, 0] > -0.01) & (t1[:, 0] < 1.0))
+    field_fn = lung_field(p)
+    x32, y32 = grid.x[None, None, :].astype(np.float32), grid.y[None, :, None].astype(np.float32)
     if lung_k.size:
-        ks = slice(lung_k[0], lung_k[-1] + 1)
-        side[ks] = lung_field(p)(
-            grid.x[None, None, :].astype(np.float32),
-            grid.y[None, :, None].astype(np.float32),
-            grid.z[ks, None, None].astype(np.float32),
-        )
+        for k0 in range(lung_k[0], lung_k[-1] + 1, 24):  # slabs: bounded float temporaries at 512²
+            ks = slice(k0, min(k0 + 24, lung_k[-1] + 1))
+            side[ks] = field_fn(x32, y32, grid.z[ks, None, None].astype(np.float32))
     lung = side > 0
     labels[lung] = LUNG
     # Abdomen under the diaphragm domes: the cavity's soft tissue in the lowest slices (mediastinum above).
@@ -354,14 +353,17 @@ def build_chest(grid: Grid, p: ChestParams, rng: np.random.Generator) -> Chest:
     hu = TISSUE_HU[labels]
     # Gravity-dependent lung density (denser posteriorly) + a slow separable texture (cheap, smooth).
     grad = (p.lung_gradient * np.clip((grid.y - p.by + b_c) / (2.0 * b_c), 0.0, 1.0)).astype(np.float32)
-    field = np.broadcast_to(grad[None, :, None], (K, J, I)).copy()
-    for _ in range(3):
-        field += (
-            _smooth_1d(rng, K, 20.0 / grid.dz)[:, None, None]
-            * _smooth_1d(rng, J, 20.0 / grid.dx)[None, :, None]
-            * (9.0 * _smooth_1d(rng, I, 20.0 / grid.dx))[None, None, :]
+    profiles = [
+        (
+            _smooth_1d(rng, K, 20.0 / grid.dz),
+            _smooth_1d(rng, J, 20.0 / grid.dx),
+            9.0 * _smooth_1d(rng, I, 20.0 / grid.dx),
         )
-    hu[lung] += field[lung]
+        for _ in range(3)
+    ]
+    for k in np.flatnonzero(lung.any(axis=(1, 2))):  # slice by slice: no full-volume float temporaries
+        field = grad[:, None] + sum(a[k] * np.outer(b, c) for a, b, c in profiles)
+        hu[k][lung[k]] += field[lung[k]]
 
     # --- airways: trachea above the carina, main bronchi to each hilum ---------------------------------
     y_tr = y_vb - p.vertebra_r - p.trachea_r - 10.0 * s
@@ -404,11 +406,10 @@ def build_chest(grid: Grid, p: ChestParams, rng: np.random.Generator) -> Chest:
         vessel_segments += grow_tree(entry, trunks, 30.0 * s, 4.5 * s, 7, inside, rng, min_radius=0.6)
         airway_dirs = [trunks[0], trunks[2], trunks[3]]
         bronchus_segments += grow_tree(entry, airway_dirs, 28.0 * s, 3.5 * s, 3, inside, rng, min_radius=1.2)
-    lung_f = lung.astype(np.float32)
-    paint_capsules(hu, grid, vessel_segments, 40.0, restrict=lung_f)
+    paint_capsules(hu, grid, vessel_segments, 40.0, restrict=lung)
     bronchus_wall = [(a, b, r0 + 1.2, r1 + 1.2) for a, b, r0, r1 in bronchus_segments]
-    paint_capsules(hu, grid, bronchus_wall, 0.0, restrict=lung_f)
-    paint_capsules(hu, grid, bronchus_segments, -1000.0, restrict=lung_f)
+    paint_capsules(hu, grid, bronchus_wall, 0.0, restrict=lung)
+    paint_capsules(hu, grid, bronchus_segments, -1000.0, restrict=lung)
 
     body = np.broadcast_to(body2d, (K, J, I)).copy()
     return Chest(

@@ -8,7 +8,7 @@ The gene → phenotype map (the phantom's ground truth; ``ε`` are independent N
   (−750…−600 HU, drawn) outside a solid core (0…60 HU, drawn) holding that fraction of the volume
 - module 3 → margin:     ``margin_blur_mm = 0.3 + 2.4·σ(2·(a3 + 0.25ε))`` (width of the soft edge) and
   ``spiculation = σ(2.5·(a3 + 0.25ε'))`` → ``round(14·spiculation)`` spicules of 3–9 mm
-- module 4 → lobulation: ``lobulation = σ(2.5·(a4 + 0.25ε))`` → radial bumps of amplitude 0.3·lobulation
+- module 4 → lobulation: ``lobulation = σ(2.5·(a4 + 0.25ε))`` → 4–8 radial bumps of relative height 0.35·lobulation
 
 Nuisance only (no module): elongation and orientation, the drawn HU values, lobe count and directions,
 spicule directions, and the position in the lung. Modules beyond the fourth drive genes only.
@@ -85,7 +85,7 @@ def make_shape(phenotype: dict[str, float], rng: np.random.Generator, spicule_sc
     e = phenotype["elongation"]
     axes = np.array([e, 1.0, 1.0 / e]) ** (2.0 / 3.0)
     axes /= np.prod(axes) ** (1.0 / 3.0)
-    n_lobes = int(rng.integers(3, 7))
+    n_lobes = int(rng.integers(4, 9))
     n_spic = round(14 * phenotype["spiculation"])
     return NoduleShape(
         centre=np.zeros(3),
@@ -94,7 +94,7 @@ def make_shape(phenotype: dict[str, float], rng: np.random.Generator, spicule_sc
         rotation=_random_rotation(rng),
         lobe_dirs=_unit(rng.standard_normal((n_lobes, 3))),
         lobe_weights=rng.uniform(0.6, 1.0, n_lobes),
-        lobe_amplitude=0.3 * phenotype["lobulation"],
+        lobe_amplitude=0.35 * phenotype["lobulation"],
         spicule_dirs=_unit(rng.standard_normal((n_spic, 3))) if n_spic else np.zeros((0, 3)),
         spicule_lengths=spicule_scale * rng.uniform(3.0, 3.0 + 6.0 * phenotype["spiculation"], n_spic),
         blur=phenotype["margin_blur_mm"],
@@ -106,7 +106,7 @@ def make_shape(phenotype: dict[str, float], rng: np.random.Generator, spicule_sc
 
 def _surface_radius(shape: NoduleShape, u: np.ndarray) -> np.ndarray:
     """Radius of the lobulated surface along unit directions u (…,3) in the nodule's own frame."""
-    kappa = 5.0
+    kappa = 8.0
     mean_bump = (1.0 - np.exp(-2.0 * kappa)) / (2.0 * kappa)  # mean of exp(κ(u·v−1)) over the sphere
     bumps = np.zeros(u.shape[:-1], np.float32)
     for v, w in zip(shape.lobe_dirs, shape.lobe_weights):

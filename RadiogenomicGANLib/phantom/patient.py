@@ -146,10 +146,15 @@ def generate_patient(
     # --- noise, padding, integer HU ----------------------------------------------------------------
     sigma = float(noise_sd if noise_sd is not None else rng_noise.uniform(20.0, 40.0))
     hu = chest.hu
-    hu += rng_noise.standard_normal(hu.shape, dtype=np.float32) * np.float32(sigma)
+    for k0 in range(0, hu.shape[0], 16):  # slabs keep the peak memory of 512² volumes low
+        slab = hu[k0 : k0 + 16]
+        slab += rng_noise.standard_normal(slab.shape, dtype=np.float32) * np.float32(sigma)
     if params.padding_hu is not None:
         hu[:, ~chest.fov_mask] = params.padding_hu
-    volume = np.clip(np.rint(hu), -3024, 3071).astype(np.int16)
+    np.rint(hu, out=hu)
+    np.clip(hu, -3024, 3071, out=hu)
+    volume = hu.astype(np.int16)
+    del hu, chest.hu
 
     voxel_mm3 = dx * dx * dz
     phenotype = dict(phenotype)
