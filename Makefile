@@ -24,5 +24,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# The main job on the bundled demo model: phantom CT, three donors, nodules, segmentations, panel, map.
+demo: $(STAMP)
+	$(PY) -m RadiogenomicGANLib.demo --out demo_output
+
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

@@ -1,0 +1,356 @@
+"""`make demo`: the main job on the embedded default, from a fresh clone, in well under 3 minutes on 2 cores.
+
+1. A phantom chest CT is generated in memory and written to `demo_output/phantom_ct.nrrd`.
+2. The bundled demo model (`Resources/demo_model.safetensors`) is loaded. Without it the demo stops with a
+   clear message: a randomly initialised model draws no nodules, and a demo that silently shows noise would
+   mislead (`--random-model` exists for developing the demo itself and says so loudly on every output).
+3. A small phantom cohort's gene table is written (`phantom_genes.txt`, GEO format); three donors of
+   different true gene-module classes are picked from it.
+4. Nodule locations are chosen automatically in the lung (5–25 mm from the pleura, away from the phantom's
+   own nodule); the same locations and seed are used for every donor, so only the genes differ.
+5. For each donor: the new CT, its `.seg.nrrd` and the fusion weight map are written; then a PNG panel
+   (background, the three results, masks, weight maps) and the radiogenomic map (t-SNE of the cohort's gene
+   codes φ(g), donors highlighted) are drawn.
+
+The phantom cohort must be the one the demo model was trained on (its gene names): the cohort seed is read
+from the weights' provenance (`phantom_seed`, else 0) and can be overridden with `--cohort-seed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "Resources" / "demo_model.safetensors"
+DISPLAY_WINDOW = (-1350.0, 150.0)  # lung window W1500 / L−600
+CROP_MM = 70.0
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run as asked (e.g. the bundled model is missing); the message says what to do."""
+
+
+@dataclass
+class Donor:
+    sample_id: str
+    module_class: int
+    profile: np.ndarray
+
+
+# --- inputs ---------------------------------------------------------------------------------------------
+def load_model(weights: Path | None, random_model: bool, device: str) -> tuple[Any, str]:
+    """The inserter and a one-line description; refuses to run on a missing model unless asked to."""
+    from RadiogenomicGANLib.insertion import NoduleInserter
+
+    if random_model:
+        return None, "RANDOMLY INITIALISED (no trained weights)"
+    path = weights or DEFAULT_WEIGHTS
+    if not path.exists():
+        raise DemoError(
+            f"the bundled demo model {path} is not there. It is trained on the phantom cohort and exported by the "
+            "project (see the README: `make demo-weights`); pass --weights FILE.safetensors to use another "
+            "model. (--random-model runs the pipeline with an untrained network, for development only.)"
+        )
+    inserter = NoduleInserter.from_weights(path, device=device)
+    return inserter, f"{path.name} ({inserter.kind}, sha256 {str(inserter.weights_sha256)[:12]}…)"
+
+
+def random_inserter(gene_names: list[str], device: str) -> Any:
+    """An untrained proposed generator for the demo's own development (draws no meaningful nodule)."""
+    import torch
+
+    from RadiogenomicGANLib.insertion import NoduleInserter
+    from RadiogenomicGANLib.networks import GeneratorConfig, build_generator
+    from RadiogenomicGANLib.weights import WeightsMetadata
+
+    config = GeneratorConfig(num_genes=len(gene_names))
+    torch.manual_seed(0)
+    metadata = WeightsMetadata(
+        config=config, gene_names=list(gene_names), gene_means=np.zeros(len(gene_names), np.float32),
+        gene_stds=np.ones(len(gene_names), np.float32), patch_size=config.patch_size,
+        patch_spacing_mm=60.0 / config.patch_size, provenance={"note": "random, untrained"},
+    )
+    return NoduleInserter(build_generator(config).eval(), metadata, device)
+
+
+def cohort_genes(seed: int, patients: int, n_genes: int) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(gene names, sample ids, FPKM (G, S), true module class (S,)) of phantom patients 0…S−1 — genes only."""
+    from RadiogenomicGANLib.phantom.genomics import draw_module_activations, gene_model, gene_profile
+    from RadiogenomicGANLib.phantom.patient import patient_id_for
+
+    model = gene_model(seed, n_genes)
+    columns, classes = [], []
+    for index in range(patients):
+        module_class, activations = draw_module_activations(index, seed)
+        columns.append(gene_profile(model, activations, index, seed))
+        classes.append(module_class)
+    ids = [patient_id_for(i) for i in range(patients)]
+    return list(model.gene_names), ids, np.stack(columns, axis=1), np.asarray(classes)
+
+
+def pick_donors(ids: list[str], classes: np.ndarray, count: int = 3) -> list[int]:
+    """The first patient of each of `count` different classes."""
+    chosen: list[int] = []
+    seen: set[int] = set()
+    for index, module_class in enumerate(classes):
+        if int(module_class) not in seen:
+            seen.add(int(module_class))
+            chosen.append(index)
+        if len(chosen) == count:
+            return chosen
+    raise DemoError(f"the phantom cohort has fewer than {count} gene-module classes")
+
+
+# --- figures --------------------------------------------------------------------------------------------
+def _crop(volume: np.ndarray, geometry: Any, centre: np.ndarray, k: int, size_px: int = 96) -> np.ndarray:
+    from RadiogenomicGANLib.patches import extract_patch
+
+    return extract_patch(volume.astype(np.float32), geometry, centre, k, size_px, CROP_MM / size_px, order=1,
+                         fill=0.0)
+
+
+def draw_panel(path: Path, background: np.ndarray, geometry: Any, lung: np.ndarray, centre: np.ndarray, k: int,
+               results: list[Any], donors: list[Donor], title: str) -> None:
+    """Rows: CT crops (background, three donors), nodule masks, fusion weight maps; plus the full slice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    columns = 1 + len(results)
+    figure, axes = plt.subplots(3, columns + 1, figsize=(3.0 * (columns + 1), 9.6), layout="constrained")
+    low, high = DISPLAY_WINDOW
+    full = axes[0, 0]
+    full.imshow(background[k], cmap="gray", vmin=low, vmax=high)
+    kji = geometry.ras_to_kji([centre])[0]
+    half_vox = CROP_MM / 2 / geometry.spacing[:2]
+    full.add_patch(Rectangle((kji[2] - half_vox[0], kji[1] - half_vox[1]), 2 * half_vox[0], 2 * half_vox[1],
+                             fill=False, edgecolor="orange", linewidth=1.2))
+    full.set_title(f"phantom CT, slice {k}\n(box = the crops)", fontsize=9)
+    axes[1, 0].imshow(lung[k], cmap="Blues")
+    axes[1, 0].set_title("lung mask (placement region)", fontsize=9)
+    axes[2, 0].axis("off")
+    axes[2, 0].text(0.0, 0.5, title, fontsize=8, va="center", transform=axes[2, 0].transAxes)
+    crops = [_crop(background, geometry, centre, k)] + [_crop(r.volume_hu, geometry, centre, k) for r in results]
+    labels = [None] + [_crop((r.label > 0).astype(np.float32), geometry, centre, k) for r in results]
+    weights = [None] + [_crop(r.weight_map, geometry, centre, k) if r.weight_map is not None else None
+                        for r in results]
+    names = ["background"] + [f"{d.sample_id} (class {d.module_class})" for d in donors]
+    for column in range(columns):
+        ax_ct, ax_mask, ax_w = axes[0, column + 1], axes[1, column + 1], axes[2, column + 1]
+        ax_ct.imshow(crops[column], cmap="gray", vmin=low, vmax=high)
+        ax_ct.set_title(names[column], fontsize=9)
+        ax_mask.imshow(crops[column], cmap="gray", vmin=low, vmax=high)
+        if labels[column] is not None:
+            ax_mask.contour(labels[column], levels=[0.5], colors=["orange"], linewidths=1.0)
+            ax_mask.set_title("synthetic nodule label", fontsize=9)
+        else:
+            ax_mask.set_title("(no nodule)", fontsize=9)
+        if weights[column] is not None:
+            shown = ax_w.imshow(weights[column], cmap="magma", vmin=0.0, vmax=1.0)
+            ax_w.set_title("fusion weight map W", fontsize=9)
+        else:
+            ax_w.imshow(np.zeros_like(crops[column]), cmap="magma", vmin=0.0, vmax=1.0)
+            ax_w.set_title("(no weight map)", fontsize=9)
+    for axis in axes.ravel():
+        axis.set_xticks([])
+        axis.set_yticks([])
+    if any(w is not None for w in weights):
+        figure.colorbar(shown, ax=axes[2, -1], shrink=0.9, label="W")
+    figure.suptitle(f"RadiogenomicGAN demo — {CROP_MM:.0f} mm crops, patient left on the right of each crop "
+                    "(radiological view)", fontsize=11)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def draw_map(path: Path, codes: np.ndarray, classes: np.ndarray, ids: list[str], donors: list[int],
+             title: str) -> None:
+    """t-SNE of φ(g) for the cohort, coloured by true module class, donors highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(15, max(2, (len(codes) - 1) // 3)))
+    embedded = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0).fit_transform(codes)
+    figure, axis = plt.subplots(figsize=(6.4, 5.6))
+    for module_class in np.unique(classes):
+        chosen = classes == module_class
+        axis.scatter(embedded[chosen, 0], embedded[chosen, 1], s=22, alpha=0.75, label=f"class {module_class}")
+    for index in donors:
+        axis.scatter(embedded[index, 0], embedded[index, 1], s=220, facecolors="none", edgecolors="black",
+                     linewidths=2.0)
+        axis.annotate(ids[index], embedded[index], textcoords="offset points", xytext=(8, 8), fontsize=9,
+                      weight="bold")
+    axis.set_title(title, fontsize=10)
+    axis.set_xlabel("t-SNE 1")
+    axis.set_ylabel("t-SNE 2")
+    axis.legend(title="true module class", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# --- the job --------------------------------------------------------------------------------------------
+def run(out: Path, *, weights: Path | None = None, random_model: bool = False, cohort_seed: int | None = None,
+        cohort_size: int = 48, nodules: int = 1, half_slices: int = 2, seed: int = 0, size: int = 256,
+        device: str = "auto") -> dict[str, Path]:
+    """Run the demo into `out`; returns the written files by role."""
+    import torch
+    from scipy import ndimage
+
+    from RadiogenomicGANLib import genes as gene_io
+    from RadiogenomicGANLib import volume_io
+    from RadiogenomicGANLib.phantom import generate_patient
+    from RadiogenomicGANLib.phantom.writers import write_geo_table
+
+    started = time.perf_counter()
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    inserter, model_text = load_model(weights, random_model, device)
+    provenance = inserter.metadata.provenance if inserter is not None else {}
+    seed_cohort = int(cohort_seed if cohort_seed is not None else provenance.get("phantom_seed", 0))
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    warning = ""
+    if random_model:
+        warning = "UNTRAINED RANDOM MODEL — nodules and map are meaningless"
+        print(f"\n{'!' * 78}\nWARNING: {warning}.\nThis mode only exercises the pipeline. "
+              f"Use the bundled model (drop --random-model).\n{'!' * 78}\n", file=sys.stderr)
+
+    # 1. the phantom gene table (cohort) and the donors
+    n_genes = len(inserter.metadata.gene_names) if inserter is not None else 5172
+    gene_names, ids, fpkm, classes = cohort_genes(seed_cohort, cohort_size, n_genes)
+    table_path = out / "phantom_genes.txt"
+    write_geo_table(table_path, gene_names, ids, fpkm)
+    written["gene table"] = table_path
+    table = gene_io.read_gene_table(table_path)
+    if inserter is None:
+        complete = [g for g, row in zip(gene_names, fpkm) if np.isfinite(row).all() and not g.startswith("_")]
+        inserter = random_inserter(complete, device)
+    metadata = inserter.metadata
+    present = len(set(metadata.gene_names) & set(gene_names))
+    if present < 0.9 * len(metadata.gene_names):
+        raise DemoError(
+            f"only {present} of the model's {len(metadata.gene_names)} genes are in the phantom cohort of seed "
+            f"{seed_cohort}; the demo model must be trained on that cohort (pass --cohort-seed S if it was another)"
+        )
+    donors_index = pick_donors(ids, classes)
+    donors = [
+        Donor(ids[i], int(classes[i]), gene_io.profile_for_model(
+            table, ids[i], metadata.gene_names, metadata.gene_means, metadata.gene_stds, impute=True))
+        for i in donors_index
+    ]
+    print(f"model: {model_text}; cohort seed {seed_cohort}, donors "
+          + ", ".join(f"{d.sample_id} (class {d.module_class})" for d in donors))
+
+    # 2. the CT (a patient outside the cohort), written as NRRD
+    patient = generate_patient(cohort_size + 7, seed_cohort + 1000, size_ij=size, n_genes=64)
+    volume, geometry = patient.volume_hu, patient.geometry
+    ct_path = volume_io.write_volume(out / "phantom_ct.nrrd", volume, geometry)
+    written["phantom CT"] = ct_path
+
+    # 3. placement: automatic, in the lung, away from the phantom's own nodule; the same for every donor
+    lung = inserter.lung_mask(volume, geometry)
+    keep_out = ndimage.binary_dilation(patient.nodule_mask, iterations=max(1, round(15 / geometry.spacing[0])))
+    placement_lung = lung & ~keep_out
+    first = inserter.insert(volume, geometry, donors[0].profile, auto_count=nodules, half_slices=half_slices,
+                            seed=seed, lung_mask=placement_lung, return_weight_map=True,
+                            gene_sample=donors[0].sample_id)
+    centres, slices = first.centres_ras, first.slices
+
+    # 4. one result per donor
+    results = [first]
+    for donor in donors[1:]:
+        results.append(inserter.insert(volume, geometry, donor.profile, centres, slices=slices, seed=seed,
+                                       lung_mask=lung, return_weight_map=True,
+                                       gene_sample=donor.sample_id))
+    for donor, result in zip(donors, results):
+        stem = f"nodule_{donor.sample_id}"
+        metadata_text = {"RadiogenomicGAN_Synthetic": "true", "RadiogenomicGAN_GeneSample": donor.sample_id}
+        written[f"{donor.sample_id} CT"] = volume_io.write_volume(out / f"{stem}.nrrd", result.volume_hu, geometry,
+                                                                  metadata=metadata_text)
+        segments = volume_io.nodule_segments(len(centres), result.provenance)
+        written[f"{donor.sample_id} segmentation"] = volume_io.write_segmentation(
+            out / f"{stem}.seg.nrrd", result.label, geometry, segments)
+        if result.weight_map is not None:
+            written[f"{donor.sample_id} weight map"] = volume_io.write_volume(
+                out / f"{stem}_weightmap.nrrd", result.weight_map, geometry)
+
+    # 5. figures
+    k = slices[0][len(slices[0]) // 2]
+    title = "\n".join([
+        "model:", *textwrap.wrap(model_text, 34), f"seed {seed}, {len(slices[0])} slices per nodule",
+        f"centre RAS ({centres[0][0]:.0f}, {centres[0][1]:.0f}, {centres[0][2]:.0f}) mm",
+        *textwrap.wrap(warning, 34),
+    ])
+    panel = out / "demo_panel.png"
+    draw_panel(panel, volume, geometry, lung, centres[0], k, results, donors, title)
+    written["panel"] = panel
+    codes = _gene_codes(inserter, table, ids, metadata)
+    if codes is not None:
+        radiomap = out / "radiogenomic_map.png"
+        map_title = f"Radiogenomic map: t-SNE of φ(g), phantom cohort ({len(ids)} patients)" + (
+            f"\n{warning}" if warning else "")
+        draw_map(radiomap, codes, classes, ids, donors_index, map_title)
+        written["radiogenomic map"] = radiomap
+    print(f"\nDemo finished in {time.perf_counter() - started:.1f} s. Files in {out}/:")
+    for role, path in written.items():
+        print(f"  {role:<26} {path}")
+    print("Open the CTs with their .seg.nrrd in 3D Slicer (drag and drop) to browse the synthetic nodules.")
+    return written
+
+
+def _gene_codes(inserter: Any, table: Any, ids: list[str], metadata: Any) -> np.ndarray | None:
+    """φ(g) of every cohort patient (None for the inpainting baseline, which has no gene code)."""
+    import torch
+
+    from RadiogenomicGANLib import genes as gene_io
+
+    encode = getattr(inserter.generator, "encode_genes", None)
+    if encode is None:
+        return None
+    profiles = np.stack([
+        gene_io.profile_for_model(table, sample, metadata.gene_names, metadata.gene_means, metadata.gene_stds,
+                                  impute=True)
+        for sample in ids
+    ])
+    with torch.no_grad():
+        return encode(torch.from_numpy(profiles).to(inserter.device)).float().cpu().numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m RadiogenomicGANLib.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (demo_output)")
+    parser.add_argument("--weights", type=Path, default=None, help="weights (default: the bundled demo model)")
+    parser.add_argument("--random-model", action="store_true",
+                        help="DEVELOPMENT ONLY: an untrained network instead of the bundled model")
+    parser.add_argument("--cohort-seed", type=int, default=None,
+                        help="phantom cohort seed of the model's training data (default: from its provenance, else 0)")
+    parser.add_argument("--nodules", type=int, default=1, help="nodules per CT (default 1)")
+    parser.add_argument("--half-slices", type=int, default=2, help="±K slices per nodule (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="placement and noise seed (default 0)")
+    parser.add_argument("--size", type=int, default=256, help="phantom in-plane matrix (default 256)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    args = parser.parse_args(argv)
+    from RadiogenomicGANLib.insertion import InsertionError
+
+    try:
+        run(args.out, weights=args.weights, random_model=args.random_model, cohort_seed=args.cohort_seed,
+            nodules=args.nodules, half_slices=args.half_slices, seed=args.seed, size=args.size, device=args.device)
+    except (DemoError, InsertionError) as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
