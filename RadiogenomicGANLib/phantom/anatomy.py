@@ -303,7 +303,9 @@ def build_chest(grid: Grid, p: ChestParams, rng: np.random.Generator) -> Chest:
     table2d = np.zeros((J, I), bool)
     if p.table:
         y_top = p.body_b + 3.0
-        table2d = (np.abs(Y - y_top - 4.5) < 4.5) & (np.abs(X) < 0.95 * p.fov_radius)
+        # The top board spans the whole image width: without padding it splits the outside air in two
+        # (the classical "flood from one corner" lung-mask pitfall).
+        table2d = (np.abs(Y - y_top - 4.5) < 4.5) & np.ones_like(X, dtype=bool)
         table2d |= (np.abs(Y - y_top - 28.5) < 3.5) & (np.abs(X) < 0.7 * p.fov_radius)
         label2d[table2d & ~body2d] = TABLE
     xf = grid.x[None, :]
