@@ -1,0 +1,251 @@
+"""Every evaluation metric against hand-computed values on tiny arrays (training/metrics.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage, stats
+from skimage.metrics import structural_similarity
+
+from training import metrics as M
+
+# --- MSE, PSNR, intensity scaling ----------------------------------------------------------------------------
+
+
+def test_mse_whole_and_masked():
+    a = np.array([[0.0, 1.0], [1.0, 0.0]])
+    b = np.zeros((2, 2))
+    assert M.mse(a, b) == pytest.approx(0.5)
+    assert M.mse(a, b, np.array([[True, False], [False, False]])) == 0.0
+    assert M.mse(a, b, np.array([[False, True], [True, True]])) == pytest.approx(2 / 3)
+    assert math.isnan(M.mse(a, b, np.zeros((2, 2), bool)))
+    with pytest.raises(ValueError):
+        M.mse(a, np.zeros((3, 3)))
+
+
+def test_psnr_known_pair_cap_and_empty_region():
+    a, b = np.full((4, 4), 0.5), np.full((4, 4), 0.6)       # MSE 0.01 → 10·log10(1/0.01) = 20 dB
+    assert M.psnr(a, b) == pytest.approx(20.0)
+    assert M.psnr(a, b, data_range=2.0) == pytest.approx(20.0 + 20 * math.log10(2))
+    assert M.psnr(a, a) == M.PSNR_CAP_DB
+    assert math.isnan(M.psnr(a, b, np.zeros((4, 4), bool)))
+
+
+def test_image_scores_map_network_range_to_unit_range():
+    black, white = np.full((16, 16), -1.0), np.full((16, 16), 1.0)  # [0,1]: 0 vs 1
+    scores = M.image_scores(black, white)
+    assert scores["mse"] == pytest.approx(1.0)
+    assert scores["psnr"] == pytest.approx(0.0)
+    assert M.to_unit_range(np.array([-1.0, 0.0, 1.0])).tolist() == [0.0, 0.5, 1.0]
+
+
+# --- SSIM ------------------------------------------------------------------------------------------------------
+
+
+def _skimage_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    return structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+
+
+@pytest.mark.parametrize("shape", [(32, 40), (64, 64)])
+def test_ssim_matches_skimage_on_full_images(shape):
+    rng = np.random.default_rng(1)
+    a = ndimage.gaussian_filter(rng.random(shape), 1.0)
+    b = np.clip(a + 0.05 * rng.standard_normal(shape), 0, 1)
+    assert M.ssim(a, b) == pytest.approx(_skimage_ssim(a, b), abs=1e-10)
+    assert M.ssim_window_radius() == 5                              # 11×11 window
+
+
+def test_ssim_constant_images_by_hand():
+    c = np.full((20, 20), 0.3)
+    assert M.ssim(c, c) == pytest.approx(1.0)
+    # constant images: variances and covariance 0, so SSIM = (2·μa·μb + C1) / (μa² + μb² + C1)
+    c1 = (0.01 * 1.0) ** 2
+    expected = (2 * 0.3 * 0.4 + c1) / (0.3**2 + 0.4**2 + c1)
+    assert M.ssim(c, c + 0.1) == pytest.approx(expected)
+    assert M.ssim(c, c + 0.1, np.ones((20, 20), bool)) == pytest.approx(expected)   # masked variant, same map
+
+
+def test_masked_ssim_only_averages_the_region():
+    rng = np.random.default_rng(2)
+    a = rng.random((32, 32))
+    b = a.copy()
+    b[:, 16:] = rng.random((32, 16))                             # right half differs
+    left = np.zeros((32, 32), bool)
+    left[:, :11] = True                                          # its 11×11 windows never reach column 16
+    assert M.ssim(a, b, left) == pytest.approx(1.0)
+    right = ~left
+    assert M.ssim(a, b, right) < 0.6
+    local = M.ssim_map(a, b)
+    assert M.ssim(a, b, right) == pytest.approx(local[right].mean())
+    assert math.isnan(M.ssim(a, b, np.zeros((32, 32), bool)))
+
+
+# --- masks and nodule measures ---------------------------------------------------------------------------------
+
+
+def _disc_mask(size: int, radius: float, centre: tuple[float, float] | None = None) -> np.ndarray:
+    cy, cx = centre if centre is not None else ((size - 1) / 2, (size - 1) / 2)
+    yy, xx = np.mgrid[0:size, 0:size]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+
+
+def test_equivalent_diameter_of_a_drawn_disc():
+    mask = _disc_mask(64, 10.0)
+    spacing = 0.5
+    area_mm2 = mask.sum() * spacing**2
+    assert M.equivalent_diameter_mm(mask, spacing) == pytest.approx(2 * math.sqrt(area_mm2 / math.pi))
+    assert M.equivalent_diameter_mm(mask, spacing) == pytest.approx(10.0, rel=0.02)   # 2 · 10 px · 0.5 mm
+    assert M.equivalent_diameter_mm(np.zeros((8, 8), bool), 1.0) == 0.0
+
+
+def test_margin_gradient_of_a_square_step_by_hand():
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 5:15] = True
+    image = mask.astype(float)
+    # band = 40 pixels just outside (|∇| = 0.5 by central differences) + the 36-pixel inner ring
+    # (32 edge pixels at 0.5, 4 corners at |(0.5, 0.5)| = √0.5)
+    expected = (72 * 0.5 + 4 * math.sqrt(0.5)) / 76
+    assert M.boundary_band(mask).sum() == 76
+    assert M.margin_gradient(image, mask) == pytest.approx(expected)
+    assert M.margin_gradient(image, mask, spacing_mm=2.0) == pytest.approx(expected / 2)
+    # contrast = 1 (inside 1, ring outside 0): sharpness equals the gradient; ×100 HU scales both equally
+    assert M.margin_sharpness(image, mask) == pytest.approx(expected)
+    assert M.margin_sharpness(100 * image - 800, mask) == pytest.approx(expected)
+
+
+def test_margin_sharpness_of_a_step_beats_a_blurred_step():
+    mask = _disc_mask(48, 10.0)
+    step = np.where(mask, 40.0, -850.0)
+    blurred = ndimage.gaussian_filter(step, 2.0)
+    faint = np.where(mask, -700.0, -850.0)                        # same sharp edge, ground-glass contrast
+    assert M.margin_gradient(step, mask) > 2 * M.margin_gradient(blurred, mask)
+    assert M.margin_sharpness(step, mask) > 2 * M.margin_sharpness(blurred, mask)
+    # the contrast normalisation makes sharpness about the edge, not the density
+    assert M.margin_sharpness(faint, mask) == pytest.approx(M.margin_sharpness(step, mask))
+    assert M.margin_gradient(faint, mask) < M.margin_gradient(step, mask) / 5
+    assert math.isnan(M.margin_sharpness(step, np.zeros_like(mask)))
+
+
+def test_compactness_orders_shapes():
+    disc = _disc_mask(64, 15.0)
+    square = np.zeros((64, 64), bool)
+    square[17:47, 17:47] = True
+    angle = np.arctan2(*np.mgrid[-32:32, -32:32])
+    lobed = np.hypot(*np.mgrid[-32:32, -32:32]) <= 15 * (1 + 0.35 * np.cos(6 * angle))
+    c_disc, c_square, c_lobed = M.compactness(disc), M.compactness(square), M.compactness(lobed)
+    assert c_disc == pytest.approx(1.0, abs=0.1)
+    assert c_square == pytest.approx(math.pi / 4, abs=0.08)
+    assert c_disc > c_square > c_lobed
+    assert math.isnan(M.compactness(np.zeros((8, 8), bool)))
+
+
+def test_largest_component_and_dilation():
+    mask = np.zeros((20, 20), bool)
+    mask[2:4, 2:4] = True                     # 4 px speck
+    mask[10:16, 10:16] = True                 # 36 px nodule
+    assert M.largest_component(mask).sum() == 36
+    point = np.zeros((9, 9), bool)
+    point[4, 4] = True
+    assert M.dilate(point, 2).sum() == 13     # disc of radius 2: 13 pixels
+    assert M.erode(M.dilate(point, 2), 2).sum() == 1
+
+
+def test_nodule_features_by_hand_and_empty():
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 5:15] = True
+    image = np.where(mask, 0.0, -800.0)
+    image[5, 5] = 100.0
+    f = M.nodule_features(image, mask, 0.5)
+    assert f["area_mm2"] == pytest.approx(100 * 0.25)
+    assert f["mean_hu"] == pytest.approx(100.0 / 100)
+    assert f["std_hu"] == pytest.approx(np.std(np.r_[100.0, np.zeros(99)]))
+    assert set(M.NODULE_FEATURES) <= set(f)
+    empty = M.nodule_features(image, np.zeros_like(mask), 0.5)
+    assert empty["diameter_mm"] == 0.0 and math.isnan(empty["mean_hu"])
+
+
+def test_patient_features_take_the_largest_slice_for_size():
+    masks = np.stack([_disc_mask(32, 3.0), _disc_mask(32, 8.0)])
+    images = np.where(masks, np.array([-600.0, 0.0])[:, None, None], -850.0)
+    f = M.patient_nodule_features(images, masks, 1.0)
+    assert f["diameter_mm"] == pytest.approx(M.equivalent_diameter_mm(masks[1], 1.0))
+    areas = masks.reshape(2, -1).sum(axis=1)
+    assert f["mean_hu"] == pytest.approx((areas[0] * -600.0 + areas[1] * 0.0) / areas.sum())
+
+
+# --- clustering and regression scores ---------------------------------------------------------------------------
+
+
+def test_ari_and_nmi_on_hand_labelings():
+    assert M.adjusted_rand([0, 0, 1, 1], [1, 1, 0, 0]) == pytest.approx(1.0)
+    assert M.normalized_mutual_info([0, 0, 1, 1], [1, 1, 0, 0]) == pytest.approx(1.0)
+    # contingency all ones: Σ C(n_ij,2) = 0, Σ C(a_i,2) = Σ C(b_j,2) = 2, C(4,2) = 6 → (0 − 2/3) / (2 − 2/3)
+    assert M.adjusted_rand([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(-0.5)
+    assert M.normalized_mutual_info([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(0.0, abs=1e-12)
+    # Σ C(n_ij,2) = 2, Σ C(a_i,2) = 6, Σ C(b_j,2) = 3, C(6,2) = 15 → (2 − 1.2) / (4.5 − 1.2)
+    assert M.adjusted_rand([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2]) == pytest.approx(0.8 / 3.3)
+
+
+def test_kmeans_recovers_separated_blobs():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.1, (10, 3)), rng.normal(5, 0.1, (10, 3)), rng.normal(-5, 0.1, (10, 3))])
+    truth = np.repeat([0, 1, 2], 10)
+    assert M.adjusted_rand(truth, M.kmeans_labels(x, 3, seed=1)) == pytest.approx(1.0)
+    assert M.kmeans_labels(np.zeros((5, 2)), 3).tolist() == [0] * 5       # k capped at distinct rows
+
+
+def test_cross_validated_r2_linear_vs_unrelated():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40, 5))
+    assert M.cross_validated_r2(x, 2 * x[:, 0] + 0.01 * rng.standard_normal(40)) > 0.95
+    assert M.cross_validated_r2(x, rng.standard_normal(40)) < 0.2
+    assert M.cross_validated_r2(x[:12], x[:12, 1] * 3) > 0.9              # leave-one-out branch
+    assert math.isnan(M.cross_validated_r2(x, np.ones(40)))
+
+
+def test_spearman_and_undefined_cases():
+    rho, _, n = M.spearman([1, 2, 3, 4, 5], [2, 4, 9, 16, 25])
+    assert rho == pytest.approx(1.0) and n == 5
+    rho, _, n = M.spearman([1, 2, np.nan, 4, 5], [5, 4, 3, 2, 1])
+    assert rho == pytest.approx(-1.0) and n == 4
+    assert math.isnan(M.spearman([1, 1, 1, 1], [1, 2, 3, 4])[0])
+
+
+def test_benjamini_hochberg_by_hand():
+    # sorted p: 0.005, 0.01, 0.03, 0.04 → ·m/rank: 0.02, 0.02, 0.04, 0.04 (already monotone)
+    q = M.benjamini_hochberg([0.01, 0.04, 0.03, 0.005])
+    assert q.tolist() == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    # 0.02·3/1 = 0.06 > 0.03·3/2 = 0.045: the step-up minimum carries 0.045 down to rank 1
+    q = M.benjamini_hochberg([0.02, 0.5, 0.03])
+    assert q.tolist() == pytest.approx([0.045, 0.5, 0.045])
+    q = M.benjamini_hochberg([0.02, np.nan, 0.03])        # NaN ignored: m = 2
+    assert q[0] == pytest.approx(0.03) and math.isnan(q[1]) and q[2] == pytest.approx(0.03)
+    p = np.random.default_rng(4).random(30) ** 3
+    assert M.benjamini_hochberg(p) == pytest.approx(stats.false_discovery_control(p, method="bh"))
+
+
+# --- diversity and realism ---------------------------------------------------------------------------------------
+
+
+def test_mean_pairwise_l1_by_hand():
+    stack = np.stack([np.full((4, 4), v) for v in (0.0, 1.0, 0.5)])   # pairs 1, 0.5, 0.5
+    assert M.mean_pairwise_l1(stack) == pytest.approx(2 / 3)
+    assert M.mean_pairwise_l1(np.repeat(stack[:1], 5, axis=0)) == 0.0
+    region = np.zeros((4, 4), bool)
+    region[0, 0] = True
+    assert M.mean_pairwise_l1(stack, region) == pytest.approx(2 / 3)
+    assert math.isnan(M.mean_pairwise_l1(stack[:1]))
+
+
+def test_classifier_two_sample_test_separable_and_too_small():
+    rng = np.random.default_rng(5)
+    real = rng.normal(-0.7, 0.05, (48, 16, 16)).astype(np.float32)
+    fake = real[::-1].copy()
+    fake[:, 5:11, 5:11] = 0.5                                      # an obvious bright square
+    # no time cap in play (600 s), so the result does not depend on the machine's speed
+    result = M.classifier_two_sample_test(real, fake, seed=0, max_seconds=600, max_epochs=15)
+    assert result["accuracy"] >= 0.9
+    assert result["n_train"] == 48 and result["n_test"] == 48
+    assert math.isnan(M.classifier_two_sample_test(real[:3], fake[:3])["accuracy"])

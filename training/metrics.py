@@ -1,0 +1,443 @@
+"""Metrics of the evaluation: image similarity (Table 1), nodule phenotype measures, clustering and regression
+scores against a known truth, rank correlation with multiple-testing correction, diversity and realism.
+
+Every function works on plain numpy arrays (one image at a time, or a small stack) so that it can be checked by
+hand on tiny arrays (Testing/test_metrics.py); the evaluation CLI (`training.evaluate`) only loops over them.
+
+Intensity scaling of the image metrics: images enter in the network range [-1, 1] (the HU window
+[-1000, 500] mapped linearly, DESIGN.md decision 2) and are mapped linearly to [0, 1] (`to_unit_range`), so
+MSE is in units of (window width)², and PSNR and SSIM use `data_range = 1`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from scipy import ndimage, stats
+
+# --- SSIM constants of Wang et al. (2004) ----------------------------------------------------------------
+SSIM_SIGMA = 1.5
+SSIM_TRUNCATE = 3.5          # 2·int(3.5·1.5 + 0.5) + 1 = 11: the 11×11 Gaussian window of the paper
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+PSNR_CAP_DB = 100.0          # PSNR of two identical images is +∞; capped so that means and JSON stay finite
+
+
+def ssim_window_radius(sigma: float = SSIM_SIGMA, truncate: float = SSIM_TRUNCATE) -> int:
+    """Half-width of the Gaussian window (5 for σ = 1.5: an 11×11 window)."""
+    return int(truncate * sigma + 0.5)
+
+
+# ============================================================================================================
+# Image similarity (Table 1)
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+    """[-1, 1] network range → [0, 1] (float64), the scaling every image metric here uses."""
+    return (np.asarray(image, dtype=np.float64) + 1.0) * 0.5
+
+
+def _region(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    if mask is None:
+        return np.ones(shape, dtype=bool)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != shape:
+        raise ValueError(f"mask shape {mask.shape} does not match image shape {shape}")
+    return mask
+
+
+def mse(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean squared difference over the mask (whole image when None); NaN for an empty mask."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"image shapes differ: {a.shape} vs {b.shape}")
+    region = _region(mask, a.shape)
+    if not region.any():
+        return float("nan")
+    return float(np.mean((a[region] - b[region]) ** 2))
+
+
+def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, data_range: float = 1.0,
+         cap_db: float = PSNR_CAP_DB) -> float:
+    """10·log10(data_range² / MSE) over the mask, capped at `cap_db` (identical images); NaN for an empty mask."""
+    error = mse(a, b, mask)
+    if math.isnan(error):
+        return error
+    if error <= 0.0:
+        return cap_db
+    return float(min(cap_db, 10.0 * math.log10(data_range**2 / error)))
+
+
+def ssim_map(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, sigma: float = SSIM_SIGMA,
+             k1: float = SSIM_K1, k2: float = SSIM_K2) -> np.ndarray:
+    """Local SSIM of Wang et al.: Gaussian-weighted means, variances and covariance (σ 1.5, 11×11 window,
+    population statistics), C1 = (K1·L)², C2 = (K2·L)², borders reflected (as skimage does)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"SSIM needs two 2-D images of one shape, got {a.shape} and {b.shape}")
+
+    def blur(x: np.ndarray) -> np.ndarray:
+        return ndimage.gaussian_filter(x, sigma=sigma, truncate=SSIM_TRUNCATE, mode="reflect")
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+
+
+def ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, data_range: float = 1.0) -> float:
+    """Mean SSIM. Whole image (mask None): mean over the interior that the 11×11 window covers without
+    padding, exactly skimage's `structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False)`. Masked: mean of the local SSIM map over the mask's pixels — the local
+    statistics still use the full image, the region only selects which local values are averaged."""
+    local = ssim_map(a, b, data_range)
+    if mask is None:
+        pad = ssim_window_radius()
+        interior = local[pad:-pad, pad:-pad] if min(local.shape) > 2 * pad else local
+        return float(interior.mean())
+    region = _region(mask, local.shape)
+    if not region.any():
+        return float("nan")
+    return float(local[region].mean())
+
+
+def image_scores(synthetic: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
+    """MSE, SSIM and PSNR of one synthetic image against its reference, both in [-1, 1], over a region."""
+    a, b = to_unit_range(synthetic), to_unit_range(reference)
+    return {"mse": mse(a, b, mask), "ssim": ssim(a, b, mask), "psnr": psnr(a, b, mask)}
+
+
+# ============================================================================================================
+# Masks and nodule phenotype measures
+
+
+def disc(radius_px: int) -> np.ndarray:
+    """Boolean disc structuring element of a radius in pixels."""
+    r = int(radius_px)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return (yy**2 + xx**2) <= r * r
+
+
+def dilate(mask: np.ndarray, radius_px: int) -> np.ndarray:
+    """Binary dilation by a disc (radius 0 = the mask itself)."""
+    mask = np.asarray(mask, dtype=bool)
+    if radius_px <= 0:
+        return mask.copy()
+    return ndimage.binary_dilation(mask, structure=disc(radius_px))
+
+
+def erode(mask: np.ndarray, radius_px: int) -> np.ndarray:
+    """Binary erosion by a disc; pixels outside the image count as background."""
+    mask = np.asarray(mask, dtype=bool)
+    if radius_px <= 0:
+        return mask.copy()
+    return ndimage.binary_erosion(mask, structure=disc(radius_px), border_value=0)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component: a generated mask's stray specks must not count as nodule."""
+    mask = np.asarray(mask, dtype=bool)
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if count <= 1:
+        return mask
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+    return labels == (1 + int(np.argmax(sizes)))
+
+
+def equivalent_diameter_mm(mask: np.ndarray, spacing_mm: float) -> float:
+    """Diameter of the disc with the mask's area: 2·sqrt(area / π), area in mm² (pixel count · spacing²)."""
+    area_mm2 = float(np.count_nonzero(mask)) * float(spacing_mm) ** 2
+    return 2.0 * math.sqrt(area_mm2 / math.pi)
+
+
+def boundary_band(mask: np.ndarray) -> np.ndarray:
+    """The two-pixel band straddling the mask's edge (one pixel inside, one outside): where an edge's
+    gradient peaks whichever side the threshold put it."""
+    mask = np.asarray(mask, dtype=bool)
+    return dilate(mask, 1) & ~erode(mask, 1)
+
+
+def gradient_magnitude(image: np.ndarray, spacing_mm: float = 1.0) -> np.ndarray:
+    """|∇image| by central differences, per mm."""
+    gy, gx = np.gradient(np.asarray(image, dtype=np.float64), float(spacing_mm))
+    return np.hypot(gy, gx)
+
+
+def margin_gradient(image: np.ndarray, mask: np.ndarray, spacing_mm: float = 1.0) -> float:
+    """Mean gradient magnitude on the mask boundary band (image units per mm); NaN for an empty mask."""
+    band = boundary_band(mask)
+    if not band.any() or not np.any(mask):
+        return float("nan")
+    return float(gradient_magnitude(image, spacing_mm)[band].mean())
+
+
+def margin_sharpness(image: np.ndarray, mask: np.ndarray, spacing_mm: float = 1.0) -> float:
+    """Boundary gradient divided by the nodule/surround contrast (1/mm): ≈ 1/edge width, independent of how
+    dense the nodule is. Why: the raw boundary gradient of a faint ground-glass nodule is small however sharp
+    its edge, so without this a margin measure would mostly measure density (the phantom's other module).
+    Contrast = |mean inside the mask − mean in the ring 2–4 px outside it|; NaN when it is below 1e-6."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return float("nan")
+    core = erode(mask, 1)
+    inside = core if core.any() else mask
+    ring = dilate(mask, 4) & ~dilate(mask, 2)
+    if not ring.any():
+        return float("nan")
+    image = np.asarray(image, dtype=np.float64)
+    contrast = abs(float(image[inside].mean()) - float(image[ring].mean()))
+    if contrast < 1e-6:
+        return float("nan")
+    return margin_gradient(image, mask, spacing_mm) / contrast
+
+
+def perimeter_mm(mask: np.ndarray, spacing_mm: float = 1.0) -> float:
+    """Perimeter of the mask's outline (skimage's 4-connected estimate with diagonal weights), in mm."""
+    from skimage.measure import perimeter
+
+    return float(perimeter(np.asarray(mask, dtype=bool), neighborhood=4)) * float(spacing_mm)
+
+
+def compactness(mask: np.ndarray) -> float:
+    """4π·area / perimeter² (1 for a disc, smaller for lobulated or spiculated outlines); NaN when empty."""
+    mask = np.asarray(mask, dtype=bool)
+    area = float(np.count_nonzero(mask))
+    length = perimeter_mm(mask, 1.0)
+    if area == 0.0 or length <= 0.0:
+        return float("nan")
+    return 4.0 * math.pi * area / length**2
+
+
+NODULE_FEATURES: tuple[str, ...] = ("diameter_mm", "mean_hu", "std_hu", "margin_sharpness", "compactness")
+
+
+def nodule_features(image_hu: np.ndarray, mask: np.ndarray, spacing_mm: float) -> dict[str, float]:
+    """Hand-crafted measures of one nodule slice (HU image and its mask): size, density, its spread, margin.
+
+    `diameter_mm` equivalent diameter; `mean_hu`, `std_hu` inside the mask; `margin_gradient` (HU/mm) mean
+    gradient on the boundary band; `margin_sharpness` (1/mm) the same divided by the contrast; `compactness`.
+    An empty mask gives diameter 0 and NaN for the rest.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    image_hu = np.asarray(image_hu, dtype=np.float64)
+    if not mask.any():
+        return {"diameter_mm": 0.0, "area_mm2": 0.0, "mean_hu": float("nan"), "std_hu": float("nan"),
+                "margin_gradient": float("nan"), "margin_sharpness": float("nan"), "compactness": float("nan")}
+    values = image_hu[mask]
+    return {
+        "diameter_mm": equivalent_diameter_mm(mask, spacing_mm),
+        "area_mm2": float(mask.sum()) * float(spacing_mm) ** 2,
+        "mean_hu": float(values.mean()),
+        "std_hu": float(values.std()),
+        "margin_gradient": margin_gradient(image_hu, mask, spacing_mm),
+        "margin_sharpness": margin_sharpness(image_hu, mask, spacing_mm),
+        "compactness": compactness(mask),
+    }
+
+
+def patient_nodule_features(images_hu: np.ndarray, masks: np.ndarray, spacing_mm: float) -> dict[str, float]:
+    """Features of one patient's nodule from all its slices: size = the largest slice's equivalent diameter
+    (the axial size a reader would measure); every other feature is the area-weighted mean over slices."""
+    per_slice = [nodule_features(img, m, spacing_mm) for img, m in zip(images_hu, masks)]
+    areas = np.array([f["area_mm2"] for f in per_slice])
+    if areas.sum() == 0:
+        return per_slice[0]
+    result = {"diameter_mm": max(f["diameter_mm"] for f in per_slice), "area_mm2": float(areas.max())}
+    for key in per_slice[0]:
+        if key in result:
+            continue
+        values = np.array([f[key] for f in per_slice])
+        ok = np.isfinite(values) & (areas > 0)
+        result[key] = float(np.average(values[ok], weights=areas[ok])) if ok.any() else float("nan")
+    return result
+
+
+# ============================================================================================================
+# Scores against a known truth
+
+
+def adjusted_rand(labels_true: Sequence[int], labels_pred: Sequence[int]) -> float:
+    """Adjusted Rand index (Hubert & Arabie): 0 for chance, 1 for identical partitions."""
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score(labels_true, labels_pred))
+
+
+def normalized_mutual_info(labels_true: Sequence[int], labels_pred: Sequence[int]) -> float:
+    """NMI with the arithmetic-mean normalisation (sklearn's default)."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    return float(normalized_mutual_info_score(labels_true, labels_pred))
+
+
+def kmeans_labels(features: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """k-means (k-means++, 10 restarts) labels of the rows; k is capped at the number of distinct rows."""
+    from sklearn.cluster import KMeans
+
+    features = np.asarray(features, dtype=np.float64)
+    distinct = np.unique(features, axis=0).shape[0]
+    k = max(1, min(int(k), distinct))
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(features)
+
+
+def cross_validated_r2(features: np.ndarray, target: np.ndarray, seed: int = 0, folds: int = 5,
+                       loo_below: int = 20) -> float:
+    """Out-of-fold R² of a ridge regression (standardised features, penalty chosen by inner
+    generalised CV over 10^-3…10^4) predicting `target`: 5-fold, or leave-one-out when fewer than
+    `loo_below` samples. Rows with a non-finite target are dropped; NaN when fewer than 4 remain."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import KFold, LeaveOneOut, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    features = np.asarray(features, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    ok = np.isfinite(target)
+    features, target = features[ok], target[ok]
+    if target.size < 4 or np.ptp(target) == 0:
+        return float("nan")
+    splitter = LeaveOneOut() if target.size < loo_below else KFold(folds, shuffle=True, random_state=seed)
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 4, 15)))
+    predicted = cross_val_predict(model, features, target, cv=splitter)
+    return float(r2_score(target, predicted))
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, int]:
+    """(ρ, two-sided p, n) over the pairs where both are finite; (NaN, NaN, n) when fewer than 3 pairs or a
+    constant side (ρ is undefined there, which must not read as 'no correlation')."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    n = int(ok.sum())
+    if n < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+        return float("nan"), float("nan"), n
+    result = stats.spearmanr(x[ok], y[ok])
+    return float(result.statistic), float(result.pvalue), n
+
+
+def benjamini_hochberg(pvalues: Sequence[float]) -> np.ndarray:
+    """BH-adjusted p-values (q-values) in the input order: q_(i) = min_{j≥i} p_(j)·m/j, capped at 1.
+    NaN p-values stay NaN and do not count in m."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    q = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    m = ok.size
+    if m == 0:
+        return q
+    order = ok[np.argsort(p[ok], kind="stable")]
+    scaled = p[order] * m / np.arange(1, m + 1)
+    q[order] = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
+    return q
+
+
+# ============================================================================================================
+# Diversity (mode collapse) and realism (classifier two-sample test)
+
+
+def mean_pairwise_l1(images: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean absolute difference over all pairs of a stack (n,H,W) of [0,1] images, inside `mask` if given
+    (one (H,W) region for every pair); 0 when the stack holds identical images, NaN for n < 2."""
+    images = np.asarray(images, dtype=np.float64)
+    n = images.shape[0]
+    if n < 2:
+        return float("nan")
+    region = _region(mask, images.shape[1:])
+    if not region.any():
+        return float("nan")
+    flat = images[:, region]
+    total, pairs = 0.0, 0
+    for i in range(n - 1):
+        total += float(np.abs(flat[i + 1 :] - flat[i]).mean(axis=1).sum())
+        pairs += n - 1 - i
+    return total / pairs
+
+
+def classifier_two_sample_test(real: np.ndarray, fake: np.ndarray, seed: int = 0, max_seconds: float = 20.0,
+                               max_epochs: int = 40, batch_size: int = 32,
+                               progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """Realism as a classifier two-sample test (Lopez-Paz & Oquab 2017): a small CNN learns to tell real
+    patches from synthetic ones on one half of each, and its accuracy on the other half is reported — 0.5
+    means the two sets cannot be told apart, 1.0 that they always can.
+
+    Both sets are cut to the smaller one's size (balanced classes), shuffled with `seed` and split in
+    halves. Training stops after `max_epochs` or `max_seconds`, whichever comes first (a CPU-time budget;
+    accuracy is then a lower bound on what a longer-trained critic could reach). Returns accuracy, its
+    binomial standard error and the sample counts.
+    """
+    import torch
+
+    real = np.asarray(real, dtype=np.float32)
+    fake = np.asarray(fake, dtype=np.float32)
+    rng = np.random.default_rng([seed, 0xC257])
+    n = min(real.shape[0], fake.shape[0])
+    if n < 4:
+        return {"accuracy": float("nan"), "stderr": float("nan"), "n_train": 0, "n_test": 0, "epochs": 0}
+    real = real[rng.permutation(real.shape[0])[:n]]
+    fake = fake[rng.permutation(fake.shape[0])[:n]]
+    half = n // 2
+    x_train = np.concatenate([real[:half], fake[:half]])[:, None]
+    y_train = np.concatenate([np.ones(half), np.zeros(half)]).astype(np.float32)
+    x_test = np.concatenate([real[half:], fake[half:]])[:, None]
+    y_test = np.concatenate([np.ones(n - half), np.zeros(n - half)]).astype(np.float32)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)      # a ~6 k-parameter CNN: one thread is faster than several fighting for cores
+    try:
+        logits, epochs = _train_critic(x_train, y_train, x_test, seed, max_seconds, max_epochs, batch_size, progress)
+    finally:
+        torch.set_num_threads(threads)
+    accuracy = float(((logits > 0).float().numpy() == y_test).mean())
+    return {
+        "accuracy": accuracy,
+        "stderr": math.sqrt(accuracy * (1 - accuracy) / y_test.size),
+        "n_train": int(y_train.size),
+        "n_test": int(y_test.size),
+        "epochs": epochs,
+    }
+
+
+def _train_critic(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int, max_seconds: float,
+                  max_epochs: int, batch_size: int, progress: Callable[[int, int], None] | None):
+    """Train the two-sample critic; returns (test logits as a tensor, epochs run)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    critic = nn.Sequential(
+        nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.LeakyReLU(0.2),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.LeakyReLU(0.2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 1),
+    )
+    optimiser = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    loss_fn = nn.BCEWithLogitsLoss()
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.monotonic()
+    epochs = 0
+    for epoch in range(max_epochs):
+        critic.train()
+        order = torch.randperm(xt.shape[0], generator=generator)
+        for i in range(0, order.numel(), batch_size):
+            idx = order[i : i + batch_size]
+            if idx.numel() < 2:      # batch norm needs two samples
+                continue
+            optimiser.zero_grad()
+            loss = loss_fn(critic(xt[idx]).squeeze(1), yt[idx])
+            loss.backward()
+            optimiser.step()
+        epochs = epoch + 1
+        if progress is not None:
+            progress(epochs, max_epochs)
+        if time.monotonic() - start > max_seconds:
+            break
+    critic.eval()
+    with torch.no_grad():
+        logits = torch.cat([critic(torch.from_numpy(x_test[i : i + 256])).squeeze(1)
+                            for i in range(0, x_test.shape[0], 256)])
+    return logits, epochs
