@@ -34,21 +34,24 @@ VOLUME_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
 SEG_SUFFIX = ".seg.nrrd"
 
 #: Slicer terminology string (context~category~type~modifier~anatomic context~region~region modifier):
-#: Morphologically altered structure / Nodule, in the lung.
+#: Morphologically altered structure / Nodule, in the lung — the same entry `mrml_adapter` serialises, so a
+#: segmentation from the CLI and one from the module carry identical terminology, colours and tags.
 NODULE_TERMINOLOGY = (
-    "Segmentation category and type - 3D Slicer General Anatomy list"
+    "Segmentation category and type - DICOM master list"
     "~SCT^49755003^Morphologically Altered Structure~SCT^27925004^Nodule~^^"
     "~Anatomic codes - DICOM master list~SCT^39607008^Lung~^^"
 )
-#: Distinct colours for nodules 1, 2, … (cycled).
+#: Distinct, colour-blind-friendly colours (Okabe–Ito) for nodules 1, 2, … (cycled), as in `mrml_adapter`.
 SEGMENT_COLOURS = (
-    (0.91, 0.45, 0.13),
-    (0.20, 0.63, 0.85),
-    (0.55, 0.80, 0.27),
-    (0.85, 0.30, 0.60),
-    (0.95, 0.80, 0.20),
-    (0.55, 0.45, 0.85),
+    (0.902, 0.624, 0.000),
+    (0.337, 0.706, 0.914),
+    (0.000, 0.620, 0.451),
+    (0.941, 0.894, 0.259),
+    (0.000, 0.447, 0.698),
+    (0.835, 0.369, 0.000),
+    (0.800, 0.475, 0.655),
 )
+TAG_PREFIX = "RadiogenomicGAN."
 #: Private coding scheme for the "synthetic" note in DICOM SEG (DICOM PS3.16 allows "99" local schemes).
 SYNTHETIC_CODE = ("SYNTHETIC", "99RGGAN", "Synthetic lesion (generated, not a finding)")
 SERIES_DESCRIPTION = "Synthetic nodules (RadiogenomicGAN)"
@@ -198,18 +201,29 @@ def write_volume(
 
 # --- writing segmentations ------------------------------------------------------------------------------
 def nodule_segments(count: int, provenance: dict[str, Any] | None = None) -> list[SegmentInfo]:
-    """Segments "Synthetic nodule 1…n" (label n), tagged synthetic with the provenance (model, sample, seed)."""
-    tags = {"RadiogenomicGAN.Synthetic": "true"}
-    if provenance:
-        summary = {k: provenance.get(k) for k in ("model_kind", "weights_file", "gene_sample", "seed", "date")}
-        tags["RadiogenomicGAN.Provenance"] = json.dumps(summary, separators=(",", ":"), default=str)
+    """Segments "Synthetic nodule 1…n" (label n), tagged synthetic with the provenance (model, sample, seed).
+
+    Tag names and values follow `mrml_adapter` (RadiogenomicGAN.Synthetic/Model/GeneSample/Seed/Provenance/
+    NoduleIndex), so files and scene nodes can be read the same way.
+    """
+    provenance = provenance or {}
+    sample = provenance.get("gene_sample")
+    if isinstance(sample, dict):
+        sample = json.dumps(sample, sort_keys=True)
+    tags = {
+        TAG_PREFIX + "Synthetic": "true",
+        TAG_PREFIX + "Model": str(provenance.get("weights_file") or provenance.get("model_kind") or "unknown"),
+        TAG_PREFIX + "GeneSample": "" if sample is None else str(sample),
+        TAG_PREFIX + "Seed": str(provenance.get("seed", "")),
+        TAG_PREFIX + "Provenance": json.dumps(provenance, sort_keys=True, separators=(",", ":"), default=str),
+    }
     return [
         SegmentInfo(
             label_value=n,
             name=f"Synthetic nodule {n}",
             colour=SEGMENT_COLOURS[(n - 1) % len(SEGMENT_COLOURS)],
             segment_id=f"Synthetic_nodule_{n}",
-            tags=dict(tags),
+            tags={**tags, TAG_PREFIX + "NoduleIndex": str(n)},
         )
         for n in range(1, count + 1)
     ]
