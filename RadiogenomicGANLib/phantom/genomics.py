@@ -1,7 +1,8 @@
 """Latent gene modules → module activations and an RNA-seq profile (linear FPKM, exact zeros, literal NA).
 
 Why: the phantom needs a *known* gene→image truth. Each patient belongs to one of a few classes (clusters);
-its K module activations are the class prototype plus noise, so clustering metrics (ARI) have a truth. Each
+its K module activations are the class prototype plus noise, so clustering metrics (ARI) have a truth
+(`DEFAULT_PROTOTYPES`: modules 1–3 follow the class, uncorrelated across patients; module 4 is class-free). Each
 module drives ``genes_per_module`` genes (log2 expression = base + loading · activation + noise); a few
 nuisance factors drive other gene blocks (batch-like structure that is *not* linked to the image), and all
 other genes are independent noise. The table is written as linear FPKM like Cufflinks in GSE103584.
@@ -21,14 +22,17 @@ import numpy as np
 
 # Class prototypes for the default K = 4 modules (rows: classes, columns: modules 1..4). Module 1 → size,
 # 2 → solid/ground-glass density, 3 → margin blur + spiculation, 4 → lobulation (see nodule.py).
+# Columns 1–3 are orthogonal and zero-mean (Hadamard), so the modules are uncorrelated across patients and
+# each phenotype is attributable to one module; module 4 has no class structure (continuous, N(0, 1)).
 DEFAULT_PROTOTYPES = np.array(
     [
-        [+1.0, +1.0, -1.0, -0.5],  # large, solid, smooth
-        [-1.0, +1.0, +1.0, +0.5],  # small, solid, spiculated
-        [+0.5, -1.0, -0.5, +1.0],  # largish ground-glass, lobulated
-        [-0.5, -1.0, +1.0, -1.0],  # small ground-glass, fuzzy/spiculated
+        [+1.0, +1.0, -1.0, 0.0],  # class 0: large, solid, sharp smooth margin
+        [-1.0, +1.0, +1.0, 0.0],  # class 1: small, solid, spiculated / fuzzy
+        [+1.0, -1.0, +1.0, 0.0],  # class 2: large, ground-glass, spiculated / fuzzy
+        [-1.0, -1.0, -1.0, 0.0],  # class 3: small, ground-glass, sharp smooth margin
     ]
 )
+CLASS_FREE_SD = 1.0  # spread of a module without class structure
 ACTIVATION_NOISE = 0.3
 COUNTER_ROWS = ("__no_feature", "__ambiguous", "__alignment_not_unique")
 
@@ -151,11 +155,22 @@ def gene_model(
 
 
 def prototypes(n_modules: int, n_classes: int) -> np.ndarray:
-    """Class prototypes (n_classes, n_modules); the documented table for 4×4, else a fixed ±1 pattern."""
+    """Class prototypes (n_classes, n_modules): the documented table for 4×4, else Hadamard columns.
+
+    For other shapes, the zero-mean columns of the Sylvester–Hadamard matrix give (for a power-of-two class
+    count) uncorrelated modules; modules beyond the available columns are class-free (zero column).
+    """
     if n_modules == 4 and n_classes == 4:
         return DEFAULT_PROTOTYPES.copy()
-    rng = np.random.default_rng(20190708)  # fixed: the truth must not depend on the cohort seed
-    table = rng.choice([-1.0, -0.5, 0.5, 1.0], size=(n_classes, n_modules))
+    size = 1
+    while size < max(2, n_classes):
+        size *= 2
+    hadamard = np.array([[1.0]])
+    while hadamard.shape[0] < size:
+        hadamard = np.block([[hadamard, hadamard], [hadamard, -hadamard]])
+    columns = hadamard[:n_classes, 1 : min(size, n_modules + 1)]
+    table = np.zeros((n_classes, n_modules))
+    table[:, : columns.shape[1]] = columns
     return table
 
 
@@ -168,10 +183,12 @@ def module_class_of(patient_index: int, seed: int, n_classes: int) -> int:
 def draw_module_activations(
     patient_index: int, seed: int, n_modules: int = 4, n_classes: int = 4
 ) -> tuple[int, np.ndarray]:
-    """(class, activations): prototype of the patient's class + N(0, ACTIVATION_NOISE²)."""
+    """(class, activations): prototype of the patient's class + noise (N(0, 1) for class-free modules)."""
     cls = module_class_of(patient_index, seed, n_classes)
     rng = np.random.default_rng([seed, 0xAC7, patient_index])
-    return cls, prototypes(n_modules, n_classes)[cls] + ACTIVATION_NOISE * rng.standard_normal(n_modules)
+    table = prototypes(n_modules, n_classes)
+    spread = np.where(np.all(table == 0.0, axis=0), CLASS_FREE_SD, ACTIVATION_NOISE)
+    return cls, table[cls] + spread * rng.standard_normal(n_modules)
 
 
 def gene_profile(model: GeneModel, activations: np.ndarray, patient_index: int, seed: int) -> np.ndarray:
