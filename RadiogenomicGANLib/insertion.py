@@ -443,7 +443,7 @@ class NoduleInserter:
         index = torch.as_tensor(nodule_of_job, dtype=torch.long)
         images, masks, weights = [], [], []
         total = len(nodule_of_job)
-        with torch.no_grad():
+        with torch.inference_mode():
             for start in range(0, total, self.batch_size):
                 stop = min(start + self.batch_size, total)
                 report(0.3 + 0.5 * start / total, f"Generating slices {start + 1}–{stop} of {total}")
