@@ -225,3 +225,16 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
     assert files_a == files_b and len(files_a) > 10
     for rel in files_a:
         assert (a.out_dir / rel).read_bytes() == (b.out_dir / rel).read_bytes(), rel
+
+
+def test_cli_writes_a_cohort(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from RadiogenomicGANLib.phantom.__main__ import main
+
+    argv = ["--out", str(tmp_path), "--patients", "2", "--seed", "3", "--size", "32", "--slices", "8",
+            "--genes", "40", "--without-rna", "R01-002", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert "2 patients" in capsys.readouterr().out
+    assert (tmp_path / "metadata.csv").is_file() and (tmp_path / "ground_truth.csv").is_file()
+    with gzip.open(tmp_path / "GSE103584_R01_NSCLC_RNAseq.txt.gz", "rt") as f:
+        assert f.readline().rstrip("\n").split("\t") == ["", "R01-001"]
+    assert len(list(tmp_path.glob("NSCLC Radiogenomics/*/*/*/1-1.dcm"))) == 2

@@ -1,7 +1,21 @@
 """Radiogenomic phantom cohort: procedural chest CTs whose nodules are driven by latent gene modules.
 
-Written in the real NSCLC-Radiogenomics on-disk formats (TCIA tree, DICOM CT + SEG, GEO RNA-seq table)
-with a known gene→image truth (`ground_truth.csv`), so the readers and the paper's claim can be tested.
+Why: the real NSCLC-Radiogenomics download cannot be fetched here, and its gene→image link is unknown. The
+phantom is written in exactly the real on-disk formats (TCIA tree, DICOM CT + SEG in both real variants,
+``metadata.csv``, GEO RNA-seq table) so the readers are exercised end to end, and it carries a known
+gene→image truth (``ground_truth.csv``, ``ground_truth_genes.csv``) so the paper's claim becomes measurable.
+
+Pieces (one file per concern):
+- `anatomy`  — body, fat, muscle, ribs, spine, table/padding, two separate lungs, vessel and airway trees.
+- `nodule`   — the documented module → phenotype map and the nodule's rasterisation.
+- `genomics` — classes (clusters) → module activations → gene profile (linear FPKM, zeros, ``NA``).
+- `patient`  — `generate_patient`: acquisition geometry + all of the above for one patient.
+- `writers`  — `write_cohort`: the files; ``python -m RadiogenomicGANLib.phantom`` is its CLI.
+
+Truth in one line per module (details in `nodule` and `genomics`): module 1 → diameter (10–40 mm),
+module 2 → solid fraction (solid 0–60 HU core in a −750…−600 HU ground-glass nodule), module 3 → margin blur
+and spiculation, module 4 → lobulation. Classes set modules 1–3 (orthogonal prototypes ±1, noise 0.3);
+module 4 is class-free N(0, 1).
 """
 
 from .patient import PhantomPatient, generate_patient, patient_id_for

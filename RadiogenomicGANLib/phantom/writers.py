@@ -36,6 +36,7 @@ from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from .genomics import GeneModel
 from .patient import PhantomPatient, generate_patient
 
 COLLECTION = "NSCLC Radiogenomics"
@@ -430,7 +431,7 @@ def write_cohort(
     truth_rows: list[dict[str, object]] = []
     rna_columns: list[np.ndarray] = []
     gene_names: tuple[str, ...] = ()
-    model = None
+    model: GeneModel | None = None
     for n in range(count):
         t0 = time.perf_counter()
         if isinstance(patients, int):
@@ -574,7 +575,7 @@ def _write_csv(path: Path, rows: list[dict[str, object]]) -> None:
         writer.writerows(rows)
 
 
-def _write_genes_truth(path: Path, model) -> None:  # type: ignore[no-untyped-def]
+def _write_genes_truth(path: Path, model: GeneModel) -> None:
     rows = [
         {"gene": name, "module": int(m), "loading": round(float(w), 6), "has_na": int(p > 0)}
         for name, m, w, p in zip(model.gene_names, model.module_of_gene, model.loading, model.na_probability)
