@@ -227,7 +227,7 @@ def build_networks(
     if ctx.distributed and cfg.sync_batchnorm:
         generator = convert_batchnorm(generator, ctx.device)
         discriminator = convert_batchnorm(discriminator, ctx.device)
-    memory = torch.channels_last if (cfg.channels_last and ctx.device.type == "cuda") else torch.preserve_format
+    memory = torch.channels_last if cfg.channels_last else torch.preserve_format
     for net in (generator, discriminator, generator_ema):
         net.to(ctx.device, memory_format=memory)
     try:
@@ -276,10 +276,22 @@ def _detached(fake: GeneratorOutput) -> GeneratorOutput:
     )
 
 
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast on CUDA unless --no-amp; on CPU only with --cpu-bf16 (fast where the CPU has bf16 units)."""
+    return (device.type == "cuda" and cfg.amp) or (device.type == "cpu" and cfg.cpu_bf16)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def autocast_for(device: torch.device, enabled: bool) -> AbstractContextManager:
-    """bf16 autocast on CUDA (no loss scaling needed for bf16); nothing elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast (no loss scaling needed for bf16; weights and optimiser stay float32), or nothing."""
+    if enabled and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -638,8 +650,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: str | None, command: str 
         # Only seeds worker processes' global RNGs, which no item uses (items are keyed by epoch and index).
         generator=torch.Generator().manual_seed((cfg.seed * 1_000_003 + start_step) % 2**63),
     )
-    use_amp = cfg.amp and on_cuda
-    channels_last = cfg.channels_last and on_cuda
+    use_amp = uses_bf16(cfg, ctx.device)
+    if use_amp and ctx.device.type == "cpu" and ctx.is_main and not _cpu_has_bf16():
+        print("warning: --cpu-bf16 on a CPU without native bf16 support is emulated and slow", file=sys.stderr)
+    channels_last = cfg.channels_last
     writer = None
     if ctx.is_main and cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -792,7 +806,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("runtime")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
     r.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast on CUDA (default on)")
-    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="on CUDA (default on)")
+    r.add_argument("--cpu-bf16", action=argparse.BooleanOptionalAction,
+                   help="bf16 autocast on CPU as well (about 2× faster on CPUs with AVX512-BF16/AMX; default off)")
+    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="channels-last memory format (default on)")
     r.add_argument("--sync-batchnorm", action=argparse.BooleanOptionalAction,
                    help="batch-norm statistics over the global batch under DDP (default on)")
     r.add_argument("--deterministic", action=argparse.BooleanOptionalAction, help="deterministic cuDNN")
