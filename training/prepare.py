@@ -115,7 +115,8 @@ class PrepareReport:
         for warning in self.warnings:
             lines.append(f"  note: {warning}")
         lines.append(
-            f"wrote {self.out} in {self.seconds:.1f} s ({self.seconds_per_patient:.2f} s per used patient, images)"
+            f"wrote {self.out} in {self.seconds:.1f} s ({self.seconds_per_patient:.2f} s of image work per used "
+            "patient, DICOM reading aside)"
         )
         return "\n".join(lines)
 
