@@ -197,3 +197,30 @@ def test_bad_override_key(data: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "r"), generator={"bottleneck": 8}, progress=False)
     with pytest.raises(ConfigError, match="bottleneck"):
         training_loop(cfg)
+
+
+def test_tensorboard_and_progress_bar(data: Path, tmp_path: Path, capsys) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    main(["--data", str(data), "--out", str(out), "--steps", "2", *TINY, "--tensorboard", "--progress"])
+    assert "train proposed" in capsys.readouterr().err                      # the tqdm bar
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert {"loss/d_total", "loss/g_total", "loss/g_l1", "timing/sec_per_step"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"] == ["samples/real|input|synthetic|mask|weight"]
+
+
+def test_non_finite_loss_stops_with_a_clear_error(data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import training.train as train_module
+
+    real = train_module.train_iteration
+
+    def diverging(*args, **kwargs):
+        logs = real(*args, **kwargs)
+        return {**logs, "g_total": float("nan")}
+
+    monkeypatch.setattr(train_module, "train_iteration", diverging)
+    out = tmp_path / "run"
+    message = fails(["--data", str(data), "--out", str(out), "--steps", "3", *TINY], capsys)
+    assert "non-finite loss at step 1" in message
+    assert not (out / "proposed.safetensors").exists()

@@ -73,9 +73,9 @@ def setup_distributed(device_preference: str = "auto", timeout_s: float = 1800.0
 
 
 def teardown_distributed(ctx: DistContext) -> None:
-    """Leave the process group this module created (safe to call on a single-process context)."""
+    """Leave the process group (safe on a single-process context). No barrier here: after an error on one
+    rank the others would wait in it until the timeout; a finished loop synchronises before returning."""
     if ctx.distributed and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 

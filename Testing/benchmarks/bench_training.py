@@ -7,13 +7,20 @@ tensors (data loading excluded), channels-last as in training. Precision: on CPU
 default) and bf16 autocast (``--cpu-bf16``); on a GPU bf16 autocast (the default there). Device ``auto``:
 the same script runs unchanged on a GPU. Reference: the MONAI peer re-implementation takes 5.5 s per
 iteration at 128², batch 16, on a 2-core CPU. Median of a few timed iterations after warm-up; about
-2–3 minutes on 2 CPU cores. Not collected by pytest; no timed assertions anywhere.
+2–3 minutes on 2 idle CPU cores. Not collected by pytest; no timed assertions anywhere.
+
+Columns: wall seconds per iteration (what a user waits), CPU seconds per iteration summed over threads,
+samples per second (wall), the MONAI ratio (wall, 128² only) and the 1-minute load average. On a shared
+machine (load above the core count) wall time is inflated — OpenMP threads wait for each other — so
+read "CPU s/it ÷ threads" as the idle-machine estimate, or run with ``--threads 1``, where wall ≈ CPU
+time once the machine is idle.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -65,17 +72,18 @@ def bench(model: str, size: int, batch: int, genes: int, device: torch.device, w
     def autocast() -> object:
         return autocast_for(device, uses_bf16(cfg, device))
 
-    times = []
+    times, cpu_times = [], []
     for i in range(warmup + iters):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         logs = train_iteration(nets, dict(source), autocast)
         update_ema(nets.generator_ema, nets.generator, cfg.ema_decay)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
         assert math.isfinite(logs["g_total"]) and math.isfinite(logs["d_total"])
     seconds = statistics.median(times)
     return {
@@ -84,6 +92,7 @@ def bench(model: str, size: int, batch: int, genes: int, device: torch.device, w
         "g_params": sum(p.numel() for p in nets.generator.parameters()),
         "d_params": sum(p.numel() for p in nets.discriminator.parameters()),
         "seconds": seconds,
+        "cpu_seconds": statistics.median(cpu_times),
         "samples_per_second": batch / seconds,
     }
 
@@ -108,8 +117,8 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; batch {args.batch}; {args.genes} genes; "
           f"median of {args.iters} iterations after {args.warmup} warm-up")
     precisions = args.precision or (["bf16"] if device.type == "cuda" else ["fp32", "bf16"])
-    header = (f"{'model':<11}{'size':>5}{'prec':>6}{'G params':>12}{'D params':>12}{'s/iter':>9}{'samples/s':>11}"
-              f"{'vs MONAI':>10}")
+    header = (f"{'model':<11}{'size':>5}{'prec':>6}{'G params':>12}{'D params':>12}{'s/iter':>9}{'CPU s/it':>10}"
+              f"{'samples/s':>11}{'vs MONAI':>10}{'load':>6}")
     print(header)
     print("-" * len(header))
     for precision in precisions:
@@ -118,8 +127,8 @@ def main() -> None:
                 r = bench(model, size, args.batch, args.genes, device, args.warmup, args.iters, precision)
                 ratio = f"{MONAI_SECONDS_128 / r['seconds']:.1f}×" if size == 128 and args.batch == 16 else "-"
                 print(f"{model:<11}{size:>5}{precision:>6}{r['g_params']:>12,}{r['d_params']:>12,}"
-                      f"{r['seconds']:>9.3f}{r['samples_per_second']:>11.1f}{ratio:>10}", flush=True)
-
+                      f"{r['seconds']:>9.3f}{r['cpu_seconds']:>10.3f}{r['samples_per_second']:>11.1f}{ratio:>10}"
+                      f"{os.getloadavg()[0]:>6.1f}", flush=True)
 
 if __name__ == "__main__":
     main()
