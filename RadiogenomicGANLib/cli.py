@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = insert.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads for the generator (default: torch's); 1 is fastest on a busy shared machine")
 
     outputs = insert.add_argument_group("outputs")
     outputs.add_argument("--out-volume", required=True, type=Path, help="new CT (.nrrd, .nii, .nii.gz, .mha)")
@@ -165,6 +167,13 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
         if len(specs) != 1 or not isinstance(specs[0], int):
             raise CLIError("with --auto, --slices accepts only one '±K'")
         args.half_slices = specs[0]
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError("--threads must be ≥ 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     # 2. model, genes, CT.
     weights = args.weights or DEFAULT_WEIGHTS

@@ -6,7 +6,11 @@ process's peak RSS above the CT already in memory (getrusage, covers torch) and 
 numpy/Python allocations during the call. The CT is a phantom generated in a child process, so its own
 peak memory does not count. Not collected by pytest.
 
-    .venv/bin/python Testing/benchmarks/bench_insertion.py [--slices 300] [--size 512] [--threads 2]
+    .venv/bin/python Testing/benchmarks/bench_insertion.py [--slices 300] [--size 512] [--threads 1]
+
+Wall time depends on what else runs (the load average is printed); CPU seconds are the job's own cost. With
+the load above the core count, 2 torch threads were ~8× slower than 1 here (OpenMP threads spin-waiting
+for each other while descheduled), hence the default of 1.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--half-slices", type=int, default=None, help="default: 10 slices (±4 plus one more)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: on a shared, busy 2-core machine more threads spin-wait)")
     parser.add_argument("--make-ct", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.make_ct:
