@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from training.config import MODELS, TrainConfig
+from training.config import MODELS, TrainConfig, parse_override
 from training.distributed import DistContext, resolve_device
 from training.train import (
     autocast_for,
@@ -62,9 +62,10 @@ def synthetic_batch(batch: int, size: int, genes: int, noise_dim: int, seed: int
 
 
 def bench(model: str, size: int, batch: int, genes: int, device: torch.device, warmup: int, iters: int,
-          precision: str) -> dict:
+          precision: str, generator: dict | None = None, discriminator: dict | None = None) -> dict:
     bf16 = precision == "bf16"
-    cfg = TrainConfig(data="synthetic", out="-", model=model, batch_size=batch, amp=bf16, cpu_bf16=bf16)
+    cfg = TrainConfig(data="synthetic", out="-", model=model, batch_size=batch, amp=bf16, cpu_bf16=bf16,
+                      generator=generator or {}, discriminator=discriminator or {})
     g_cfg, d_cfg, weights = build_configs(cfg, genes, size)
     nets = build_networks(cfg, g_cfg, d_cfg, weights, DistContext(device=device))
     source = to_device(synthetic_batch(batch, size, genes, g_cfg.noise_dim), device, cfg.channels_last)
@@ -109,6 +110,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"),
                         help="default: fp32 and bf16 on CPU, bf16 on GPU")
+    parser.add_argument("--generator", action="append", default=[], metavar="KEY=VALUE",
+                        help="GeneratorConfig override, as for training (e.g. base_channels=16); repeatable")
+    parser.add_argument("--discriminator", action="append", default=[], metavar="KEY=VALUE",
+                        help="DiscriminatorConfig override; repeatable")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,6 +121,10 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; batch {args.batch}; {args.genes} genes; "
           f"median of {args.iters} iterations after {args.warmup} warm-up")
+    g_over = dict(parse_override(text) for text in args.generator)
+    d_over = dict(parse_override(text) for text in args.discriminator)
+    if g_over or d_over:
+        print(f"architecture overrides: generator {g_over}, discriminator {d_over}")
     precisions = args.precision or (["bf16"] if device.type == "cuda" else ["fp32", "bf16"])
     header = (f"{'model':<11}{'size':>5}{'prec':>6}{'G params':>12}{'D params':>12}{'s/iter':>9}{'CPU s/it':>10}"
               f"{'samples/s':>11}{'vs MONAI':>10}{'load':>6}")
@@ -124,7 +133,8 @@ def main() -> None:
     for precision in precisions:
         for size in args.sizes:
             for model in args.models:
-                r = bench(model, size, args.batch, args.genes, device, args.warmup, args.iters, precision)
+                r = bench(model, size, args.batch, args.genes, device, args.warmup, args.iters, precision,
+                          g_over, d_over)
                 ratio = f"{MONAI_SECONDS_128 / r['seconds']:.1f}×" if size == 128 and args.batch == 16 else "-"
                 print(f"{model:<11}{size:>5}{precision:>6}{r['g_params']:>12,}{r['d_params']:>12,}"
                       f"{r['seconds']:>9.3f}{r['cpu_seconds']:>10.3f}{r['samples_per_second']:>11.1f}{ratio:>10}"
