@@ -10,7 +10,7 @@ Layout of the tensor names::
 
     model/<name>/<state-dict key>      networks (G, D, G_ema), raw modules, never DDP wrappers
     optim/<name>/<param index>/<key>   optimiser state tensors (Adam exp_avg, exp_avg_sq, step)
-    rng/torch, rng/cuda/<i>, rng/numpy, rng/generator/<name>
+    rng/torch, rng/cuda, rng/numpy, rng/generator/<name>
 
 Bit-exact resume needs every piece of state: model weights and buffers (BN running statistics), optimiser
 moments and step counts, and all random-number states.
@@ -170,12 +170,14 @@ def load_optimizer(
 
 
 # -- random-number generators ---------------------------------------------------------------------------
-def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Python, NumPy, torch (CPU and CUDA) and named torch.Generator states."""
+def rng_state(
+    generators: Mapping[str, torch.Generator] | None = None, cuda_device: torch.device | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Python, NumPy, torch CPU, this process's CUDA device (only that one: asking every GPU would open a
+    context on each from every rank) and named torch.Generator states."""
     tensors: dict[str, torch.Tensor] = {"rng/torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{i}"] = s
+    if cuda_device is not None and cuda_device.type == "cuda":
+        tensors["rng/cuda"] = torch.cuda.get_rng_state(cuda_device)
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     tensors["rng/numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
     for name, gen in (generators or {}).items():
@@ -192,11 +194,11 @@ def set_rng_state(
     tensors: Mapping[str, torch.Tensor],
     meta: Mapping[str, Any],
     generators: Mapping[str, torch.Generator] | None = None,
+    cuda_device: torch.device | None = None,
 ) -> None:
     torch.set_rng_state(tensors["rng/torch"])
-    cuda = [tensors[f"rng/cuda/{i}"] for i in range(len(tensors)) if f"rng/cuda/{i}" in tensors]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    if "rng/cuda" in tensors and cuda_device is not None and cuda_device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng/cuda"], cuda_device)
     kind, pos, has_gauss, cached = meta["numpy"]
     keys = tensors["rng/numpy"].numpy().astype(np.uint32)
     np.random.set_state((kind, keys, pos, has_gauss, cached))

@@ -7,7 +7,17 @@ bottom like stylegan2's: initialise, load data, construct networks, resume, prin
 train, done.
 
 Runs on 1 CPU, 1 GPU or many (``torchrun --nproc_per_node N -m training.train ...``): every rank trains on
-its own share of each **global batch = per-rank batch × world size**; rank 0 alone logs, samples and writes.
+its own share of each **global batch = per-rank batch × world size**; rank 0 alone logs, samples and writes
+(resuming on several nodes needs RUN on a shared file system). G and D are wrapped in
+DistributedDataParallel through small "phase" modules, because the loss scores tuples through D's
+sub-methods rather than D.forward. Batch norm uses global-batch statistics under DDP by default
+(SyncBatchNorm on GPU, `training.distributed.GlobalBatchNorm` on CPU), so the world size does not change
+what is trained; ``--no-sync-batchnorm`` keeps per-rank statistics.
+
+Speed: channels-last memory format everywhere (``--no-channels-last`` to disable); bf16 autocast on CUDA
+(``--no-amp`` to disable) and, opt-in, on CPUs with bf16 units (``--cpu-bf16``, about 2× faster there).
+On a shared CPU set OMP_NUM_THREADS to the cores you really have: oversubscribed OpenMP threads wait for
+each other and can make an iteration several times slower.
 
 Reproducibility. Nothing in an iteration draws from global random state: the sample order is a function of
 (seed, epoch) (`training.dataset.epoch_permutation`), every item's pairings and its generator noise are
@@ -494,7 +504,7 @@ def checkpoint_state(nets: Networks, step: int, cfg: TrainConfig, run: dict[str,
         flat, meta = ckpt.optimizer_state(name, opt)
         tensors.update(flat)
         optim_meta[name] = meta
-    rng_tensors, rng_meta = ckpt.rng_state()
+    rng_tensors, rng_meta = ckpt.rng_state(cuda_device=next(nets.generator.parameters()).device)
     tensors.update(rng_tensors)
     state = {
         "step": step,
@@ -597,7 +607,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: str | None, command: str 
             ckpt.load_module(name, module, tensors)
         ckpt.load_optimizer("G", nets.opt_g, tensors, state["optimizers"]["G"])
         ckpt.load_optimizer("D", nets.opt_d, tensors, state["optimizers"]["D"])
-        ckpt.set_rng_state(tensors, state["rng"])
+        ckpt.set_rng_state(tensors, state["rng"], cuda_device=ctx.device)
         start_step = int(state["step"])
         if ctx.is_main and state.get("global_batch") not in (None, sampler_probe.global_batch):
             print(f"warning: resuming with global batch {sampler_probe.global_batch}, the checkpoint used "
