@@ -110,9 +110,13 @@ def test_margin_gradient_of_a_square_step_by_hand():
     assert M.boundary_band(mask).sum() == 76
     assert M.margin_gradient(image, mask) == pytest.approx(expected)
     assert M.margin_gradient(image, mask, spacing_mm=2.0) == pytest.approx(expected / 2)
-    # contrast = 1 (inside 1, ring outside 0): sharpness equals the gradient; ×100 HU scales both equally
-    assert M.margin_sharpness(image, mask) == pytest.approx(expected)
-    assert M.margin_sharpness(100 * image - 800, mask) == pytest.approx(expected)
+    # a perfect step: inner layer 1, outer layer 0, ring outside 0 → (1 − 0) / spacing / (1 + 0 − 2·0)
+    assert M.margin_sharpness(image, mask) == pytest.approx(1.0)
+    assert M.margin_sharpness(image, mask, spacing_mm=0.5) == pytest.approx(2.0)
+    assert M.margin_sharpness(100 * image - 800, mask) == pytest.approx(1.0)     # HU offset and scale cancel
+    half = image.copy()
+    half[~mask & M.dilate(mask, 1)] = 0.5         # outer layer at half height: slope halves, height grows 1.5×
+    assert M.margin_sharpness(half, mask) == pytest.approx(0.5 / 1.5)
 
 
 def test_margin_sharpness_of_a_step_beats_a_blurred_step():
@@ -122,10 +126,30 @@ def test_margin_sharpness_of_a_step_beats_a_blurred_step():
     faint = np.where(mask, -700.0, -850.0)                        # same sharp edge, ground-glass contrast
     assert M.margin_gradient(step, mask) > 2 * M.margin_gradient(blurred, mask)
     assert M.margin_sharpness(step, mask) > 2 * M.margin_sharpness(blurred, mask)
-    # the contrast normalisation makes sharpness about the edge, not the density
+    # the edge-height normalisation makes sharpness about the edge, not the density
     assert M.margin_sharpness(faint, mask) == pytest.approx(M.margin_sharpness(step, mask))
     assert M.margin_gradient(faint, mask) < M.margin_gradient(step, mask) / 5
+    # a solid core inside a ground-glass rim does not change the rim's sharpness
+    cored = np.where(_disc_mask(48, 6.0), 40.0, faint)
+    assert M.margin_sharpness(cored, mask) == pytest.approx(M.margin_sharpness(faint, mask))
     assert math.isnan(M.margin_sharpness(step, np.zeros_like(mask)))
+
+
+def test_margin_sharpness_falls_with_blur_on_mixed_noisy_nodules():
+    """Logistic edges of drawn width on nodules with a random solid core, 30 HU noise (the phantom's look)."""
+    rng = np.random.default_rng(0)
+    yy, xx = (np.mgrid[0:64, 0:64] - 31.5) * 0.9375
+    rho = np.hypot(yy, xx)
+    blurs, values = [], []
+    for _ in range(40):
+        blur, solid, radius = rng.uniform(0.3, 2.7), rng.uniform(0.05, 0.95), rng.uniform(5, 15)
+        scale = blur / 1.7
+        body = 1 / (1 + np.exp(np.clip((rho - radius) / scale, -50, 50)))
+        core = 1 / (1 + np.exp(np.clip((rho - radius * solid ** (1 / 3)) / scale, -50, 50)))
+        image = -850 + body * (-700 + 730 * core + 850) + rng.normal(0, 30, rho.shape)
+        blurs.append(blur)
+        values.append(M.margin_sharpness(image, body >= 0.5, 0.9375))
+    assert M.spearman(values, blurs)[0] < -0.6
 
 
 def test_compactness_orders_shapes():

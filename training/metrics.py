@@ -176,24 +176,35 @@ def margin_gradient(image: np.ndarray, mask: np.ndarray, spacing_mm: float = 1.0
     return float(gradient_magnitude(image, spacing_mm)[band].mean())
 
 
-def margin_sharpness(image: np.ndarray, mask: np.ndarray, spacing_mm: float = 1.0) -> float:
-    """Boundary gradient divided by the nodule/surround contrast (1/mm): ≈ 1/edge width, independent of how
-    dense the nodule is. Why: the raw boundary gradient of a faint ground-glass nodule is small however sharp
-    its edge, so without this a margin measure would mostly measure density (the phantom's other module).
-    Contrast = |mean inside the mask − mean in the ring 2–4 px outside it|; NaN when it is below 1e-6."""
+def margin_sharpness(image: np.ndarray, mask: np.ndarray, spacing_mm: float = 1.0,
+                     far_px: tuple[int, int] = (3, 5)) -> float:
+    """Slope across the mask edge divided by the edge's own height (1/mm): ≈ 1/edge width, independent of
+    how dense the nodule is; 1/spacing for a perfect step, smaller the blurrier the margin.
+
+    slope = (mean of the mask's inner boundary layer − mean of the outer layer) / spacing; height =
+    2 × (mean of the two layers − mean of the ring `far_px` pixels outside), which assumes the mask boundary
+    sits at half height — true for a mask thresholded at 0.5 of a symmetric edge (the phantom's occupancy
+    ≥ 0.5, a generator's mask > 0.5). Why not the raw boundary gradient: a faint ground-glass nodule has a
+    small gradient however sharp its edge. Why not the mean inside the mask as the height: a solid core
+    inside a ground-glass rim inflates it (on mixed nodules that measure did not track the blur at all,
+    while this one keeps |ρ| ≈ 0.8 with the true blur at 30 HU noise). NaN for an empty mask or no height.
+    """
     mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return float("nan")
-    core = erode(mask, 1)
-    inside = core if core.any() else mask
-    ring = dilate(mask, 4) & ~dilate(mask, 2)
-    if not ring.any():
+    if not mask.any() or mask.all():
         return float("nan")
     image = np.asarray(image, dtype=np.float64)
-    contrast = abs(float(image[inside].mean()) - float(image[ring].mean()))
-    if contrast < 1e-6:
+    inside = ndimage.distance_transform_edt(mask)
+    outside = ndimage.distance_transform_edt(~mask)
+    inner = mask & (inside <= 1.0)
+    outer = ~mask & (outside <= 1.0)
+    far = ~mask & (outside > far_px[0] - 0.5) & (outside <= far_px[1] + 0.5)
+    if not (inner.any() and outer.any() and far.any()):
         return float("nan")
-    return margin_gradient(image, mask, spacing_mm) / contrast
+    a, b, lo = float(image[inner].mean()), float(image[outer].mean()), float(image[far].mean())
+    height = a + b - 2.0 * lo
+    if abs(height) < 1e-6:
+        return float("nan")
+    return (a - b) / float(spacing_mm) / height
 
 
 def perimeter_mm(mask: np.ndarray, spacing_mm: float = 1.0) -> float:
@@ -220,7 +231,8 @@ def nodule_features(image_hu: np.ndarray, mask: np.ndarray, spacing_mm: float) -
     """Hand-crafted measures of one nodule slice (HU image and its mask): size, density, its spread, margin.
 
     `diameter_mm` equivalent diameter; `mean_hu`, `std_hu` inside the mask; `margin_gradient` (HU/mm) mean
-    gradient on the boundary band; `margin_sharpness` (1/mm) the same divided by the contrast; `compactness`.
+    gradient magnitude on the boundary band; `margin_sharpness` (1/mm) the slope across the edge over the
+    edge's height (`margin_sharpness`); `compactness`.
     An empty mask gives diameter 0 and NaN for the rest.
     """
     mask = np.asarray(mask, dtype=bool)
