@@ -272,6 +272,8 @@ class NoduleInserter:
             raise InsertionError("give either centres or an automatic count, not both")
         if not explicit and auto_count <= 0:
             raise InsertionError("no nodule centre given: pass centres (RAS mm) or an automatic count ≥ 1")
+        if auto_count > 255 or (explicit and np.size(centres_ras) > 3 * 255):
+            raise InsertionError("at most 255 nodules fit in one uint8 label volume")
         if auto_count and slices is not None:
             raise InsertionError("explicit slice lists need explicit centres; use half_slices with automatic placement")
 
