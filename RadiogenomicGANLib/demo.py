@@ -12,8 +12,9 @@
    (background, the three results, masks, weight maps) and the radiogenomic map (t-SNE of the cohort's gene
    codes φ(g), donors highlighted) are drawn.
 
-The phantom cohort must be the one the demo model was trained on (its gene names): the cohort seed is read
-from the weights' provenance (`phantom_seed`, else 0) and can be overridden with `--cohort-seed`.
+The phantom cohort must be the one the demo model was trained on (its gene names): the cohort seed and gene
+count are read from the weights' provenance (`phantom_seed`, else 0; `phantom_genes`, else the model's gene
+count); `--cohort-seed` overrides the seed.
 """
 
 from __future__ import annotations
@@ -227,7 +228,9 @@ def run(out: Path, *, weights: Path | None = None, random_model: bool = False, c
               f"Use the bundled model (drop --random-model).\n{'!' * 78}\n", file=sys.stderr)
 
     # 1. the phantom gene table (cohort) and the donors
-    n_genes = len(inserter.metadata.gene_names) if inserter is not None else 5172
+    # The phantom's gene names depend on (seed, gene count): both come from the model's provenance when
+    # recorded there (`phantom_seed`, `phantom_genes`), else seed 0 and the model's own gene count.
+    n_genes = int(provenance.get("phantom_genes", len(inserter.metadata.gene_names))) if inserter else 5172
     gene_names, ids, fpkm, classes = cohort_genes(seed_cohort, cohort_size, n_genes)
     table_path = out / "phantom_genes.txt"
     write_geo_table(table_path, gene_names, ids, fpkm)
