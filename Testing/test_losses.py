@@ -7,7 +7,7 @@ from torch import nn
 
 from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_generator
 from training.discriminator import Discriminator, DiscriminatorConfig
-from training.losses import GANLoss, LossWeights, eroded_background_mask, ls_term, masked_l1
+from training.losses import GANLoss, LossWeights, eroded_background_mask, frozen, ls_term, masked_l1
 
 # -- stubs with known scores -----------------------------------------------------------------------------
 
@@ -208,7 +208,8 @@ def test_generator_loss_by_hand() -> None:
     assert logs["l1_region_fraction"] == pytest.approx(1.0)
     assert logs["g_l1"] == pytest.approx(0.5)
     assert loss.item() == pytest.approx(9.73875 + 10 * 0.5)
-    assert d.calls == [("image", 1), ("pair", 1)]
+    # the same stacked batches as the D step (identical batch-norm statistics), fake rows kept
+    assert d.calls == [("image", 2), ("pair", 3)]
     loss.backward()
     # D_ISG sees φ(g) with gradient in the G step: d/dcode of 0.5·(mean(code) + c − 1)² = 0.5·2·(−1.05)/4
     torch.testing.assert_close(fake.gene_code.grad, torch.full((1, 4), -0.2625))
@@ -376,3 +377,26 @@ def test_noise_is_passed_through() -> None:
     c = loss_fn.run_generator(batch, torch.randn(3, 4)).image
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("kind", ["proposed", "inpainting"])
+def test_g_step_scores_the_fake_with_the_d_steps_batch_statistics(kind: str) -> None:
+    """D's batch norm (train mode) must see the same batch in both steps: the G step's fake scores equal the
+    D step's, so G cannot fool D through batch statistics alone (a fake-only batch would shift them)."""
+    torch.manual_seed(1)
+    g = build_generator(GeneratorConfig(kind=kind, **SMALL_G))
+    d = Discriminator(DiscriminatorConfig.for_generator(g.config, base_channels=4, max_channels=16))
+    loss_fn = GANLoss(g, d)
+    batch = _real_batch()
+    fake = loss_fn.run_generator(batch)
+    _, d_logs = loss_fn.discriminator_loss(batch, fake)
+    _, g_logs = loss_fn.generator_loss(batch, fake)
+    # LS terms of the same fake scores: D_I(Gx)² in the D step, (D_I(Gx) − 1)² in the G step
+    with torch.no_grad():
+        scores_d = loss_fn._score_tuples(batch, fake, g_step=False)
+        with frozen(d):
+            scores_g = loss_fn._score_tuples(batch, fake, g_step=True)
+    for name in scores_d:
+        torch.testing.assert_close(scores_g[name], scores_d[name])
+    assert d_logs["d_i_fake"] == pytest.approx(float((scores_d["i_fake"] ** 2).mean()), rel=1e-5)
+    assert g_logs["g_i"] == pytest.approx(float(((scores_g["i_fake"] - 1) ** 2).mean()), rel=1e-5)

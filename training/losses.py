@@ -25,11 +25,12 @@ hole, same per-pixel normalisation as the background L1) + the D_I and D_IS adve
 fair Table-1 comparison of decision 9: same slices, same 2D patches, and the evaluation region of the
 inpainting method is the same 1.5 × radius disc.
 
-Efficiency: in the D step every encoder runs once on a batch that stacks all the tuples it must score
+Efficiency and batch norm: every encoder runs once on a batch that stacks all the tuples it must score
 (image encoder: [x; Gx]; image+mask encoder: [(x, m); (x, m̄); (Gx, Gm)]); the (x, m) features are reused
-for the mismatched-gene term. Batch norm in D therefore normalises real and fake samples together in the
-D step (D cannot key on "this batch is all fake"), while the G step scores the fake tuple alone, as in the
-authors' code.
+for the mismatched-gene term. The G step scores the *same* stacked batch and keeps the fake rows, so D's
+batch norm sees identical batch statistics in both steps. Scoring the fake tuple alone in the G step (as the
+authors' code did) lets G fool D through the batch statistics: on the phantom, D_IS then rated garbage
+masks as real in the G step while rejecting them in the D step, and the masks never became nodules.
 """
 
 from __future__ import annotations
@@ -211,46 +212,65 @@ class GANLoss:
         _require(batch, ("background", "genes"))
         return self.generator(batch["background"], batch["genes"], noise)
 
-    # -- codes D_ISG sees -----------------------------------------------------------------------------
-    def _d_step_codes(self, batch: Mapping[str, Tensor], fake: GeneratorOutput) -> tuple[Tensor, Tensor]:
-        """D's codes of g and ḡ for the D step (no gradient into G's mapping network)."""
+    # -- D's scores of every tuple of the paper's equations ---------------------------------------------
+    def _codes(self, batch: Mapping[str, Tensor], fake: GeneratorOutput, *, g_step: bool) -> tuple[Tensor, ...]:
+        """D_ISG's codes of (real g, fake g, ḡ). φ(g) and φ(ḡ) come from G's mapping without gradient (decision
+        5); only in the G step does the fake tuple's φ(g) keep its gradient, so the mapping learns from G's
+        loss alone. With ``independent_mapping`` D maps the raw genes itself."""
         d = self.discriminator
         genes, wrong = batch["genes"], batch["wrong_genes"]
         if d.config.independent_mapping:
             codes = d.gene_code(torch.cat([genes, wrong]))
-            return codes[: len(genes)], codes[len(genes) :]
+            return codes[: len(genes)], codes[: len(genes)], codes[len(genes) :]
         with torch.no_grad():
             code_g = fake.gene_code if fake.gene_code is not None else self.generator.encode_genes(genes)
             code_wrong = self.generator.encode_genes(wrong)
-        return d.gene_code(code_g.detach()), d.gene_code(code_wrong.detach())
+        code_g = code_g.detach()
+        code_fake = code_g
+        if g_step:
+            if fake.gene_code is None:
+                raise ValueError(f"a {self.kind!r} generator must return its gene code φ(g)")
+            code_fake = fake.gene_code
+        return d.gene_code(code_g), d.gene_code(code_fake), d.gene_code(code_wrong.detach())
 
-    def _g_step_code(self, batch: Mapping[str, Tensor], fake: GeneratorOutput) -> Tensor:
-        """The code passed to D.forward in the G step: φ(g) with gradient, or raw genes (independent)."""
-        if self.discriminator.config.independent_mapping:
-            return batch["genes"]
-        if fake.gene_code is None:
-            raise ValueError(f"a {self.kind!r} generator must return its gene code φ(g)")
-        return fake.gene_code
+    def _score_tuples(
+        self, batch: Mapping[str, Tensor], fake: GeneratorOutput, *, g_step: bool
+    ) -> dict[str, Tensor]:
+        """Scores of every tuple, one stacked pass per encoder; identical composition in the D and G step."""
+        keys = ("image", "mask", "wrong_mask") + (("genes", "wrong_genes") if self.uses_genes else ())
+        _require(batch, keys)
+        d = self.discriminator
+        x, m, wrong_mask = batch["image"], batch["mask"], batch["wrong_mask"]
+        gx, gm = (fake.image, fake.mask) if g_step else (fake.image.detach(), fake.mask.detach())
+        n = x.shape[0]
+        d_i = d.score_image(d.image_features(torch.cat([x, gx])))
+        pair = d.pair_features(torch.cat([x, x, gx]), torch.cat([m, wrong_mask, gm]))
+        d_is = d.score_pair(pair)
+        scores = {
+            "i_real": d_i[:n], "i_fake": d_i[n:],
+            "is_real": d_is[:n], "is_wrong_mask": d_is[n : 2 * n], "is_fake": d_is[2 * n :],
+        }  # fmt: skip
+        if self.uses_genes:
+            code_g, code_fake, code_wrong = self._codes(batch, fake, g_step=g_step)
+            # tuples: (x, m, g), (x, m̄, g), (Gx, Gm, g) from `pair`, then (x, m, ḡ) reusing (x, m).
+            d_isg = d.score_gene(torch.cat([pair, pair[:n]]), torch.cat([code_g, code_g, code_fake, code_wrong]))
+            scores |= {
+                "isg_real": d_isg[:n], "isg_wrong_mask": d_isg[n : 2 * n],
+                "isg_fake": d_isg[2 * n : 3 * n], "isg_wrong_gene": d_isg[3 * n :],
+            }  # fmt: skip
+        return scores
 
     # -- D step ---------------------------------------------------------------------------------------
     def discriminator_loss(self, batch: Mapping[str, Tensor], fake: GeneratorOutput) -> tuple[Tensor, dict[str, float]]:
         """L_D = w_I·L_DI + w_IS·L_DIS (+ w_ISG·L_DISG); `fake` is detached here."""
-        keys = ("image", "mask", "wrong_mask") + (("genes", "wrong_genes") if self.uses_genes else ())
-        _require(batch, keys)
-        d, w = self.discriminator, self.weights
-        x, m, wrong_mask = batch["image"], batch["mask"], batch["wrong_mask"]
-        gx, gm = fake.image.detach(), fake.mask.detach()
-        n = x.shape[0]
-
-        d_i = d.score_image(d.image_features(torch.cat([x, gx])))
-        pair = d.pair_features(torch.cat([x, x, gx]), torch.cat([m, wrong_mask, gm]))
-        d_is = d.score_pair(pair)
+        w = self.weights
+        s = self._score_tuples(batch, fake, g_step=False)
         t: dict[str, Tensor] = {
-            "d_i_real": ls_term(d_i[:n], 1.0),
-            "d_i_fake": ls_term(d_i[n:], 0.0),
-            "d_is_real": ls_term(d_is[:n], 1.0),
-            "d_is_wrong_mask": ls_term(d_is[n : 2 * n], 0.0),
-            "d_is_fake": ls_term(d_is[2 * n :], 0.0),
+            "d_i_real": ls_term(s["i_real"], 1.0),
+            "d_i_fake": ls_term(s["i_fake"], 0.0),
+            "d_is_real": ls_term(s["is_real"], 1.0),
+            "d_is_wrong_mask": ls_term(s["is_wrong_mask"], 0.0),
+            "d_is_fake": ls_term(s["is_fake"], 0.0),
         }
         loss = w.d_i * (t["d_i_real"] + t["d_i_fake"]) + w.d_is * (
             t["d_is_real"] + t["d_is_wrong_mask"] + t["d_is_fake"]
@@ -259,13 +279,10 @@ class GANLoss:
         fake_sum = w.d_i * t["d_i_fake"] + w.d_is * t["d_is_fake"]
         wrong_sum = w.d_is * t["d_is_wrong_mask"]
         if self.uses_genes:
-            code_g, code_wrong = self._d_step_codes(batch, fake)
-            # tuples: (x, m, g), (x, m̄, g), (Gx, Gm, g) from `pair`, then (x, m, ḡ) reusing (x, m).
-            d_isg = d.score_gene(torch.cat([pair, pair[:n]]), torch.cat([code_g, code_g, code_g, code_wrong]))
-            t["d_isg_real"] = ls_term(d_isg[:n], 1.0)
-            t["d_isg_wrong_mask"] = ls_term(d_isg[n : 2 * n], 0.0)
-            t["d_isg_fake"] = ls_term(d_isg[2 * n : 3 * n], 0.0)
-            t["d_isg_wrong_gene"] = ls_term(d_isg[3 * n :], 0.0)
+            t["d_isg_real"] = ls_term(s["isg_real"], 1.0)
+            t["d_isg_wrong_mask"] = ls_term(s["isg_wrong_mask"], 0.0)
+            t["d_isg_fake"] = ls_term(s["isg_fake"], 0.0)
+            t["d_isg_wrong_gene"] = ls_term(s["isg_wrong_gene"], 0.0)
             loss = loss + w.d_isg * (t["d_isg_real"] + t["d_isg_wrong_mask"] + t["d_isg_wrong_gene"] + t["d_isg_fake"])
             real = real + w.d_isg * t["d_isg_real"]
             fake_sum = fake_sum + w.d_isg * t["d_isg_fake"]
@@ -276,24 +293,24 @@ class GANLoss:
             "d_fake": fake_sum,
             "d_wrong": wrong_sum,
             **t,
-            "score_i_real": d_i[:n].mean(),
-            "score_i_fake": d_i[n:].mean(),
+            "score_i_real": s["i_real"].mean(),
+            "score_i_fake": s["i_fake"].mean(),
         }
         return loss, _logs(logs)
 
     # -- G step ---------------------------------------------------------------------------------------
     def generator_loss(self, batch: Mapping[str, Tensor], fake: GeneratorOutput) -> tuple[Tensor, dict[str, float]]:
         """L_G: adversarial terms towards 1 + the L1 term (background L1, or hole L1 for inpainting).
-        D's parameters are frozen during this forward, so only G receives gradient."""
+        D's parameters are frozen during this forward, so only G receives gradient; D scores the same stacked
+        batch as in the D step and only the fake rows enter the loss."""
         gx, gm = fake.image, fake.mask
         w = self.weights
         with frozen(self.discriminator):
-            code = self._g_step_code(batch, fake) if self.uses_genes else None
-            scores = self.discriminator(gx, gm, code)
-        t: dict[str, Tensor] = {"g_i": ls_term(scores.d_i, 1.0), "g_is": ls_term(scores.d_is, 1.0)}
+            s = self._score_tuples(batch, fake, g_step=True)
+        t: dict[str, Tensor] = {"g_i": ls_term(s["i_fake"], 1.0), "g_is": ls_term(s["is_fake"], 1.0)}
         adv = w.d_i * t["g_i"] + w.d_is * t["g_is"]
-        if scores.d_isg is not None:
-            t["g_isg"] = ls_term(scores.d_isg, 1.0)
+        if self.uses_genes:
+            t["g_isg"] = ls_term(s["isg_fake"], 1.0)
             adv = adv + w.d_isg * t["g_isg"]
         if self.kind == "inpainting":
             _require(batch, ("image", "mask"))
