@@ -266,18 +266,20 @@ def _as_modules(label: int | Sequence[int] | None) -> tuple[int, ...]:
 # Step 2: hand-crafted features of the real nodules
 
 
-def real_nodule_features(data, patients: Sequence[int]) -> np.ndarray:  # data: RadiogenomicDataset
-    """(P, F) features (`NODULE_FEATURES` order) of each patient's real nodule slices; NaN without slices."""
+def real_nodule_features(data, patients: Sequence[int],  # data: RadiogenomicDataset
+                         names: Sequence[str] = NODULE_FEATURES) -> np.ndarray:
+    """(P, F) features (`names`, of `metrics.nodule_features`) of each patient's real nodule slices; NaN
+    for a patient without slices."""
     window = tuple(float(v) for v in data.hu_window)
     rows = []
     for p in patients:
         idx = np.flatnonzero(data.nodule_patient == p)
         if idx.size == 0:
-            rows.append([np.nan] * len(NODULE_FEATURES))
+            rows.append([np.nan] * len(names))
             continue
         hu = unit_to_hu(data.nodule_images[idx], window)
         features = patient_nodule_features(hu, data.nodule_masks[idx] > 0, float(data.patch_spacing_mm))
-        rows.append([features[name] for name in NODULE_FEATURES])
+        rows.append([features[name] for name in names])
     return np.asarray(rows, dtype=np.float64)
 
 

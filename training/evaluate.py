@@ -96,12 +96,16 @@ PAPER_TABLE1: dict[str, dict[str, float]] = {
     "baseline": {"mse": 0.0065, "ssim": 0.74, "psnr": 22.05},
     "proposed": {"mse": 0.0044, "ssim": 0.88, "psnr": 24.52},
 }
-# gene-control measure of the generated nodule ↔ the donor's true phenotype, expected sign of ρ
-GENE_CONTROL: tuple[tuple[str, str, str, int], ...] = (
-    ("size", "diameter_mm", "diameter_mm", +1),
-    ("density", "mean_hu", "solid_fraction", +1),
-    ("margin", "margin_sharpness", "margin_blur_mm", -1),
+# gene-control measure of the generated nodule ↔ the donor's true phenotype, expected sign of ρ, target?
+GENE_CONTROL: tuple[tuple[str, str, str, int, bool], ...] = (
+    ("size", "diameter_mm", "diameter_mm", +1, True),
+    ("density", "mean_hu", "solid_fraction", +1, True),
+    ("margin", "margin_sharpness", "margin_blur_mm", -1, True),
+    # the literal "mean gradient magnitude on the boundary": reported, not a target, as it mostly measures
+    # density (a faint ground-glass edge has a small gradient however sharp it is)
+    ("margin, raw gradient", "margin_gradient", "margin_blur_mm", -1, False),
 )
+CONTROL_FEATURES: tuple[str, ...] = (*NODULE_FEATURES, "margin_gradient")   # NODULE_FEATURES first
 TARGETS = {"ssim": 0.88, "psnr": 24.5, "ari_proposed": 0.8, "ari_raw_max": 0.3, "gene_control_rho": 0.8,
            "c2st_max": 0.65}
 MIN_TEST_DONORS = 8
@@ -481,15 +485,15 @@ def gene_control(ctx: Context, n_backgrounds: int = 4) -> dict:
         images, masks = generate(model, bg, genes, noise, device=ctx.device, batch_size=ctx.batch_size,
                                  desc=f"gene control {role}", progress=ctx.progress)
         feats = generated_features(images, masks, data.patch_spacing_mm, ctx.window)
-        table = np.array([[f[name] for name in NODULE_FEATURES] for f in feats]).reshape(
-            donors.size, chosen.size, len(NODULE_FEATURES))
+        table = np.array([[f[name] for name in CONTROL_FEATURES] for f in feats]).reshape(
+            donors.size, chosen.size, len(CONTROL_FEATURES))
         empty = np.array([f["diameter_mm"] == 0 for f in feats])
         per_donor[role] = _nanmedian(table, axis=1)
         result["models"][role] = {"empty_mask_fraction": float(empty.mean()),
                                   "feature_spread_across_donors": {
                                       name: float(np.nanstd(per_donor[role][:, j])) if np.isfinite(
                                           per_donor[role][:, j]).any() else float("nan")
-                                      for j, name in enumerate(NODULE_FEATURES)}}
+                                      for j, name in enumerate(CONTROL_FEATURES)}}
     result["per_donor"] = per_donor
     return result
 
@@ -514,12 +518,12 @@ def gene_control_scores(ctx: Context, control: dict, real_features: np.ndarray) 
     scores: dict[str, Any] = {}
     for source, values in sources.items():
         entry = {}
-        for label, feature, phenotype, sign in GENE_CONTROL:
+        for label, feature, phenotype, sign, is_target in GENE_CONTROL:
             if phenotype not in truth.phenotypes:
                 continue
-            column = values[:, NODULE_FEATURES.index(feature)]
+            column = values[:, CONTROL_FEATURES.index(feature)]
             y = truth.phenotypes[phenotype]
-            row = {"feature": feature, "phenotype": phenotype, "expected_sign": sign}
+            row = {"feature": feature, "phenotype": phenotype, "expected_sign": sign, "target": is_target}
             for subset, rows in (("test", test), ("all", np.ones_like(test))):
                 rho, p, n = spearman(column[rows], y[rows])
                 row[f"rho_{subset}"], row[f"p_{subset}"], row[f"n_{subset}"] = rho, p, n
@@ -596,7 +600,7 @@ def links(ctx: Context, conventional: dict, control: dict | None, alpha: float) 
     image_sides = {}
     if control is not None:
         for role, values in control["per_donor"].items():
-            image_sides[role] = values[patients]
+            image_sides[role] = values[patients][:, : len(NODULE_FEATURES)]
     for role, values in image_sides.items():
         rows[f"{role} (metagenes × gene-controlled nodule features)"] = association_links(
             units["values"], units["names"], units["modules"], values, NODULE_FEATURES, alpha=alpha,
@@ -654,7 +658,7 @@ def targets(metrics: dict) -> list[dict]:
     control = metrics.get("gene_control", {}).get("scores", {}).get("proposed")
     if control:
         subset = metrics["gene_control"].get("target_subset", "test")
-        values = {label: row[f"aligned_rho_{subset}"] for label, row in control.items()}
+        values = {label: row[f"aligned_rho_{subset}"] for label, row in control.items() if row.get("target", True)}
         reached = all(_ge(v, TARGETS["gene_control_rho"]) for v in values.values()) if values else None
         found.append({"target": f"gene-control aligned ρ ≥ {TARGETS['gene_control_rho']} for "
                                 f"{', '.join(values)} ({subset} donors)",
@@ -823,6 +827,7 @@ def write_report(metrics: dict, out: Path) -> Path:
                       "|---|---|---|---|---|---|"]
             for source, entry in gc["scores"].items():
                 for label, row in entry.items():
+                    label = label if row.get("target", True) else f"{label} (not a target)"
                     lines.append(f"| {source} | {label}: {row['feature']} ↔ {row['phenotype']} | "
                                  f"{_fmt(row['aligned_rho_test'])} | {row['n_test']} | {_fmt(row['aligned_rho_all'])} "
                                  f"| {row['n_all']} |")
@@ -956,12 +961,12 @@ def _evaluate(args: argparse.Namespace) -> dict:
     all_patients = np.arange(data.num_patients)
     from training.conventional import real_nodule_features
 
-    real_features = real_nodule_features(data, all_patients)
+    real_features = real_nodule_features(data, all_patients, CONTROL_FEATURES)
     control = None
     if any(r in models for r in ("baseline", "proposed")):
         control = gene_control(ctx, args.gene_control_backgrounds)
         gc: dict[str, Any] = {k: v for k, v in control.items() if k != "per_donor"}
-        gc["per_donor_features"] = {role: {name: values[:, j] for j, name in enumerate(NODULE_FEATURES)}
+        gc["per_donor_features"] = {role: {name: values[:, j] for j, name in enumerate(CONTROL_FEATURES)}
                                     for role, values in control["per_donor"].items()}
         if truth is not None:
             gc["scores"] = gene_control_scores(ctx, control, real_features)
@@ -994,11 +999,11 @@ def gene_control_figure(ctx: Context, control: dict, real_features: np.ndarray) 
     role = "proposed" if "proposed" in control["per_donor"] else "baseline"
     values = control["per_donor"][role]
     panels = []
-    for label, feature, phenotype, sign in GENE_CONTROL:
-        if phenotype not in ctx.truth.phenotypes:
+    for label, feature, phenotype, sign, is_target in GENE_CONTROL:
+        if phenotype not in ctx.truth.phenotypes or not is_target:
             continue
         x = ctx.truth.phenotypes[phenotype]
-        y = values[:, NODULE_FEATURES.index(feature)]
+        y = values[:, CONTROL_FEATURES.index(feature)]
         rho = spearman(x, y)[0]
         expected = "expected > 0" if sign > 0 else "expected < 0"
         panels.append({"x": x, "y": y, "xlabel": f"donor's true {phenotype}", "ylabel": f"generated {feature}",
