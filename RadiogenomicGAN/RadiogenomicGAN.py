@@ -671,7 +671,7 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
         created (or the given ones refilled) only once the insertion has succeeded; the input is never
         modified. `progress(fraction, message)` returning False cancels (InsertionCancelled).
         """
-        from RadiogenomicGANLib import mrml_adapter
+        from RadiogenomicGANLib import mrml_adapter, segments
         from RadiogenomicGANLib.genes import profile_for_model
         from RadiogenomicGANLib.insertion import InsertionError
 
@@ -734,7 +734,7 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
             outputVolume = mrml_adapter.create_output_volume(
                 scene, inputVolumeNode, result.volume_hu, output_node=outputVolumeNode,
                 attributes={mrml_adapter.ATTRIBUTE_ROLE: "syntheticVolume",
-                            mrml_adapter.TAG_PROVENANCE: json.dumps(provenance, default=str)})
+                            segments.TAG_PROVENANCE: json.dumps(provenance, default=str)})
             created.append(outputVolume)
             segmentation = mrml_adapter.create_nodule_segmentation(
                 scene, inputVolumeNode, result.label, provenance, num_nodules=len(result.centres_ras),
@@ -785,7 +785,7 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def insertedCentres(segmentationNode: Any) -> np.ndarray:
         """The nodule centres (RAS) recorded in a synthetic segmentation's provenance; (0, 3) if none."""
-        from RadiogenomicGANLib.mrml_adapter import TAG_PROVENANCE
+        from RadiogenomicGANLib.segments import TAG_PROVENANCE
 
         try:
             provenance = json.loads(segmentationNode.GetAttribute(TAG_PROVENANCE) or "{}")

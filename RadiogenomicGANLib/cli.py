@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from RadiogenomicGANLib.insertion import InsertionCancelled, InsertionError, NoduleInserter
+from RadiogenomicGANLib.segments import nodule_segments
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "Resources" / "demo_model.safetensors"
 EXIT_BAD_INPUT = 2
@@ -210,7 +211,7 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     # 4. outputs: staged beside their targets, renamed together at the end.
-    segments = volume_io.nodule_segments(len(result.centres_ras), result.provenance)
+    segments = nodule_segments(len(result.centres_ras), result.provenance)
     provenance_text = _provenance_text(result.provenance)
     staged: list[tuple[Path, Path]] = []
     try:

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from RadiogenomicGANLib.segments import nodule_segments
+
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "Resources" / "demo_model.safetensors"
 DISPLAY_WINDOW = (-1350.0, 150.0)  # lung window W1500 / L−600
 CROP_MM = 70.0
@@ -281,7 +283,7 @@ def run(out: Path, *, weights: Path | None = None, random_model: bool = False, c
         metadata_text = {"RadiogenomicGAN_Synthetic": "true", "RadiogenomicGAN_GeneSample": donor.sample_id}
         written[f"{donor.sample_id} CT"] = volume_io.write_volume(out / f"{stem}.nrrd", result.volume_hu, geometry,
                                                                   metadata=metadata_text)
-        segments = volume_io.nodule_segments(len(centres), result.provenance)
+        segments = nodule_segments(len(centres), result.provenance)
         written[f"{donor.sample_id} segmentation"] = volume_io.write_segmentation(
             out / f"{stem}.seg.nrrd", result.label, geometry, segments)
         if result.weight_map is not None:

@@ -29,29 +29,11 @@ from typing import Any
 import numpy as np
 
 from RadiogenomicGANLib.geometry import VolumeGeometry
+from RadiogenomicGANLib.segments import SegmentInfo
 
 VOLUME_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
 SEG_SUFFIX = ".seg.nrrd"
 
-#: Slicer terminology string (context~category~type~modifier~anatomic context~region~region modifier):
-#: Morphologically altered structure / Nodule, in the lung — the same entry `mrml_adapter` serialises, so a
-#: segmentation from the CLI and one from the module carry identical terminology, colours and tags.
-NODULE_TERMINOLOGY = (
-    "Segmentation category and type - DICOM master list"
-    "~SCT^49755003^Morphologically Altered Structure~SCT^27925004^Nodule~^^"
-    "~Anatomic codes - DICOM master list~SCT^39607008^Lung~^^"
-)
-#: Distinct, colour-blind-friendly colours (Okabe–Ito) for nodules 1, 2, … (cycled), as in `mrml_adapter`.
-SEGMENT_COLOURS = (
-    (0.902, 0.624, 0.000),
-    (0.337, 0.706, 0.914),
-    (0.000, 0.620, 0.451),
-    (0.941, 0.894, 0.259),
-    (0.000, 0.447, 0.698),
-    (0.835, 0.369, 0.000),
-    (0.800, 0.475, 0.655),
-)
-TAG_PREFIX = "RadiogenomicGAN."
 #: Private coding scheme for the "synthetic" note in DICOM SEG (DICOM PS3.16 allows "99" local schemes).
 SYNTHETIC_CODE = ("SYNTHETIC", "99RGGAN", "Synthetic lesion (generated, not a finding)")
 SERIES_DESCRIPTION = "Synthetic nodules (RadiogenomicGAN)"
@@ -71,18 +53,6 @@ class LoadedVolume:
     source: str  # "nrrd" | "nifti" | "mha" | "dicom"
     dicom: Any = None  # dicom_io.CTVolume for DICOM input
     dicom_files: list[Path] = field(default_factory=list)
-
-
-@dataclass
-class SegmentInfo:
-    """One segment of a `.seg.nrrd`: label value in the labelmap plus what Slicer shows."""
-
-    label_value: int
-    name: str
-    colour: tuple[float, float, float]
-    segment_id: str = ""
-    terminology: str = NODULE_TERMINOLOGY
-    tags: dict[str, str] = field(default_factory=dict)
 
 
 # --- paths ----------------------------------------------------------------------------------------------
@@ -200,35 +170,6 @@ def write_volume(
 
 
 # --- writing segmentations ------------------------------------------------------------------------------
-def nodule_segments(count: int, provenance: dict[str, Any] | None = None) -> list[SegmentInfo]:
-    """Segments "Synthetic nodule 1…n" (label n), tagged synthetic with the provenance (model, sample, seed).
-
-    Tag names and values follow `mrml_adapter` (RadiogenomicGAN.Synthetic/Model/GeneSample/Seed/Provenance/
-    NoduleIndex), so files and scene nodes can be read the same way.
-    """
-    provenance = provenance or {}
-    sample = provenance.get("gene_sample")
-    if isinstance(sample, dict):
-        sample = json.dumps(sample, sort_keys=True)
-    tags = {
-        TAG_PREFIX + "Synthetic": "true",
-        TAG_PREFIX + "Model": str(provenance.get("weights_file") or provenance.get("model_kind") or "unknown"),
-        TAG_PREFIX + "GeneSample": "" if sample is None else str(sample),
-        TAG_PREFIX + "Seed": str(provenance.get("seed", "")),
-        TAG_PREFIX + "Provenance": json.dumps(provenance, sort_keys=True, separators=(",", ":"), default=str),
-    }
-    return [
-        SegmentInfo(
-            label_value=n,
-            name=f"Synthetic nodule {n}",
-            colour=SEGMENT_COLOURS[(n - 1) % len(SEGMENT_COLOURS)],
-            segment_id=f"Synthetic_nodule_{n}",
-            tags={**tags, TAG_PREFIX + "NoduleIndex": str(n)},
-        )
-        for n in range(1, count + 1)
-    ]
-
-
 def _tag_text(value: str) -> str:
     """Tag values may not contain '|' (the tag separator) or newlines."""
     return str(value).replace("|", "/").replace("\n", " ")

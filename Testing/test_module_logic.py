@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch")
 vtk = pytest.importorskip("vtk")
 
 from RadiogenomicGANLib import mrml_adapter as adapter  # noqa: E402
+from RadiogenomicGANLib import segments  # noqa: E402
 from RadiogenomicGANLib.genes import GeneTableError  # noqa: E402
 from RadiogenomicGANLib.insertion import InsertionCancelled, InsertionError  # noqa: E402
 from RadiogenomicGANLib.networks import GeneratorConfig, build_generator  # noqa: E402
@@ -204,11 +205,11 @@ def test_insert_from_points_end_to_end(logic, scene, ct, patient, weights, gene_
     assert set(np.flatnonzero(label.any(axis=(1, 2)))) <= set(requested)
     _assert_in_lung(logic, weights, patient, label)
     segment = segmentation.GetSegmentation().GetNthSegment(0)
-    assert _tag(segment, adapter.TAG_SYNTHETIC) == "true"
-    assert _tag(segment, adapter.TAG_MODEL) == "tiny.safetensors"
-    assert _tag(segment, adapter.TAG_GENE_SAMPLE) == "S2"
-    assert _tag(segment, adapter.TAG_SEED) == "3"
-    provenance = json.loads(_tag(segment, adapter.TAG_PROVENANCE))
+    assert _tag(segment, segments.TAG_SYNTHETIC) == "true"
+    assert _tag(segment, segments.TAG_MODEL) == "tiny.safetensors"
+    assert _tag(segment, segments.TAG_GENE_SAMPLE) == "S2"
+    assert _tag(segment, segments.TAG_SEED) == "3"
+    provenance = json.loads(_tag(segment, segments.TAG_PROVENANCE))
     assert provenance["gene_table"] == "genes.txt" and provenance["slices"] == [requested]
     assert np.allclose(provenance["centres_ras"][0], centre, atol=1e-2)
     assert np.allclose(logic.insertedCentres(segmentation)[0], centre, atol=1e-2)
