@@ -320,8 +320,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CANCELLED
     except _bad_input_errors() as error:
         message = " ".join(str(error).split())
-        # the gene reader names the Python keyword; say the flag of this command instead
-        message = message.replace("pass impute=True (--impute)", "pass --impute-missing-genes")
         print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     result = summary["result"]

@@ -336,8 +336,8 @@ def _single_profile(table: GeneTable, sample_id: str, gene_names: list[str], mea
         examples = ", ".join(examples.split(", ")[:5])
         raise GeneTableError(
             f"{int(missing.sum())} of {len(gene_names)} model genes are missing for sample '{sample_id}' "
-            f"({absent} not in the table, {na} NA; e.g. {examples}); pass impute=True (--impute) to fill "
-            "them with the training mean"
+            f"({absent} not in the table, {na} NA; e.g. {examples}); allow imputation to fill them with the "
+            "training mean (--impute-missing-genes on the command line, impute=True in Python)"
         )
     z = np.zeros(len(gene_names))
     z[~missing] = normalise(log_transform(raw[~missing]), means[~missing], stds[~missing])
