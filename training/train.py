@@ -149,10 +149,15 @@ class EpochItems(Dataset):
         return item
 
 
-def to_device(batch: Mapping[str, Tensor], device: torch.device, channels_last: bool) -> dict[str, Tensor]:
+def to_device(
+    batch: Mapping[str, Tensor], device: torch.device, channels_last: bool, dtype: torch.dtype | None = None
+) -> dict[str, Tensor]:
+    """Move a batch to the device; floating tensors to `dtype` (the networks' dtype: a run started under
+    ``torch.set_default_dtype(torch.float64)`` trains in float64 end to end, which the DDP test uses)."""
     out = {}
     for key, value in batch.items():
-        value = value.to(device, non_blocking=True)
+        value = value.to(device, dtype=dtype if dtype is not None and value.is_floating_point() else None,
+                         non_blocking=True)
         if channels_last and value.ndim == 4:
             value = value.contiguous(memory_format=torch.channels_last)
         out[key] = value
@@ -257,6 +262,10 @@ def build_networks(
     return Networks(
         generator, discriminator, generator_ema, loss, g_phase, d_phase, opt_g, opt_d, g_cfg, d_cfg, weights
     )
+
+
+def _dtype(nets: Networks) -> torch.dtype:
+    return next(nets.generator.parameters()).dtype
 
 
 def ema_decay(cfg: TrainConfig, step: int) -> float:
@@ -406,7 +415,7 @@ def fixed_samples(data: RadiogenomicDataset, cfg: TrainConfig, noise_dim: int) -
 def sample_grid(nets: Networks, samples: dict[str, Tensor], device: torch.device) -> Tensor:
     """(1, H, W) grid in [0, 1]: one row per sample; columns real | generator input | synthetic | mask |
     finest fusion weight map, all from the EMA generator in eval mode."""
-    batch = to_device(samples, device, channels_last=False)
+    batch = to_device(samples, device, channels_last=False, dtype=_dtype(nets))
     noise = batch.pop("noise")
     kind = nets.generator_config.kind
     ema_loss = GANLoss(nets.generator_ema, nets.discriminator, nets.loss_weights)
@@ -629,7 +638,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: str | None, command: str 
 
     # Print a summary.
     if ctx.is_main:
-        two = to_device({k: v[:2] for k, v in samples.items()}, ctx.device, channels_last=False)
+        two = to_device({k: v[:2] for k, v in samples.items()}, ctx.device, channels_last=False, dtype=_dtype(nets))
         noise2 = None if g_cfg.kind == "inpainting" else two["noise"]
         ema_loss = GANLoss(nets.generator_ema, nets.discriminator, weights)
         print(data.summary())
@@ -710,7 +719,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: str | None, command: str 
     autocast = lambda: autocast_for(ctx.device, use_amp)  # noqa: E731
     try:
         while step < cfg.steps:
-            batch = to_device(next(iterator), ctx.device, channels_last)
+            batch = to_device(next(iterator), ctx.device, channels_last, _dtype(nets))
             logs = train_iteration(nets, batch, autocast)
             if not (math.isfinite(logs["d_total"]) and math.isfinite(logs["g_total"])):
                 raise TrainingError(
