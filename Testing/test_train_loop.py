@@ -52,7 +52,8 @@ def read_log(out: Path) -> list[dict]:
 @pytest.mark.parametrize("model", ["proposed", "mcgan", "inpainting"])
 def test_each_model_trains(data: Path, tmp_path: Path, model: str, capsys) -> None:
     out = tmp_path / model
-    result = run(data, out, model, 4, "--sample-every", "2")
+    result = run(data, out, model, 4, "--sample-every", "2", "--provenance", "phantom_seed=2026",
+                 "--provenance", "note=tiny test run")
     printed = capsys.readouterr().out
     assert "Generator" in printed and "Discriminator" in printed and "Total" in printed   # summary tables
 
@@ -84,6 +85,7 @@ def test_each_model_trains(data: Path, tmp_path: Path, model: str, capsys) -> No
     assert meta.provenance["steps"] == 4 and meta.provenance["seed"] == 0
     assert len(meta.provenance["dataset_sha256"]) == 64
     assert meta.provenance["command"].startswith("python -m training.train")
+    assert meta.provenance["phantom_seed"] == 2026 and meta.provenance["note"] == "tiny test run"
     ema = {k: v for k, v in tensors.items() if k.startswith("model/G_ema/")}
     for key, value in generator.state_dict().items():
         assert torch.equal(value, ema[f"model/G_ema/{key}"]), key

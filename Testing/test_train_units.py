@@ -42,6 +42,8 @@ def test_config_refuses_unknown_keys_and_wrong_types(tmp_path: Path) -> None:
         TrainConfig.load(tmp_path / "bad.json")
     with pytest.raises(ConfigError, match="set by the run"):
         TrainConfig(data="d", out="o", generator={"num_genes": 3}).validate()
+    with pytest.raises(ConfigError, match=r"provenance key\(s\) \['steps'\]"):
+        TrainConfig(data="d", out="o", provenance={"steps": 1}).validate()
     with pytest.raises(ConfigError, match="batch_size must be >= 1"):
         TrainConfig(data="d", out="o", batch_size=0).validate()
 

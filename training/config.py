@@ -19,6 +19,11 @@ from typing import Any
 
 MODELS: tuple[str, ...] = ("proposed", "mcgan", "inpainting")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+# Provenance entries the run writes itself (training.train.export); --provenance may not replace them.
+RESERVED_PROVENANCE: tuple[str, ...] = (
+    "command", "steps", "seed", "model", "dataset", "dataset_sha256", "date", "git_commit", "torch", "device",
+    "world_size", "global_batch", "train_config", "loss_weights",
+)
 # Architecture keys fixed by the run itself (model choice and dataset), not by generator/discriminator overrides.
 _DERIVED_ARCH_KEYS: tuple[str, ...] = ("kind", "num_genes", "patch_size")
 
@@ -61,6 +66,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True              # tqdm bar
     export_name: str = ""              # RUN/<export_name>.safetensors+json; empty = the model name
+    provenance: dict[str, Any] = field(default_factory=dict)         # extra entries for the weights' provenance
 
     # -- JSON round trip ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -132,6 +138,9 @@ class TrainConfig:
                 raise ConfigError(
                     f"{section} option(s) {fixed} are set by the run (--model and the dataset), not by overrides"
                 )
+        taken = sorted(set(self.provenance) & set(RESERVED_PROVENANCE))
+        if taken:
+            raise ConfigError(f"provenance key(s) {taken} are written by the training run itself")
         for key, value in self.loss_weights.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"loss weight {key!r} must be a finite number >= 0, got {value!r}")

@@ -771,6 +771,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: str | None, command: str 
         if not (cfg.sample_every and step % cfg.sample_every == 0):
             emit_samples(step)
         provenance = {
+            **cfg.provenance,
             **provenance_base,
             "steps": step,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -842,6 +843,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, help="TensorBoard logs (default on)")
     o.add_argument("--progress", action=argparse.BooleanOptionalAction, help="tqdm progress bar (default on)")
     o.add_argument("--export-name", help="stem of the exported weights (default: the model name)")
+    o.add_argument("--provenance", action="append", metavar="KEY=VALUE",
+                   help="extra entry in the exported weights' provenance, VALUE read as JSON when it parses "
+                   "(e.g. phantom_seed=2026); repeatable")
     return p
 
 
@@ -856,7 +860,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     elif "resume" in vars(args) and given.get("out") and (Path(given["out"]) / "config.json").is_file():
         base = TrainConfig.load(Path(given["out"]) / "config.json")
     merged = base.to_dict()
-    for section in ("loss_weight", "generator", "discriminator"):
+    for section in ("loss_weight", "generator", "discriminator", "provenance"):
         pairs = given.pop(section, None)
         if pairs:
             target = "loss_weights" if section == "loss_weight" else section
