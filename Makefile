@@ -28,5 +28,23 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m RadiogenomicGANLib.demo --out demo_output
 
+# Reproduce the bundled demo model (Resources/demo_model.*): phantom cohort → dataset → proposed model.
+# CPU, one torch thread per process; see README "Bundled demo model" for the wall time it took.
+DEMO_WORK ?= build/demo-weights
+DEMO_SEED ?= 2026
+DEMO_PATIENTS ?= 64
+DEMO_STEPS ?= 4000
+DEMO_ARCH := --generator base_channels=16 --generator max_channels=128 \
+	--discriminator base_channels=16 --discriminator max_channels=128
+demo-weights: $(STAMP)
+	$(PY) -m RadiogenomicGANLib.phantom --out $(DEMO_WORK)/cohort --patients $(DEMO_PATIENTS) --seed $(DEMO_SEED) --quiet
+	$(PY) -m training.prepare --cohort $(DEMO_WORK)/cohort \
+		--rnaseq $(DEMO_WORK)/cohort/GSE103584_R01_NSCLC_RNAseq.txt.gz --out $(DEMO_WORK)/phantom.npz --seed $(DEMO_SEED)
+	OMP_NUM_THREADS=1 $(PY) -m training.train --data $(DEMO_WORK)/phantom.npz --model proposed --out $(DEMO_WORK)/run \
+		--steps $(DEMO_STEPS) --batch-size 16 --seed $(DEMO_SEED) $(DEMO_ARCH) --loss-weight background_l1=15 \
+		--export-name demo_model --provenance phantom_seed=$(DEMO_SEED) --provenance phantom_genes=5172
+	cp $(DEMO_WORK)/run/demo_model.safetensors $(DEMO_WORK)/run/demo_model.json Resources/
+	cd Resources && sha256sum demo_model.safetensors demo_model.json > demo_model.sha256
+
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache
