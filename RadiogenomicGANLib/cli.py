@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from RadiogenomicGANLib.atomic import partial_path
 from RadiogenomicGANLib.insertion import InsertionCancelled, InsertionError, NoduleInserter
 from RadiogenomicGANLib.segments import nodule_segments
 
@@ -134,10 +135,6 @@ def plan_slices(
 
 
 # --- the insert command ---------------------------------------------------------------------------------
-def _staging_path(final: Path) -> Path:
-    return final.with_name(f".{os.getpid()}.partial.{final.name}")
-
-
 def run_insert(args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything, insert, write all outputs atomically; returns a summary for printing."""
     from RadiogenomicGANLib import genes as gene_io
@@ -215,19 +212,19 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
     provenance_text = _provenance_text(result.provenance)
     staged: list[tuple[Path, Path]] = []
     try:
-        target = _staging_path(args.out_volume)
+        target = partial_path(args.out_volume)
         staged.append((target, args.out_volume))
         volume_io.write_volume(target, result.volume_hu, loaded.geometry,
                                metadata={"RadiogenomicGAN_Provenance": provenance_text})
-        target = _staging_path(args.out_segmentation)
+        target = partial_path(args.out_segmentation)
         staged.append((target, args.out_segmentation))
         volume_io.write_segmentation(target, result.label, loaded.geometry, segments)
         if args.out_weight_map is not None and result.weight_map is not None:
-            target = _staging_path(args.out_weight_map)
+            target = partial_path(args.out_weight_map)
             staged.append((target, args.out_weight_map))
             volume_io.write_volume(target, result.weight_map, loaded.geometry)
         if args.out_dicom_seg is not None:
-            target = _staging_path(args.out_dicom_seg)
+            target = partial_path(args.out_dicom_seg)
             staged.append((target, args.out_dicom_seg))
             volume_io.write_dicom_seg(target, result.label, loaded, segments, result.provenance)
         for temporary, final in staged:

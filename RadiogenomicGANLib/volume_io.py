@@ -10,24 +10,22 @@ Slicer loads names, colours and terminology. When the input was a DICOM series, 
 reference that series; it is marked as synthetic (algorithm RadiogenomicGAN, series description, content
 label and a coded "synthetic" modifier) so no one mistakes the nodules for findings.
 
-Every writer writes to a hidden temporary file beside the target and renames it at the end (`atomic_target`),
+Every writer writes to a hidden temporary file beside the target and renames it at the end (`atomic.atomic_path`),
 so an interrupted run never leaves a half-written output under the requested name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from RadiogenomicGANLib.atomic import atomic_path
 from RadiogenomicGANLib.geometry import VolumeGeometry
 from RadiogenomicGANLib.segments import SegmentInfo
 
@@ -85,19 +83,6 @@ def check_output_path(path: str | Path, suffixes: Sequence[str] = VOLUME_SUFFIXE
     if path.is_dir():
         raise VolumeIOError(f"output {path} is a folder")
     return path
-
-
-@contextlib.contextmanager
-def atomic_target(path: str | Path) -> Iterator[Path]:
-    """Yield a hidden temporary path beside `path` (same suffixes); rename onto `path` only on success."""
-    path = Path(path)
-    temporary = path.with_name(f".{uuid.uuid4().hex[:8]}.partial.{path.name}")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 # --- reading --------------------------------------------------------------------------------------------
@@ -164,7 +149,7 @@ def write_volume(
     image = _sitk_image(array, geometry)
     for key, value in (metadata or {}).items():
         image.SetMetaData(key, str(value).replace("\n", " "))
-    with atomic_target(path) as temporary:
+    with atomic_path(path) as temporary:
         sitk.WriteImage(image, str(temporary), useCompression=True)
     return path
 
@@ -224,7 +209,7 @@ def write_segmentation(
     if label.max(initial=0) > 255:
         raise VolumeIOError("at most 255 segments fit in one labelmap layer")
     header = segmentation_header(label, geometry, segments)
-    with atomic_target(path) as temporary:
+    with atomic_path(path) as temporary:
         nrrd.write(str(temporary), np.ascontiguousarray(label, dtype=np.uint8), header, index_order="C")
     return path
 
@@ -290,7 +275,7 @@ def write_dicom_seg(
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
         seg = _build_seg(hd, datasets, pixel, descriptions, first, version)
     seg.SeriesDescription = SERIES_DESCRIPTION
-    with atomic_target(path) as temporary:
+    with atomic_path(path) as temporary:
         seg.save_as(str(temporary))
     return path
 

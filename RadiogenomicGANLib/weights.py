@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from RadiogenomicGANLib.atomic import write_bytes_atomic
 from RadiogenomicGANLib.intensity import HU_WINDOW
 from RadiogenomicGANLib.networks import KINDS, GeneratorConfig, build_generator
 
@@ -139,20 +139,6 @@ def _sniff(path: Path) -> None:
 # Save
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_weights(path: str | os.PathLike[str], generator: nn.Module, metadata: WeightsMetadata) -> Path:
     """Write NAME.safetensors then NAME.json (each atomically); returns the .safetensors path.
 
@@ -187,8 +173,8 @@ def save_weights(path: str | os.PathLike[str], generator: nn.Module, metadata: W
     except (TypeError, ValueError) as error:
         raise WeightsError(f"provenance must be JSON-serialisable (no NaN, no objects): {error}") from error
     tensors_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(tensors_path, data)
-    _write_atomic(json_path, (text + "\n").encode("utf-8"))
+    write_bytes_atomic(tensors_path, data)
+    write_bytes_atomic(json_path, (text + "\n").encode("utf-8"))
     return tensors_path
 
 

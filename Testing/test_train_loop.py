@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from RadiogenomicGANLib.atomic import PARTIAL_GLOB
 from RadiogenomicGANLib.networks import build_generator
 from RadiogenomicGANLib.weights import load_weights
 from training import checkpoint as ckpt
@@ -124,7 +125,7 @@ def test_checkpoints_are_periodic_and_pruned(data: Path, tmp_path: Path) -> None
     run(data, out, "proposed", 5, "--checkpoint-every", "2", "--keep-checkpoints", "2")
     names = [p.name for p in ckpt.list_checkpoints(out / "checkpoints")]
     assert names == ["ckpt-00000004.safetensors", "ckpt-00000005.safetensors"]
-    assert not list((out / "checkpoints").glob("*.tmp"))
+    assert not list((out / "checkpoints").glob(PARTIAL_GLOB))
 
 
 # -- bad inputs: one clear message each ---------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from RadiogenomicGANLib.atomic import PARTIAL_GLOB, partial_path
 from training import checkpoint as ckpt
 from training.config import ConfigError, TrainConfig, parse_override
 from training.distributed import GlobalBatchNorm, convert_batchnorm
@@ -74,10 +75,10 @@ def test_ema_warmup() -> None:
 
 
 def test_checkpoint_save_is_atomic_and_pruned(tmp_path: Path) -> None:
-    (tmp_path / "ckpt-00000001.safetensors.tmp").write_bytes(b"half a file from a crash")
+    partial_path(tmp_path / "ckpt-00000001.safetensors").write_bytes(b"half a file from a crash")
     for step in (1, 2, 3):
         ckpt.save_checkpoint(tmp_path, step, {"x": torch.full((2,), float(step))}, {"step": step}, keep=2)
-    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+    assert list(tmp_path.glob(PARTIAL_GLOB)) == []
     names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
     assert names == ["ckpt-00000002.safetensors", "ckpt-00000003.safetensors"]
     tensors, state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))

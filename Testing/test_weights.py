@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import RadiogenomicGANLib.weights as weights_module
+from RadiogenomicGANLib.atomic import PARTIAL_GLOB
 from RadiogenomicGANLib.networks import KINDS, GeneratorConfig, build_generator, hole_from_mask
 from RadiogenomicGANLib.weights import (
     FORMAT_VERSION,
@@ -76,7 +77,7 @@ def test_save_then_load_gives_bit_identical_outputs(tmp_path: Path, kind: str) -
     metadata = metadata_for(config)
     path = save_weights(tmp_path / "sub" / f"{kind}.safetensors", generator, metadata)
     assert path == tmp_path / "sub" / f"{kind}.safetensors" and path.with_suffix(".json").is_file()
-    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")], "no temporary files left"
+    assert not list(path.parent.glob(PARTIAL_GLOB)), "no temporary files left"
 
     loaded, meta = load_weights(tmp_path / "sub" / kind, expected_kind=kind, expected_num_genes=GENES)
     assert not loaded.training and loaded.config == config and meta.kind == kind

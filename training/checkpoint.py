@@ -4,7 +4,7 @@ Why this format: resuming must never unpickle (a checkpoint may come from someon
 through safetensors and the rest — step, configs, optimiser hyper-parameters, Python/NumPy RNG states —
 is JSON in the safetensors header (``metadata["state"]``). One file per checkpoint makes the write atomic
 with a single ``os.replace``: a run killed mid-save leaves the previous checkpoint intact and at worst a
-stray ``*.tmp`` file, which the next save removes.
+stray hidden ``.*.partial.*`` file, which the next save removes.
 
 Layout of the tensor names::
 
@@ -31,6 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from RadiogenomicGANLib.atomic import atomic_path, remove_stale_partials
 
 FORMAT = "radiogenomicgan-training-checkpoint"
 FORMAT_VERSION = 1
@@ -66,16 +68,12 @@ def save_checkpoint(
     """Write ``ckpt-<step>.safetensors`` atomically (temp file, fsync, rename), then keep only the newest `keep`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("*.tmp"):
-        stale.unlink(missing_ok=True)
+    remove_stale_partials(directory)
     final = checkpoint_path(directory, step)
-    tmp = final.with_name(final.name + ".tmp")
     body = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "state": json.dumps(state)}
-    save_file(body, str(tmp), metadata=header)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
+    with atomic_path(final) as temporary:
+        save_file(body, str(temporary), metadata=header)
     _fsync_dir(directory)
     for old in list_checkpoints(directory)[: -max(1, keep)]:
         old.unlink(missing_ok=True)

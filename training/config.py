@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from RadiogenomicGANLib.atomic import write_bytes_atomic
+
 MODELS: tuple[str, ...] = ("proposed", "mcgan", "inpainting")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 # Provenance entries the run writes itself (training.train.export); --provenance may not replace them.
@@ -91,9 +93,7 @@ class TrainConfig:
         """Write as indented JSON (atomically: a crash never leaves half a config)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
+        write_bytes_atomic(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
         return path
 
     @classmethod

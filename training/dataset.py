@@ -22,7 +22,6 @@ of DataLoader workers.
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from RadiogenomicGANLib.atomic import atomic_path
 from RadiogenomicGANLib.intensity import HU_WINDOW
 
 FORMAT_VERSION = 1
@@ -267,14 +267,8 @@ def write_dataset(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     payload["format_version"] = np.int64(dataset.format_version)
     payload["patch_size"] = np.int64(dataset.patch_size)
     payload["patch_spacing_mm"] = np.float64(dataset.patch_spacing_mm)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez_compressed(stream, **payload)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary, open(temporary, "wb") as stream:
+        np.savez_compressed(stream, **payload)  # a stream: numpy would append ".npz" to a bare name
     return path
 
 
