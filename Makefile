@@ -33,7 +33,7 @@ demo: $(STAMP)
 DEMO_WORK ?= build/demo-weights
 DEMO_SEED ?= 2026
 DEMO_PATIENTS ?= 64
-DEMO_STEPS ?= 4000
+DEMO_STEPS ?= 2000
 DEMO_ARCH := --generator base_channels=16 --generator max_channels=128 \
 	--discriminator base_channels=16 --discriminator max_channels=128
 demo-weights: $(STAMP)
