@@ -1,4 +1,4 @@
-"""Atomic file writes: every file the project writes appears whole or not at all.
+"""Atomic file writes — every file the project writes appears whole or not at all — and file hashes.
 
 Writers get a hidden temporary path beside the target (same name at the end, so format-by-suffix writers
 such as SimpleITK still work); on success it is flushed to disk, given the usual permissions and renamed
@@ -9,6 +9,7 @@ file, which `remove_stale_partials` clears.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -54,3 +55,12 @@ def remove_stale_partials(directory: str | Path) -> None:
     """Remove temporary files a crashed writer left in `directory`."""
     for stale in Path(directory).glob(PARTIAL_GLOB):
         stale.unlink(missing_ok=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's content, read in 1 MiB blocks (weights and datasets can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -25,7 +25,6 @@ Decisions a user should know:
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from RadiogenomicGANLib.atomic import file_sha256
 from RadiogenomicGANLib.geometry import VolumeGeometry
 from RadiogenomicGANLib.intensity import hu_to_unit, unit_to_hu
 from RadiogenomicGANLib.patches import extract_patch, feather_alpha, patch_frame, resample_to_slice
@@ -130,14 +130,6 @@ def _as_geometry(geometry: VolumeGeometry | np.ndarray) -> VolumeGeometry:
     return geometry if isinstance(geometry, VolumeGeometry) else VolumeGeometry(np.asarray(geometry))
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _package_version() -> str:
     try:
         from importlib.metadata import version
@@ -198,7 +190,7 @@ class NoduleInserter:
             generator, metadata = load_weights(tensors, map_location="cpu")
         except (ValueError, OSError, KeyError, RuntimeError) as error:
             raise InsertionError(f"cannot load weights {tensors.name}: {error}") from error
-        return cls(generator, metadata, device, weights_path=tensors, weights_sha256=_file_sha256(tensors), **kwargs)
+        return cls(generator, metadata, device, weights_path=tensors, weights_sha256=file_sha256(tensors), **kwargs)
 
     @property
     def kind(self) -> str:

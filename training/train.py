@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from RadiogenomicGANLib.atomic import file_sha256
 from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_generator
 from training import checkpoint as ckpt
 from training.config import MODELS, ConfigError, TrainConfig, parse_override
@@ -451,14 +452,6 @@ def save_png(image: Tensor, path: Path) -> None:
     Image.fromarray(pixels, mode="L").save(path)
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def git_commit() -> str | None:
     """HEAD of the checkout this code runs from (suffix -dirty with local changes), or None."""
     here = Path(__file__).resolve().parent
@@ -479,13 +472,16 @@ def _gene_names_sha(names: np.ndarray) -> str:
     return hashlib.sha256("\n".join(map(str, names)).encode()).hexdigest()
 
 
-def export_generator(nets: Networks, data: RadiogenomicDataset, path: Path, provenance: dict[str, Any]) -> Path:
-    """The EMA generator in the weights format, with the dataset's gene names/normalisation and provenance."""
+def export_generator(
+    generator: nn.Module, data: RadiogenomicDataset, path: Path, provenance: dict[str, Any]
+) -> Path:
+    """A generator (the EMA one at the end of training) in the weights format, with the dataset's gene
+    names/normalisation and provenance."""
     from RadiogenomicGANLib.weights import WeightsMetadata, save_weights
 
-    generator = copy.deepcopy(nets.generator_ema).to("cpu", memory_format=torch.contiguous_format).eval()
+    generator = copy.deepcopy(generator).to("cpu", memory_format=torch.contiguous_format).eval()
     metadata = WeightsMetadata(
-        config=nets.generator_config,
+        config=generator.config,
         gene_names=[str(n) for n in data.gene_names],
         gene_means=np.asarray(data.gene_means, dtype=np.float32),
         gene_stds=np.asarray(data.gene_stds, dtype=np.float32),
@@ -776,7 +772,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: str | None, command: str 
             "steps": step,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        result["weights"] = str(export_generator(nets, data, out / cfg.weights_name, provenance))
+        result["weights"] = str(export_generator(nets.generator_ema, data, out / cfg.weights_name, provenance))
         result["checkpoint"] = str(ckpt.latest_checkpoint(ckpt_dir))
         if writer is not None:
             writer.close()

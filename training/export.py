@@ -1,0 +1,77 @@
+"""Export a generator from any training checkpoint in the weights format the module loads.
+
+`python -m training.train` exports the EMA generator at its last step; this exports an earlier step (GAN
+training on small cohorts can degrade late, so the best samples may be mid-run) or the raw, non-EMA generator
+(the EMA ablation). Gene names and normalisation come from the checkpoint's dataset file, which must be the
+one the run trained on (its SHA-256 is checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from RadiogenomicGANLib.atomic import file_sha256
+from RadiogenomicGANLib.networks import GeneratorConfig, build_generator
+from training import checkpoint as ckpt
+from training.dataset import DatasetError, load_dataset
+from training.train import export_generator
+
+
+class ExportError(ValueError):
+    """The checkpoint and dataset cannot be exported together; the message says why."""
+
+
+def export_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path, *, raw: bool = False,
+                      provenance: dict[str, Any] | None = None) -> Path:
+    """Write OUT.safetensors + OUT.json from the EMA (default) or raw generator of `checkpoint`."""
+    tensors, state = ckpt.load_checkpoint(checkpoint)
+    data = Path(data)
+    expected = state.get("dataset_sha256")
+    if expected and file_sha256(data) != expected:
+        raise ExportError(f"{data} is not the dataset this checkpoint was trained on (SHA-256 differs); pass that "
+                          f"file ({state.get('dataset', 'path unknown')})")
+    dataset = load_dataset(data)
+    generator = build_generator(GeneratorConfig.from_dict(state["generator_config"]))
+    ckpt.load_module("G" if raw else "G_ema", generator, tensors)
+    record = {
+        "exported_from": str(checkpoint),
+        "step": int(state["step"]),
+        "generator": "raw" if raw else "ema",
+        "dataset": str(data),
+        "dataset_sha256": expected,
+        "train_config": state.get("train_config"),
+        "loss_weights": state.get("loss_weights"),
+        **(provenance or {}),
+    }
+    return export_generator(generator, dataset, Path(out), record)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="RUN/checkpoints/ckpt-<step>.safetensors")
+    parser.add_argument("--data", required=True, help="the dataset .npz the run trained on")
+    parser.add_argument("--out", required=True, help="output weights path (NAME or NAME.safetensors)")
+    parser.add_argument("--raw", action="store_true", help="export the raw generator instead of its EMA")
+    parser.add_argument("--provenance", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra provenance entries (repeatable)")
+    args = parser.parse_args(argv)
+    extra = {}
+    for item in args.provenance:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--provenance expects KEY=VALUE, got {item!r}")
+        extra[key] = value
+    try:
+        path = export_checkpoint(args.checkpoint, args.data, args.out, raw=args.raw, provenance=extra)
+    except (ckpt.CheckpointError, DatasetError, ExportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} and {path.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
