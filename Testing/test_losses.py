@@ -273,7 +273,7 @@ def test_loss_refuses_mismatched_networks_and_batches() -> None:
 
 def test_loss_weights_validation_and_round_trip() -> None:
     default = LossWeights()
-    assert (default.d_i, default.d_is, default.d_isg, default.background_l1) == (1.0, 1.0, 1.0, 100.0)
+    assert (default.d_i, default.d_is, default.d_isg, default.background_l1) == (1.0, 1.0, 1.0, 15.0)
     assert default.erosion_kernel == 5 and default.hole_scale == 1.5
     peer = LossWeights.monai_peer()
     assert (peer.d_i, peer.d_is, peer.d_isg, peer.background_l1) == (8.0, 1.0, 10.0, 100.0)
@@ -348,7 +348,7 @@ def test_one_d_step_and_one_g_step_reach_every_parameter(kind: str, independent:
     assert not dead, f"G parameters without gradient in the G step: {dead}"
     assert all(p.grad is None for p in d.parameters())
     assert all(p.requires_grad for p in d.parameters())
-    assert g_logs["g_total"] == pytest.approx(g_logs["g_adv"] + 100.0 * g_logs["g_l1"], rel=1e-5)
+    assert g_logs["g_total"] == pytest.approx(g_logs["g_adv"] + LossWeights().background_l1 * g_logs["g_l1"], rel=1e-5)
 
 
 def test_inpainting_generator_gets_the_real_slice_with_the_nodule_hole() -> None:
