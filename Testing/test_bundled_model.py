@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from RadiogenomicGANLib.demo import cohort_genes
+from RadiogenomicGANLib.genes import GeneTable, profile_for_model
 from RadiogenomicGANLib.insertion import NoduleInserter
 from RadiogenomicGANLib.phantom import generate_patient
 from RadiogenomicGANLib.weights import load_weights
@@ -33,18 +35,27 @@ def test_loads_as_the_proposed_model_with_its_provenance() -> None:
     assert sum(p.numel() for p in generator.parameters()) > 0
 
 
-def test_draws_a_nodule_inside_the_lung() -> None:
-    """A trained model (unlike a random one) makes a compact nodule mask on every requested slice."""
+def test_draws_nodules_inside_the_lung() -> None:
+    """A trained model (a random one keeps its mask empty) draws nodule-sized labels for phantom donors from the
+    cohort it was trained on, only on the requested slices and inside the lung, and their size follows the
+    donor's genes."""
     inserter = NoduleInserter.from_weights(WEIGHTS, device="cpu")
+    meta = inserter.metadata
+    names, ids, fpkm, _ = cohort_genes(int(meta.provenance["phantom_seed"]), 6, int(meta.provenance["phantom_genes"]))
+    table = GeneTable(gene_names=names, sample_ids=ids, values=fpkm)
     patient = generate_patient(3, seed=7, size_ij=256, n_genes=50)  # a realistic ~1.4 mm in-plane grid
-    rng = np.random.default_rng(0)
-    profile = rng.standard_normal(len(inserter.metadata.gene_names)).astype(np.float32)
-    result = inserter.insert(patient.volume_hu, patient.geometry, profile, auto_count=1, half_slices=1, seed=1)
-    label = result.label > 0
-    per_slice = label.reshape(label.shape[0], -1).sum(axis=1)
-    assert (per_slice > 0).sum() == 3, "the nodule is on exactly the three requested slices"
-    spacing = patient.geometry.spacing
-    area_mm2 = per_slice.max() * spacing[0] * spacing[1]
-    assert 20.0 < area_mm2 < 2000.0, f"nodule cross-section {area_mm2:.0f} mm² is not nodule-sized"
-    changed = result.volume_hu != patient.volume_hu
-    assert changed.any() and np.all(changed.any(axis=(1, 2)) <= (per_slice > 0))
+    lung = inserter.lung_mask(patient.volume_hu, patient.geometry)
+    areas = []
+    for sample in ids:
+        profile = profile_for_model(table, sample, meta.gene_names, meta.gene_means, meta.gene_stds)
+        result = inserter.insert(patient.volume_hu, patient.geometry, profile, auto_count=1, half_slices=2, seed=1,
+                                 lung_mask=lung)
+        label = result.label > 0
+        requested = np.zeros(label.shape[0], dtype=bool)
+        requested[result.slices[0]] = True
+        assert not label[~requested].any() and lung[label].all()
+        assert not (result.volume_hu != patient.volume_hu)[~requested].any()
+        spacing = patient.geometry.spacing
+        areas.append(label.reshape(label.shape[0], -1).sum(axis=1).max() * spacing[0] * spacing[1])
+    assert 20.0 < max(areas) < 2000.0, f"largest cross-sections {areas} mm² are not nodule-sized"
+    assert max(areas) > 2 * min(areas), f"the donors' genes do not change the nodule size: {areas}"
