@@ -19,12 +19,14 @@ Shared choices (DESIGN.md leaves them open):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from RadiogenomicGANLib.strict_dict import StrictDict
 
 KINDS: tuple[str, ...] = ("proposed", "mcgan", "inpainting")
 BOTTLENECK = 4              # synthesis starts at 4×4 for every patch size
@@ -39,7 +41,7 @@ _INPAINT_FILL = 0.0         # value written into the erased disc (≈ −250 HU:
 
 
 @dataclass
-class GeneratorConfig:
+class GeneratorConfig(StrictDict):
     """Everything needed to rebuild a generator from code; stored as the `architecture` of a weights file."""
 
     kind: str = "proposed"      # "proposed" | "mcgan" | "inpainting"
@@ -64,18 +66,6 @@ class GeneratorConfig:
             raise ValueError(f"noise_dim must be ≥ 0, got {self.noise_dim}")
         if self.base_channels < 2:
             raise ValueError("base_channels must be ≥ 2 (one channel carries the raw background)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GeneratorConfig:
-        """Rebuild from `to_dict()`; unknown keys are refused (they mean another version of the code)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown generator config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**d)
 
     @property
     def resolutions(self) -> list[int]:

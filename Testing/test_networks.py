@@ -244,7 +244,7 @@ def test_small_overfit_reduces_reconstruction_error(kind: str) -> None:
 def test_config_round_trip_and_refusals() -> None:
     config = GeneratorConfig(kind="mcgan", patch_size=128, num_genes=10)
     assert GeneratorConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="unknown generator config keys"):
+    with pytest.raises(ValueError, match="unknown GeneratorConfig keys"):
         GeneratorConfig.from_dict({**config.to_dict(), "embed_dim": 3})
     with pytest.raises(ValueError, match="unknown generator kind"):
         GeneratorConfig(kind="stylegan")

@@ -27,19 +27,20 @@ matched-gene and the mismatched-gene D_ISG terms; `forward` is the one-tuple con
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from RadiogenomicGANLib.networks import GeneMappingNetwork
+from RadiogenomicGANLib.strict_dict import StrictDict
 
 _SLOPE = 0.2  # leaky ReLU slope of DCGAN/MC-GAN discriminators
 
 
 @dataclass
-class DiscriminatorConfig:
+class DiscriminatorConfig(StrictDict):
     """Architecture of the discriminator (stored with training checkpoints)."""
 
     patch_size: int = 64
@@ -65,9 +66,6 @@ class DiscriminatorConfig:
     def num_downsamplings(self) -> int:
         """Stride-2 convolutions from the patch size down to 4×4."""
         return int(math.log2(self.patch_size // 4))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DiscriminatorConfig:

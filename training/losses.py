@@ -37,14 +37,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from RadiogenomicGANLib.networks import GeneratorOutput, hole_from_mask
+from RadiogenomicGANLib.strict_dict import StrictDict
 from training.discriminator import Discriminator
 
 MASK_THRESHOLD = 0.5  # decision 6: the L1 region is built from [Gm > 0.5]
@@ -52,7 +52,7 @@ KINDS = ("proposed", "mcgan", "inpainting")
 
 
 @dataclass
-class LossWeights:
+class LossWeights(StrictDict):
     """Weights of every loss term. Defaults and why:
 
     * ``d_i = d_is = d_isg = 1``: the paper's equations are unweighted sums; the MONAI peer's 8/1/10 has
@@ -96,15 +96,6 @@ class LossWeights:
         """The MONAI RGGAN peer's weights (D_ISG 10, D_I 8, D_IS 1, L1 100), for ablation."""
         return cls(d_i=8.0, d_is=1.0, d_isg=10.0, background_l1=100.0)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LossWeights:
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown LossWeights keys: {unknown}")
-        return cls(**data)
 
 
 # -- pure functions (tested by hand) ------------------------------------------------------------------
