@@ -54,12 +54,13 @@ def test_raw_export_is_the_raw_generator_of_an_earlier_step(run, tmp_path: Path)
     data, out = run
     first = ckpt.list_checkpoints(out / "checkpoints")[0]
     assert export_main(["--checkpoint", str(first), "--data", str(data), "--out", str(tmp_path / "raw"),
-                        "--raw", "--provenance", "why=ablation"]) == 0
+                        "--raw", "--provenance", "why=ablation", "--provenance", "phantom_seed=2026"]) == 0
     tensors, state = ckpt.load_checkpoint(first)
     exported = _state(tmp_path / "raw.safetensors")
     assert all(torch.equal(exported[k], tensors[f"model/G/{k}"]) for k in exported)
     _, metadata = load_weights(tmp_path / "raw.safetensors")
     assert metadata.provenance["generator"] == "raw" and metadata.provenance["why"] == "ablation"
+    assert metadata.provenance["phantom_seed"] == 2026  # JSON values, as training.train reads them
     assert metadata.provenance["step"] == state["step"] == 2
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from RadiogenomicGANLib.atomic import file_sha256
 from RadiogenomicGANLib.networks import GeneratorConfig, build_generator
 from training import checkpoint as ckpt
+from training.config import ConfigError, parse_override
 from training.dataset import DatasetError, load_dataset
 from training.train import export_generator
 
@@ -58,15 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--provenance", action="append", default=[], metavar="KEY=VALUE",
                         help="extra provenance entries (repeatable)")
     args = parser.parse_args(argv)
-    extra = {}
-    for item in args.provenance:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--provenance expects KEY=VALUE, got {item!r}")
-        extra[key] = value
     try:
+        extra = dict(parse_override(item) for item in args.provenance)  # as training.train reads --provenance
         path = export_checkpoint(args.checkpoint, args.data, args.out, raw=args.raw, provenance=extra)
-    except (ckpt.CheckpointError, DatasetError, ExportError) as error:
+    except (ckpt.CheckpointError, ConfigError, DatasetError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {path} and {path.with_suffix('.json')}")
