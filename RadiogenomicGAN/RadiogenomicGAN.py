@@ -710,7 +710,7 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
         table = self.readGeneTable(geneTablePath)
         blend = blendSampleId if blendSampleId else None
         profile = profile_for_model(
-            table, sampleId, metadata.gene_names, metadata.gene_means, metadata.gene_stds,
+            table, sampleId, metadata.genes,
             impute=imputeMissingGenes, blend_with=blend, blend_weight=blendWeight if blend else 0.0)
         geneSample = sampleId if blend is None else f"{sampleId}×{1 - blendWeight:.2f} + {blend}×{blendWeight:.2f}"
 
@@ -820,8 +820,7 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
         ids, profiles, skipped = [], [], []
         for sampleId in table.sample_ids:
             try:
-                profiles.append(profile_for_model(table, sampleId, metadata.gene_names, metadata.gene_means,
-                                                  metadata.gene_stds, impute=imputeMissingGenes))
+                profiles.append(profile_for_model(table, sampleId, metadata.genes, impute=imputeMissingGenes))
                 ids.append(sampleId)
             except GeneTableError:
                 skipped.append(sampleId)
@@ -913,7 +912,7 @@ class RadiogenomicGANTest(ScriptedLoadableModuleTest):
     def _geneTable(self, logic: RadiogenomicGANLogic, count: int = 4) -> str:
         """A small GEO-style table in the bundled model's genes: sample i sits at z = ±(i+1)/2 from the mean."""
         metadata = logic.getInserter().metadata
-        means, stds = np.asarray(metadata.gene_means), np.asarray(metadata.gene_stds)
+        means, stds = np.asarray(metadata.genes.means), np.asarray(metadata.genes.stds)
         rng = np.random.default_rng(0)
         columns = [np.maximum(2.0 ** (means + stds * rng.normal(0.0, 1.0, len(means))) - 1.0, 0.0)
                    for _index in range(count)]

@@ -186,8 +186,7 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
     if inserter.kind != "inpainting":
         table = gene_io.read_gene_table(args.genes)
         profile = gene_io.profile_for_model(
-            table, args.sample, metadata.gene_names, metadata.gene_means, metadata.gene_stds,
-            impute=args.impute_missing_genes, blend_with=args.blend_with,
+            table, args.sample, metadata.genes, impute=args.impute_missing_genes, blend_with=args.blend_with,
             blend_weight=args.blend_weight if args.blend_with else 0.0,
         )
     sample = args.sample if not args.blend_with else (

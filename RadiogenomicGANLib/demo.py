@@ -69,6 +69,7 @@ def random_inserter(gene_names: list[str], device: str) -> Any:
     """An untrained proposed generator for the demo's own development (draws no meaningful nodule)."""
     import torch
 
+    from RadiogenomicGANLib.genes import GenePreprocessing
     from RadiogenomicGANLib.insertion import NoduleInserter
     from RadiogenomicGANLib.networks import GeneratorConfig, build_generator
     from RadiogenomicGANLib.weights import WeightsMetadata
@@ -76,8 +77,8 @@ def random_inserter(gene_names: list[str], device: str) -> Any:
     config = GeneratorConfig(num_genes=len(gene_names))
     torch.manual_seed(0)
     metadata = WeightsMetadata(
-        config=config, gene_names=list(gene_names), gene_means=np.zeros(len(gene_names), np.float32),
-        gene_stds=np.ones(len(gene_names), np.float32), patch_size=config.patch_size,
+        config=config, genes=GenePreprocessing(list(gene_names), np.zeros(len(gene_names)), np.ones(len(gene_names))),
+        patch_size=config.patch_size,
         patch_spacing_mm=60.0 / config.patch_size, provenance={"note": "random, untrained"},
     )
     return NoduleInserter(build_generator(config).eval(), metadata, device)
@@ -88,7 +89,7 @@ def cohort_genes(seed: int, patients: int, n_genes: int) -> tuple[list[str], lis
     from RadiogenomicGANLib.phantom.genomics import draw_module_activations, gene_model, gene_profile
     from RadiogenomicGANLib.phantom.patient import patient_id_for
 
-    model = gene_model(seed, n_genes)
+    model = gene_model(n_genes)
     columns, classes = [], []
     for index in range(patients):
         module_class, activations = draw_module_activations(index, seed)
@@ -251,7 +252,7 @@ def run(out: Path, *, weights: Path | None = None, random_model: bool = False, c
     donors_index = pick_donors(ids, classes)
     donors = [
         Donor(ids[i], int(classes[i]), gene_io.profile_for_model(
-            table, ids[i], metadata.gene_names, metadata.gene_means, metadata.gene_stds, impute=True))
+            table, ids[i], metadata.genes, impute=True))
         for i in donors_index
     ]
     print(f"model: {model_text}; cohort seed {seed_cohort}, donors "
@@ -324,8 +325,7 @@ def _gene_codes(inserter: Any, table: Any, ids: list[str], metadata: Any) -> np.
     if encode is None:
         return None
     profiles = np.stack([
-        gene_io.profile_for_model(table, sample, metadata.gene_names, metadata.gene_means, metadata.gene_stds,
-                                  impute=True)
+        gene_io.profile_for_model(table, sample, metadata.genes, impute=True)
         for sample in ids
     ])
     with torch.no_grad():

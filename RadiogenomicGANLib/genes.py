@@ -2,12 +2,14 @@
 
 The reference table is GEO GSE103584 (`GSE103584_R01_NSCLC_RNAseq.txt(.gz)`): tab-separated, an empty first
 header cell followed by sample ids (`R01-xxx`), one row per HGNC symbol, linear Cufflinks FPKM with the
-literal `NA` for missing values. Dropping every gene with an NA leaves the paper's 5172 genes. The paper's
-preprocessing is log2(x + 1) followed by a per-gene z-score whose statistics come from the *training*
-patients only; the same statistics travel with the weights so a profile chosen at inference time is
-normalised exactly as the training profiles were.
+literal `NA` for missing values. Dropping every gene with an NA leaves the paper's 5172 genes. The
+preprocessing (`GenePreprocessing`) is log2(x + 1), a low-expression / near-constant filter, a per-gene
+z-score clipped to ±5, and optionally a PCA projection — all fitted on the *training* patients only; the fit
+travels with the weights so a profile chosen at inference time is prepared exactly as the training profiles
+were.
 
-All arrays here are genes × samples, (G, S), float64 with NaN for NA, so a sample is a column.
+Tables here are genes × samples, (G, S), float64 with NaN for NA, so a sample is a column; the preprocessing
+works on samples × genes, (N, G), as the dataset stores them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import math
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -26,10 +29,6 @@ import numpy as np
 
 #: Values read as missing (case-insensitive, after stripping whitespace).
 NA_STRINGS = frozenset({"", "na", "nan", "n/a", "null", "none", "-"})
-
-#: Floor on a gene's training standard deviation (log2 units): a gene that is (nearly) constant in the
-#: training patients would otherwise turn tiny test-time differences into huge z-scores.
-STD_FLOOR = 1e-2
 
 #: Header words that name the row-label column when samples are rows.
 _SAMPLE_HEADERS = frozenset({"sample", "sample_id", "sampleid", "samples", "patient", "patient_id",
@@ -260,85 +259,197 @@ def log_transform(values: np.ndarray) -> np.ndarray:
     return np.log2(values + 1.0)
 
 
-def fit_normalisation(log_values: np.ndarray, *, std_floor: float = STD_FLOOR) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene mean and std (population, floored) of log2(x+1) values (G, S_train) of TRAINING samples only.
+#: Defaults of the fitted gene preprocessing (DESIGN decision 3). A gene is dropped when, over the TRAINING
+#: patients, its mean log2(FPKM+1) is below `MIN_MEAN_LOG2` (low expression: FPKM < 1), it is exactly 0 in more
+#: than `MAX_ZERO_FRACTION` of them, or its sd is below `MIN_STD_LOG2` (near-constant). Why: such genes carry
+#: no signal in a cohort of tens of patients, but a z-score fitted on them turns tiny differences of an unseen
+#: patient into |z| > 100 that swamp the whole vector (seen on the phantom; real GEO FPKM tables have the same
+#: trap). `Z_CLIP` bounds what is left, so one odd gene cannot dominate a profile.
+MIN_MEAN_LOG2 = 1.0
+MAX_ZERO_FRACTION = 0.5
+MIN_STD_LOG2 = 0.1
+Z_CLIP = 5.0
 
-    Fitting on training patients only keeps validation/test profiles out of the normalisation (no leak).
+
+@dataclass
+class GenePreprocessing:
+    """Linear FPKM of named genes → the generator's gene input, fitted on training patients only.
+
+    Steps: align by name → log2(x + 1) → z-score with the training mean/sd → clip to ±`clip` → optionally
+    project on `components` (K × G rows; whitened principal axes of the training z-scores). The output has
+    `output_dim` values: K with a projection, else G. Everything here travels with the weights, so `insert`,
+    `evaluate` and the module prepare a profile exactly as training did.
     """
-    log_values = np.asarray(log_values, dtype=np.float64)
-    if log_values.ndim != 2 or log_values.shape[1] == 0:
-        raise GeneTableError(f"fit_normalisation expects (genes, training samples) with ≥ 1 sample, got "
-                             f"shape {log_values.shape}")
-    if np.isnan(log_values).any():
-        raise GeneTableError("fit_normalisation got NA values; call drop_na_genes first")
-    means = log_values.mean(axis=1)
-    stds = np.maximum(log_values.std(axis=1), std_floor)
-    return means, stds
 
+    gene_names: list[str]
+    means: np.ndarray  # (G,) log2(x+1) training mean
+    stds: np.ndarray  # (G,) training sd, > 0
+    clip: float = Z_CLIP
+    components: np.ndarray | None = None  # (K, G) or None
+    fitted_on: dict[str, int] = field(default_factory=dict, compare=False)  # what the fit kept and dropped
 
-def normalise(log_values: np.ndarray, means: np.ndarray, stds: np.ndarray) -> np.ndarray:
-    """z-score (G,) or (G, S) log values with given statistics."""
-    log_values = np.asarray(log_values, dtype=np.float64)
-    means, stds = np.asarray(means, dtype=np.float64), np.asarray(stds, dtype=np.float64)
-    if log_values.ndim == 2:
-        means, stds = means[:, None], stds[:, None]
-    return (log_values - means) / stds
+    def __post_init__(self) -> None:
+        self.gene_names = [str(g) for g in self.gene_names]
+        self.means = np.asarray(self.means, dtype=np.float64)
+        self.stds = np.asarray(self.stds, dtype=np.float64)
+        self.clip = float(self.clip)
+        if self.components is not None:
+            self.components = np.asarray(self.components, dtype=np.float64)
+            if self.components.shape[0] == 0:
+                self.components = None
+
+    @property
+    def num_genes(self) -> int:
+        return len(self.gene_names)
+
+    @property
+    def output_dim(self) -> int:
+        return self.num_genes if self.components is None else int(self.components.shape[0])
+
+    def problems(self) -> list[str]:
+        """What is inconsistent (empty when usable): shapes, finiteness, positivity, unique names."""
+        found = []
+        count = self.num_genes
+        if len(set(self.gene_names)) != count:
+            found.append("gene names are not unique (profiles are aligned by name)")
+        for label, values in (("means", self.means), ("stds", self.stds)):
+            if values.shape != (count,):
+                found.append(f"gene {label} have shape {values.shape}, expected ({count},), one per gene")
+            elif not np.all(np.isfinite(values)):
+                found.append(f"gene {label} hold NaN or Inf")
+        if self.stds.shape == (count,) and np.any(self.stds <= 0):
+            found.append("gene stds must be > 0 (z-scoring divides by them)")
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            found.append(f"gene clip must be a finite number > 0, got {self.clip}")
+        if self.components is not None:
+            if self.components.ndim != 2 or self.components.shape[1] != count:
+                found.append(f"gene components have shape {self.components.shape}, expected (K, {count})")
+            elif not np.all(np.isfinite(self.components)):
+                found.append("gene components hold NaN or Inf")
+        return found
+
+    def transform_log(self, log_values: np.ndarray) -> np.ndarray:
+        """(N, G) log2(x+1) values in this object's gene order → (N, output_dim) float32.
+
+        NaN marks a gene to impute: it becomes 0 after z-scoring, the training mean ("no information").
+        """
+        log_values = np.asarray(log_values, dtype=np.float64)
+        z = (log_values - self.means) / self.stds
+        z = np.clip(np.nan_to_num(z, nan=0.0), -self.clip, self.clip)
+        if self.components is not None:
+            z = z @ self.components.T
+        return z.astype(np.float32)
+
+    @classmethod
+    def fit(
+        cls,
+        train_log_values: np.ndarray,
+        gene_names: Sequence[str],
+        *,
+        min_mean_log2: float = MIN_MEAN_LOG2,
+        max_zero_fraction: float = MAX_ZERO_FRACTION,
+        min_std_log2: float = MIN_STD_LOG2,
+        clip: float = Z_CLIP,
+        top_variance: int = 0,
+        components: int = 0,
+    ) -> GenePreprocessing:
+        """Fit on (N_train, G_all) log2(x+1) values of the TRAINING patients only (no NaN).
+
+        `top_variance` > 0 keeps only that many most variable of the genes that pass the filters;
+        `components` > 0 adds a whitened PCA projection to that many axes of the clipped training z-scores.
+        """
+        x = np.asarray(train_log_values, dtype=np.float64)
+        names = [str(g) for g in gene_names]
+        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != len(names):
+            raise GeneTableError(f"fitting the gene preprocessing needs (training patients ≥ 1, {len(names)} "
+                                 f"genes) log values, got shape {x.shape}")
+        if np.isnan(x).any():
+            raise GeneTableError("fitting the gene preprocessing got NA values; call drop_na_genes first")
+        means, stds = x.mean(axis=0), x.std(axis=0)
+        low = (means < min_mean_log2) | ((x == 0).mean(axis=0) > max_zero_fraction)
+        flat = ~low & (stds < min_std_log2)
+        keep = ~(low | flat)
+        if top_variance and keep.sum() > top_variance:
+            ranked = np.argsort(-np.where(keep, stds, -1.0), kind="stable")[:top_variance]
+            keep = np.zeros_like(keep)
+            keep[np.sort(ranked)] = True
+        if not keep.any():
+            raise GeneTableError(
+                f"no gene passes the expression filter (of {len(names)}: {int(low.sum())} low-expression, "
+                f"{int(flat.sum())} near-constant over {x.shape[0]} training patients); is the table linear FPKM?"
+            )
+        kept = np.flatnonzero(keep)
+        result = cls([names[i] for i in kept], means[kept], stds[kept], clip,
+                     fitted_on={"table_genes": len(names), "training_patients": int(x.shape[0]),
+                                "dropped_low_expression": int(low.sum()), "dropped_near_constant": int(flat.sum()),
+                                "dropped_by_top_variance": int((~low & ~flat).sum() - kept.size),
+                                "kept": int(kept.size)})
+        if components:
+            z = result.transform_log(x[:, kept]).astype(np.float64)
+            centred = z - z.mean(axis=0)
+            _, singular, axes = np.linalg.svd(centred, full_matrices=False)
+            k = min(int(components), axes.shape[0])
+            scale = singular[:k] / math.sqrt(max(1, x.shape[0] - 1))
+            result.components = axes[:k] / np.maximum(scale, 1e-8)[:, None]
+            result.fitted_on["components"] = k
+        return result
 
 
 def profile_for_model(
     table: GeneTable,
     sample_id: str,
-    gene_names: Sequence[str],
-    means: np.ndarray,
-    stds: np.ndarray,
+    preprocessing: GenePreprocessing,
     *,
     impute: bool = False,
     blend_with: str | None = None,
     blend_weight: float = 0.0,
 ) -> np.ndarray:
-    """The model input for one sample: float32 (G,) aligned to the model's `gene_names`, log2(x+1), z-scored.
+    """The model input for one sample: float32 (output_dim,) prepared by the model's fitted `preprocessing`.
 
     `table` holds linear FPKM as read from disk (any gene order, extra genes ignored). Genes the model needs
     but the table lacks (or has as NA for this sample) are an error unless `impute=True`, which sets them to
-    0 after z-scoring — the training mean, i.e. "no information". With `blend_with`, the profile is
-    (1 − w)·z(sample_id) + w·z(blend_with) with w = `blend_weight` in [0, 1], blended in the normalised space
-    the generator was trained in.
+    the training mean (z = 0, "no information"). With `blend_with`, the profile is
+    (1 − w)·p(sample_id) + w·p(blend_with) with w = `blend_weight` in [0, 1], blended in the model's input
+    space (every step after the log is linear or a clip, so a blend of two real profiles stays in range).
     """
-    gene_names = [str(g) for g in gene_names]
-    means = np.asarray(means, dtype=np.float64)
-    stds = np.asarray(stds, dtype=np.float64)
-    if means.shape != (len(gene_names),) or stds.shape != (len(gene_names),):
-        raise GeneTableError(f"means/stds have shapes {means.shape}/{stds.shape}, expected "
-                             f"({len(gene_names)},) like the model's gene names")
     if not 0.0 <= float(blend_weight) <= 1.0:
         raise GeneTableError(f"blend weight must be in [0, 1], got {blend_weight}")
-    profile = _single_profile(table, sample_id, gene_names, means, stds, impute)
+    profile = preprocessing.transform_log(_aligned_log(table, sample_id, preprocessing.gene_names, impute)[None])[0]
     if blend_with is not None:
-        other = _single_profile(table, blend_with, gene_names, means, stds, impute)
+        other = preprocessing.transform_log(_aligned_log(table, blend_with, preprocessing.gene_names, impute)[None])[0]
         weight = float(blend_weight)
         profile = (1.0 - weight) * profile + weight * other
     return profile.astype(np.float32)
 
 
-def _single_profile(table: GeneTable, sample_id: str, gene_names: list[str], means: np.ndarray,
-                    stds: np.ndarray, impute: bool) -> np.ndarray:
+def missing_gene_count(table: GeneTable, sample_id: str, gene_names: Sequence[str]) -> int:
+    """How many of `gene_names` the table lacks or holds as NA for this sample (what imputation would fill)."""
+    return int(np.isnan(_raw_aligned(table, sample_id, [str(g) for g in gene_names])).sum())
+
+
+def _raw_aligned(table: GeneTable, sample_id: str, gene_names: list[str]) -> np.ndarray:
     column = table.sample_values(sample_id)
     index = table.gene_index()
     rows = np.array([index.get(g, -1) for g in gene_names])
     present = rows >= 0
     raw = np.full(len(gene_names), np.nan)
     raw[present] = column[rows[present]]
+    return raw
+
+
+def _aligned_log(table: GeneTable, sample_id: str, gene_names: list[str], impute: bool) -> np.ndarray:
+    """log2(x+1) of one sample aligned to `gene_names`; NaN where missing (only when `impute`)."""
+    raw = _raw_aligned(table, sample_id, gene_names)
     missing = np.isnan(raw)
     if missing.any() and not impute:
-        absent = int((~present).sum())
+        absent = sum(1 for g in gene_names if g not in table.gene_index())
         na = int(missing.sum()) - absent
-        examples = ", ".join(g for g, m in zip(gene_names, missing) if m)
-        examples = ", ".join(examples.split(", ")[:5])
+        examples = ", ".join([g for g, m in zip(gene_names, missing) if m][:5])
         raise GeneTableError(
             f"{int(missing.sum())} of {len(gene_names)} model genes are missing for sample '{sample_id}' "
             f"({absent} not in the table, {na} NA; e.g. {examples}); allow imputation to fill them with the "
             "training mean (--impute-missing-genes on the command line, impute=True in Python)"
         )
-    z = np.zeros(len(gene_names))
-    z[~missing] = normalise(log_transform(raw[~missing]), means[~missing], stds[~missing])
-    return z
+    out = np.full(len(gene_names), np.nan)
+    out[~missing] = log_transform(raw[~missing])
+    return out

@@ -5,12 +5,14 @@ tensors live in safetensors (pure data) and the network is rebuilt from code usi
 `architecture`. Nothing here calls `torch.load` or `pickle`; a pickle or zip checkpoint handed in is
 recognised by its first bytes and refused.
 
-JSON keys: format_version, kind, architecture (GeneratorConfig.to_dict()), gene_names, hu_window,
-patch_size, patch_spacing_mm, provenance (free-form, JSON-serialisable), safetensors_sha256,
-safetensors_bytes. The SHA-256 covers the whole tensors file, so a flipped byte inside tensor data, a
-truncated copy or a tensors file paired with another file's JSON is caught before anything is used.
-Tensor keys: `generator.<state-dict key>` for the network (batch-norm buffers included), and the gene
-normalisation as `gene_norm.mean`, `gene_norm.std` (float32, one per gene name) — inside the hashed file.
+JSON keys: format_version, kind, architecture (GeneratorConfig.to_dict()), gene_names, gene_clip,
+gene_preprocessing (what the fit kept and dropped), hu_window, patch_size, patch_spacing_mm, provenance
+(free-form, JSON-serialisable), safetensors_sha256, safetensors_bytes. The SHA-256 covers the whole tensors
+file, so a flipped byte inside tensor data, a truncated copy or a tensors file paired with another file's JSON
+is caught before anything is used. Tensor keys: `generator.<state-dict key>` for the network (batch-norm
+buffers included), and the fitted gene preprocessing (`genes.GenePreprocessing`) as `gene_norm.mean`,
+`gene_norm.std` (float32, one per gene name) and, when it projects, `gene_norm.components` (K × G) — inside
+the hashed file. Format 1 (plain z-scores, no filter or clip) is refused with a message saying what to do.
 """
 
 from __future__ import annotations
@@ -30,15 +32,16 @@ import torch
 from torch import nn
 
 from RadiogenomicGANLib.atomic import write_bytes_atomic
+from RadiogenomicGANLib.genes import GenePreprocessing
 from RadiogenomicGANLib.intensity import HU_WINDOW
 from RadiogenomicGANLib.networks import KINDS, GeneratorConfig, build_generator
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TENSORS_SUFFIX = ".safetensors"
 JSON_SUFFIX = ".json"
 _PREFIX = "generator."
-_MEAN_KEY, _STD_KEY = "gene_norm.mean", "gene_norm.std"
-_REQUIRED_KEYS = ("format_version", "kind", "architecture", "gene_names", "hu_window", "patch_size",
+_MEAN_KEY, _STD_KEY, _COMPONENTS_KEY = "gene_norm.mean", "gene_norm.std", "gene_norm.components"
+_REQUIRED_KEYS = ("format_version", "kind", "architecture", "gene_names", "gene_clip", "hu_window", "patch_size",
                   "patch_spacing_mm", "provenance", "safetensors_sha256", "safetensors_bytes")
 _HOW_TO_CONVERT = ("Loading it would unpickle, which can run arbitrary code, so it is refused. If you trust "
                    "it, load it yourself, put the state dict into build_generator(config) and export with "
@@ -54,9 +57,7 @@ class WeightsMetadata:
     """What a generator needs besides its tensors: how to build it and how to prepare its inputs."""
 
     config: GeneratorConfig
-    gene_names: list[str]
-    gene_means: np.ndarray          # (G,) float32: log2(x+1) mean of the training patients
-    gene_stds: np.ndarray           # (G,) float32
+    genes: GenePreprocessing        # fitted on the training patients; empty for inpainting
     hu_window: tuple[float, float] = HU_WINDOW
     patch_size: int
     patch_spacing_mm: float
@@ -67,26 +68,21 @@ class WeightsMetadata:
     def kind(self) -> str:
         return self.config.kind
 
+    @property
+    def gene_names(self) -> list[str]:
+        """The genes a profile must provide (by name), in the model's order."""
+        return self.genes.gene_names
+
     def validate(self) -> None:
         """Raise WeightsError if the fields contradict each other (checked on save and on load)."""
-        names, count = self.gene_names, self.config.num_genes
-        if not all(isinstance(n, str) for n in names):
-            raise WeightsError("gene_names must be a list of strings")
+        genes, count = self.genes, self.config.num_genes
+        problems = genes.problems()
+        if problems:
+            raise WeightsError("the gene preprocessing is unusable: " + "; ".join(problems))
         # inpainting takes no genes, so its weights may carry no gene table at all
-        if len(names) != count and not (self.kind == "inpainting" and len(names) == 0):
-            raise WeightsError(f"{len(names)} gene names for a generator that takes {count} genes: the gene "
-                               "table and the network do not belong together")
-        if len(set(names)) != len(names):
-            raise WeightsError("gene_names contains duplicates; profiles are aligned by name, so names must "
-                               "be unique")
-        for label, values in (("gene_means", self.gene_means), ("gene_stds", self.gene_stds)):
-            values = np.asarray(values)
-            if values.shape != (len(names),):
-                raise WeightsError(f"{label} has shape {values.shape}, expected ({len(names)},) — one per gene")
-            if not np.all(np.isfinite(values)):
-                raise WeightsError(f"{label} contains NaN or Inf")
-        if np.any(np.asarray(self.gene_stds) <= 0):
-            raise WeightsError("gene_stds must be > 0 (z-scoring divides by them)")
+        if genes.output_dim != count and not (self.kind == "inpainting" and genes.num_genes == 0):
+            raise WeightsError(f"the gene preprocessing gives {genes.output_dim} inputs to a generator that takes "
+                               f"{count}: the gene table and the network do not belong together")
         low, high = self.hu_window
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise WeightsError(f"hu_window must be (low, high) with low < high, got {self.hu_window}")
@@ -151,8 +147,10 @@ def save_weights(path: str | os.PathLike[str], generator: nn.Module, metadata: W
     tensors_path, json_path = weights_paths(path)
     tensors = {_PREFIX + key: value.detach().to("cpu").contiguous().clone()
                for key, value in generator.state_dict().items()}
-    tensors[_MEAN_KEY] = torch.from_numpy(np.asarray(metadata.gene_means, dtype=np.float32).copy())
-    tensors[_STD_KEY] = torch.from_numpy(np.asarray(metadata.gene_stds, dtype=np.float32).copy())
+    tensors[_MEAN_KEY] = torch.from_numpy(np.asarray(metadata.genes.means, dtype=np.float32).copy())
+    tensors[_STD_KEY] = torch.from_numpy(np.asarray(metadata.genes.stds, dtype=np.float32).copy())
+    if metadata.genes.components is not None:
+        tensors[_COMPONENTS_KEY] = torch.from_numpy(np.asarray(metadata.genes.components, dtype=np.float32).copy())
     data = safetensors.torch.save(tensors, metadata={"format": "radiogenomicgan-weights",
                                                      "format_version": str(FORMAT_VERSION),
                                                      "kind": metadata.kind})
@@ -161,6 +159,8 @@ def save_weights(path: str | os.PathLike[str], generator: nn.Module, metadata: W
         "kind": metadata.kind,
         "architecture": metadata.config.to_dict(),
         "gene_names": list(metadata.gene_names),
+        "gene_clip": float(metadata.genes.clip),
+        "gene_preprocessing": dict(metadata.genes.fitted_on),
         "hu_window": [float(v) for v in metadata.hu_window],
         "patch_size": int(metadata.patch_size),
         "patch_spacing_mm": float(metadata.patch_spacing_mm),
@@ -190,6 +190,12 @@ def _read_json(json_path: Path) -> dict[str, Any]:
                            "file from its source") from error
     if not isinstance(record, dict):
         raise WeightsError(f"{json_path} must hold a JSON object, found {type(record).__name__}")
+    if record.get("format_version") == 1:
+        raise WeightsError(f"{json_path} holds format-1 weights: their genes were plain z-scores, without the "
+                           "expression filter and clip fitted on training patients that this version applies, "
+                           "so every profile would be prepared differently than in training. Export the weights "
+                           "again from a training run of this version (python -m training.train, or "
+                           "python -m training.export from a checkpoint with a dataset prepared by this version)")
     missing = [key for key in _REQUIRED_KEYS if key not in record]
     if missing:
         raise WeightsError(f"{json_path} lacks the keys {missing}; it was not written by save_weights() "
@@ -201,7 +207,7 @@ def _read_json(json_path: Path) -> dict[str, Any]:
     return record
 
 
-def _metadata_from(record: dict[str, Any], json_path: Path, mean: np.ndarray, std: np.ndarray) -> WeightsMetadata:
+def _metadata_from(record: dict[str, Any], json_path: Path, tensors: dict[str, torch.Tensor]) -> WeightsMetadata:
     kind = record["kind"]
     if kind not in KINDS:
         raise WeightsError(f"{json_path}: unknown model kind {kind!r}; this code builds {', '.join(KINDS)}")
@@ -216,15 +222,24 @@ def _metadata_from(record: dict[str, Any], json_path: Path, mean: np.ndarray, st
         raise WeightsError(f"{json_path}: kind {kind!r} but the architecture says {config.kind!r}")
     names = record["gene_names"]
     window = record["hu_window"]
-    if not isinstance(names, list):
-        raise WeightsError(f"{json_path}: gene_names must be a list")
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise WeightsError(f"{json_path}: gene_names must be a list of strings")
+    clip = record["gene_clip"]
+    if not isinstance(clip, int | float) or isinstance(clip, bool):
+        raise WeightsError(f"{json_path}: gene_clip must be a number, got {clip!r}")
+    fitted_on = record.get("gene_preprocessing", {})
+    if not isinstance(fitted_on, dict):
+        raise WeightsError(f"{json_path}: gene_preprocessing must be an object")
+    components = tensors.get(_COMPONENTS_KEY)
+    genes = GenePreprocessing(names, tensors[_MEAN_KEY].numpy(), tensors[_STD_KEY].numpy(), float(clip),
+                              None if components is None else components.numpy(), fitted_on)
     if not (isinstance(window, list) and len(window) == 2 and all(isinstance(v, int | float) for v in window)):
         raise WeightsError(f"{json_path}: hu_window must be [low, high], got {window!r}")
     if not isinstance(record["provenance"], dict):
         raise WeightsError(f"{json_path}: provenance must be an object")
     if not isinstance(record["patch_size"], int) or not isinstance(record["patch_spacing_mm"], int | float):
         raise WeightsError(f"{json_path}: patch_size must be an integer and patch_spacing_mm a number")
-    metadata = WeightsMetadata(config=config, gene_names=names, gene_means=mean, gene_stds=std,
+    metadata = WeightsMetadata(config=config, genes=genes,
                                hu_window=(float(window[0]), float(window[1])), patch_size=record["patch_size"],
                                patch_spacing_mm=float(record["patch_spacing_mm"]),
                                provenance=record["provenance"], format_version=record["format_version"])
@@ -303,10 +318,9 @@ def load_weights(path: str | os.PathLike[str], *, expected_kind: str | None = No
     for key in (_MEAN_KEY, _STD_KEY):
         if key not in tensors:
             raise WeightsError(f"{tensors_path} lacks the tensor {key!r} (the gene normalisation)")
-    metadata = _metadata_from(record, json_path, tensors[_MEAN_KEY].numpy().astype(np.float32),
-                              tensors[_STD_KEY].numpy().astype(np.float32))
+    metadata = _metadata_from(record, json_path, tensors)
     state = {k[len(_PREFIX):]: v for k, v in tensors.items() if k.startswith(_PREFIX)}
-    stray = sorted(k for k in tensors if not k.startswith(_PREFIX) and k not in (_MEAN_KEY, _STD_KEY))
+    stray = sorted(k for k in tensors if not k.startswith(_PREFIX) and k not in (_MEAN_KEY, _STD_KEY, _COMPONENTS_KEY))
     if stray:
         raise WeightsError(f"{tensors_path} holds unknown tensors {stray[:3]}; it was not written by save_weights()")
     generator = build_generator(metadata.config)

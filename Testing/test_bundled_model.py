@@ -47,7 +47,7 @@ def test_draws_nodules_inside_the_lung() -> None:
     lung = inserter.lung_mask(patient.volume_hu, patient.geometry)
     areas = []
     for sample in ids:
-        profile = profile_for_model(table, sample, meta.gene_names, meta.gene_means, meta.gene_stds)
+        profile = profile_for_model(table, sample, meta.genes)
         result = inserter.insert(patient.volume_hu, patient.geometry, profile, auto_count=1, half_slices=2, seed=1,
                                  lung_mask=lung)
         label = result.label > 0

@@ -29,7 +29,7 @@ def tiny_weights(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
     from RadiogenomicGANLib.phantom.genomics import gene_model
     from RadiogenomicGANLib.weights import save_weights
 
-    model = gene_model(0, 64)
+    model = gene_model(64)
     names = [g for g, p in zip(model.gene_names, model.na_probability) if p == 0 and not g.startswith("_")]
     config = GeneratorConfig(num_genes=len(names), code_dim=8, noise_dim=4, base_channels=4, max_channels=16,
                              gene_hidden=8)

@@ -28,9 +28,9 @@ def test_module_phenotype_map_matches_the_phantom():
     assert (1, "mean_hu") not in C.TRUE_LINKS and (4, "diameter_mm") not in C.TRUE_LINKS
 
 
-def _phantom_genes(seed: int = 3, patients: int = 60, n_genes: int = 400):
+def _phantom_genes(seed: int = 3, patients: int = 80, n_genes: int = 1200):
     """z-scored log2 expression of complete genes, their true modules, and the activations."""
-    model = gene_model(seed, n_genes=n_genes)
+    model = gene_model(n_genes=n_genes)
     activations = np.array([draw_module_activations(i, seed)[1] for i in range(patients)])
     fpkm = np.array([gene_profile(model, activations[i], i, seed) for i in range(patients)])
     complete = ~np.isnan(fpkm).any(axis=0)
@@ -41,7 +41,7 @@ def _phantom_genes(seed: int = 3, patients: int = 60, n_genes: int = 400):
 
 def test_metagenes_recover_the_phantom_modules():
     z, modules, activations = _phantom_genes()
-    metagenes = C.co_expression_metagenes(z, max_distance=0.5, min_genes=5)
+    metagenes = C.co_expression_metagenes(z, max_distance=0.8, min_genes=5)
     labels = C.label_by_membership(metagenes.clusters, modules)
     assert {1, 2, 3, 4} <= {m for label in labels for m in label}
     for cluster, label in zip(metagenes.clusters, labels):

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from RadiogenomicGANLib.genes import (
+    GenePreprocessing,
     GeneTable,
     GeneTableError,
     drop_na_genes,
-    fit_normalisation,
     log_transform,
+    missing_gene_count,
     profile_for_model,
     read_gene_table,
 )
@@ -95,15 +96,57 @@ def test_duplicates_and_garbage_are_refused(tmp_path: Path) -> None:
         read_gene_table(tmp_path / "absent.txt")
 
 
-def test_normalisation_uses_training_samples_only() -> None:
-    log_values = log_transform(np.array([[0.0, 1.0, 3.0, 1000.0], [2.0, 2.0, 2.0, 2.0]]))
-    np.testing.assert_allclose(log_values[0, :3], [0.0, 1.0, 2.0])
-    means, stds = fit_normalisation(log_values[:, :3])  # the 4th sample is a test patient
-    np.testing.assert_allclose(means, [1.0, np.log2(3.0)])
-    assert stds[0] == pytest.approx(np.std([0.0, 1.0, 2.0]))
-    assert stds[1] > 0  # constant gene: floored, never a division by zero
+def test_log_transform_refuses_negative_values() -> None:
+    np.testing.assert_allclose(log_transform(np.array([0.0, 1.0, 3.0])), [0.0, 1.0, 2.0])
     with pytest.raises(GeneTableError, match="negative"):
         log_transform(np.array([-2.0]))
+
+
+def _trap_cohort(rng: np.random.Generator, patients: int) -> tuple[np.ndarray, list[str]]:
+    """(patients, 5) log values: signal, low-expression, near-constant, mostly-zero and expressed genes."""
+    signal = 5.0 + rng.normal(size=patients)
+    low = np.abs(rng.normal(0.0, 0.3, size=patients))  # mean < 1: low expression
+    flat = 8.0 + rng.normal(0.0, 0.01, size=patients)  # near-constant: a z-score would explode on it
+    zeros = np.where(rng.random(patients) < 0.8, 0.0, 6.0)  # expressed in a few patients only
+    other = 3.0 + 0.5 * rng.normal(size=patients)
+    return np.stack([signal, low, flat, zeros, other], axis=1), ["SIG", "LOW", "FLAT", "ZERO", "OTHER"]
+
+
+def test_preprocessing_is_fitted_on_training_patients_only() -> None:
+    rng = np.random.default_rng(0)
+    train, names = _trap_cohort(rng, 40)
+    fitted = GenePreprocessing.fit(train, names)
+    assert fitted.gene_names == ["SIG", "OTHER"]
+    assert fitted.fitted_on == {"table_genes": 5, "training_patients": 40, "dropped_low_expression": 2,
+                                "dropped_near_constant": 1, "dropped_by_top_variance": 0, "kept": 2}
+    np.testing.assert_allclose(fitted.means, train[:, [0, 4]].mean(axis=0))
+    np.testing.assert_allclose(fitted.stds, train[:, [0, 4]].std(axis=0))
+    # an extreme held-out patient changes nothing that was fitted, and its inputs stay bounded
+    held_out = np.array([[30.0, 9.0, 9.0, 9.0, 30.0]])
+    refit = GenePreprocessing.fit(train, names)
+    np.testing.assert_array_equal(refit.means, fitted.means)
+    assert np.abs(fitted.transform_log(held_out[:, [0, 4]])).max() == fitted.clip == 5.0
+    # without the filter and the clip the near-constant gene dominates the held-out vector (the old trap)
+    naive = (np.array([[5.0, 8.03]]) - train[:, [0, 2]].mean(axis=0)) / train[:, [0, 2]].std(axis=0)
+    assert abs(naive[0, 1]) > 2.0 * abs(naive[0, 0])
+
+
+def test_preprocessing_top_variance_and_whitened_components() -> None:
+    rng = np.random.default_rng(1)
+    latent = rng.normal(size=(60, 1))
+    x = 5.0 + latent @ rng.choice([-1.0, 1.0], size=(1, 30)) + 0.3 * rng.normal(size=(60, 30))
+    names = [f"G{i}" for i in range(30)]
+    top = GenePreprocessing.fit(x, names, top_variance=10)
+    assert top.num_genes == 10 and top.fitted_on["dropped_by_top_variance"] == 20
+    assert set(top.gene_names) == {names[i] for i in np.argsort(-x.std(axis=0))[:10]}
+    pca = GenePreprocessing.fit(x, names, components=3)
+    assert pca.output_dim == 3 and pca.components.shape == (3, 30)
+    scores = pca.transform_log(x)
+    np.testing.assert_allclose(scores.std(axis=0, ddof=1), 1.0, rtol=1e-4)  # whitened on the training set
+    assert abs(np.corrcoef(scores[:, 0], latent[:, 0])[0, 1]) > 0.95  # the first axis is the module
+    assert pca.problems() == []
+    broken = GenePreprocessing(["A", "A"], np.zeros(2), np.array([1.0, 0.0]), clip=float("nan"))
+    assert len(broken.problems()) == 3
 
 
 def _small_table() -> GeneTable:
@@ -111,27 +154,32 @@ def _small_table() -> GeneTable:
                      np.array([[0.0, 1.0, 3.0], [7.0, 3.0, 1.0], [1.0, np.nan, 0.0]]))
 
 
+def _preprocessing(names: list[str], means: list[float], stds: list[float], clip: float = 50.0) -> GenePreprocessing:
+    return GenePreprocessing(names, np.array(means), np.array(stds), clip)
+
+
 def test_profile_aligns_by_name_and_blends() -> None:
     table = _small_table()
-    names = ["B", "A"]  # model order differs from table order
-    means, stds = np.array([2.0, 1.0]), np.array([1.0, 0.5])
-    profile = profile_for_model(table, "R01-001", names, means, stds)
+    prep = _preprocessing(["B", "A"], [2.0, 1.0], [1.0, 0.5])  # model order differs from table order
+    profile = profile_for_model(table, "R01-001", prep)
     assert profile.dtype == np.float32
     np.testing.assert_allclose(profile, [(3.0 - 2.0) / 1.0, (0.0 - 1.0) / 0.5])
-    other = profile_for_model(table, "R01-003", names, means, stds)
-    half = profile_for_model(table, "R01-001", names, means, stds, blend_with="R01-003", blend_weight=0.5)
+    other = profile_for_model(table, "R01-003", prep)
+    half = profile_for_model(table, "R01-001", prep, blend_with="R01-003", blend_weight=0.5)
     np.testing.assert_allclose(half, 0.5 * profile + 0.5 * other, rtol=1e-6)
     with pytest.raises(GeneTableError, match=r"\[0, 1\]"):
-        profile_for_model(table, "R01-001", names, means, stds, blend_with="R01-003", blend_weight=1.5)
+        profile_for_model(table, "R01-001", prep, blend_with="R01-003", blend_weight=1.5)
+    clipped = profile_for_model(table, "R01-001", _preprocessing(["B", "A"], [2.0, 1.0], [0.01, 0.5], clip=5.0))
+    np.testing.assert_allclose(clipped, [5.0, -2.0])
 
 
 def test_profile_missing_genes_and_unknown_sample() -> None:
     table = _small_table()
-    names = ["A", "C", "Z"]
-    means, stds = np.zeros(3), np.ones(3)
+    prep = _preprocessing(["A", "C", "Z"], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
     with pytest.raises(GeneTableError, match=r"2 of 3 model genes are missing.*1 not in the table, 1 NA.*impute"):
-        profile_for_model(table, "R01-002", names, means, stds)
-    imputed = profile_for_model(table, "R01-002", names, means, stds, impute=True)
+        profile_for_model(table, "R01-002", prep)
+    assert missing_gene_count(table, "R01-002", prep.gene_names) == 2
+    imputed = profile_for_model(table, "R01-002", prep, impute=True)
     np.testing.assert_allclose(imputed, [1.0, 0.0, 0.0])  # log2(1+1) = 1; missing → training mean
     with pytest.raises(GeneTableError, match=r"'R01-999' is not in the gene table.*R01-001"):
-        profile_for_model(table, "R01-999", names, means, stds, impute=True)
+        profile_for_model(table, "R01-999", prep, impute=True)

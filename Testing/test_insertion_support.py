@@ -53,14 +53,13 @@ class DiscMaskGenerator(nn.Module):
 
 def make_metadata(config: GeneratorConfig, gene_names: list[str] | None = None):  # type: ignore[no-untyped-def]
     """A WeightsMetadata for a freshly built generator (gene statistics 0/1)."""
+    from RadiogenomicGANLib.genes import GenePreprocessing
     from RadiogenomicGANLib.weights import WeightsMetadata
 
     names = gene_names or [f"GENE{g}" for g in range(config.num_genes)]
     return WeightsMetadata(
         config=config,
-        gene_names=list(names),
-        gene_means=np.zeros(config.num_genes, dtype=np.float32),
-        gene_stds=np.ones(config.num_genes, dtype=np.float32),
+        genes=GenePreprocessing(list(names), np.zeros(config.num_genes), np.ones(config.num_genes)),
         patch_size=config.patch_size,
         patch_spacing_mm=60.0 / config.patch_size,
         provenance={"note": "random test model"},

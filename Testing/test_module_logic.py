@@ -24,7 +24,7 @@ vtk = pytest.importorskip("vtk")
 
 from RadiogenomicGANLib import mrml_adapter as adapter  # noqa: E402
 from RadiogenomicGANLib import segments  # noqa: E402
-from RadiogenomicGANLib.genes import GeneTableError  # noqa: E402
+from RadiogenomicGANLib.genes import GenePreprocessing, GeneTableError  # noqa: E402
 from RadiogenomicGANLib.insertion import InsertionCancelled, InsertionError  # noqa: E402
 from RadiogenomicGANLib.networks import GeneratorConfig, build_generator  # noqa: E402
 from RadiogenomicGANLib.phantom import generate_patient  # noqa: E402
@@ -61,8 +61,8 @@ def weights(tmp_path_factory) -> Path:
     with torch.no_grad():
         generator.mask_head.conv.bias.fill_(4.0)
         generator.image_head.conv.bias.fill_(0.5)
-    metadata = WeightsMetadata(config=config, gene_names=list(GENES), gene_means=np.full(len(GENES), 2.0),
-                               gene_stds=np.ones(len(GENES)), patch_size=64, patch_spacing_mm=0.9375,
+    genes = GenePreprocessing(list(GENES), np.full(len(GENES), 2.0), np.ones(len(GENES)))
+    metadata = WeightsMetadata(config=config, genes=genes, patch_size=64, patch_spacing_mm=0.9375,
                                provenance={"note": "random initialisation, for tests"})
     return Path(save_weights(tmp_path_factory.mktemp("weights") / "tiny", generator, metadata))
 

@@ -81,7 +81,7 @@ def test_each_model_trains(data: Path, tmp_path: Path, model: str, capsys) -> No
     generator, meta = load_weights(result["weights"], expected_kind=model, expected_num_genes=64)
     dataset = load_dataset(data)
     assert meta.gene_names == [str(n) for n in dataset.gene_names]
-    np.testing.assert_allclose(meta.gene_means, dataset.gene_means)
+    np.testing.assert_allclose(meta.genes.means, dataset.gene_means)
     assert meta.patch_size == 32
     assert meta.provenance["steps"] == 4 and meta.provenance["seed"] == 0
     assert len(meta.provenance["dataset_sha256"]) == 64

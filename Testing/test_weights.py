@@ -14,6 +14,7 @@ import torch
 
 import RadiogenomicGANLib.weights as weights_module
 from RadiogenomicGANLib.atomic import PARTIAL_GLOB
+from RadiogenomicGANLib.genes import GenePreprocessing
 from RadiogenomicGANLib.networks import KINDS, GeneratorConfig, build_generator, hole_from_mask
 from RadiogenomicGANLib.weights import (
     FORMAT_VERSION,
@@ -35,10 +36,11 @@ def small_config(kind: str = "proposed", **changes: int) -> GeneratorConfig:
 
 def metadata_for(config: GeneratorConfig) -> WeightsMetadata:
     rng = np.random.default_rng(0)
-    return WeightsMetadata(config=config, gene_names=[f"GENE{i}" for i in range(config.num_genes)],
-                           gene_means=rng.normal(size=config.num_genes).astype(np.float32),
-                           gene_stds=rng.uniform(0.5, 2, size=config.num_genes).astype(np.float32),
-                           patch_size=config.patch_size, patch_spacing_mm=0.9375,
+    genes = GenePreprocessing([f"GENE{i}" for i in range(config.num_genes)],
+                              rng.normal(size=config.num_genes).astype(np.float32),
+                              rng.uniform(0.5, 2, size=config.num_genes).astype(np.float32), clip=4.5,
+                              fitted_on={"kept": config.num_genes})
+    return WeightsMetadata(config=config, genes=genes, patch_size=config.patch_size, patch_spacing_mm=0.9375,
                            provenance={"dataset": "phantom", "epochs": 3, "ema": 0.999})
 
 
@@ -82,8 +84,9 @@ def test_save_then_load_gives_bit_identical_outputs(tmp_path: Path, kind: str) -
     loaded, meta = load_weights(tmp_path / "sub" / kind, expected_kind=kind, expected_num_genes=GENES)
     assert not loaded.training and loaded.config == config and meta.kind == kind
     assert meta.gene_names == metadata.gene_names and meta.provenance == metadata.provenance
-    np.testing.assert_array_equal(meta.gene_means, metadata.gene_means)
-    np.testing.assert_array_equal(meta.gene_stds, metadata.gene_stds)
+    np.testing.assert_array_equal(meta.genes.means, metadata.genes.means)
+    np.testing.assert_array_equal(meta.genes.stds, metadata.genes.stds)
+    assert meta.genes.clip == 4.5 and meta.genes.components is None and meta.genes.fitted_on == {"kept": GENES}
     assert meta.hu_window == (-1000.0, 500.0) and meta.patch_size == 64 and meta.patch_spacing_mm == 0.9375
     assert meta.format_version == FORMAT_VERSION
 
@@ -110,9 +113,12 @@ def test_json_sidecar_is_readable_and_complete(saved: Path) -> None:
 def test_save_refuses_inconsistent_metadata(tmp_path: Path) -> None:
     config = small_config()
     generator = build_generator(config)
-    with pytest.raises(WeightsError, match="gene names for a generator that takes"):
-        save_weights(tmp_path / "m", generator, WeightsMetadata(**{**vars(metadata_for(config)),
-                                                                     "gene_names": ["A", "B"]}))
+    two_genes = GenePreprocessing(["A", "B"], np.zeros(2), np.ones(2))
+    with pytest.raises(WeightsError, match="gives 2 inputs to a generator that takes"):
+        save_weights(tmp_path / "m", generator, WeightsMetadata(**{**vars(metadata_for(config)), "genes": two_genes}))
+    unusable = GenePreprocessing(["A"] * GENES, np.zeros(GENES), np.zeros(GENES))
+    with pytest.raises(WeightsError, match="not unique.*must be > 0"):
+        save_weights(tmp_path / "m", generator, WeightsMetadata(**{**vars(metadata_for(config)), "genes": unusable}))
     with pytest.raises(WeightsError, match=r"differs from metadata\.config"):
         save_weights(tmp_path / "m", generator, metadata_for(small_config(num_genes=GENES + 1)))
     with pytest.raises(WeightsError, match="JSON-serialisable"):
@@ -197,14 +203,32 @@ def test_bad_json(saved: Path) -> None:
     json_path.write_text("[1, 2]")
     with pytest.raises(WeightsError, match="JSON object"):
         load_weights(saved)
-    json_path.write_text(json.dumps({"format_version": 1, "kind": "proposed"}))
+    json_path.write_text(json.dumps({"format_version": FORMAT_VERSION, "kind": "proposed"}))
     with pytest.raises(WeightsError, match="lacks the keys"):
         load_weights(saved)
 
 
+def test_format_1_weights_are_refused_with_what_to_do(saved: Path) -> None:
+    rewrite_json(saved, format_version=1)
+    with pytest.raises(WeightsError, match=r"format-1 weights.*plain z-scores.*training\.export"):
+        load_weights(saved)
+
+
+def test_projected_preprocessing_round_trips(tmp_path: Path) -> None:
+    config = small_config(num_genes=3)
+    rng = np.random.default_rng(2)
+    genes = GenePreprocessing.fit(5.0 + rng.normal(size=(20, 12)), [f"G{i}" for i in range(12)], components=3)
+    generator = build_generator(config)
+    path = save_weights(tmp_path / "pca", generator, WeightsMetadata(config=config, genes=genes, patch_size=64,
+                                                                    patch_spacing_mm=0.9375))
+    _, meta = load_weights(path)
+    np.testing.assert_allclose(meta.genes.components, genes.components, rtol=1e-6)
+    assert meta.genes.output_dim == 3 and meta.gene_names == genes.gene_names
+
+
 def test_unknown_format_version(saved: Path) -> None:
     rewrite_json(saved, format_version=FORMAT_VERSION + 1)
-    with pytest.raises(WeightsError, match="reads version 1 only"):
+    with pytest.raises(WeightsError, match=f"reads version {FORMAT_VERSION} only"):
         load_weights(saved)
 
 
@@ -221,7 +245,7 @@ def test_wrong_gene_count(saved: Path) -> None:
         load_weights(saved, expected_num_genes=5172)
     record = json.loads(saved.with_suffix(".json").read_text())
     rewrite_json(saved, gene_names=record["gene_names"][:-1])
-    with pytest.raises(WeightsError, match="11 gene names for a generator that takes 12 genes"):
+    with pytest.raises(WeightsError, match=r"gene means have shape \(12,\), expected \(11,\)"):
         load_weights(saved)
 
 

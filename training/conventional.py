@@ -4,7 +4,8 @@ Steps (paper §1): (1) metagenes by co-expression clustering, (2) hand-crafted i
 nodules, (3) pairwise correlation with a multiple-testing correction. Here:
 
 1. Hierarchical clustering (average linkage) of the genes on the correlation distance 1 − r computed over
-   the TRAINING patients; the tree is cut at `max_distance` (0.5: mean within-cluster r ≥ 0.5), clusters of
+   the TRAINING patients; the tree is cut at `max_distance` (0.8: mean within-cluster r ≥ 0.2, as single genes of a
+   module correlate only ≈ 0.2–0.5 with each other), clusters of
    at least `min_genes` genes are kept (the largest `max_metagenes`), and a metagene is the mean z-score of
    its genes. Signed distance on purpose: anti-correlated genes of one module would cancel in a mean, so a
    module whose genes load with both signs yields two (anti-correlated) metagenes.
@@ -195,8 +196,8 @@ class Metagenes:
         return np.stack([genes[:, idx].mean(axis=1) for idx in self.clusters], axis=1)
 
 
-def co_expression_metagenes(train_genes: np.ndarray, max_distance: float = 0.5, min_genes: int = 5,
-                            max_metagenes: int = 20) -> Metagenes:
+def co_expression_metagenes(train_genes: np.ndarray, max_distance: float = 0.8, min_genes: int = 5,
+                            max_metagenes: int = 40) -> Metagenes:
     """Average-linkage clustering of the genes on 1 − Pearson r over the training patients (module doc)."""
     from scipy.cluster.hierarchy import fcluster, linkage
     from scipy.spatial.distance import squareform
@@ -348,7 +349,7 @@ def association_links(unit_values: np.ndarray, unit_names: Sequence[str],
     }
 
 
-def metagene_units(data, truth: GroundTruth | None, patients: Sequence[int], max_distance: float = 0.5,
+def metagene_units(data, truth: GroundTruth | None, patients: Sequence[int], max_distance: float = 0.8,
                    min_genes: int = 5) -> dict:
     """Step 1 on the dataset: metagenes from the training patients, their values for `patients`, and their
     post-hoc module labels when the truth has activations. JSON-ready except `values` (P, M)."""

@@ -9,7 +9,11 @@ radiogenomic map all read the same, validated arrays. Keys (see interfaces.md, "
 - `background_images` (M,S,S), `background_patient`, `background_slice`, `background_centre_ras` — nodule-free
   lung patches (the generator's input)
 - `patient_ids` (P,), `patient_spacing` (P,3) (i,j,k mm), `split` (P,) in {train,val,test}
-- `genes` (P,G) z-scored with train-patient statistics, `gene_names` (G,), `gene_means`, `gene_stds` (G,)
+- `genes` (P,D): the generator's gene input, prepared by the gene preprocessing fitted on the TRAIN patients
+  (`RadiogenomicGANLib.genes.GenePreprocessing`): `gene_names` (G,), `gene_means`, `gene_stds` (G,),
+  `gene_clip` (), `gene_components` (K,G) (K = 0: no projection, D = G; else D = K)
+- `table_gene_names` (T,), `table_genes_log` (P,T): log2(x+1) of every complete gene of the table, so another
+  model's preprocessing (or a refit) can be applied to the same patients
 
 Determinism (so a resumed run sees the same data): `NoduleBatchDataset` draws its random pairings (background,
 wrong genes, wrong mask) from a generator seeded by `(seed, epoch, index)`, never from global state. The
@@ -32,9 +36,10 @@ import torch
 from torch.utils.data import Dataset
 
 from RadiogenomicGANLib.atomic import atomic_path
+from RadiogenomicGANLib.genes import GenePreprocessing
 from RadiogenomicGANLib.intensity import HU_WINDOW
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
 
 REQUIRED_KEYS = (
@@ -58,6 +63,10 @@ REQUIRED_KEYS = (
     "gene_names",
     "gene_means",
     "gene_stds",
+    "gene_clip",
+    "gene_components",
+    "table_gene_names",
+    "table_genes_log",
 )
 
 _DTYPES: dict[str, type] = {
@@ -74,6 +83,9 @@ _DTYPES: dict[str, type] = {
     "genes": np.float32,
     "gene_means": np.float32,
     "gene_stds": np.float32,
+    "gene_clip": np.float64,
+    "gene_components": np.float32,
+    "table_genes_log": np.float32,
     "hu_window": np.float32,
 }
 
@@ -105,6 +117,10 @@ class RadiogenomicDataset:
     gene_names: np.ndarray
     gene_means: np.ndarray
     gene_stds: np.ndarray
+    gene_clip: np.ndarray
+    gene_components: np.ndarray
+    table_gene_names: np.ndarray
+    table_genes_log: np.ndarray
     format_version: int = FORMAT_VERSION
     source: str = ""
 
@@ -116,6 +132,22 @@ class RadiogenomicDataset:
     @property
     def num_genes(self) -> int:
         return int(self.genes.shape[1])
+
+    @property
+    def gene_preprocessing(self) -> GenePreprocessing:
+        """The preprocessing that made `genes` (fitted on the train patients by training.prepare)."""
+        return GenePreprocessing(self.gene_names.tolist(), self.gene_means, self.gene_stds, float(self.gene_clip),
+                                 self.gene_components if self.gene_components.shape[0] else None)
+
+    def genes_for(self, preprocessing: GenePreprocessing) -> np.ndarray:
+        """(P, D) every patient's genes prepared by another (e.g. a model's) preprocessing, aligned by name."""
+        return gene_arrays(preprocessing, self.table_gene_names.tolist(), self.table_genes_log)["genes"]
+
+    def with_gene_preprocessing(self, preprocessing: GenePreprocessing) -> RadiogenomicDataset:
+        """A copy whose `genes` (and stored preprocessing) come from `preprocessing`."""
+        from dataclasses import replace
+
+        return replace(self, **gene_arrays(preprocessing, self.table_gene_names.tolist(), self.table_genes_log))
 
     @property
     def num_nodules(self) -> int:
@@ -179,11 +211,14 @@ def _validate(arrays: dict[str, np.ndarray], source: str) -> RadiogenomicDataset
         raise DatasetError(f"{where} is missing keys: {', '.join(missing)}; re-create it with training.prepare")
 
     version = int(np.asarray(arrays["format_version"]))
+    if version == 1:
+        raise DatasetError(f"{where} was written by an older training.prepare (format 1: plain gene z-scores, "
+                           "no expression filter or clip); run python -m training.prepare again")
     if version != FORMAT_VERSION:
         raise DatasetError(f"{where} has format_version {version}; this code reads version {FORMAT_VERSION}")
 
     a = {key: np.asarray(arrays[key]) for key in REQUIRED_KEYS}
-    for key in ("patient_ids", "split", "gene_names"):
+    for key in ("patient_ids", "split", "gene_names", "table_gene_names"):
         if a[key].dtype.kind not in "U":
             raise DatasetError(f"{where}: '{key}' must be an array of strings, got dtype {a[key].dtype}")
         a[key] = a[key].astype(str)
@@ -228,10 +263,19 @@ def _validate(arrays: dict[str, np.ndarray], source: str) -> RadiogenomicDataset
         fail(f"'patient_spacing' has shape {a['patient_spacing'].shape}, expected ({patients}, 3)")
     if a["genes"].ndim != 2 or a["genes"].shape[0] != patients:
         fail(f"'genes' has shape {a['genes'].shape}, expected ({patients}, G)")
-    genes = a["genes"].shape[1]
-    for key in ("gene_names", "gene_means", "gene_stds"):
+    genes = a["gene_names"].shape[0]
+    for key in ("gene_means", "gene_stds"):
         if a[key].shape != (genes,):
-            fail(f"'{key}' has shape {a[key].shape}, expected ({genes},) to match 'genes'")
+            fail(f"'{key}' has shape {a[key].shape}, expected ({genes},) to match 'gene_names'")
+    components = a["gene_components"]
+    if components.ndim != 2 or components.shape[1] != genes:
+        fail(f"'gene_components' has shape {components.shape}, expected (K, {genes})")
+    inputs = components.shape[0] or genes
+    if a["genes"].shape[1] != inputs:
+        fail(f"'genes' has {a['genes'].shape[1]} columns, but the gene preprocessing gives {inputs}")
+    if a["table_genes_log"].shape != (patients, a["table_gene_names"].shape[0]):
+        fail(f"'table_genes_log' has shape {a['table_genes_log'].shape}, expected ({patients}, "
+             f"{a['table_gene_names'].shape[0]}) — one row per patient, one column per table gene")
     if a["hu_window"].shape != (2,):
         fail(f"'hu_window' has shape {a['hu_window'].shape}, expected (2,)")
     if not np.all(np.isfinite(a["genes"])):
@@ -389,9 +433,13 @@ def make_synthetic_dataset(
     if patients < 2:
         raise ValueError("a synthetic dataset needs at least two patients")
     rng = np.random.default_rng(seed)
-    raw = rng.normal(size=(patients, genes))
-    means, stds = raw.mean(axis=0), raw.std(axis=0) + 1e-6
-    gene_matrix = ((raw - means) / stds).astype(np.float32)
+    table_log = (5.0 + rng.normal(size=(patients, genes))).astype(np.float32)  # expressed, variable genes
+    names = [f"GENE{g:04d}" for g in range(genes)]
+    split = np.array(["train"] * patients, dtype="<U5")
+    if patients >= 4:
+        split[-2], split[-1] = "val", "test"
+    preprocessing = GenePreprocessing.fit(table_log[split == "train"], names, clip=50.0)
+    gene_matrix = preprocessing.transform_log(table_log)
     rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
     spacing_mm = 60.0 / size
     nodule_images, nodule_masks, nodule_patient, nodule_slice, nodule_centres = [], [], [], [], []
@@ -421,9 +469,6 @@ def make_synthetic_dataset(
             background_patient.append(p)
             background_slice.append(5 + s)
             background_centres.append(centre_ras + np.float32(30.0))
-    split = np.array(["train"] * patients, dtype="<U5")
-    if patients >= 4:
-        split[-2], split[-1] = "val", "test"
     return write_dataset(
         path,
         patch_size=np.int64(size),
@@ -440,8 +485,29 @@ def make_synthetic_dataset(
         patient_ids=np.array([f"SYN-{p:03d}" for p in range(patients)]),
         patient_spacing=np.tile(np.array([0.7, 0.7, 1.25], dtype=np.float32), (patients, 1)),
         split=split,
-        genes=gene_matrix,
-        gene_names=np.array([f"GENE{g:04d}" for g in range(genes)]),
-        gene_means=means.astype(np.float32),
-        gene_stds=stds.astype(np.float32),
+        **gene_arrays(preprocessing, names, table_log),
     )
+
+
+def gene_arrays(preprocessing: GenePreprocessing, table_gene_names: Sequence[str],
+                table_genes_log: np.ndarray) -> dict[str, np.ndarray]:
+    """The dataset's gene keys for (P, T) log2(x+1) table values and a preprocessing fitted on them."""
+    components = preprocessing.components if preprocessing.components is not None else np.zeros(
+        (0, preprocessing.num_genes))
+    position = {str(name): i for i, name in enumerate(table_gene_names)}
+    missing = [g for g in preprocessing.gene_names if g not in position]
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} of the {preprocessing.num_genes} genes the model reads are not in this dataset's gene "
+            f"table (e.g. {', '.join(missing[:3])}): the model and the cohort come from different gene panels")
+    columns = np.array([position[g] for g in preprocessing.gene_names], dtype=np.int64)
+    return {
+        "genes": preprocessing.transform_log(np.asarray(table_genes_log)[:, columns]),
+        "gene_names": np.array(preprocessing.gene_names),
+        "gene_means": preprocessing.means.astype(np.float32),
+        "gene_stds": preprocessing.stds.astype(np.float32),
+        "gene_clip": np.float64(preprocessing.clip),
+        "gene_components": components.astype(np.float32),
+        "table_gene_names": np.array([str(g) for g in table_gene_names]),
+        "table_genes_log": np.asarray(table_genes_log, dtype=np.float32),
+    }

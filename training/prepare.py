@@ -8,8 +8,9 @@ Xu et al. 2019, section 3, in millimetres from each CT's IJK→RAS geometry:
   from that mask's boundary (exact distance, in mm) and clear of the nodule by half a patch (+ one voxel)
   in-plane and half a VOI along k, so no background patch touches the nodule (each is also checked);
   `--slices-per-voi` random slices (20) of each 60 mm VOI, without replacement.
-- Genes: the table's genes with an NA in any sample dropped, log2(x+1), z-scored with the statistics of the
-  TRAIN patients only.
+- Genes: the table's genes with an NA in any sample dropped, log2(x+1), then `GenePreprocessing` fitted on
+  the TRAIN patients only (low-expression and near-constant genes dropped, z-score clipped to ±5). The file
+  also keeps every complete gene's log2 values, so a model's own preprocessing can be applied to this cohort.
 - Split: patient-level, deterministic in `--seed` (a seeded permutation of the sorted used patient ids, cut at
   the given fractions); no patient is in two splits (asserted).
 
@@ -33,11 +34,10 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from RadiogenomicGANLib.genes import (
+    GenePreprocessing,
     GeneTableError,
     drop_na_genes,
-    fit_normalisation,
     log_transform,
-    normalise,
     read_gene_table,
 )
 from RadiogenomicGANLib.geometry import VolumeGeometry
@@ -45,7 +45,7 @@ from RadiogenomicGANLib.intensity import HU_WINDOW, hu_to_unit
 from RadiogenomicGANLib.lungmask import LungMaskError, compute_lung_mask
 from RadiogenomicGANLib.patches import extract_patch
 from RadiogenomicGANLib.placement import PlacementError, sample_lung_centres
-from training.dataset import SPLITS, write_dataset
+from training.dataset import SPLITS, gene_arrays, write_dataset
 
 VOI_MM = 60.0
 MIN_NODULE_MM3 = 10.0  # connected parts of a SEG smaller than this are annotation specks, not nodules
@@ -91,6 +91,7 @@ class PrepareReport:
     background_slices: dict[str, int]
     genes: int
     genes_in_table: int
+    gene_filter: dict[str, int]
     warnings: list[str]
     seconds: float
     seconds_per_patient: float
@@ -109,8 +110,11 @@ class PrepareReport:
         lines.append(f"nodule slices: {by_split(self.nodule_slices)}")
         lines.append(f"background slices: {by_split(self.background_slices)}")
         lines.append(
-            f"genes: {self.genes} (of {self.genes_in_table} in the table; genes with NA dropped; log2(x+1), "
-            f"z-scored with {counts['train']} train patients)"
+            f"genes: {self.gene_filter.get('kept', self.genes)} model inputs of {self.genes} complete genes "
+            f"({self.genes_in_table} in the table; genes with NA dropped; log2(x+1); "
+            f"{self.gene_filter.get('dropped_low_expression', 0)} low-expression and "
+            f"{self.gene_filter.get('dropped_near_constant', 0)} near-constant genes dropped; z-scored and "
+            f"clipped with the {counts['train']} train patients)"
         )
         for warning in self.warnings:
             lines.append(f"  note: {warning}")
@@ -394,13 +398,12 @@ def prepare(
     ids = [s.patient_id for s in samples]
     assignment = split_patients(ids, fractions, seed)
 
-    # genes: NA genes dropped over the table's non-empty samples; z-score with train patients only
+    # genes: NA genes dropped over the table's non-empty samples; the preprocessing fitted on train patients only
     non_empty = [sid for sid, col in zip(table.sample_ids, table.values.T) if not np.isnan(col).all()]
     complete = drop_na_genes(table.select_samples(non_empty))
-    log_values = log_transform(complete.select_samples(ids).values)  # (G, P)
-    train_columns = [n for n, pid in enumerate(ids) if assignment[pid] == "train"]
-    means, stds = fit_normalisation(log_values[:, train_columns])
-    genes = normalise(log_values, means, stds).T.astype(np.float32)
+    table_log = log_transform(complete.select_samples(ids).values).T  # (P, G)
+    train_rows = np.array([assignment[pid] == "train" for pid in ids])
+    preprocessing = GenePreprocessing.fit(table_log[train_rows], complete.gene_names)
 
     def stack(name: str) -> np.ndarray:
         return np.concatenate([getattr(s, name) for s in samples], axis=0)
@@ -427,10 +430,7 @@ def prepare(
         patient_ids=np.array(ids),
         patient_spacing=np.stack([s.spacing_ijk for s in samples]).astype(np.float32),
         split=split_array,
-        genes=genes,
-        gene_names=np.array(complete.gene_names),
-        gene_means=means.astype(np.float32),
-        gene_stds=stds.astype(np.float32),
+        **gene_arrays(preprocessing, complete.gene_names, table_log),
     )
     count = {name: {} for name in ("nodule", "background")}
     for name in SPLITS:
@@ -446,6 +446,7 @@ def prepare(
         background_slices=count["background"],
         genes=len(complete.gene_names),
         genes_in_table=genes_in_table,
+        gene_filter=dict(preprocessing.fitted_on),
         warnings=warnings,
         seconds=time.perf_counter() - start,
         seconds_per_patient=float(np.mean([s.seconds for s in samples])),

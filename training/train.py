@@ -475,16 +475,14 @@ def _gene_names_sha(names: np.ndarray) -> str:
 def export_generator(
     generator: nn.Module, data: RadiogenomicDataset, path: Path, provenance: dict[str, Any]
 ) -> Path:
-    """A generator (the EMA one at the end of training) in the weights format, with the dataset's gene
-    names/normalisation and provenance."""
+    """A generator (the EMA one at the end of training) in the weights format, with the dataset's fitted gene
+    preprocessing and provenance."""
     from RadiogenomicGANLib.weights import WeightsMetadata, save_weights
 
     generator = copy.deepcopy(generator).to("cpu", memory_format=torch.contiguous_format).eval()
     metadata = WeightsMetadata(
         config=generator.config,
-        gene_names=[str(n) for n in data.gene_names],
-        gene_means=np.asarray(data.gene_means, dtype=np.float32),
-        gene_stds=np.asarray(data.gene_stds, dtype=np.float32),
+        genes=data.gene_preprocessing,
         hu_window=(float(data.hu_window[0]), float(data.hu_window[1])),
         patch_size=int(data.patch_size),
         patch_spacing_mm=float(data.patch_spacing_mm),

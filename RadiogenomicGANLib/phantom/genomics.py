@@ -1,16 +1,34 @@
 """Latent gene modules → module activations and an RNA-seq profile (linear FPKM, exact zeros, literal NA).
 
-Why: the phantom needs a *known* gene→image truth. Each patient belongs to one of a few classes (clusters);
-its K module activations are the class prototype plus noise, so clustering metrics (ARI) have a truth
-(`DEFAULT_PROTOTYPES`: modules 1–3 follow the class, uncorrelated across patients; module 4 is class-free). Each
-module drives ``genes_per_module`` genes (log2 expression = base + loading · activation + noise); a few
-nuisance factors drive other gene blocks (batch-like structure that is *not* linked to the image), and all
-other genes are independent noise. The table is written as linear FPKM like Cufflinks in GSE103584.
+Why: the phantom needs a *known* gene→image truth, and a genome that stays put. The **biology** — gene names,
+modules, loadings, co-expression, the NA and low-expression pattern — is a versioned constant
+(`BIOLOGY_VERSION`), the same for every cohort seed, as a genome is; the seed draws patients only. So a model
+trained on one seed's cohort reads any other seed's table, and a cohort of an unseen seed is a fair test set.
+
+Biology 1 (at the default 5172 complete genes; smaller test tables scale every block down):
+
+- **Image modules** 1–4 (`IMAGE_MODULE_GENES`, 140–260 genes each) drive the nodule (see `nodule`). Each
+  patient belongs to one of a few classes; modules 1–3 are the class prototype (±1) plus N(0, 0.4²)
+  (continuous, uncorrelated across patients); module 4 is class-free N(0, 1).
+- **Expression programmes with no image effect** (`N_SILENT_MODULES` = 12, 100–200 genes each, latent N(0, 1)
+  per patient): co-expression as strong as the image modules', which the image must teach the model to ignore.
+- Every module gene has log2 expression ``base + loading · latent + noise`` with its correlation to the
+  latent drawn in 0.4–0.7 (`MODULE_GENE_R`): single genes are weak, a module of them is strong.
+- The other genes are independent: expressed genes, **low-expression** genes (about a quarter: mostly exact
+  zeros) and **near-constant** genes (housekeeping-like, log2 sd 0.02–0.06: a z-score fitted on a few
+  training patients explodes on them unless they are filtered). Exact zeros come from dropout of low values.
+
+What a linear oracle reaches on it (`training.prepare`'s gene preprocessing fitted on 140 training patients
+of seed 1, ridge regression to each image module on 200 test patients of seed 2; measured with
+`Testing/benchmarks/bench_phantom_biology.py`): R² {ORACLE_R2}; k-means (k = 4) of the predicted modules 1–3
+against the true class: ARI {ORACLE_ARI}. The raw preprocessed genes cluster at ARI {RAW_ARI}.
 
 NA placement: the table has ``n_genes`` complete genes plus ``n_na_genes`` genes that carry at least one
 ``NA`` in the written cohort (`write_cohort` guarantees "at least one" over the samples it writes), plus
 a few ``__``-prefixed counter rows that also carry an NA, so "drop every gene with an NA" leaves exactly
 ``n_genes`` rows whether or not a reader drops the ``_`` rows first. Module genes are always complete.
+In ``ground_truth_genes.csv`` a gene's module is m ≥ 1 for image module m, −f for silent programme f and 0
+for an independent gene.
 """
 
 from __future__ import annotations
@@ -33,7 +51,7 @@ DEFAULT_PROTOTYPES = np.array(
     ]
 )
 CLASS_FREE_SD = 1.0  # spread of a module without class structure
-ACTIVATION_NOISE = 0.3
+ACTIVATION_NOISE = 0.4  # continuous phenotypes, classes still recoverable
 COUNTER_ROWS = ("__no_feature", "__ambiguous", "__alignment_not_unique")
 
 _FAMILIES = (
@@ -52,19 +70,30 @@ _FAMILIES = (
 _EXTRA_SYMBOLS = ("SEPT7", "MARCH5", "DEC1", "NOV", "TP53", "EGFR", "KRAS", "ALK", "STK11", "KEAP1")
 
 
+BIOLOGY_VERSION = 1
+IMAGE_MODULE_GENES = (220, 180, 260, 140)  # modules 1–4 at 5172 genes (scaled for smaller tables)
+N_SILENT_MODULES = 12
+SILENT_MODULE_GENES = (100, 200)  # range of a silent programme's size at 5172 genes
+MODULE_GENE_R = (0.4, 0.7)  # correlation of one module gene's log2 expression with its module's latent
+LOW_EXPRESSION_SHARE = 0.25  # of the independent genes
+NEAR_CONSTANT_SHARE = 0.05  # of the independent genes
+REFERENCE_GENES = 5172
+
+
 @dataclass(frozen=True)
 class GeneModel:
-    """Cohort-level gene parameters (shared by all patients of one seed)."""
+    """The phantom's biology: gene parameters shared by every patient of every cohort seed."""
 
     gene_names: tuple[str, ...]  # every table row, counter rows last
-    module_of_gene: np.ndarray  # (G,) int: 0 = none, m = module m (1-based), -f = nuisance factor f
+    module_of_gene: np.ndarray  # (G,) int: 0 = independent, m = image module m (1-based), -f = silent programme f
     loading: np.ndarray  # (G,) log2 units per unit of the driving latent
     base: np.ndarray  # (G,) log2(FPKM+1) mean
     noise_sd: np.ndarray  # (G,)
     na_probability: np.ndarray  # (G,) 0 for complete genes
     n_genes: int  # complete genes (the count after NA drop)
     n_modules: int
-    n_nuisance: int
+    n_nuisance: int  # silent programmes
+    biology: int = BIOLOGY_VERSION
 
     @property
     def na_rows(self) -> np.ndarray:
@@ -92,49 +121,73 @@ def _gene_symbols(count: int, rng: np.random.Generator) -> list[str]:
     return [names[i] for i in order]
 
 
+def _latent_sd(n_modules: int, n_classes: int = 4) -> np.ndarray:
+    """Population sd of each image module's activation (prototype spread + activation noise)."""
+    table = prototypes(n_modules, n_classes)
+    spread = np.where(np.all(table == 0.0, axis=0), CLASS_FREE_SD, ACTIVATION_NOISE)
+    return np.sqrt((table**2).mean(axis=0) + spread**2)
+
+
 @lru_cache(maxsize=8)
 def gene_model(
-    seed: int,
-    n_genes: int = 5172,
+    n_genes: int = REFERENCE_GENES,
     n_na_genes: int | None = None,
     n_modules: int = 4,
-    genes_per_module: int = 50,
-    n_nuisance: int = 2,
-    genes_per_nuisance: int = 100,
+    *,
+    biology: int = BIOLOGY_VERSION,
 ) -> GeneModel:
-    """Build (and cache) the cohort's gene parameters; depends only on the seed and the sizes."""
+    """The biology for a table of `n_genes` complete genes (cached); independent of any cohort seed.
+
+    Block sizes scale with ``n_genes / 5172`` (at least 5 genes per module), so a small test table keeps the
+    same proportions: modules, silent programmes, low-expression and near-constant genes.
+    """
+    if biology != BIOLOGY_VERSION:
+        raise ValueError(f"phantom biology {biology} is not known; this version writes biology {BIOLOGY_VERSION}")
     if n_na_genes is None:
         n_na_genes = max(3, n_genes // 2)
-    rng = np.random.default_rng([seed, 0x6E5E])
+    rng = np.random.default_rng([BIOLOGY_VERSION, 0xB10, n_genes, n_na_genes, n_modules])
+    scale = n_genes / REFERENCE_GENES
+    sizes = [IMAGE_MODULE_GENES[(m - 1) % len(IMAGE_MODULE_GENES)] for m in range(1, n_modules + 1)]
+    per_module = [max(5, round(s * scale)) for s in sizes]
+    per_silent = [max(5, round(s * scale)) for s in rng.integers(*SILENT_MODULE_GENES, size=N_SILENT_MODULES,
+                                                                   endpoint=True)]
+    while sum(per_module) + sum(per_silent) > 0.55 * n_genes and per_silent:  # tiny tables: fewer programmes
+        per_silent.pop()
+    if sum(per_module) > n_genes:
+        raise ValueError(f"n_genes={n_genes} is too small for {n_modules} modules of ≥ 5 genes")
+
     n_rows = n_genes + n_na_genes
-    # Small test tables shrink the blocks so that most genes stay pure noise (≥ 5 genes per module).
-    per_module = min(genes_per_module, max(5, n_genes // (4 * max(1, n_modules))))
-    per_nuisance = min(genes_per_nuisance, n_genes // (8 * max(1, n_nuisance)))
-    if per_module * n_modules > n_genes:
-        raise ValueError(f"n_genes={n_genes} is too small for {n_modules} modules of {per_module} genes")
-
-    module_of = np.zeros(n_rows + len(COUNTER_ROWS), dtype=np.int64)
-    complete = rng.permutation(n_genes)  # positions among complete rows (which come first before shuffling)
+    total = n_rows + len(COUNTER_ROWS)
+    module_of = np.zeros(total, dtype=np.int64)
+    complete = rng.permutation(n_genes)  # complete genes come first before the final shuffle
     cursor = 0
-    for m in range(1, n_modules + 1):
-        module_of[complete[cursor : cursor + per_module]] = m
-        cursor += per_module
-    for f in range(1, n_nuisance + 1):
-        module_of[complete[cursor : cursor + per_nuisance]] = -f
-        cursor += per_nuisance
+    for label, count in [(m, c) for m, c in enumerate(per_module, 1)] + [(-f, c) for f, c in enumerate(per_silent, 1)]:
+        module_of[complete[cursor : cursor + count]] = label
+        cursor += count
+    independent = complete[cursor:]
+    n_low = round(LOW_EXPRESSION_SHARE * independent.size)
+    n_flat = round(NEAR_CONSTANT_SHARE * independent.size)
+    low, flat = independent[:n_low], independent[n_low : n_low + n_flat]
 
-    total = module_of.size
-    loading = np.zeros(total)
-    driven = module_of != 0
-    loading[driven] = rng.choice([-1.0, 1.0], size=driven.sum()) * rng.uniform(0.8, 1.6, size=driven.sum())
-    base = np.where(rng.random(total) < 0.3, rng.uniform(-1.5, 1.5, total), rng.uniform(1.0, 9.0, total))
-    base[driven] = rng.uniform(3.0, 8.0, size=driven.sum())  # expressed, so the signal survives log2(x+1)
+    base = np.where(rng.random(total) < 0.15, rng.uniform(-1.5, 1.5, total), rng.uniform(1.0, 9.0, total))
     noise_sd = rng.uniform(0.2, 0.9, total)
-    noise_sd[driven] = rng.uniform(0.2, 0.45, size=driven.sum())
+    base[low] = rng.uniform(-2.5, 0.6, low.size)
+    base[flat] = rng.uniform(5.0, 10.0, flat.size)
+    noise_sd[flat] = rng.uniform(0.02, 0.06, flat.size)
+    loading = np.zeros(total)
+    driven = np.flatnonzero(module_of != 0)
+    base[driven] = rng.uniform(3.0, 8.0, driven.size)  # expressed, so the signal survives log2(x+1)
+    noise_sd[driven] = rng.uniform(0.3, 0.7, driven.size)
+    r = rng.uniform(*MODULE_GENE_R, driven.size)
+    latent_sd = np.ones(total)
+    image = module_of[driven] > 0
+    latent_sd[driven[image]] = _latent_sd(n_modules)[module_of[driven[image]] - 1]
+    # corr(gene, latent) = r  ⇔  |loading| · sd(latent) = noise_sd · r / √(1 − r²)
+    loading[driven] = (rng.choice([-1.0, 1.0], driven.size) * noise_sd[driven] * r / np.sqrt(1.0 - r**2)
+                       / latent_sd[driven])
     na_prob = np.zeros(total)
     na_prob[n_genes:] = rng.uniform(0.05, 0.9, size=total - n_genes)
-    # Counter rows: HTSeq-like read counts, not FPKM; large values.
-    counters = slice(n_rows, total)
+    counters = slice(n_rows, total)  # HTSeq-like read counts, not FPKM; large values
     base[counters] = rng.uniform(17.0, 21.0, size=len(COUNTER_ROWS))
     noise_sd[counters] = 0.3
 
@@ -150,7 +203,7 @@ def gene_model(
         na_probability=na_prob[order],
         n_genes=n_genes,
         n_modules=n_modules,
-        n_nuisance=n_nuisance,
+        n_nuisance=len(per_silent),
     )
 
 

@@ -163,7 +163,7 @@ def generate_patient(
         volume_mm3=float(nodule_mask.sum() * voxel_mm3),
         lung_side=float(chest.lung_side[tuple(np.round(grid.to_index(centre)).astype(int))]),
     )
-    model = gene_model(seed, n_genes, n_na_genes, n_modules)
+    model = gene_model(n_genes, n_na_genes, n_modules)
     return PhantomPatient(
         patient_id=patient_id_for(patient_index),
         patient_index=patient_index,

@@ -56,6 +56,7 @@ def main() -> None:
 
     import torch
 
+    from RadiogenomicGANLib.genes import GenePreprocessing
     from RadiogenomicGANLib.geometry import VolumeGeometry
     from RadiogenomicGANLib.insertion import NoduleInserter
     from RadiogenomicGANLib.networks import GeneratorConfig, build_generator
@@ -75,8 +76,8 @@ def main() -> None:
         torch.manual_seed(0)
         generator = build_generator(config).eval()
         metadata = WeightsMetadata(
-            config=config, gene_names=[f"G{g}" for g in range(config.num_genes)],
-            gene_means=np.zeros(config.num_genes, np.float32), gene_stds=np.ones(config.num_genes, np.float32),
+            config=config, genes=GenePreprocessing([f"G{g}" for g in range(config.num_genes)],
+                                                   np.zeros(config.num_genes), np.ones(config.num_genes)),
             patch_size=config.patch_size, patch_spacing_mm=60.0 / config.patch_size, provenance={},
         )
         weights = save_weights(folder / "model", generator, metadata)
