@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .genomics import BIOLOGY_VERSION
 from .writers import write_cohort
 
 
@@ -21,7 +22,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, help="output folder (the download root)")
     parser.add_argument("--patients", type=int, default=20, help="number of patients (default 20)")
-    parser.add_argument("--seed", type=int, default=0, help="cohort seed; same seed → same bytes")
+    parser.add_argument("--seed", type=int, default=0, help="cohort seed: draws the patients; same seed → same "
+                        "bytes")
+    parser.add_argument("--biology", type=int, default=BIOLOGY_VERSION, choices=[BIOLOGY_VERSION],
+                        help=f"phantom biology (genome, modules, co-expression; default {BIOLOGY_VERSION}): the same "
+                        "for every seed, so a model trained on one seed's cohort reads any other's table")
     parser.add_argument("--size", type=int, default=256, help="in-plane matrix (default 256; 512 = scanner)")
     parser.add_argument("--slices", type=int, default=None, help="slices per CT (default: cover the lungs "
                         "at a drawn 1–2.5 mm thickness)")
@@ -29,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "so the 512-equivalent pixel is 0.56–0.85 mm)")
     parser.add_argument("--spacing", type=float, nargs=2, metavar=("IN_PLANE_MM", "SLICE_MM"), default=None,
                         help="fix the voxel spacing for every patient")
-    parser.add_argument("--genes", type=int, default=5172, help="genes left after dropping NA rows (default 5172)")
+    parser.add_argument("--genes", type=int, default=5172, help="genes left after dropping NA rows (default 5172; "
+                        "another count is a scaled-down biology for quick tests)")
     parser.add_argument("--na-genes", type=int, default=None, help="extra genes that carry NA (default genes/2)")
     parser.add_argument("--modules", type=int, default=4, help="latent gene modules (default 4)")
     parser.add_argument("--classes", type=int, default=4, help="patient classes (clusters) (default 4)")
@@ -54,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=progress,
     )  # fmt: skip
     print(summary.describe())
+    print(f"biology:  {args.biology} (gene table rows identical for every seed)")
     print(f"metadata: {summary.metadata_path}\nRNA-seq:  {summary.rnaseq_path}\ntruth:    {summary.ground_truth_path}")
     return 0
 
