@@ -117,7 +117,7 @@ def test_save_refuses_inconsistent_metadata(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="gives 2 inputs to a generator that takes"):
         save_weights(tmp_path / "m", generator, WeightsMetadata(**{**vars(metadata_for(config)), "genes": two_genes}))
     unusable = GenePreprocessing(["A"] * GENES, np.zeros(GENES), np.zeros(GENES))
-    with pytest.raises(WeightsError, match="not unique.*must be > 0"):
+    with pytest.raises(WeightsError, match=r"not unique.*must be > 0"):
         save_weights(tmp_path / "m", generator, WeightsMetadata(**{**vars(metadata_for(config)), "genes": unusable}))
     with pytest.raises(WeightsError, match=r"differs from metadata\.config"):
         save_weights(tmp_path / "m", generator, metadata_for(small_config(num_genes=GENES + 1)))
