@@ -121,3 +121,30 @@ def test_pairings_are_reproducible_per_seed_and_epoch(synthetic: Path) -> None:
     assert draws != redraws
     np.testing.assert_array_equal(epoch_permutation(10, 0, 2), epoch_permutation(10, 0, 2))
     assert not np.array_equal(epoch_permutation(10, 0, 2), epoch_permutation(10, 0, 3))
+
+
+def test_uniform_donors_and_distant_wrong_genes(tmp_path: Path) -> None:
+    """Donors are drawn uniformly (not by slice count), and ḡ comes from the farther half of the patients."""
+    arrays = _arrays(make_synthetic_dataset(tmp_path / "d.npz", patients=8, genes=16, size=32))
+    keep = np.ones(arrays["nodule_patient"].size, dtype=bool)
+    keep[(arrays["nodule_patient"] > 0) & (arrays["nodule_slice"] > 10)] = False  # patient 0 keeps 4 slices, others 1
+    for key in ("nodule_images", "nodule_masks", "nodule_patient", "nodule_slice", "nodule_centre_ras"):
+        arrays[key] = arrays[key][keep]
+    data = load_dataset(write_dataset(tmp_path / "skewed.npz", **arrays))
+    plain = NoduleBatchDataset(data, "train", seed=0)
+    uniform = NoduleBatchDataset(data, "train", seed=0, uniform_donors=True, distant_wrong_genes=True)
+    plain_share = np.mean([int(plain[i]["patient"]) == 0 for i in range(len(plain))])
+    draws = []
+    for epoch in range(20):
+        uniform.set_epoch(epoch)
+        draws.extend(int(uniform[i]["patient"]) for i in range(len(uniform)))
+    train_donors = np.unique(data.nodule_patient[data.nodule_indices("train")]).size
+    assert plain_share == pytest.approx(4 / (4 + train_donors - 1), abs=0.01)  # slice-count weighted
+    assert np.mean(np.asarray(draws) == 0) == pytest.approx(1 / train_donors, abs=0.06)
+    genes = torch.from_numpy(data.genes)
+    for index in range(len(uniform)):
+        item = uniform[index]
+        patient = int(item["patient"])
+        others = [p for p in data.patients_in("train") if p != patient]
+        distances = sorted(float(torch.linalg.norm(genes[p] - genes[patient])) for p in others)
+        assert float(torch.linalg.norm(item["wrong_genes"] - item["genes"])) >= np.median(distances) - 1e-5

@@ -84,7 +84,9 @@ def _hand_fake() -> GeneratorOutput:
     )
 
 
-HAND_WEIGHTS = LossWeights(d_i=2.0, d_is=3.0, d_isg=0.5, background_l1=10.0)
+# the paper's loss exactly (no consistency terms); those are checked by hand on their own below
+HAND_WEIGHTS = LossWeights(d_i=2.0, d_is=3.0, d_isg=0.5, background_l1=10.0, consistency_area=0.0,
+                           consistency_intensity=0.0)
 
 
 # -- pure functions --------------------------------------------------------------------------------------
@@ -217,8 +219,24 @@ def test_generator_loss_by_hand() -> None:
     assert all(p.requires_grad for p in d.parameters())  # D unfrozen again
 
 
+def test_consistency_terms_by_hand() -> None:
+    """Generated mask area and mean intensity inside it against the paired real slice's, with gradient."""
+    weights = LossWeights(d_i=0.0, d_is=0.0, d_isg=0.0, background_l1=0.0, consistency_area=10.0,
+                          consistency_intensity=2.0)
+    loss_fn = GANLoss(StubGenerator(), StubDiscriminator(), weights)
+    fake = _hand_fake()  # Gm = 0.25 everywhere (area 0.25), Gx = −0.5 inside
+    loss, logs = loss_fn.generator_loss(_hand_batch(), fake)  # real: m = 1 (area 1), x = 0.5 inside
+    assert logs["g_consistency_area"] == pytest.approx(0.75)
+    assert logs["g_consistency_intensity"] == pytest.approx(1.0, abs=1e-3)
+    assert loss.item() == pytest.approx(10 * 0.75 + 2 * 1.0, abs=1e-2)
+    loss.backward()
+    assert fake.mask.grad.sum() < 0  # a larger mask lowers the area error
+    assert fake.image.grad.sum() < 0  # a brighter nodule lowers the intensity error
+
+
 def test_background_l1_uses_the_eroded_generated_mask_without_gradient() -> None:
-    weights = LossWeights(d_i=0.0, d_is=0.0, d_isg=0.0, background_l1=10.0, erosion_kernel=3)
+    weights = LossWeights(d_i=0.0, d_is=0.0, d_isg=0.0, background_l1=10.0, erosion_kernel=3, consistency_area=0.0,
+                          consistency_intensity=0.0)
     loss_fn = GANLoss(StubGenerator(), StubDiscriminator(), weights)
     gm = torch.full((1, 1, 8, 8), 0.1)
     gm[0, 0, 3, 3] = 0.9  # one foreground pixel: its 3×3 neighbourhood leaves the L1 region
@@ -349,7 +367,10 @@ def test_one_d_step_and_one_g_step_reach_every_parameter(kind: str, independent:
     assert all(p.grad is None for p in d.parameters())
     assert all(p.requires_grad for p in d.parameters())
     l1_weight = LossWeights().hole_l1 if kind == "inpainting" else LossWeights().background_l1
-    assert g_logs["g_total"] == pytest.approx(g_logs["g_adv"] + l1_weight * g_logs["g_l1"], rel=1e-5)
+    consistency = 0.0 if kind == "inpainting" else (
+        LossWeights().consistency_area * g_logs["g_consistency_area"]
+        + LossWeights().consistency_intensity * g_logs["g_consistency_intensity"])
+    assert g_logs["g_total"] == pytest.approx(g_logs["g_adv"] + l1_weight * g_logs["g_l1"] + consistency, rel=1e-5)
 
 
 def test_inpainting_generator_gets_the_real_slice_with_the_nodule_hole() -> None:

@@ -71,3 +71,35 @@ def test_a_different_dataset_is_refused(run, tmp_path: Path, capsys) -> None:
     assert export_main(["--checkpoint", str(last), "--data", str(other), "--out", str(tmp_path / "x")]) == 2
     assert "not the dataset this checkpoint was trained on" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_validation_at_checkpoints_selects_the_export_and_the_gene_front_end_travels(tmp_path: Path) -> None:
+    """With ≥ 3 val donors every checkpoint is scored; the run exports the best one's EMA (recorded in the
+    provenance), `export --checkpoint RUN` finds it, and a PCA gene front-end is refitted identically."""
+    import json
+
+    import numpy as np
+
+    from training.dataset import _validate, load_dataset, write_dataset
+
+    arrays = load_dataset(make_synthetic_dataset(tmp_path / "syn.npz", patients=9, genes=32, size=32)).arrays()
+    arrays["split"] = np.array(["train"] * 5 + ["val"] * 3 + ["test"])
+    data = write_dataset(tmp_path / "val3.npz", **_validate(arrays, "").arrays())
+    run = tmp_path / "run"
+    train_main(["--data", str(data), "--model", "proposed", "--out", str(run), "--steps", "4",
+                "--gene-components", "3", *TINY])
+    scores = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if "val_score" in line]
+    assert [s["step"] for s in scores] == [2, 4] and all(s["val_donors"] == 3 for s in scores)
+    best = ckpt.best_checkpoint(run / "checkpoints")
+    assert best is not None
+    _, best_state = ckpt.load_checkpoint(best)
+    finite = [s for s in scores if s["val_score"] is not None]
+    if finite:
+        assert best_state["validation"]["score"] == pytest.approx(max(s["val_score"] for s in finite))
+    generator, metadata = load_weights(run / "proposed.safetensors")
+    assert metadata.provenance["selected_step"] == best_state["step"]
+    assert metadata.genes.output_dim == 3 and metadata.config.num_genes == 3  # the PCA front-end
+    assert export_main(["--checkpoint", str(run), "--data", str(data), "--out", str(tmp_path / "again")]) == 0
+    again, again_meta = load_weights(tmp_path / "again.safetensors")
+    np.testing.assert_allclose(again_meta.genes.components, metadata.genes.components, rtol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), generator.state_dict().values()))

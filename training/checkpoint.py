@@ -80,6 +80,32 @@ def save_checkpoint(
     return final
 
 
+BEST_NAME = "best.safetensors"
+
+
+def keep_if_best(path: str | Path, score: float | None) -> bool:
+    """Copy checkpoint `path` to ``best.safetensors`` beside it when `score` beats the best kept so far (the
+    rotation of ``ckpt-*`` never removes it). Returns whether it was the best. NaN never wins."""
+    path = Path(path)
+    best = path.parent / BEST_NAME
+    if score is None or not np.isfinite(score):
+        return False
+    if best.is_file():
+        _, state = load_checkpoint(best)
+        recorded = state.get("validation", {}).get("score")
+        if recorded is not None and float(recorded) >= score:
+            return False
+    with atomic_path(best) as temporary:
+        temporary.write_bytes(path.read_bytes())
+    return True
+
+
+def best_checkpoint(directory: str | Path) -> Path | None:
+    """The checkpoint with the best validation score (`keep_if_best`), if any."""
+    best = Path(directory) / BEST_NAME
+    return best if best.is_file() else None
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read tensors (on CPU) and the JSON state; CheckpointError if it is not one of our checkpoints."""
     path = Path(path)

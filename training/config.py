@@ -67,6 +67,13 @@ class TrainConfig:
     num_samples: int = 8               # rows of the image grid (fixed validation samples)
     tensorboard: bool = True
     progress: bool = True              # tqdm bar
+    gene_components: int = 0           # > 0: refit the gene preprocessing on the train patients with a whitened
+                                       # PCA to this many axes (a gene front-end the mapping cannot overfit)
+    gene_top_variance: int = 0         # > 0: keep only this many most variable genes (before the PCA)
+    uniform_donors: bool = True        # each item is a uniformly drawn donor's slice, not slice-count weighted
+    distant_wrong_genes: bool = True   # ḡ of D_ISG from the farther half of the other patients (in gene space)
+    validation: bool = True            # at every checkpoint, the cheap validation score on the val donors;
+                                       # the export is the best-scoring checkpoint's EMA generator
     export_name: str = ""              # RUN/<export_name>.safetensors+json; empty = the model name
     provenance: dict[str, Any] = field(default_factory=dict)         # extra entries for the weights' provenance
 
@@ -121,7 +128,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "num_samples", "keep_checkpoints", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("sample_every", "checkpoint_every", "num_workers"):
+        for name in ("sample_every", "checkpoint_every", "num_workers", "gene_components", "gene_top_variance"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr_g", "lr_d"):

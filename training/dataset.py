@@ -349,13 +349,20 @@ class NoduleBatchDataset(Dataset):
     the SAME split, `wrong_genes` (G,) — genes of another patient, `wrong_mask` (1,S,S) — the mask of a nodule
     slice of another patient (of the same split when it has one), `patient` int64. The random choices come from
     `numpy.random.default_rng((seed, epoch, index))`, so they are reproducible and worker-independent.
+
+    `uniform_donors`: item `index` is instead a slice of a donor drawn uniformly (then one of its slices), so a
+    patient with 40 nodule slices is not seen 10× as often as one with 4 — the gene map is learned per patient,
+    not per slice. `distant_wrong_genes`: ḡ comes from the farther half of the other patients (Euclidean
+    distance of the gene vectors), so "wrong genes" are clearly wrong rather than a near-twin's.
     """
 
-    def __init__(self, data: RadiogenomicDataset, split: str | Sequence[str] = "train", seed: int = 0) -> None:
+    def __init__(self, data: RadiogenomicDataset, split: str | Sequence[str] = "train", seed: int = 0, *,
+                 uniform_donors: bool = False, distant_wrong_genes: bool = False) -> None:
         self.data = data
         self.split = split
         self.seed = int(seed)
         self.epoch = 0
+        self.uniform_donors = bool(uniform_donors)
         self.nodules = data.nodule_indices(split)
         self.backgrounds = data.background_indices(split)
         if self.nodules.size == 0:
@@ -367,6 +374,13 @@ class NoduleBatchDataset(Dataset):
         patients = data.patients_in(split)
         # Wrong genes: another patient of the split, or of the whole dataset when the split holds only one.
         self._gene_pool = patients if patients.size >= 2 else np.arange(data.num_patients)
+        self._wrong_pool: dict[int, np.ndarray] = {}
+        for patient in np.unique(data.nodule_patient[self.nodules]):
+            others = self._gene_pool[self._gene_pool != patient]
+            if distant_wrong_genes and others.size >= 2:
+                distance = np.linalg.norm(data.genes[others] - data.genes[patient], axis=1)
+                others = others[distance >= np.median(distance)]
+            self._wrong_pool[int(patient)] = others
         # Wrong masks: nodule slices of the split by patient, for "another patient" draws.
         self._patients_with_nodules = np.unique(data.nodule_patient[self.nodules])
         self._images = torch.from_numpy(np.ascontiguousarray(data.nodule_images[:, None]))
@@ -388,10 +402,15 @@ class NoduleBatchDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} outside 0…{len(self) - 1}")
         rng = self._rng(index)
-        sample = int(self.nodules[index])
+        if self.uniform_donors:
+            donor = self._patients_with_nodules[rng.integers(self._patients_with_nodules.size)]
+            slices = self.nodules[self.data.nodule_patient[self.nodules] == donor]
+            sample = int(slices[rng.integers(slices.size)])
+        else:
+            sample = int(self.nodules[index])
         patient = int(self.data.nodule_patient[sample])
         background = int(self.backgrounds[rng.integers(self.backgrounds.size)])
-        others = self._gene_pool[self._gene_pool != patient]
+        others = self._wrong_pool[patient]
         wrong_patient = int(others[rng.integers(others.size)])
         wrong_mask = self._draw_wrong_mask(rng, sample, patient)
         return {

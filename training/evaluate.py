@@ -87,7 +87,8 @@ def validation_score(generator: nn.Module, data: RadiogenomicDataset, *, split: 
                      noises: int = 2, seed: int = 0, device: torch.device | None = None) -> dict[str, float]:
     """Gene control on the `split` donors against each donor's own REAL nodule (size, density, margin), minus
     the empty-mask rate: `score` = mean aligned ρ − empty fraction, higher is better. Needs no ground truth,
-    so it works on real data too. The generator must read `data.genes` (trained on this dataset)."""
+    so it works on real data too. The generator must read `data.genes` (trained on this dataset). Values are
+    JSON-ready: an undefined number is None."""
     device = device or next(generator.parameters()).device
     was_training = generator.training
     generator.eval()
@@ -97,7 +98,7 @@ def validation_score(generator: nn.Module, data: RadiogenomicDataset, *, split: 
                            "progress": False})
     try:
         if ctx.donors.size < 3 or ctx.backgrounds.size == 0:
-            return {"score": float("nan"), "donors": int(ctx.donors.size)}
+            return {"score": None, "donors": int(ctx.donors.size)}
         gens = gene_control_generations(ctx, model)
     finally:
         generator.train(was_training)
@@ -113,7 +114,7 @@ def validation_score(generator: nn.Module, data: RadiogenomicDataset, *, split: 
         result[f"{name}_rho_vs_real"] = sign * rho
         rhos.append(sign * rho if np.isfinite(rho) else 0.0)  # undefined ρ (e.g. all empty) earns nothing
     result["score"] = float(np.mean(rhos) - result["empty_mask_fraction"])
-    return result
+    return jsonable(result)
 
 
 # ============================================================================================================

@@ -2,23 +2,26 @@
 
 `python -m training.train` exports the EMA generator at its last step; this exports an earlier step (GAN
 training on small cohorts can degrade late, so the best samples may be mid-run) or the raw, non-EMA generator
-(the EMA ablation). Gene names and normalisation come from the checkpoint's dataset file, which must be the
-one the run trained on (its SHA-256 is checked).
+(the EMA ablation). Gene names and the gene preprocessing come from the checkpoint's dataset file, which must
+be the one the run trained on (its SHA-256 is checked), refitted as the run did (`training.train.training_data`).
+`--checkpoint RUN` (or RUN/checkpoints) picks the checkpoint with the best validation score that the run
+recorded (`best.safetensors`), else the latest.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from RadiogenomicGANLib.atomic import file_sha256
 from RadiogenomicGANLib.networks import GeneratorConfig, build_generator
 from training import checkpoint as ckpt
-from training.config import ConfigError, parse_override
-from training.dataset import DatasetError, load_dataset
-from training.train import export_generator
+from training.config import ConfigError, TrainConfig, parse_override
+from training.dataset import DatasetError
+from training.train import export_generator, training_data
 
 
 class ExportError(ValueError):
@@ -28,13 +31,18 @@ class ExportError(ValueError):
 def export_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path, *, raw: bool = False,
                       provenance: dict[str, Any] | None = None) -> Path:
     """Write OUT.safetensors + OUT.json from the EMA (default) or raw generator of `checkpoint`."""
+    checkpoint = resolve_checkpoint(checkpoint)
     tensors, state = ckpt.load_checkpoint(checkpoint)
     data = Path(data)
     expected = state.get("dataset_sha256")
     if expected and file_sha256(data) != expected:
         raise ExportError(f"{data} is not the dataset this checkpoint was trained on (SHA-256 differs); pass that "
                           f"file ({state.get('dataset', 'path unknown')})")
-    dataset = load_dataset(data)
+    try:
+        run_config = TrainConfig.from_dict(state.get("train_config") or {})
+    except ConfigError:
+        run_config = TrainConfig()
+    dataset = training_data(replace(run_config, data=str(data)))
     generator = build_generator(GeneratorConfig.from_dict(state["generator_config"]))
     ckpt.load_module("G" if raw else "G_ema", generator, tensors)
     record = {
@@ -45,14 +53,29 @@ def export_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path,
         "dataset_sha256": expected,
         "train_config": state.get("train_config"),
         "loss_weights": state.get("loss_weights"),
+        **({"validation": state["validation"]} if "validation" in state else {}),
         **(provenance or {}),
     }
     return export_generator(generator, dataset, Path(out), record)
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given; for a run folder (or its checkpoints/), the best-validated one, else the
+    latest."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = ckpt.best_checkpoint(folder) or ckpt.latest_checkpoint(folder)
+    if found is None:
+        raise ckpt.CheckpointError(f"no checkpoint in {folder}")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="RUN/checkpoints/ckpt-<step>.safetensors")
+    parser.add_argument("--checkpoint", required=True, help="RUN/checkpoints/ckpt-<step>.safetensors, or RUN for "
+                        "the best-validated checkpoint")
     parser.add_argument("--data", required=True, help="the dataset .npz the run trained on")
     parser.add_argument("--out", required=True, help="output weights path (NAME or NAME.safetensors)")
     parser.add_argument("--raw", action="store_true", help="export the raw generator instead of its EMA")

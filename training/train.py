@@ -472,6 +472,20 @@ def _gene_names_sha(names: np.ndarray) -> str:
     return hashlib.sha256("\n".join(map(str, names)).encode()).hexdigest()
 
 
+def training_data(cfg: TrainConfig) -> RadiogenomicDataset:
+    """The dataset as this run trains on it: with `gene_components` / `gene_top_variance`, the gene
+    preprocessing is refitted on the train patients (the exported weights carry that refit)."""
+    data = load_dataset(cfg.data)
+    if cfg.gene_components or cfg.gene_top_variance:
+        from RadiogenomicGANLib.genes import GenePreprocessing
+
+        train = data.patients_in("train")
+        refit = GenePreprocessing.fit(data.table_genes_log[train], data.table_gene_names.tolist(),
+                                      top_variance=cfg.gene_top_variance, components=cfg.gene_components)
+        data = data.with_gene_preprocessing(refit)
+    return data
+
+
 def export_generator(
     generator: nn.Module, data: RadiogenomicDataset, path: Path, provenance: dict[str, Any]
 ) -> Path:
@@ -592,8 +606,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: str | None, command: str 
         raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another --out")
 
     # Load data.
-    data = load_dataset(cfg.data)
-    train_items = NoduleBatchDataset(data, "train", seed=cfg.seed)
+    data = training_data(cfg)
+    train_items = NoduleBatchDataset(data, "train", seed=cfg.seed, uniform_donors=cfg.uniform_donors,
+                                     distant_wrong_genes=cfg.distant_wrong_genes)
     sampler_probe = ResumableDistributedSampler(len(train_items), cfg.batch_size, cfg.seed, 0, ctx.rank, ctx.world_size)
     g_cfg, d_cfg, weights = build_configs(cfg, data.num_genes, data.patch_size)
 
@@ -698,9 +713,23 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: str | None, command: str 
         if writer is not None:
             writer.add_image("samples/real|input|synthetic|mask|weight", grid, step)
 
+    validating = cfg.validation and g_cfg.kind != "inpainting" and data.patients_in("val").size >= 3
+
     def save(step: int) -> Path:
         tensors, state = checkpoint_state(nets, step, cfg, run_info, sampler)
-        return ckpt.save_checkpoint(ckpt_dir, step, tensors, state, keep=cfg.keep_checkpoints)
+        if validating:
+            from training.evaluate import validation_score
+
+            state["validation"] = validation_score(nets.generator_ema, data, split="val", seed=cfg.seed)
+            with open(out / "log.jsonl", "a") as handle:
+                handle.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in state["validation"].items()}})
+                             + "\n")
+            if writer is not None and state["validation"]["score"] is not None:
+                writer.add_scalar("validation/score", state["validation"]["score"], step)
+        path = ckpt.save_checkpoint(ckpt_dir, step, tensors, state, keep=cfg.keep_checkpoints)
+        if validating:
+            ckpt.keep_if_best(path, state["validation"]["score"])
+        return path
 
     # Train.
     step = start_step
@@ -770,7 +799,15 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: str | None, command: str 
             "steps": step,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        result["weights"] = str(export_generator(nets.generator_ema, data, out / cfg.weights_name, provenance))
+        exported = nets.generator_ema
+        best = ckpt.best_checkpoint(ckpt_dir) if validating else None
+        if best is not None:  # the export is chosen on the validation split, never on the last step alone
+            best_tensors, best_state = ckpt.load_checkpoint(best)
+            exported = copy.deepcopy(nets.generator_ema)
+            ckpt.load_module("G_ema", exported, best_tensors)
+            provenance.update(selected_step=int(best_state["step"]), selected_by="validation score (val split)",
+                              validation=best_state["validation"])
+        result["weights"] = str(export_generator(exported, data, out / cfg.weights_name, provenance))
         result["checkpoint"] = str(ckpt.latest_checkpoint(ckpt_dir))
         if writer is not None:
             writer.close()
@@ -809,7 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, help="ramp the EMA decay up early")
     g.add_argument("--loss-weight", action="append", metavar="NAME=VALUE",
                    help="override a LossWeights term (d_i, d_is, d_isg, background_l1, hole_l1, erosion_kernel, "
-                   "hole_scale); repeatable")
+                   "hole_scale, consistency_area, consistency_intensity); repeatable")
     g.add_argument("--generator", action="append", metavar="KEY=VALUE",
                    help="override a GeneratorConfig field (code_dim, noise_dim, base_channels, max_channels, "
                    "gene_hidden); repeatable")
@@ -817,6 +854,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a DiscriminatorConfig field (base_channels, max_channels, "
                    "independent_mapping, ...); repeatable")
     g.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    g.add_argument("--gene-components", type=int, help="refit the gene preprocessing on the train patients with a "
+                   "whitened PCA to this many axes (default 0: none)")
+    g.add_argument("--gene-top-variance", type=int, help="keep only this many most variable genes (default 0: all)")
+    g.add_argument("--uniform-donors", action=argparse.BooleanOptionalAction,
+                   help="draw donors uniformly rather than by their slice count (default on)")
+    g.add_argument("--distant-wrong-genes", action=argparse.BooleanOptionalAction,
+                   help="mismatched genes ḡ from the farther half of the other patients (default on)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
     r.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast on CUDA (default on)")
@@ -836,6 +880,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--num-samples", type=int, help=f"rows of the image grid (default {d.num_samples})")
     o.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, help="TensorBoard logs (default on)")
     o.add_argument("--progress", action=argparse.BooleanOptionalAction, help="tqdm progress bar (default on)")
+    o.add_argument("--validation", action=argparse.BooleanOptionalAction,
+                   help="score the EMA generator on the val donors at every checkpoint and export the best "
+                   "(default on; needs ≥ 3 val donors)")
     o.add_argument("--export-name", help="stem of the exported weights (default: the model name)")
     o.add_argument("--provenance", action="append", metavar="KEY=VALUE",
                    help="extra entry in the exported weights' provenance, VALUE read as JSON when it parses "
