@@ -414,7 +414,6 @@ def prepare(
     split_array = np.array([assignment[pid] for pid in ids])
     out = write_dataset(
         out,
-        format_version=np.int64(1),
         patch_size=np.int64(size),
         patch_spacing_mm=np.float64(VOI_MM / size),
         hu_window=np.asarray(HU_WINDOW, dtype=np.float32),
