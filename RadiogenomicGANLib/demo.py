@@ -12,9 +12,10 @@
    (background, the three results, masks, weight maps) and the radiogenomic map (t-SNE of the cohort's gene
    codes φ(g), donors highlighted) are drawn.
 
-The phantom cohort must be the one the demo model was trained on (its gene names): the cohort seed and gene
-count are read from the weights' provenance (`phantom_seed`, else 0; `phantom_genes`, else the model's gene
-count); `--cohort-seed` overrides the seed.
+The phantom biology (genome, modules) is one constant for every cohort seed, so the donors come from a cohort
+the model never saw: by default the seed after the training cohort's (`phantom_seed` in the weights'
+provenance, + 1); `--cohort-seed` picks another. The gene count is `phantom_genes` from the provenance, else
+the biology's 5172.
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ def run(out: Path, *, weights: Path | None = None, random_model: bool = False, c
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     inserter, model_text = load_model(weights, random_model, device)
     provenance = inserter.metadata.provenance if inserter is not None else {}
-    seed_cohort = int(cohort_seed if cohort_seed is not None else provenance.get("phantom_seed", 0))
+    seed_cohort = int(cohort_seed if cohort_seed is not None else int(provenance.get("phantom_seed", 0)) + 1)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     warning = ""
@@ -231,9 +232,8 @@ def run(out: Path, *, weights: Path | None = None, random_model: bool = False, c
               f"Use the bundled model (drop --random-model).\n{'!' * 78}\n", file=sys.stderr)
 
     # 1. the phantom gene table (cohort) and the donors
-    # The phantom's gene names depend on (seed, gene count): both come from the model's provenance when
-    # recorded there (`phantom_seed`, `phantom_genes`), else seed 0 and the model's own gene count.
-    n_genes = int(provenance.get("phantom_genes", len(inserter.metadata.gene_names))) if inserter else 5172
+    # One biology for every seed: the gene names depend on the gene count alone (5172 unless recorded).
+    n_genes = int(provenance.get("phantom_genes", 5172))
     gene_names, ids, fpkm, classes = cohort_genes(seed_cohort, cohort_size, n_genes)
     table_path = out / "phantom_genes.txt"
     write_geo_table(table_path, gene_names, ids, fpkm)
@@ -246,8 +246,9 @@ def run(out: Path, *, weights: Path | None = None, random_model: bool = False, c
     present = len(set(metadata.gene_names) & set(gene_names))
     if present < 0.9 * len(metadata.gene_names):
         raise DemoError(
-            f"only {present} of the model's {len(metadata.gene_names)} genes are in the phantom cohort of seed "
-            f"{seed_cohort}; the demo model must be trained on that cohort (pass --cohort-seed S if it was another)"
+            f"only {present} of the model's {len(metadata.gene_names)} genes are in the phantom gene table of "
+            f"{n_genes} genes; the model was trained on another gene panel than the phantom biology (record "
+            "phantom_genes in its provenance)"
         )
     donors_index = pick_donors(ids, classes)
     donors = [
@@ -339,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-model", action="store_true",
                         help="DEVELOPMENT ONLY: an untrained network instead of the bundled model")
     parser.add_argument("--cohort-seed", type=int, default=None,
-                        help="phantom cohort seed of the model's training data (default: from its provenance, else 0)")
+                        help="phantom cohort seed of the donors (default: the training cohort's seed + 1, a cohort the "
+                        "model never saw)")
     parser.add_argument("--nodules", type=int, default=1, help="nodules per CT (default 1)")
     parser.add_argument("--half-slices", type=int, default=2, help="±K slices per nodule (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="placement and noise seed (default 0)")

@@ -25,7 +25,7 @@ def test_missing_bundled_model_is_a_clear_failure(tmp_path, monkeypatch, capsys)
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
-    """A small untrained model over the complete genes of a 64-gene phantom cohort of seed 0."""
+    """A small untrained model over the complete genes of the 64-gene (test-sized) phantom biology."""
     from RadiogenomicGANLib.phantom.genomics import gene_model
     from RadiogenomicGANLib.weights import save_weights
 
@@ -35,7 +35,7 @@ def tiny_weights(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
                              gene_hidden=8)
     torch.manual_seed(0)
     metadata = make_metadata(config, names)
-    metadata.provenance = {"phantom_seed": 0}
+    metadata.provenance = {"phantom_seed": 0, "phantom_genes": 64}
     return save_weights(tmp_path_factory.mktemp("demo_model") / "demo_model", build_generator(config).eval(),
                         metadata)
 

@@ -50,11 +50,14 @@ def test_end_to_end_uses_the_good_patients_and_says_why_others_are_skipped(prepa
     assert reasons["R01-008"][0] == "scan" and "no SEG" in reasons["R01-008"][1]
     assert "unreadable DICOM" in reasons["R01-009"][1]
     text = report.describe()
-    for needle in ("6 of 9 used", "3 skipped", "nodule slices", "background slices", "genes: 40"):
+    kept = report.gene_filter["kept"]
+    for needle in ("6 of 9 used", "3 skipped", "nodule slices", "background slices",
+                   f"genes: {kept} model inputs of 40 complete genes", "low-expression", "near-constant"):
         assert needle in text
 
     data = load_dataset(prepared.out)
-    assert data.patch_size == 64 and data.num_genes == 40 and list(data.patient_ids) == report.used
+    assert data.patch_size == 64 and data.num_genes == kept < 40 and list(data.patient_ids) == report.used
+    assert data.table_genes_log.shape == (6, 40)
     assert np.all(data.nodule_masks.reshape(data.num_nodules, -1).any(axis=1))
     assert data.nodule_images.min() >= -1 and data.nodule_images.max() <= 1
     for p in range(data.num_patients):  # every patient contributes nodule slices and backgrounds
