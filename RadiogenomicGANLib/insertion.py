@@ -491,6 +491,8 @@ class NoduleInserter:
         if values.size == 0:
             return
         _, alpha_slice = resample_to_slice(alpha, frame, shape_ji)
+        # inside the lung only (DESIGN decision 10): chest wall and mediastinum are never rewritten
+        alpha_slice = alpha_slice * lung[job.slice_k][box]
         _, mask_slice = resample_to_slice(mask, frame, shape_ji)
         region = output[job.slice_k][box]
         original = region.astype(np.float32)

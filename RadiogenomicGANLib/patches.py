@@ -140,10 +140,13 @@ def resample_to_slice(
     return box, values.astype(np.float32)
 
 
-def feather_alpha(mask: np.ndarray, dilate_px: int = 2, border_px: int = 6, fall_px: float = 4.0) -> np.ndarray:
-    """Composite weight in patch pixels: 1 over the dilated mask, falling smoothly to 0 well inside the border.
+def feather_alpha(mask: np.ndarray, dilate_px: int = 2, border_px: int = 6, fall_px: float = 3.0) -> np.ndarray:
+    """Composite weight in patch pixels: 1 over the dilated mask, 0 from `fall_px` beyond it and well inside
+    the border.
 
-    The fall-off is a Gaussian of the distance from the dilated mask, and everything within `border_px` of the
+    The fall-off is a smooth step of the distance from the dilated mask that reaches exactly 0 at `fall_px`
+    (about 3 mm at the default 0.94 mm/px): a Gaussian tail used to carry the network's re-drawn background
+    ~10 mm out, over vessels and chest wall the nodule never touched. Everything within `border_px` of the
     patch edge is forced to 0 so the pasted region never reaches the edge of the patch (no seam).
     """
     size = mask.shape[0]
@@ -151,7 +154,8 @@ def feather_alpha(mask: np.ndarray, dilate_px: int = 2, border_px: int = 6, fall
     if not core.any():
         return np.zeros(mask.shape, dtype=np.float32)
     distance = ndimage.distance_transform_edt(~core)
-    alpha = np.exp(-0.5 * (distance / fall_px) ** 2)
+    t = np.clip(1.0 - distance / max(fall_px, 1e-6), 0.0, 1.0)
+    alpha = t * t * (3.0 - 2.0 * t)  # smoothstep: 1 at the mask, 0 at fall_px, no kink at either end
     rows, cols = np.mgrid[0:size, 0:size]
     to_edge = np.minimum.reduce([rows, cols, size - 1 - rows, size - 1 - cols]).astype(np.float64)
     # Smooth ramp from 0 at `border_px` from the edge up to 1 at 2·border_px.

@@ -14,6 +14,7 @@ from test_insertion_support import NUM_GENES, DiscMaskGenerator, make_generator,
 
 from RadiogenomicGANLib.geometry import VolumeGeometry
 from RadiogenomicGANLib.insertion import InsertionCancelled, InsertionError, NoduleInserter, check_hu_volume
+from RadiogenomicGANLib.networks import GeneratorOutput
 from RadiogenomicGANLib.patches import patch_frame
 
 torch.set_num_threads(1)
@@ -90,6 +91,40 @@ def test_inputs_unchanged_and_changes_confined(inserter, phantom, genes) -> None
     assert result.weight_map is not None and result.weight_map.dtype == np.float32
     assert not (result.weight_map.astype(bool) & ~footprint).any()
     assert result.weight_map.min() >= 0.0 and result.weight_map.max() <= 1.0
+
+
+def test_anatomy_outside_the_nodule_and_the_lung_is_kept(phantom, genes) -> None:  # type: ignore[no-untyped-def]
+    """A generator that redraws its whole patch (here: a flat −300 HU smear around its disc) may change only
+    the lung within a few millimetres of its nodule: chest wall, mediastinum and far vessels stay as they were."""
+
+    class Smear(DiscMaskGenerator):
+        def forward(self, background, genes, noise=None, hole=None):  # type: ignore[no-untyped-def]
+            out = super().forward(background, genes, noise, hole)
+            smear = torch.full_like(out.image, (-300.0 + 1000.0) / 750.0 - 1.0)  # −300 HU in the window
+            return GeneratorOutput(smear * (1 - out.mask) + out.image * out.mask, out.mask, out.weight_maps,
+                                   out.gene_code)
+
+    generator = Smear(make_generator(), radius_px=6.0)
+    inserter = NoduleInserter(generator, make_metadata(generator.config), device="cpu")
+    from scipy import ndimage
+
+    lung = phantom.lung_mask
+    distance = ndimage.distance_transform_edt(lung, sampling=phantom.geometry.spacing_kji)
+    distance[:4] = distance[-4:] = 0
+    # a centre 10–14 mm from the pleura, so the 60 mm patch holds chest wall
+    k, j, i = np.argwhere((distance > 10) & (distance < 14))[0]
+    centre = phantom.geometry.kji_to_ras([[k, j, i]])[0]
+    result = inserter.insert(phantom.volume_hu, phantom.geometry, genes, [centre], slices=[[int(k)]],
+                             lung_mask=lung, seed=0)
+    changed = result.volume_hu != phantom.volume_hu
+    assert changed.any()
+    assert not (changed & ~lung).any(), "a voxel outside the lung changed"
+    centre_kji = phantom.geometry.ras_to_kji([centre])[0]
+    rows, cols = np.nonzero(changed[int(k)])
+    spacing = np.asarray(phantom.geometry.spacing_kji)
+    reach_mm = np.hypot((rows - centre_kji[1]) * spacing[1], (cols - centre_kji[2]) * spacing[2]).max()
+    # disc 6 px + 2 px dilation + 3 px fall-off at 0.9375 mm/px ≈ 10.3 mm, plus one voxel of resampling
+    assert reach_mm <= 10.3 + float(spacing[1:].max()) + 0.5
 
 
 def test_no_seam_at_the_footprint_border(inserter, phantom, genes) -> None:  # type: ignore[no-untyped-def]
