@@ -61,6 +61,7 @@ from tqdm import tqdm
 
 from RadiogenomicGANLib.intensity import unit_to_hu
 from RadiogenomicGANLib.networks import hole_from_mask
+from RadiogenomicGANLib.radiogenomic_map import embed_2d
 from training import figures
 from training.conventional import (
     NUISANCE_PHENOTYPES,
@@ -401,19 +402,6 @@ def representations(ctx: Context) -> dict[str, np.ndarray]:
     return reps
 
 
-def _tsne(features: np.ndarray, seed: int) -> np.ndarray:
-    from sklearn.manifold import TSNE
-
-    n = features.shape[0]
-    if n < 3:
-        return np.zeros((n, 2))
-    perplexity = float(min(30.0, max(1.0, (n - 1) / 3.0)))
-    # exact gradients below 1000 points: O(n²) but several times faster than Barnes–Hut at cohort sizes
-    method = "exact" if n <= 1000 else "barnes_hut"
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
-                method=method).fit_transform(features)
-
-
 def radiogenomic_map(ctx: Context, reps: dict[str, np.ndarray]) -> dict:
     """Fig. 4 (t-SNE of every representation for all patients) and, with the truth, ARI/NMI and R²."""
     truth = ctx.truth
@@ -422,7 +410,7 @@ def radiogenomic_map(ctx: Context, reps: dict[str, np.ndarray]) -> dict:
     clusters = kmeans_labels(reps[main], k, ctx.seed)
     embeddings = []
     for name, values in tqdm(reps.items(), desc="t-SNE", leave=False, file=sys.stderr, disable=not ctx.progress):
-        embeddings.append((name, _tsne(values, ctx.seed)))
+        embeddings.append((name, embed_2d(values, ctx.seed)))
     colourings = [(f"k-means of the {main}", clusters)]
     if truth is not None:
         colourings.append(("true module class", truth.module_class))
