@@ -22,11 +22,14 @@ import sys
 import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from RadiogenomicGANLib.request import InsertionRequest, default_weights
+if TYPE_CHECKING:
+    import numpy as np
+
+    from RadiogenomicGANLib.request import InsertionRequest
 
 LIB_PARENT = str(Path(__file__).resolve().parent.parent)
 BOOTSTRAP = (
@@ -65,6 +68,8 @@ def _slice_argument(spec: Any) -> str:
 
 def cli_arguments(request: InsertionRequest, files: InsertionFiles) -> list[str]:
     """The `insert` command line that runs `request` on `files` (the same request the CLI would build)."""
+    from RadiogenomicGANLib.request import default_weights
+
     arguments = ["insert", "--ct", str(files.ct), "--weights", str(request.weights or default_weights()),
                  "--device", str(request.device), "--seed", str(int(request.seed)),
                  "--half-slices", str(int(request.half_slices)),
@@ -178,8 +183,42 @@ class BackgroundRun:
         return tail or f"the computation ended with status {code}"
 
 
-def read_results(files: InsertionFiles) -> Any:
-    """The child's output files as an InsertionResult (volume, label, weight map, provenance), for the adapter.
+class BackgroundError(RuntimeError):
+    """The child failed; the message is its own error line (or how it ended)."""
+
+
+class BackgroundCancelled(Exception):
+    """The run was cancelled: nothing was produced."""
+
+
+@dataclass
+class LoadedResults:
+    """The child's outputs as arrays: what InsertionResult holds, without importing torch in this process."""
+
+    volume_hu: np.ndarray
+    label: np.ndarray
+    weight_map: np.ndarray | None
+    centres_ras: np.ndarray
+    slices: list[list[int]]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def write_input_volume(path: str | Path, array: np.ndarray, geometry: Any) -> Path:
+    """The CT for the child, uncompressed (a 512² × 300 CT gzips for seconds; the file lives for one run)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    origin, spacing, direction = geometry.to_lps()
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetOrigin([float(v) for v in origin])
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetDirection([float(v) for v in np.asarray(direction).reshape(-1)])
+    sitk.WriteImage(image, str(path), useCompression=False)
+    return Path(path)
+
+
+def read_results(files: InsertionFiles) -> LoadedResults:
+    """The child's output files as arrays (volume, label, weight map, provenance), for the adapter.
 
     The provenance is the JSON the CLI stores in the output volume's header; the number of nodules and their
     centres and slices come from it, so the nodes built from it match the in-process path's.
@@ -188,8 +227,6 @@ def read_results(files: InsertionFiles) -> Any:
 
     import numpy as np
     import SimpleITK as sitk
-
-    from RadiogenomicGANLib.insertion import InsertionResult
 
     def read(path: Path) -> tuple[Any, np.ndarray]:
         image = sitk.ReadImage(str(path))
@@ -203,8 +240,8 @@ def read_results(files: InsertionFiles) -> Any:
     if files.weight_map is not None and files.weight_map.exists():
         weight_map = read(files.weight_map)[1].astype(np.float32)
     centres = np.asarray(provenance.get("centres_ras", []), dtype=np.float64).reshape(-1, 3)
-    return InsertionResult(volume, label.astype(np.uint8), weight_map, centres, provenance.get("slices", []),
-                           provenance)
+    return LoadedResults(volume, label.astype(np.uint8), weight_map, centres, provenance.get("slices", []),
+                         provenance)
 
 
 def temporary_folder() -> tempfile.TemporaryDirectory:

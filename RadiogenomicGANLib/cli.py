@@ -244,7 +244,7 @@ class _ProgressBar:
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     """Every exception type that means 'bad input' (exit 2), imported lazily so --help stays fast."""
-    errors: list[type[BaseException]] = [CLIError, InsertionError]
+    errors: list[type[BaseException]] = [CLIError, InsertionError, request_path.RequestError]
     for module, name in (
         ("RadiogenomicGANLib.volume_io", "VolumeIOError"),
         ("RadiogenomicGANLib.genes", "GeneTableError"),

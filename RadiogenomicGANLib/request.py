@@ -25,20 +25,21 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from RadiogenomicGANLib.insertion import InsertionError, ProgressCallback
-
+# No torch (nor anything importing it) at import time: the Slicer module builds requests in Slicer's own
+# process, where the generator never runs (the background CLI runs it), so torch is never loaded there.
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "Resources" / "demo_model.safetensors"
 SliceSpec = str | int | Sequence[int]
+ProgressCallback = Callable[[float, str], "bool | None"]
 
 
-class RequestError(InsertionError):
+class RequestError(ValueError):
     """The request cannot be run as given (a clear message for the user); nothing was produced."""
 
 

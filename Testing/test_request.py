@@ -192,7 +192,7 @@ def test_cohort_map_cli_writes_the_same_map(files, tmp_path) -> None:  # type: i
 def test_demo_and_evaluate_use_the_lib_map() -> None:
     """No second t-SNE: the demo and the evaluation call embed_2d (this file's subject)."""
     root = Path(__file__).resolve().parents[1]
-    for path in ("RadiogenomicGANLib/demo.py", "training/evaluate.py"):
+    for path in ("RadiogenomicGANLib/demo.py", "training/evaluate.py", "RadiogenomicGAN/RadiogenomicGAN.py"):
         text = (root / path).read_text(encoding="utf-8")
         assert "TSNE(" not in text, f"{path} runs its own t-SNE"
     assert "embed_2d(" in (root / "RadiogenomicGANLib/demo.py").read_text(encoding="utf-8")
