@@ -841,10 +841,10 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
         `sliceList`: a slice spec string ("±2", "40-44", "40-44; 50-52"), a list of indices for every centre,
         or one list per centre.
         """
+        self._requireSupported()  # first: on Python 3.9 even the Lib's imports fail
         from RadiogenomicGANLib import mrml_adapter
         from RadiogenomicGANLib.request import InsertionRequest, RequestError, split_slice_specs
 
-        self._requireSupported()
         if inputVolumeNode is None or not inputVolumeNode.IsA("vtkMRMLScalarVolumeNode") or inputVolumeNode.IsA(
                 "vtkMRMLLabelMapVolumeNode"):
             raise RequestError("choose a CT scalar volume as input (a labelmap or no volume was given)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -449,3 +450,29 @@ def test_background_errors_and_cancel_add_no_nodes(logic, scene, ct, patient, we
     with pytest.raises(BackgroundCancelled):
         logic.finishInsertion(job, scene)
     assert scene.GetNumberOfNodes() == count
+
+
+def test_apply_path_never_imports_torch_in_slicers_process(weights, gene_table, tmp_path) -> None:
+    """Building the request, writing the CT, starting and finishing the background run load no torch in the
+    calling process (Slicer's): a torch crash or upgrade cannot touch the application."""
+    script = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("RadiogenomicGAN", {str(MODULE_FILE)!r})
+module = importlib.util.module_from_spec(spec)
+sys.modules["RadiogenomicGAN"] = module
+spec.loader.exec_module(module)
+import slicer
+scene = slicer.vtkMRMLScene()
+logic = module.RadiogenomicGANLogic()
+ct = logic.createPhantomVolume(scene, patientIndex=0, seed=7, size_ij=96, slices=24, spacing=(2.0, 3.0), n_genes=64)
+request = logic.buildRequest(ct, {str(gene_table)!r}, "S1", autoCount=1, halfSlices=0, weightsPath={str(weights)!r},
+                             device="cpu")
+job = logic.startInsertion(ct, request)
+volume, segmentation, _ = logic.finishInsertion(job, scene)
+assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+print(sorted(m for m in ("torch", "safetensors", "sklearn", "highdicom") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=MODULE_FILE.parents[1], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
