@@ -502,9 +502,11 @@ class RadiogenomicGANWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         missing = []
         if not p.inputVolume:
             missing.append(_("an input volume"))
-        if not p.geneTablePath:
+        weightsPath = None if p.useBundledWeights else (p.weightsPath or None)
+        needsGenes = RadiogenomicGANLogic.modelKind(weightsPath) != "inpainting"  # inpainting: context only
+        if needsGenes and not p.geneTablePath:
             missing.append(_("a gene table"))
-        if not p.sampleId:
+        if needsGenes and not p.sampleId:
             missing.append(_("a sample"))
         if byPoints and not p.pointList:
             missing.append(_("a point list with nodule centres"))
@@ -767,6 +769,18 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
             if candidate.is_file():
                 return str(candidate)
         return None
+
+    @staticmethod
+    def modelKind(weightsPath: str | None = None) -> str | None:
+        """'proposed', 'mcgan' or 'inpainting' from the weights' JSON (no torch); None if unreadable."""
+        path = weightsPath or RadiogenomicGANLogic.bundledWeightsPath()
+        if not path:
+            return None
+        record = pathlib.Path(path).with_suffix(".json")
+        try:
+            return str(json.loads(record.read_text(encoding="utf-8"))["kind"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     @staticmethod
     def _scene(scene: Any) -> Any:

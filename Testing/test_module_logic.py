@@ -476,3 +476,15 @@ print(sorted(m for m in ("torch", "safetensors", "sklearn", "highdicom") if m in
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_model_kind_is_read_without_loading_the_model(module, weights, tmp_path) -> None:
+    """The panel asks for a gene table only when the model uses genes (the inpainting baseline does not)."""
+    kind = module.RadiogenomicGANLogic.modelKind
+    assert kind(str(weights)) == "proposed"
+    assert kind(None) == "proposed"  # the bundled demo model
+    record = json.loads(weights.with_suffix(".json").read_text())
+    record["kind"] = "inpainting"
+    (tmp_path / "inpaint.json").write_text(json.dumps(record))
+    assert kind(str(tmp_path / "inpaint.safetensors")) == "inpainting"
+    assert kind(str(tmp_path / "missing.safetensors")) is None
