@@ -978,10 +978,13 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
                                   outputSegmentationNode, outputWeightMapNode)
 
     # --- the same request in a background process (the Widget's Apply) ------------------------------------
-    def startInsertion(self, inputVolumeNode: Any, request: Any, python: str | None = None) -> BackgroundJob:
+    def startInsertion(
+        self, inputVolumeNode: Any, request: Any, python: str | None = None, threads: int | None = None
+    ) -> BackgroundJob:
         """Write the input CT to a temporary file and start the insertion CLI on it; poll the job, then finish.
 
-        `python`: the interpreter to run (in Slicer PythonSlicer; default this one).
+        `python`: the interpreter to run (in Slicer PythonSlicer; default this one). `threads`: torch CPU
+        threads of the child (default: torch's choice).
         """
         from RadiogenomicGANLib import background, mrml_adapter
 
@@ -990,7 +993,7 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
             files = background.insertion_files(folder.name, inputVolumeNode.GetName(), request.weight_map)
             volume, geometry = mrml_adapter.volume_from_node(inputVolumeNode)
             background.write_input_volume(files.ct, volume, geometry)
-            run = background.BackgroundRun(background.cli_arguments(request, files), python).start()
+            run = background.BackgroundRun(background.cli_arguments(request, files, threads), python).start()
         except Exception:
             folder.cleanup()
             raise

@@ -66,8 +66,10 @@ def _slice_argument(spec: Any) -> str:
     return ",".join(str(int(k)) for k in spec)
 
 
-def cli_arguments(request: InsertionRequest, files: InsertionFiles) -> list[str]:
-    """The `insert` command line that runs `request` on `files` (the same request the CLI would build)."""
+def cli_arguments(request: InsertionRequest, files: InsertionFiles, threads: int | None = None) -> list[str]:
+    """The `insert` command line that runs `request` on `files` (the same request the CLI would build).
+
+    `threads`: torch CPU threads in the child (default: torch's own choice)."""
     from RadiogenomicGANLib.request import default_weights
 
     arguments = ["insert", "--ct", str(files.ct), "--weights", str(request.weights or default_weights()),
@@ -90,6 +92,8 @@ def cli_arguments(request: InsertionRequest, files: InsertionFiles) -> list[str]
         arguments.append("--allow-outside-lung")
     if files.weight_map is not None:
         arguments += ["--out-weight-map", str(files.weight_map)]
+    if threads is not None:
+        arguments += ["--threads", str(int(threads))]
     return arguments
 
 

@@ -395,7 +395,9 @@ def test_in_process_background_and_cli_are_one_path(logic, scene, ct, patient, w
                     blendSampleId="S3", blendWeight=0.25, outputWeightMap=True)
     volume, segmentation, weight_map = logic.insertNodules(ct, str(gene_table), "S2", scene=scene, **settings)
 
-    job = logic.startInsertion(ct, logic.buildRequest(ct, str(gene_table), "S2", **settings))
+    # Same torch thread count in the child as here: float sums may round differently with another count.
+    job = logic.startInsertion(ct, logic.buildRequest(ct, str(gene_table), "S2", **settings),
+                               threads=torch.get_num_threads())
     fractions = []
     while job.poll():  # what the Widget's timer does
         fractions.append(job.fraction)
@@ -412,7 +414,8 @@ def test_in_process_background_and_cli_are_one_path(logic, scene, ct, patient, w
                      "--blend-with", "S3", "--blend-weight", "0.25", "--weights", str(weights), "--device", "cpu",
                      "--seed", "5", "--half-slices", "1", "--center-ras=" + ",".join(repr(float(v)) for v in centre),
                      "--out-volume", str(out / "v.nrrd"), "--out-segmentation", str(out / "v.seg.nrrd"),
-                     "--out-weight-map", str(out / "w.nrrd"), "--quiet"]) == 0
+                     "--out-weight-map", str(out / "w.nrrd"), "--quiet",
+                     "--threads", str(torch.get_num_threads())]) == 0
     cli_segments, cli_label = _seg_nrrd_record(out / "v.seg.nrrd")
 
     in_process = _segment_record(segmentation)
