@@ -673,8 +673,16 @@ class RadiogenomicGANWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 def pythonSlicerExecutable() -> str | None:
-    """Slicer's own Python launcher for background runs (None outside the application: this interpreter)."""
-    return shutil.which("PythonSlicer") if SLICER_APPLICATION else None
+    """Slicer's own Python launcher for background runs (None outside the application: this interpreter).
+
+    Inside Slicer, sys.executable is the application itself, never a fallback: a missing launcher is an error.
+    """
+    if not SLICER_APPLICATION:
+        return None
+    launcher = shutil.which("PythonSlicer")
+    if launcher is None:
+        raise RuntimeError("PythonSlicer (Slicer's Python launcher) is not on PATH: cannot run in the background")
+    return launcher
 
 
 #
