@@ -585,8 +585,12 @@ class RadiogenomicGANWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = job
         self._onJobFinished = onFinished
         self._dialog = slicer.util.createProgressDialog(
-            windowTitle=_("RadiogenomicGAN"), labelText=labelText, maximum=100,
-            windowModality=qt.Qt.ApplicationModal, autoClose=False, autoReset=False)
+            windowTitle=_("RadiogenomicGAN"), labelText=labelText, maximum=100, autoClose=False, autoReset=False)
+        # Modal for the whole application: no second Apply, no scene close, while the run lasts. Qt ignores a
+        # modality change on a visible window, hence hide → set → show.
+        self._dialog.hide()
+        self._dialog.windowModality = qt.Qt.ApplicationModal
+        self._dialog.show()
         self._dialog.connect("canceled()", self._cancelJob)
         self._timer = qt.QTimer()
         self._timer.setInterval(self.POLL_MS)
