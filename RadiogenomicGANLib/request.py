@@ -163,14 +163,14 @@ def default_weights() -> Path:
 
 
 def load_inserter(weights: str | Path, device: str = "auto") -> Any:
-    """A NoduleInserter for the weights file; a missing file is a RequestError saying which."""
-    from RadiogenomicGANLib.insertion import NoduleInserter
-
+    """A NoduleInserter for the weights file; a missing file is a RequestError saying which (before torch loads)."""
     path = Path(weights)
     if not path.exists():
         if path == BUNDLED_WEIGHTS:
             raise RequestError(f"the bundled demo model {path} is not installed: choose a weights file")
         raise RequestError(f"weights file not found: {path}")
+    from RadiogenomicGANLib.insertion import NoduleInserter
+
     return NoduleInserter.from_weights(path, device=device)
 
 
