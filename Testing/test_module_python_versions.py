@@ -5,7 +5,8 @@ evaluate there makes the module silently vanish. Here other interpreters (pyenv'
 Slicer 5.10/5.12) import it with stand-ins for `slicer`, `qt`, `vtk` whose `parameterNodeWrapper` evaluates
 the parameter node's annotations with `typing.get_type_hints(..., include_extras=True)`, as Slicer's does. The
 application branch of the guarded import is taken (`slicer.app` exists). Checked: the four template classes
-load, the module registers Sample Data only where supported, the Lib is found from a source checkout (only
+load, the module registers Sample Data only where supported, the self test skips with its reason where
+ctest would run it on a factory Slicer (no PyTorch), the Lib is found from a source checkout (only
 the module folder on sys.path, as Slicer does), and on 3.9 the module says it needs Slicer 5.10 (panel text,
 Logic error) instead of failing. Interpreters that are not installed are skipped with the reason.
 """
@@ -36,7 +37,12 @@ STUBS = {
             connections = []
             def connect(self, signal, slot):
                 self.connections.append(signal)
+            def testingEnabled(self):  # ctest on the extension index's factory build
+                return True
         app = _App()
+        class _Scene:
+            def Clear(self): pass
+        mrmlScene = _Scene()
         from . import util
     ''',
     "slicer/util.py": '''
@@ -86,7 +92,7 @@ STUBS = {
 }
 
 PROBE = '''
-import importlib.util, json, sys
+import importlib.util, json, sys, unittest
 spec = importlib.util.spec_from_file_location("RadiogenomicGAN", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 sys.modules["RadiogenomicGAN"] = module
@@ -102,7 +108,15 @@ try:
     logic_error = None
 except Exception as error:
     logic_error = f"{type(error).__name__}: {error}"
+try:  # the self test as ctest runs it: no PyTorch in a factory Slicer
+    module.RadiogenomicGANTest().runTest()
+    self_test = "ran"
+except unittest.SkipTest as skipped:
+    self_test = f"skipped: {skipped}"
+except Exception as error:
+    self_test = f"{type(error).__name__}: {error}"
 print(json.dumps({
+    "self_test": self_test,
     "application": module.SLICER_APPLICATION,
     "classes": [c for c in ("RadiogenomicGAN", "RadiogenomicGANWidget", "RadiogenomicGANLogic",
                             "RadiogenomicGANTest") if hasattr(module, c)],
@@ -162,7 +176,9 @@ def test_module_imports_under_slicers_python(version: str, supported: bool, stub
     if supported:
         assert found["unsupported"] is None and found["registers_sample_data"]
         assert not found["logic_error"].startswith("RuntimeError"), found  # (the stubs lack vtk.util: that error)
+        assert found["self_test"].startswith("skipped: RadiogenomicGAN needs torch>=2.3"), found["self_test"]
     else:
         assert "5.10" in found["unsupported"] and "Python 3.9" in found["unsupported"]
         assert not found["registers_sample_data"]
         assert found["logic_error"] == f"RuntimeError: {found['unsupported']}"
+        assert found["self_test"] == f"skipped: {found['unsupported']}"
