@@ -2,8 +2,21 @@
 
 Slicer's ExtensionWizard layout: Module (metadata), a parameter-node dataclass (the state, saved with the
 scene), Widget (wires the .ui to the Logic), Logic (nodes in, nodes out; usable from the Python console)
-and Test (the in-Slicer self test). The heavy work lives in RadiogenomicGANLib: NoduleInserter does the
-insertion, genes.profile_for_model aligns a gene profile with the model, and mrml_adapter converts nodes.
+and Test (the in-Slicer self test). The heavy work lives in RadiogenomicGANLib: `request` is the one request
+path shared with the CLI (slice syntax, gene-sample label, OOM fallback), `background` runs that CLI in a
+child process for the Widget, `radiogenomic_map` is the one t-SNE map, `mrml_adapter` converts nodes.
+
+Two ways to run the same request:
+- the Widget's Apply: the input CT is written to a temporary file and `python -m RadiogenomicGANLib insert`
+  runs in a child process (Slicer's PythonSlicer); the UI stays responsive behind a modal progress dialog,
+  Cancel kills the child, and a torch/CUDA crash cannot take Slicer down;
+- the Python console: `RadiogenomicGANLogic().insertNodules(...)` runs in-process (nodes in, nodes out).
+Both produce the same nodes (Testing/test_module_logic.py compares them voxel for voxel).
+
+Supported Slicer: 5.10 or later (Python ≥ 3.10). The Lib needs Python 3.10 (`dataclass(kw_only=True)`,
+`X | Y` types at run time) and torch ≥ 2.3 (Slicer 5.10 bundles NumPy 2, which older torch cannot use).
+This file itself still imports under Python 3.9 (Slicer 5.8), so the module appears there and says so
+instead of vanishing with a SyntaxError in the log: see `unsupportedReason`.
 
 Headless use: Slicer's Qt layer (qt, ctk, ScriptedLoadableModule, parameterNodeWrapper) only exists inside
 the application. Outside it (slicer-core, the test suite) the guarded import below substitutes plain base
@@ -12,14 +25,19 @@ the Widget and the Test class are then inert. Torch and the other heavy packages
 the module loads in a Slicer without PyTorch and can offer to install it.
 """
 
+from __future__ import annotations  # annotations stay strings: this file must import under Python 3.9
+
 import dataclasses
 import enum
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
 import pathlib
 import re
+import shutil
+import sys
 import typing
 import unittest
 from typing import Annotated, Any
@@ -31,6 +49,7 @@ from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode, vtkMRMLS
 from slicer.util import VTKObservationMixin
 
 try:  # inside the Slicer application (these modules need Qt)
+    import qt
     from slicer.i18n import tr as _
     from slicer.i18n import translate
     from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
@@ -41,6 +60,7 @@ except ImportError:  # slicer-core without Qt: only the Logic is usable (see the
     if hasattr(slicer, "app"):  # inside the application a failed import is a real error, never hidden
         raise
     SLICER_APPLICATION = False
+    qt = None
 
     def _(text: str) -> str:
         return text
@@ -72,15 +92,19 @@ except ImportError:  # slicer-core without Qt: only the Logic is usable (see the
 
     class ScriptedLoadableModuleLogic:
         def __init__(self, parent: Any = None) -> None:
-            self.moduleName = type(self).__name__.removesuffix("Logic")
+            self.moduleName = type(self).__name__[: -len("Logic")]
 
     class ScriptedLoadableModuleTest(unittest.TestCase):
         def delayDisplay(self, message: str, msec: int | None = None) -> None:
             logging.info(message)
 
 
-#: PyTorch requirement passed to the PyTorch extension's installer (matches pyproject.toml).
-TORCH_REQUIREMENT = ">=2.2"
+#: Slicer 5.10 (Python 3.10+) is the oldest supported release; see the module docstring.
+MINIMUM_SLICER = "5.10"
+MINIMUM_PYTHON = (3, 10)
+#: PyTorch requirement passed to the PyTorch extension's installer: torch < 2.3 fails under NumPy 2, which
+#: Slicer 5.10 bundles.
+TORCH_REQUIREMENT = ">=2.3"
 #: The bundled demo generator (installed next to the module's resources; see the top-level CMakeLists.txt).
 BUNDLED_WEIGHTS_FILE = "demo_model.safetensors"
 #: The phantom CT registered as Sample Data: patient 0 of this cohort seed.
@@ -88,6 +112,34 @@ PHANTOM_SAMPLE_NAME = "RadiogenomicGANPhantom"
 PHANTOM_SEED = 2019
 PROJECT_URL = "https://github.com/radiogenomicgan/SlicerRadiogenomicGAN"
 PAPER_URL = "https://arxiv.org/abs/1907.03728"
+#: Node attribute that marks the radiogenomic-map chart, which every new map refills.
+MAP_CHART_ROLE = "radiogenomicMap"
+
+
+def unsupportedReason() -> str | None:
+    """Why this Slicer cannot run the module (None when it can): said in the panel, raised by the Logic."""
+    if sys.version_info < MINIMUM_PYTHON:
+        return (f"RadiogenomicGAN needs 3D Slicer {MINIMUM_SLICER} or later (Python "
+                f"{MINIMUM_PYTHON[0]}.{MINIMUM_PYTHON[1]}+); this Slicer runs Python "
+                f"{sys.version_info[0]}.{sys.version_info[1]}. Please install a newer Slicer.")
+    return None
+
+
+def ensureLibImportable() -> None:
+    """Make `import RadiogenomicGANLib` work when running from source.
+
+    Installed, CMake copies the Lib beside this file (both in qt-scripted-modules, on sys.path). From a source
+    checkout (module path .../RadiogenomicGAN) Slicer adds only this folder to sys.path, and the Lib sits one
+    level up, at the repository root: that root is added, once, and only if it holds the Lib.
+    """
+    if importlib.util.find_spec("RadiogenomicGANLib") is not None:
+        return
+    root = pathlib.Path(__file__).resolve().parent.parent
+    if (root / "RadiogenomicGANLib" / "__init__.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+
+
+ensureLibImportable()
 
 
 #
@@ -103,20 +155,23 @@ class RadiogenomicGAN(ScriptedLoadableModule):
         self.parent.title = _("RadiogenomicGAN")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Radiogenomics")]
         self.parent.dependencies = []  # PyTorch comes from the PyTorch extension, asked for when needed
-        self.parent.contributors = ["RadiogenomicGAN contributors"]
+        self.parent.contributors = [
+            "RadiogenomicGAN project (re-implementation of Z. Xu, X. Wang, H.-C. Shin, H. Roth, D. Yang, "
+            "F. Milletari, L. Zhang, D. Xu, MIDL 2019)"]
         self.parent.helpText = _("""
 Insert synthetic lung nodules whose appearance is driven by a patient's gene-expression profile into a
 chest CT, as in <a href="{paper}">Xu et al., "Correlation via synthesis", MIDL 2019</a>.
 Pick a CT, a gene table (GEO text or CSV) and a sample (or a blend of two samples), click nodule centres
 in the lung (or let the module choose them), choose the slices, and press Apply: the result is a
 <b>new</b> volume, a <b>new</b> segmentation ("Synthetic nodule N", tagged as synthetic with the model,
-sample and seed) and, on request, the generator's fusion weight map. "Show radiogenomic map" plots the
-t-SNE of the learned gene codes of every sample in the table.
+sample and seed) and, on request, the generator's fusion weight map. Apply runs in a background process
+that Cancel stops. "Show radiogenomic map" plots the t-SNE of the learned gene codes of every sample.
+Slices: "±K" around each centre, or indices such as "40, 41, 45-48"; one group per centre separated by ";".
 From the Python console: <code>slicer.util.getModuleLogic("RadiogenomicGAN").insertNodules(volumeNode,
 "genes.txt", "R01-001", autoCount=2)</code>.
-Needs Slicer 5.10 or later (Python 3.10+) and the PyTorch extension.
+Needs Slicer {minimum} or later and the PyTorch extension.
 See the <a href="{project}">project documentation</a>.
-""").format(paper=PAPER_URL, project=PROJECT_URL)
+""").format(paper=PAPER_URL, project=PROJECT_URL, minimum=MINIMUM_SLICER)
         self.parent.acknowledgementText = _("""
 A re-implementation of Z. Xu, X. Wang, H.-C. Shin, D. Yang, H. Roth, F. Milletari, L. Zhang and D. Xu,
 "Correlation via synthesis: end-to-end nodule image generation and radiogenomic map learning based on
@@ -124,12 +179,12 @@ generative adversarial network", Medical Imaging with Deep Learning (MIDL) 2019.
 NSCLC-Radiogenomics collection (TCIA) and GEO GSE103584. The bundled demo model was trained on a synthetic
 phantom cohort and is for demonstration only: synthetic nodules are not real findings.
 """)
-        if SLICER_APPLICATION:
+        if SLICER_APPLICATION and unsupportedReason() is None:
             slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 #
-# Sample data: a phantom chest CT, generated on demand and cached
+# Sample data: a phantom chest CT, generated in memory on demand and cached as NRRD
 #
 
 
@@ -139,7 +194,11 @@ def phantomCachePath() -> pathlib.Path:
 
 
 def loadPhantomSample() -> Any:
-    """Load the phantom CT into the application scene, generating and caching it the first time."""
+    """Load the phantom CT into the application scene, generating and caching it the first time.
+
+    The CT is built in memory (numpy + scipy, both bundled with Slicer) and saved as NRRD: no DICOM writer,
+    so neither highdicom nor pydicom 3 is needed (Slicer 5.10 bundles pydicom 2.4 and no highdicom).
+    """
     path = phantomCachePath()
     if path.is_file():
         return slicer.util.loadVolume(str(path), {"name": PHANTOM_SAMPLE_NAME})
@@ -151,7 +210,7 @@ def loadPhantomSample() -> Any:
     return node
 
 
-def registerSampleData():
+def registerSampleData() -> None:
     """Register the phantom CT in the Sample Data module (generated by RadiogenomicGANLib.phantom)."""
     import SampleData
 
@@ -168,6 +227,70 @@ def registerSampleData():
         nodeNames=PHANTOM_SAMPLE_NAME,
         customDownloader=lambda source: loadPhantomSample(),
     )
+
+
+#
+# Dependencies: asked for when needed, installed only with the user's consent
+#
+
+
+def requirementsPath() -> str:
+    return os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
+
+
+def missingDependencies() -> list:
+    """torch (TORCH_REQUIREMENT) and the packages of Resources/requirements.txt that are absent or too old."""
+    requirements = [f"torch{TORCH_REQUIREMENT}", *RadiogenomicGANLogic.readRequirements(requirementsPath())]
+    return RadiogenomicGANLogic.missingRequirements(requirements)
+
+
+def ensureDependencies(askConfirmation: bool = True) -> bool:
+    """Install what is missing, with the user's consent; False when declined or impossible (already said).
+
+    Call it inside slicer.util.tryWithErrorDisplay, so a failed install is a dialog, not a console line.
+    PyTorch comes from the PyTorch extension (it picks the CUDA or CPU build). The background run uses the
+    new packages at once; only the in-process Logic of this session needs a restart after an upgrade of an
+    already imported torch, which is offered.
+    """
+    torchWasImported = "torch" in sys.modules
+    if RadiogenomicGANLogic.missingRequirements([f"torch{TORCH_REQUIREMENT}"]):
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            slicer.util.errorDisplay(_(
+                "RadiogenomicGAN runs its generator with PyTorch, which Slicer installs through the 'PyTorch' "
+                "extension.\n\nOpen View → Extensions Manager, install 'PyTorch', restart Slicer, then press "
+                "Apply again: you will be offered to install PyTorch ({req}) for your GPU or CPU."
+            ).format(req=TORCH_REQUIREMENT))
+            return False
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT)
+        if torch is None:
+            return False
+        if torchWasImported and slicer.util.confirmYesNoDisplay(_(
+                "PyTorch was upgraded. Apply already uses the new version; the Python console's RadiogenomicGAN "
+                "logic needs a restart of Slicer to use it. Restart now?")):
+            slicer.util.restart()
+    requirements = RadiogenomicGANLogic.readRequirements(requirementsPath())
+    missing = RadiogenomicGANLogic.missingRequirements(requirements)
+    if not missing:
+        return True
+    try:  # Slicer ≥ 5.12 has one dialog for checking, confirming and installing
+        from slicer.packaging import pip_ensure
+    except ImportError:
+        pip_ensure = None
+    if pip_ensure is not None:
+        try:
+            pip_ensure(requirements, requester="RadiogenomicGAN")
+        except RuntimeError:  # the user declined
+            return False
+        return True
+    if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            _("RadiogenomicGAN needs these Python packages: {packages}. Install them now?").format(
+                packages=", ".join(missing))):
+        return False
+    slicer.util.pip_install(" ".join(f'"{r}"' for r in missing))
+    return True
 
 
 #
@@ -206,9 +329,11 @@ class SliceMode(enum.Enum):
         return {"aroundCentre": _("± k slices around the centre"), "list": _("Explicit slice list")}[self.value]
 
 
-#: Parameters the Widget syncs by hand (their combo boxes are filled from the gene table at run time, which
-#: the parameter node's Choice annotation cannot express); every other field has a SlicerParameterName widget.
-PARAMETERS_WITHOUT_WIDGET = ("sampleId", "blendSampleId")
+#: Parameters the Widget syncs by hand; every other field has a SlicerParameterName widget. The samples' combo
+#: boxes are filled from the gene table at run time (a Choice annotation cannot express that); the two paths
+#: are plain strings because the wrapper's ctkPathLineEdit connector takes pathlib.Path, whose empty value
+#: Path() shows as "." in the field.
+PARAMETERS_WITHOUT_WIDGET = ("sampleId", "blendSampleId", "weightsPath", "geneTablePath")
 
 
 @parameterNodeWrapper
@@ -225,9 +350,9 @@ class RadiogenomicGANParameterNode:
 
     inputVolume: vtkMRMLScalarVolumeNode
     useBundledWeights: bool = True
-    weightsPath: pathlib.Path
+    weightsPath: str = ""
     device: Device = Device.AUTO
-    geneTablePath: pathlib.Path
+    geneTablePath: str = ""
     sampleId: str = ""
     blendEnabled: bool = False
     blendSampleId: str = ""
@@ -247,13 +372,20 @@ class RadiogenomicGANParameterNode:
     outputWeightMap: vtkMRMLScalarVolumeNode
 
 
+
 #
 # RadiogenomicGANWidget
 #
 
 
 class RadiogenomicGANWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Wires the .ui to the Logic; see https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py"""
+    """Wires the .ui to the Logic; see https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+
+    Apply and the map run in a background process (`RadiogenomicGANLogic.startInsertion`); a modal progress
+    dialog keeps the scene and the buttons out of reach until it ends, and its Cancel kills the process.
+    """
+
+    POLL_MS = 200
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -262,6 +394,10 @@ class RadiogenomicGANWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._fillingSampleLists = False
+        self._job = None
+        self._dialog = None
+        self._timer = None
+        self._onJobFinished = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -271,6 +407,13 @@ class RadiogenomicGANWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = RadiogenomicGANLogic()
+        reason = unsupportedReason()
+        if reason is not None:  # Slicer 5.8 and older: say so, offer nothing that would fail
+            self.ui.statusLabel.text = reason
+            self.ui.applyButton.enabled = False
+            self.ui.radiogenomicMapButton.enabled = False
+            self.ui.installTorchButton.visible = False
+            return
 
         # Centres are clicked in the views: only the place button, persistent placement.
         self.ui.pointPlaceWidget.buttonsVisible = False
@@ -284,6 +427,7 @@ class RadiogenomicGANWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.radiogenomicMapButton.connect("clicked(bool)", self.onRadiogenomicMapButton)
         self.ui.installTorchButton.connect("clicked(bool)", self.onInstallTorchButton)
         self.ui.geneTablePathLineEdit.connect("currentPathChanged(QString)", self.onGeneTableChanged)
+        self.ui.weightsPathLineEdit.connect("currentPathChanged(QString)", self.onWeightsPathChanged)
         self.ui.sampleComboBox.connect("currentTextChanged(QString)", self.onSampleChanged)
         self.ui.blendSampleComboBox.connect("currentTextChanged(QString)", self.onBlendSampleChanged)
         self.ui.pointListSelector.connect(
@@ -293,10 +437,14 @@ class RadiogenomicGANWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateTorchStatus()
 
     def cleanup(self) -> None:
+        self._cancelJob()
         self.removeObservers()
+        if self.logic is not None:
+            self.logic.releaseResources()
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        if unsupportedReason() is None:
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -305,7 +453,9 @@ class RadiogenomicGANWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._cancelJob()  # a run must not fill nodes of a scene that is going away
         self.setParameterNode(None)
+        self.logic.releaseResources()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -331,10 +481,14 @@ class RadiogenomicGANWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._onParameterNodeModified()
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
-        """Enable what applies to the current choices, and Apply when the inputs are complete."""
+        """Paths to their fields; enable what applies to the current choices, Apply when the inputs are complete."""
         p = self._parameterNode
         if not p:
             return
+        for lineEdit, value in ((self.ui.weightsPathLineEdit, p.weightsPath),
+                                (self.ui.geneTablePathLineEdit, p.geneTablePath)):
+            if lineEdit.currentPath != value:
+                lineEdit.currentPath = value
         self.ui.weightsPathLineEdit.enabled = not p.useBundledWeights
         self.ui.blendSampleComboBox.enabled = p.blendEnabled
         self.ui.blendWeightSliderWidget.enabled = p.blendEnabled
@@ -348,27 +502,35 @@ class RadiogenomicGANWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         missing = []
         if not p.inputVolume:
             missing.append(_("an input volume"))
-        if not _optionalPath(p.geneTablePath):
+        weightsPath = None if p.useBundledWeights else (p.weightsPath or None)
+        needsGenes = RadiogenomicGANLogic.modelKind(weightsPath) != "inpainting"  # inpainting: context only
+        if needsGenes and not p.geneTablePath:
             missing.append(_("a gene table"))
-        if not p.sampleId:
+        if needsGenes and not p.sampleId:
             missing.append(_("a sample"))
         if byPoints and not p.pointList:
             missing.append(_("a point list with nodule centres"))
-        self.ui.applyButton.enabled = not missing
+        running = self._job is not None
+        self.ui.applyButton.enabled = not missing and not running
         self.ui.applyButton.toolTip = (
             _("Insert the synthetic nodules") if not missing else _("Select {what}").format(what=", ".join(missing))
         )
-        self.ui.radiogenomicMapButton.enabled = bool(_optionalPath(p.geneTablePath))
+        self.ui.radiogenomicMapButton.enabled = bool(p.geneTablePath) and not running
 
-    # --- gene table → sample lists (synced by hand, see PARAMETERS_WITHOUT_WIDGET) -----------------------
+    # --- paths and gene table → sample lists (synced by hand, see PARAMETERS_WITHOUT_WIDGET) ----------------
+    def onWeightsPathChanged(self, path: str) -> None:
+        if self._parameterNode and self._parameterNode.weightsPath != path:
+            self._parameterNode.weightsPath = path
+
     def onGeneTableChanged(self, path: str) -> None:
-        # Use the signal's path: this slot may run before the parameter node has taken the new value.
+        if self._parameterNode and self._parameterNode.geneTablePath != path:
+            self._parameterNode.geneTablePath = path
         self._fillSampleLists(path)
 
     def _fillSampleLists(self, path: str | None = None) -> None:
         p = self._parameterNode
-        sampleIds: list[str] = []
-        path = _optionalPath(path if path is not None else (p.geneTablePath if p else None))
+        sampleIds: list = []
+        path = path if path is not None else (p.geneTablePath if p else "")
         if path:
             try:
                 sampleIds = self.logic.sampleIds(path)
@@ -399,111 +561,132 @@ class RadiogenomicGANWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- PyTorch and other packages ---------------------------------------------------------------------
     def updateTorchStatus(self) -> None:
         version = RadiogenomicGANLogic.installedVersion("torch")
-        missing = RadiogenomicGANLogic.missingRequirements([f"torch{TORCH_REQUIREMENT}"])
-        if version and not missing:
+        missing = missingDependencies()
+        torchMissing = RadiogenomicGANLogic.missingRequirements([f"torch{TORCH_REQUIREMENT}"])
+        if version and not torchMissing:
             self.ui.torchStatusLabel.text = _("PyTorch {version}").format(version=version)
         elif version:
             self.ui.torchStatusLabel.text = _("PyTorch {version} is too old (needs {req})").format(
                 version=version, req=TORCH_REQUIREMENT)
         else:
             self.ui.torchStatusLabel.text = _("PyTorch is not installed")
+        if missing and not torchMissing:
+            self.ui.torchStatusLabel.text += _("; missing: {packages}").format(packages=", ".join(missing))
         self.ui.installTorchButton.visible = bool(missing)
 
-    def onInstallTorchButton(self) -> bool:
-        """Install PyTorch through the PyTorch extension; explain what to do when the extension is missing."""
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            slicer.util.errorDisplay(_(
-                "RadiogenomicGAN runs its generator with PyTorch, which Slicer installs through the 'PyTorch' "
-                "extension.\n\nOpen View → Extensions Manager, install 'PyTorch', restart Slicer, then press "
-                "Apply again: you will be offered to install PyTorch ({req}) for your GPU or CPU."
-            ).format(req=TORCH_REQUIREMENT))
-            return False
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-            askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
+    def onInstallTorchButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to install the Python packages RadiogenomicGAN needs.")):
+            ensureDependencies()
         self.updateTorchStatus()
-        return torch is not None
 
-    def _ensureDependencies(self) -> bool:
-        """PyTorch (via the PyTorch extension), then the pure-Python packages of Resources/requirements.txt."""
-        if RadiogenomicGANLogic.missingRequirements([f"torch{TORCH_REQUIREMENT}"]) and not self.onInstallTorchButton():
-            return False
-        requirements = RadiogenomicGANLogic.readRequirements(self.resourcePath("requirements.txt"))
-        if not RadiogenomicGANLogic.missingRequirements(requirements):
-            return True
-        try:  # Slicer ≥ 5.12 has one dialog for checking, confirming and installing
-            from slicer.packaging import pip_ensure
-        except ImportError:
-            pip_ensure = None
-        if pip_ensure is not None:
-            try:
-                pip_ensure(requirements, requester="RadiogenomicGAN")
-            except RuntimeError:  # the user declined
-                return False
-            return True
-        missing = RadiogenomicGANLogic.missingRequirements(requirements)
-        if not slicer.util.confirmOkCancelDisplay(
-            _("RadiogenomicGAN needs these Python packages: {packages}. Install them now?").format(
-                packages=", ".join(missing))):
-            return False
-        slicer.util.pip_install(" ".join(f'"{r}"' for r in missing))
-        return True
+    # --- background runs --------------------------------------------------------------------------------
+    def _startJob(self, job: Any, labelText: str, onFinished: Any) -> None:
+        """Show a modal progress dialog for a background job and poll it from a timer until it ends."""
+        self._job = job
+        self._onJobFinished = onFinished
+        self._dialog = slicer.util.createProgressDialog(
+            windowTitle=_("RadiogenomicGAN"), labelText=labelText, maximum=100, autoClose=False, autoReset=False)
+        # Modal for the whole application: no second Apply, no scene close, while the run lasts. Qt ignores a
+        # modality change on a visible window, hence hide → set → show.
+        self._dialog.hide()
+        self._dialog.windowModality = qt.Qt.ApplicationModal
+        self._dialog.show()
+        self._dialog.connect("canceled()", self._cancelJob)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(self.POLL_MS)
+        self._timer.connect("timeout()", self._pollJob)
+        self._timer.start()
+        self._onParameterNodeModified()
+
+    def _pollJob(self) -> None:
+        job = self._job
+        if job is None:
+            return
+        if job.poll():
+            self._dialog.labelText = job.message
+            self._dialog.value = round(100 * job.fraction)
+            return
+        self._endJob()
+        with slicer.util.tryWithErrorDisplay(_("RadiogenomicGAN failed."), waitCursor=True):
+            self._onJobFinished(job)
+
+    def _cancelJob(self) -> None:
+        if self._job is not None:
+            job = self._job
+            job.cancel()
+            self._endJob()
+            self.ui.statusLabel.text = _("Cancelled: nothing was added to the scene.")
+
+    def _endJob(self) -> None:
+        # Forget the job first: closing a QProgressDialog emits canceled(), which must not cancel a finished job.
+        timer, dialog = self._timer, self._dialog
+        self._job, self._timer, self._dialog = None, None, None
+        if timer is not None:
+            timer.stop()
+        if dialog is not None:
+            dialog.close()
+        self._onParameterNodeModified()
 
     # --- actions ------------------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
-        """Insert nodules: one Logic call, with a cancellable progress dialog and Slicer's error display."""
-        if not self._ensureDependencies():
+        """Insert nodules in a background process; the outputs are loaded when it ends."""
+        if self._job is not None:
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to insert synthetic nodules."), waitCursor=True):
-            from RadiogenomicGANLib.insertion import InsertionCancelled
-
-            dialog = slicer.util.createProgressDialog(
-                windowTitle=_("RadiogenomicGAN"), labelText=_("Inserting synthetic nodules…"), maximum=100)
-
-            def progress(fraction: float, message: str) -> bool:
-                dialog.labelText = message
-                dialog.value = round(100 * fraction)
-                slicer.app.processEvents()
-                return not dialog.wasCanceled
-
-            try:
-                volume, segmentation, _weightMap = self.logic.processParameterNode(self._parameterNode, progress)
-            except InsertionCancelled:
-                self.ui.statusLabel.text = _("Cancelled: nothing was added to the scene.")
+            if not ensureDependencies():
                 return
-            finally:
-                dialog.close()
-            self._showResult(volume, segmentation)
+            job = self.logic.startParameterNode(self._parameterNode, python=pythonSlicerExecutable())
+            self._startJob(job, _("Inserting synthetic nodules…"), self._onInsertionFinished)
+
+    def _onInsertionFinished(self, job: Any) -> None:
+        volume, segmentation, _weightMap = self.logic.finishParameterNode(self._parameterNode, job)
+        self._showResult(volume, segmentation)
 
     def _showResult(self, volume, segmentation) -> None:
+        from RadiogenomicGANLib import mrml_adapter
+
         slicer.util.setSliceViewerLayers(background=volume, fit=True)
         if segmentation.GetDisplayNode():
             segmentation.GetDisplayNode().SetVisibility(True)
-        centres = RadiogenomicGANLogic.insertedCentres(segmentation)
-        if len(centres):
-            slicer.modules.markups.logic().JumpSlicesToLocation(*centres[0], True)
+        centres = mrml_adapter.world_points(volume, RadiogenomicGANLogic.insertedCentres(segmentation))
+        if len(centres):  # the slice views take world coordinates; the centres are in the volume's frame
+            x, y, z = (float(v) for v in centres[0])
+            slicer.modules.markups.logic().JumpSlicesToLocation(x, y, z, True)
         self.ui.statusLabel.text = _("Inserted {count} synthetic nodule(s) into '{name}'.").format(
             count=segmentation.GetSegmentation().GetNumberOfSegments(), name=volume.GetName())
 
     def onRadiogenomicMapButton(self) -> None:
-        """t-SNE of the cohort's gene codes as a Slicer plot, the chosen sample(s) highlighted."""
-        if not self._ensureDependencies():
+        """t-SNE of the cohort's gene codes (background process) as one Slicer plot, the chosen sample(s) marked."""
+        if self._job is not None:
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to compute the radiogenomic map."), waitCursor=True):
+            if not ensureDependencies():
+                return
             p = self._parameterNode
-            highlight = [p.sampleId] + ([p.blendSampleId] if p.blendEnabled and p.blendSampleId else [])
-            chart = self.logic.showRadiogenomicMap(
-                _optionalPath(p.geneTablePath), highlight=highlight,
-                weightsPath=None if p.useBundledWeights else _optionalPath(p.weightsPath),
-                device=p.device.value, imputeMissingGenes=p.imputeMissingGenes, seed=p.seed)
-            slicer.modules.plots.logic().ShowChartInLayout(chart)
+            job = self.logic.startRadiogenomicMap(
+                p.geneTablePath, weightsPath=None if p.useBundledWeights else (p.weightsPath or None),
+                device=p.device.value, imputeMissingGenes=p.imputeMissingGenes, seed=p.seed,
+                python=pythonSlicerExecutable())
+            self._startJob(job, _("Computing the radiogenomic map…"), self._onMapFinished)
+
+    def _onMapFinished(self, job: Any) -> None:
+        p = self._parameterNode
+        highlight = [p.sampleId] + ([p.blendSampleId] if p.blendEnabled and p.blendSampleId else [])
+        chart = self.logic.finishRadiogenomicMap(job, highlight)
+        slicer.modules.plots.logic().ShowChartInLayout(chart)
 
 
-def _optionalPath(path: Any) -> str | None:
-    """A path parameter as a string, or None when empty (an empty ctkPathLineEdit reads as Path('.'))."""
-    text = str(path) if path is not None else ""
-    return None if text in ("", ".") else text
+def pythonSlicerExecutable() -> str | None:
+    """Slicer's own Python launcher for background runs (None outside the application: this interpreter).
+
+    Inside Slicer, sys.executable is the application itself, never a fallback: a missing launcher is an error.
+    """
+    if not SLICER_APPLICATION:
+        return None
+    launcher = shutil.which("PythonSlicer")
+    if launcher is None:
+        raise RuntimeError("PythonSlicer (Slicer's Python launcher) is not on PATH: cannot run in the background")
+    return launcher
 
 
 #
@@ -511,18 +694,47 @@ def _optionalPath(path: Any) -> str | None:
 #
 
 
+@dataclasses.dataclass
+class BackgroundJob:
+    """A background run of a Lib CLI and what turns its files into nodes (see RadiogenomicGANLogic.start*)."""
+
+    run: Any
+    folder: Any
+    files: Any = None
+    inputVolumeNode: Any = None
+    mapPath: str = ""
+
+    @property
+    def fraction(self) -> float:
+        return float(self.run.fraction)
+
+    @property
+    def message(self) -> str:
+        return str(self.run.message)
+
+    def poll(self) -> bool:
+        return self.run.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.run.wait(timeout)
+
+    def cancel(self) -> None:
+        self.run.cancel()
+        self.folder.cleanup()
+
+
 class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
     """Nodes in, nodes out: the module's computations, usable from the Python console and from tests.
 
     Every method that touches the scene takes `scene=` (default: the application scene), so the Logic also
-    runs on a bare vtkMRMLScene (slicer-core). Loaded generators and gene tables are cached per file, and
-    the NoduleInserter caches the lung mask per volume, so repeated insertions into one CT are quick.
+    runs on a bare vtkMRMLScene (slicer-core). `insertNodules` runs in this process; `startInsertion` /
+    `finishInsertion` run the same request through the CLI in a background process (what Apply does). One
+    generator and one gene table stay cached (`releaseResources` frees them, and the GPU memory).
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._inserters: dict[tuple, Any] = {}
-        self._geneTables: dict[tuple, Any] = {}
+        self._cache = None
 
     def getParameterNode(self):
         return RadiogenomicGANParameterNode(super().getParameterNode())
@@ -537,13 +749,13 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
             return None
 
     @staticmethod
-    def readRequirements(path: str) -> list[str]:
+    def readRequirements(path: str) -> list:
         with open(path, encoding="utf-8") as handle:
             lines = (line.split("#", 1)[0].strip() for line in handle)
             return [line for line in lines if line]
 
     @staticmethod
-    def missingRequirements(requirements: list[str]) -> list[str]:
+    def missingRequirements(requirements: list) -> list:
         """The requirements (pip syntax) that are not installed, or installed at a version that does not fit."""
         try:
             from packaging.requirements import Requirement
@@ -571,6 +783,18 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
         return None
 
     @staticmethod
+    def modelKind(weightsPath: str | None = None) -> str | None:
+        """'proposed', 'mcgan' or 'inpainting' from the weights' JSON (no torch); None if unreadable."""
+        path = weightsPath or RadiogenomicGANLogic.bundledWeightsPath()
+        if not path:
+            return None
+        record = pathlib.Path(path).with_suffix(".json")
+        try:
+            return str(json.loads(record.read_text(encoding="utf-8"))["kind"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @staticmethod
     def _scene(scene: Any) -> Any:
         if scene is not None:
             return scene
@@ -579,75 +803,56 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
             raise ValueError("no application scene here: pass scene= (a vtkMRMLScene)")
         return application_scene
 
+    @staticmethod
+    def _requireSupported() -> None:
+        reason = unsupportedReason()
+        if reason is not None:
+            raise RuntimeError(reason)
+
     # --- cached resources ------------------------------------------------------------------------------
-    def getInserter(self, weightsPath: str | None = None, device: str = "auto") -> Any:
-        """A NoduleInserter for the weights (default: the bundled demo model) on the device, cached."""
-        from RadiogenomicGANLib.insertion import InsertionError, NoduleInserter
+    def _resources(self) -> Any:
+        if self._cache is None:
+            from RadiogenomicGANLib.request import ResourceCache
+
+            self._cache = ResourceCache()
+        return self._cache
+
+    def _weights(self, weightsPath: str | None) -> str:
+        from RadiogenomicGANLib.request import RequestError
 
         path = weightsPath or self.bundledWeightsPath()
         if path is None:
-            raise InsertionError(
+            raise RequestError(
                 f"the bundled demo model ({BUNDLED_WEIGHTS_FILE}) is not installed; choose a weights file")
-        path = str(pathlib.Path(path).resolve())
-        stamp = os.path.getmtime(path) if os.path.exists(path) else None
-        key = (path, stamp, str(device))
-        if key not in self._inserters:
-            self._inserters = {k: v for k, v in self._inserters.items() if k[0] != path or k[1] == stamp}
-            self._inserters[key] = NoduleInserter.from_weights(path, device=device)
-        return self._inserters[key]
+        return str(path)
+
+    def getInserter(self, weightsPath: str | None = None, device: str = "auto") -> Any:
+        """A NoduleInserter for the weights (default: the bundled demo model) on the device, cached."""
+        self._requireSupported()
+        return self._resources().inserter(self._weights(weightsPath), device)
 
     def readGeneTable(self, path: str) -> Any:
         """The gene table at `path` (linear FPKM, genes × samples), cached until the file changes."""
-        from RadiogenomicGANLib.genes import read_gene_table
+        return self._resources().gene_table(path)
 
-        resolved = str(pathlib.Path(path).resolve())
-        stamp = os.path.getmtime(resolved) if os.path.exists(resolved) else None
-        key = (resolved, stamp)
-        if key not in self._geneTables:
-            self._geneTables = {key: read_gene_table(resolved)}
-        return self._geneTables[key]
-
-    def sampleIds(self, geneTablePath: str) -> list[str]:
+    def sampleIds(self, geneTablePath: str) -> list:
         return list(self.readGeneTable(geneTablePath).sample_ids)
 
-    # --- slices --------------------------------------------------------------------------------------------
-    @staticmethod
-    def parseSliceList(text: str) -> list[int] | list[list[int]] | None:
-        """'40, 41, 45-48' → [40, 41, 45, 46, 47, 48]; 'a; b' → one list per centre; '' → None."""
-        groups = [group.strip() for group in str(text).split(";")]
-        if not any(groups):
-            return None
-        parsed: list[list[int]] = []
-        for group in groups:
-            values: list[int] = []
-            for token in (t.strip() for t in group.replace(" ", ",").split(",")):
-                if not token:
-                    continue
-                try:
-                    if "-" in token[1:]:
-                        start, stop = (int(v) for v in token.split("-", 1) if v.strip())
-                        if stop < start:
-                            raise ValueError
-                        values.extend(range(start, stop + 1))
-                    else:
-                        values.append(int(token))
-                except ValueError:
-                    raise ValueError(f"cannot read slice '{token}' in '{text}': use e.g. '40, 41, 45-48'") from None
-            if not values:
-                raise ValueError(f"empty slice list in '{text}'")
-            parsed.append(values)
-        return parsed[0] if len(parsed) == 1 else parsed
+    def releaseResources(self) -> None:
+        """Drop the cached generator and gene table (and the GPU memory the generator held)."""
+        if self._cache is not None:
+            self._cache.release()
 
-    # --- the main entry point --------------------------------------------------------------------------
-    def insertNodules(
+    # --- requests ----------------------------------------------------------------------------------------
+    def buildRequest(
         self,
         inputVolumeNode: Any,
-        geneTablePath: str,
-        sampleId: str,
+        geneTablePath: str | None,
+        sampleId: str | None,
         pointListNode: Any = None,
         autoCount: int = 0,
         halfSlices: int = 2,
-        sliceList: list[int] | list[list[int]] | None = None,
+        sliceList: Any = None,
         seed: int = 0,
         weightsPath: str | None = None,
         device: str = "auto",
@@ -655,89 +860,67 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
         blendWeight: float = 0.0,
         outputWeightMap: bool = False,
         allowOutsideLung: bool = False,
-        progress: Any = None,
-        scene: Any = None,
         imputeMissingGenes: bool = False,
-        outputVolumeNode: Any = None,
-        outputSegmentationNode: Any = None,
-        outputWeightMapNode: Any = None,
-    ) -> tuple[Any, Any, Any]:
-        """Insert synthetic nodules into a copy of `inputVolumeNode`; returns (volume, segmentation, weight map).
+    ) -> Any:
+        """The InsertionRequest (RadiogenomicGANLib.request) for these nodes and settings.
 
-        Centres are the control points of `pointListNode` (one nodule each) or, with `autoCount` > 0, that
-        many valid lung locations. Each nodule spans ±`halfSlices` slices around its centre, or the slice
-        indices of `sliceList` (one list for every centre, or one list per centre). The gene profile is
-        `sampleId` of the table, optionally blended with `blendSampleId` at `blendWeight`. Output nodes are
-        created (or the given ones refilled) only once the insertion has succeeded; the input is never
-        modified. `progress(fraction, message)` returning False cancels (InsertionCancelled).
+        `sliceList`: a slice spec string ("±2", "40-44", "40-44; 50-52"), a list of indices for every centre,
+        or one list per centre.
         """
-        from RadiogenomicGANLib import mrml_adapter, segments
-        from RadiogenomicGANLib.genes import profile_for_model
-        from RadiogenomicGANLib.insertion import InsertionError
+        self._requireSupported()  # first: on Python 3.9 even the Lib's imports fail
+        from RadiogenomicGANLib import mrml_adapter
+        from RadiogenomicGANLib.request import InsertionRequest, RequestError, split_slice_specs
 
-        scene = self._scene(scene)
         if inputVolumeNode is None or not inputVolumeNode.IsA("vtkMRMLScalarVolumeNode") or inputVolumeNode.IsA(
                 "vtkMRMLLabelMapVolumeNode"):
-            raise InsertionError("choose a CT scalar volume as input (a labelmap or no volume was given)")
-        if not geneTablePath:
-            raise InsertionError("choose a gene table (GEO text or CSV)")
-        if not sampleId:
-            raise InsertionError("choose a sample of the gene table")
-
-        for output in (outputVolumeNode, outputSegmentationNode, outputWeightMapNode):
-            if output is not None and output.GetID() == inputVolumeNode.GetID():
-                raise mrml_adapter.MRMLAdapterError("an output node must not be the input volume: it is never modified")
-
-        volume, geometry = mrml_adapter.volume_from_node(inputVolumeNode)
+            raise RequestError("choose a CT scalar volume as input (a labelmap or no volume was given)")
         centres = None
         if pointListNode is not None and not autoCount:
             centres = mrml_adapter.control_points_ras(pointListNode, inputVolumeNode)
             if len(centres) == 0:
-                raise InsertionError(
+                raise RequestError(
                     f"the point list '{pointListNode.GetName()}' has no points: click nodule centres in the lung")
         elif pointListNode is None and autoCount <= 0:
-            raise InsertionError("give nodule centres (a point list) or an automatic count ≥ 1")
-        slices = None
-        if sliceList is not None and len(sliceList):
-            if all(isinstance(value, (int, np.integer)) for value in sliceList):
-                count = len(centres) if centres is not None else 1
-                slices = [list(sliceList)] * count
-            else:
-                slices = [list(group) for group in sliceList]
+            raise RequestError("give nodule centres (a point list) or an automatic count ≥ 1")
+        if sliceList is None or (not isinstance(sliceList, str) and not len(sliceList)):
+            slices: tuple = ()
+        elif isinstance(sliceList, str):
+            slices = tuple(split_slice_specs(sliceList))
+        elif all(isinstance(value, (int, np.integer)) for value in sliceList):
+            slices = ([int(v) for v in sliceList],)
+        else:
+            slices = tuple([int(v) for v in group] for group in sliceList)
+        blend = blendSampleId or None
+        return InsertionRequest(
+            sample=sampleId or None, gene_table=geneTablePath or None, blend_with=blend,
+            blend_weight=float(blendWeight) if blend else 0.0, impute_missing_genes=bool(imputeMissingGenes),
+            weights=self._weights(weightsPath), device=str(device), centres_ras=centres,
+            auto_count=int(autoCount) if centres is None else 0, slices=slices, half_slices=int(halfSlices),
+            seed=int(seed), allow_outside_lung=bool(allowOutsideLung), weight_map=bool(outputWeightMap),
+            input_name=inputVolumeNode.GetName())
 
-        inserter = self.getInserter(weightsPath, device)
-        metadata = inserter.metadata
-        table = self.readGeneTable(geneTablePath)
-        blend = blendSampleId if blendSampleId else None
-        profile = profile_for_model(
-            table, sampleId, metadata.genes,
-            impute=imputeMissingGenes, blend_with=blend, blend_weight=blendWeight if blend else 0.0)
-        geneSample = sampleId if blend is None else f"{sampleId}×{1 - blendWeight:.2f} + {blend}×{blendWeight:.2f}"
+    def createOutputs(
+        self,
+        scene: Any,
+        inputVolumeNode: Any,
+        result: Any,
+        outputWeightMap: bool = False,
+        outputVolumeNode: Any = None,
+        outputSegmentationNode: Any = None,
+        outputWeightMapNode: Any = None,
+    ) -> tuple:
+        """New (or refilled) volume, segmentation and weight-map nodes from an insertion result; all or none."""
+        from RadiogenomicGANLib import mrml_adapter, segments
 
-        arguments = dict(
-            centres_ras=centres, auto_count=0 if centres is not None else int(autoCount), slices=slices,
-            half_slices=int(halfSlices), seed=int(seed), allow_outside_lung=bool(allowOutsideLung),
-            return_weight_map=bool(outputWeightMap), progress=progress, gene_sample=geneSample)
-        try:
-            result = inserter.insert(volume, geometry, profile, **arguments)
-        except RuntimeError as error:  # CUDA out of memory with device "auto": fall back to the CPU once
-            if str(device) != "auto" or inserter.device.type != "cuda" or "out of memory" not in str(error).lower():
-                raise
-            logging.warning("RadiogenomicGAN: the GPU ran out of memory; running on the CPU instead")
-            inserter = self.getInserter(weightsPath, "cpu")
-            result = inserter.insert(volume, geometry, profile, **arguments)
-
-        provenance = dict(result.provenance, gene_table=os.path.basename(str(geneTablePath)),
-                          impute_missing_genes=bool(imputeMissingGenes), input_volume=inputVolumeNode.GetName())
         created = []
         try:
             outputVolume = mrml_adapter.create_output_volume(
                 scene, inputVolumeNode, result.volume_hu, output_node=outputVolumeNode,
                 attributes={mrml_adapter.ATTRIBUTE_ROLE: "syntheticVolume",
-                            segments.TAG_PROVENANCE: json.dumps(provenance, default=str)})
+                            segments.TAG_PROVENANCE: json.dumps(result.provenance, default=str)})
             created.append(outputVolume)
             segmentation = mrml_adapter.create_nodule_segmentation(
-                scene, inputVolumeNode, result.label, provenance, num_nodules=len(result.centres_ras),
+                scene, inputVolumeNode, result.label, result.provenance, num_nodules=len(result.centres_ras),
                 output_node=outputSegmentationNode)
             created.append(segmentation)
             weightMap = None
@@ -752,29 +935,132 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
             raise
         return outputVolume, segmentation, weightMap
 
-    def processParameterNode(self, parameterNode: Any, progress: Any = None, scene: Any = None) -> tuple:
-        """Run `insertNodules` with the module's parameters and store the output nodes back in them."""
+    @staticmethod
+    def _checkOutputs(inputVolumeNode: Any, *outputs: Any) -> None:
+        from RadiogenomicGANLib import mrml_adapter
+
+        for output in outputs:
+            if output is not None and inputVolumeNode is not None and output.GetID() == inputVolumeNode.GetID():
+                raise mrml_adapter.MRMLAdapterError("an output node must not be the input volume: it is never modified")
+
+    # --- the main entry point (in this process) -----------------------------------------------------------
+    def insertNodules(
+        self,
+        inputVolumeNode: Any,
+        geneTablePath: str | None,
+        sampleId: str | None,
+        pointListNode: Any = None,
+        autoCount: int = 0,
+        halfSlices: int = 2,
+        sliceList: Any = None,
+        seed: int = 0,
+        weightsPath: str | None = None,
+        device: str = "auto",
+        blendSampleId: str | None = None,
+        blendWeight: float = 0.0,
+        outputWeightMap: bool = False,
+        allowOutsideLung: bool = False,
+        progress: Any = None,
+        scene: Any = None,
+        imputeMissingGenes: bool = False,
+        outputVolumeNode: Any = None,
+        outputSegmentationNode: Any = None,
+        outputWeightMapNode: Any = None,
+    ) -> tuple:
+        """Insert synthetic nodules into a copy of `inputVolumeNode`; returns (volume, segmentation, weight map).
+
+        Centres are the control points of `pointListNode` (one nodule each) or, with `autoCount` > 0, that
+        many valid lung locations. Each nodule spans ±`halfSlices` slices around its centre, or `sliceList`
+        (see `buildRequest`). The gene profile is `sampleId` of the table, optionally blended with
+        `blendSampleId` at `blendWeight`. Output nodes are created (or the given ones refilled) only once the
+        insertion has succeeded; the input is never modified. `progress(fraction, message)` returning False
+        cancels (InsertionCancelled). Runs in this process: the Widget's Apply uses `startInsertion` instead.
+        """
+        from RadiogenomicGANLib import mrml_adapter
+        from RadiogenomicGANLib.request import run
+
+        scene = self._scene(scene)
+        self._checkOutputs(inputVolumeNode, outputVolumeNode, outputSegmentationNode, outputWeightMapNode)
+        request = self.buildRequest(
+            inputVolumeNode, geneTablePath, sampleId, pointListNode, autoCount, halfSlices, sliceList, seed,
+            weightsPath, device, blendSampleId, blendWeight, outputWeightMap, allowOutsideLung, imputeMissingGenes)
+        volume, geometry = mrml_adapter.volume_from_node(inputVolumeNode)
+        result = run(request, volume, geometry, progress, self._resources())
+        return self.createOutputs(scene, inputVolumeNode, result, outputWeightMap, outputVolumeNode,
+                                  outputSegmentationNode, outputWeightMapNode)
+
+    # --- the same request in a background process (the Widget's Apply) ------------------------------------
+    def startInsertion(
+        self, inputVolumeNode: Any, request: Any, python: str | None = None, threads: int | None = None
+    ) -> BackgroundJob:
+        """Write the input CT to a temporary file and start the insertion CLI on it; poll the job, then finish.
+
+        `python`: the interpreter to run (in Slicer PythonSlicer; default this one). `threads`: torch CPU
+        threads of the child (default: torch's choice).
+        """
+        from RadiogenomicGANLib import background, mrml_adapter
+
+        folder = background.temporary_folder()
+        try:
+            files = background.insertion_files(folder.name, inputVolumeNode.GetName(), request.weight_map)
+            volume, geometry = mrml_adapter.volume_from_node(inputVolumeNode)
+            background.write_input_volume(files.ct, volume, geometry)
+            run = background.BackgroundRun(background.cli_arguments(request, files, threads), python).start()
+        except Exception:
+            folder.cleanup()
+            raise
+        return BackgroundJob(run, folder, files, inputVolumeNode)
+
+    def finishInsertion(
+        self,
+        job: BackgroundJob,
+        scene: Any = None,
+        outputVolumeNode: Any = None,
+        outputSegmentationNode: Any = None,
+        outputWeightMapNode: Any = None,
+    ) -> tuple:
+        """The nodes of a finished background insertion (as `insertNodules` makes them); its error otherwise."""
+        from RadiogenomicGANLib import background
+
+        try:
+            job.run.wait()
+            if job.run.cancelled:
+                raise background.BackgroundCancelled("cancelled: nothing was added to the scene")
+            if job.run.returncode != 0:
+                raise background.BackgroundError(job.run.error_message())
+            result = background.read_results(job.files)
+        finally:
+            job.folder.cleanup()
+        # The child read a temporary copy of the input: record the node's name, as the in-process path does.
+        result.provenance["input_volume"] = job.inputVolumeNode.GetName()
+        self._checkOutputs(job.inputVolumeNode, outputVolumeNode, outputSegmentationNode, outputWeightMapNode)
+        return self.createOutputs(self._scene(scene), job.inputVolumeNode, result, job.files.weight_map is not None,
+                                  outputVolumeNode, outputSegmentationNode, outputWeightMapNode)
+
+    # --- the parameter node (the Widget's state) ----------------------------------------------------------
+    def requestFromParameterNode(self, parameterNode: Any) -> Any:
+        """The InsertionRequest the module's parameters describe."""
         p = parameterNode
-        weightsPath = None
-        if not p.useBundledWeights:
-            weightsPath = _optionalPath(p.weightsPath)
-            if weightsPath is None:
-                raise ValueError("choose a weights file, or check 'Bundled demo model'")
+        if not p.useBundledWeights and not p.weightsPath:
+            raise ValueError("choose a weights file, or check 'Bundled demo model'")
         byPoints = p.placement == Placement.POINTS
-        sliceList = self.parseSliceList(p.sliceList) if p.sliceMode == SliceMode.LIST else None
-        if p.sliceMode == SliceMode.LIST and sliceList is None:
-            raise ValueError("type the slice indices, e.g. '40-44', or choose ± k slices")
-        outputs = self.insertNodules(
-            p.inputVolume, _optionalPath(p.geneTablePath), p.sampleId,
-            pointListNode=p.pointList if byPoints else None,
-            autoCount=0 if byPoints else p.autoCount,
-            halfSlices=p.halfSlices, sliceList=sliceList, seed=p.seed, weightsPath=weightsPath,
-            device=p.device.value, blendSampleId=p.blendSampleId if p.blendEnabled else None,
+        if p.sliceMode == SliceMode.LIST and not p.sliceList.strip():
+            raise ValueError("type the slices, e.g. '40-44' or '±3', or choose ± k slices")
+        return self.buildRequest(
+            p.inputVolume, p.geneTablePath or None, p.sampleId,
+            pointListNode=p.pointList if byPoints else None, autoCount=0 if byPoints else p.autoCount,
+            halfSlices=p.halfSlices, sliceList=p.sliceList if p.sliceMode == SliceMode.LIST else None,
+            seed=p.seed, weightsPath=None if p.useBundledWeights else p.weightsPath, device=p.device.value,
+            blendSampleId=p.blendSampleId if p.blendEnabled else None,
             blendWeight=p.blendWeight if p.blendEnabled else 0.0, outputWeightMap=p.outputWeightMapEnabled,
-            allowOutsideLung=p.allowOutsideLung, progress=progress, scene=scene,
-            imputeMissingGenes=p.imputeMissingGenes, outputVolumeNode=p.outputVolume,
-            outputSegmentationNode=p.outputSegmentation,
-            outputWeightMapNode=p.outputWeightMap if p.outputWeightMapEnabled else None)
+            allowOutsideLung=p.allowOutsideLung, imputeMissingGenes=p.imputeMissingGenes)
+
+    def _outputsOf(self, p: Any) -> dict:
+        return dict(outputVolumeNode=p.outputVolume, outputSegmentationNode=p.outputSegmentation,
+                    outputWeightMapNode=p.outputWeightMap if p.outputWeightMapEnabled else None)
+
+    @staticmethod
+    def _storeOutputs(p: Any, outputs: tuple) -> tuple:
         volume, segmentation, weightMap = outputs
         p.outputVolume = volume
         p.outputSegmentation = segmentation
@@ -782,9 +1068,32 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
             p.outputWeightMap = weightMap
         return outputs
 
+    def processParameterNode(self, parameterNode: Any, progress: Any = None, scene: Any = None) -> tuple:
+        """Run the module's parameters in this process and store the output nodes back in them."""
+        p = parameterNode
+        request = self.requestFromParameterNode(p)
+        outputs = self._outputsOf(p)
+        self._checkOutputs(p.inputVolume, *outputs.values())
+        from RadiogenomicGANLib import mrml_adapter
+        from RadiogenomicGANLib.request import run
+
+        volume, geometry = mrml_adapter.volume_from_node(p.inputVolume)
+        result = run(request, volume, geometry, progress, self._resources())
+        return self._storeOutputs(p, self.createOutputs(
+            self._scene(scene), p.inputVolume, result, p.outputWeightMapEnabled, **outputs))
+
+    def startParameterNode(self, parameterNode: Any, python: str | None = None) -> BackgroundJob:
+        """`startInsertion` for the module's parameters (Apply)."""
+        self._checkOutputs(parameterNode.inputVolume, *self._outputsOf(parameterNode).values())
+        return self.startInsertion(parameterNode.inputVolume, self.requestFromParameterNode(parameterNode), python)
+
+    def finishParameterNode(self, parameterNode: Any, job: BackgroundJob, scene: Any = None) -> tuple:
+        """`finishInsertion` into the parameter node's output nodes, which are stored back."""
+        return self._storeOutputs(parameterNode, self.finishInsertion(job, scene, **self._outputsOf(parameterNode)))
+
     @staticmethod
     def insertedCentres(segmentationNode: Any) -> np.ndarray:
-        """The nodule centres (RAS) recorded in a synthetic segmentation's provenance; (0, 3) if none."""
+        """The nodule centres (volume RAS) recorded in a synthetic segmentation's provenance; (0, 3) if none."""
         from RadiogenomicGANLib.segments import TAG_PROVENANCE
 
         try:
@@ -801,69 +1110,89 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
         device: str = "auto",
         imputeMissingGenes: bool = False,
         seed: int = 0,
-    ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    ) -> tuple:
         """(sample ids, gene codes φ(g) (S, code_dim), t-SNE coordinates (S, 2)) of the table's samples.
 
-        Samples whose profile cannot be formed (missing genes without imputation) are left out; at least
-        three are needed for a map.
+        In this process, with RadiogenomicGANLib.radiogenomic_map (the demo's and the evaluation's map too).
         """
-        import torch
+        from RadiogenomicGANLib.radiogenomic_map import cohort_map
 
-        from RadiogenomicGANLib.genes import GeneTableError, profile_for_model
+        result = cohort_map(self.getInserter(weightsPath, device), self.readGeneTable(geneTablePath),
+                            imputeMissingGenes, seed)
+        return result.sample_ids, result.codes, result.xy
 
-        inserter = self.getInserter(weightsPath, device)
-        generator = inserter.generator
-        if not hasattr(generator, "encode_genes"):
-            raise ValueError(f"the {inserter.kind} model has no gene code; the map needs the proposed or MC-GAN model")
-        metadata = inserter.metadata
-        table = self.readGeneTable(geneTablePath)
-        ids, profiles, skipped = [], [], []
-        for sampleId in table.sample_ids:
-            try:
-                profiles.append(profile_for_model(table, sampleId, metadata.genes, impute=imputeMissingGenes))
-                ids.append(sampleId)
-            except GeneTableError:
-                skipped.append(sampleId)
-        if skipped:
-            logging.warning(f"RadiogenomicGAN map: {len(skipped)} samples lack model genes and are left out")
-        if len(ids) < 3:
-            raise ValueError(f"the radiogenomic map needs at least 3 usable samples, the table has {len(ids)}"
-                             + (" (try 'Impute missing genes')" if skipped else ""))
-        with torch.no_grad():
-            codes = generator.encode_genes(torch.from_numpy(np.stack(profiles)).to(inserter.device))
-        codes = codes.float().cpu().numpy()
-        return ids, codes, self.embed2d(codes, seed)
+    def _mapChart(self, scene: Any) -> Any:
+        """The module's map chart of this scene, if one was made: every new map refills it."""
+        from RadiogenomicGANLib import mrml_adapter
 
-    @staticmethod
-    def embed2d(codes: np.ndarray, seed: int = 0) -> np.ndarray:
-        """t-SNE to 2D with a perplexity that suits small cohorts (it must stay below the sample count).
+        charts = scene.GetNodesByClass("vtkMRMLPlotChartNode")
+        for index in range(charts.GetNumberOfItems()):
+            chart = charts.GetItemAsObject(index)
+            if chart.GetAttribute(mrml_adapter.ATTRIBUTE_ROLE) == MAP_CHART_ROLE:
+                return chart
+        return None
 
-        Cohorts are small (NSCLC-Radiogenomics has 130 RNA-seq samples): the exact method is quick there,
-        while Barnes-Hut spends seconds on set-up for a handful of points.
-        """
-        from sklearn.manifold import TSNE
+    def plotRadiogenomicMap(self, ids: list, xy: np.ndarray, highlight: Any = (), scene: Any = None) -> Any:
+        """The map as the module's one plot chart (cohort in grey, `highlight` samples in red)."""
+        from RadiogenomicGANLib import mrml_adapter
 
-        count = len(codes)
-        perplexity = float(min(30.0, max(1.0, (count - 1) / 3.0)))
-        method = "exact" if count <= 1000 else "barnes_hut"
-        tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", method=method, random_state=int(seed))
-        return tsne.fit_transform(np.asarray(codes, dtype=np.float64))
+        scene = self._scene(scene)
+        chart = mrml_adapter.create_scatter_plot(scene, xy, ids, [h for h in highlight if h],
+                                                 chart_node=self._mapChart(scene))
+        chart.SetAttribute(mrml_adapter.ATTRIBUTE_ROLE, MAP_CHART_ROLE)
+        return chart
 
     def showRadiogenomicMap(
         self,
         geneTablePath: str,
-        highlight: list[str] | tuple[str, ...] = (),
+        highlight: Any = (),
         weightsPath: str | None = None,
         device: str = "auto",
         imputeMissingGenes: bool = False,
         seed: int = 0,
         scene: Any = None,
     ) -> Any:
-        """The map as a plot chart node (cohort in grey, `highlight` samples in red); returns the chart."""
-        from RadiogenomicGANLib import mrml_adapter
-
+        """Compute the map in this process and plot it; returns the chart node."""
         ids, _codes, xy = self.computeRadiogenomicMap(geneTablePath, weightsPath, device, imputeMissingGenes, seed)
-        return mrml_adapter.create_scatter_plot(self._scene(scene), xy, ids, [h for h in highlight if h])
+        return self.plotRadiogenomicMap(ids, xy, highlight, scene)
+
+    def startRadiogenomicMap(
+        self,
+        geneTablePath: str,
+        weightsPath: str | None = None,
+        device: str = "auto",
+        imputeMissingGenes: bool = False,
+        seed: int = 0,
+        python: str | None = None,
+    ) -> BackgroundJob:
+        """The map in a background process (`python -m RadiogenomicGANLib.radiogenomic_map`)."""
+        from RadiogenomicGANLib import background
+
+        self._requireSupported()
+        folder = background.temporary_folder()
+        mapPath = os.path.join(folder.name, "map.csv")
+        arguments = ["--genes", str(geneTablePath), "--out", mapPath, "--weights", self._weights(weightsPath),
+                     "--device", str(device), "--seed", str(int(seed))]
+        if imputeMissingGenes:
+            arguments.append("--impute-missing-genes")
+        run = background.BackgroundRun(arguments, python, module="radiogenomic_map").start()
+        return BackgroundJob(run, folder, mapPath=mapPath)
+
+    def finishRadiogenomicMap(self, job: BackgroundJob, highlight: Any = (), scene: Any = None) -> Any:
+        """Plot a finished background map; its error otherwise."""
+        from RadiogenomicGANLib import background
+        from RadiogenomicGANLib.radiogenomic_map import read_map_csv
+
+        try:
+            job.run.wait()
+            if job.run.cancelled:
+                raise background.BackgroundCancelled("cancelled")
+            if job.run.returncode != 0:
+                raise background.BackgroundError(job.run.error_message())
+            result = read_map_csv(job.mapPath)
+        finally:
+            job.folder.cleanup()
+        return self.plotRadiogenomicMap(result.sample_ids, result.xy, highlight, scene)
 
     # --- phantom sample data -------------------------------------------------------------------------------
     def createPhantomVolume(
@@ -874,10 +1203,11 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
         name: str | None = None,
         **options: Any,
     ) -> Any:
-        """A phantom chest CT (RadiogenomicGANLib.phantom) as a new scalar volume node; options go to the phantom."""
+        """A phantom chest CT (RadiogenomicGANLib.phantom, built in memory) as a new scalar volume node."""
         from RadiogenomicGANLib import mrml_adapter
         from RadiogenomicGANLib.phantom import generate_patient
 
+        self._requireSupported()
         scene = self._scene(scene)
         patient = generate_patient(patientIndex, seed, **options)
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or f"Phantom {patient.patient_id}")
@@ -896,18 +1226,39 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
 
 
 class RadiogenomicGANTest(ScriptedLoadableModuleTest):
-    """In-Slicer self test: the phantom CT, the bundled model, the whole Logic path into the application scene."""
+    """In-Slicer self test: the phantom CT, the bundled model, the Logic in-process and through the background CLI.
+
+    A factory-built Slicer (the extension index's test machines) has no PyTorch: there the test is skipped
+    with the reason (nothing to install without a user to ask). Interactively (Reload and Test) it offers to
+    install what is missing and skips only if the user declines.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        reason = unsupportedReason()
+        if reason is not None:  # Slicer 5.8: even the Lib's imports would fail
+            self.skipTest(reason)
         self.setUp()
-        self.test_SliceListParsing()
+        self.test_SliceSyntax()
+        self._requireDependencies()
         self.setUp()
         self.test_InsertIntoPhantom()
         self.setUp()
+        self.test_BackgroundRunMatchesInProcess()
+        self.setUp()
         self.test_RefusesCentreOutsideVolume()
+
+    def _requireDependencies(self) -> None:
+        missing = missingDependencies()
+        if not missing:
+            return
+        if slicer.app.testingEnabled():
+            self.skipTest(f"RadiogenomicGAN needs {', '.join(missing)}, which this Slicer does not have; "
+                          "install them from the module panel to run this test")
+        if not ensureDependencies() or missingDependencies():
+            self.skipTest(f"not installed: {', '.join(missingDependencies())}")
 
     def _geneTable(self, logic: RadiogenomicGANLogic, count: int = 4) -> str:
         """A small GEO-style table in the bundled model's genes: sample i sits at z = ±(i+1)/2 from the mean."""
@@ -923,12 +1274,16 @@ class RadiogenomicGANTest(ScriptedLoadableModuleTest):
                 handle.write(gene + "\t" + "\t".join(f"{column[g]:.6g}" for column in columns) + "\n")
         return path
 
-    def test_SliceListParsing(self):
-        self.assertEqual(RadiogenomicGANLogic.parseSliceList("40, 41, 45-47"), [40, 41, 45, 46, 47])
-        self.assertEqual(RadiogenomicGANLogic.parseSliceList("1-2; 5"), [[1, 2], [5]])
-        self.assertIsNone(RadiogenomicGANLogic.parseSliceList(""))
-        with self.assertRaises(ValueError):
-            RadiogenomicGANLogic.parseSliceList("4-x")
+    def test_SliceSyntax(self):
+        ensureLibImportable()
+        from RadiogenomicGANLib.request import RequestError, parse_slice_spec, split_slice_specs
+
+        self.assertEqual(parse_slice_spec("40, 41, 45-47"), [40, 41, 45, 46, 47])
+        self.assertEqual(parse_slice_spec("±2"), 2)
+        self.assertEqual(split_slice_specs("1-2; 5"), ["1-2", "5"])
+        self.assertEqual(split_slice_specs(""), [])
+        with self.assertRaises(RequestError):
+            parse_slice_spec("4-x")
 
     def test_InsertIntoPhantom(self):
         self.delayDisplay("Loading the phantom CT")
@@ -966,6 +1321,23 @@ class RadiogenomicGANTest(ScriptedLoadableModuleTest):
         weights = slicer.util.arrayFromVolume(weightMap)
         self.assertGreaterEqual(float(weights.min()), 0.0)
         self.assertLessEqual(float(weights.max()), 1.0)
+        logic.releaseResources()
+        self.delayDisplay("Test passed")
+
+    def test_BackgroundRunMatchesInProcess(self):
+        """Apply's path (PythonSlicer running the CLI) gives the voxels of the in-process Logic."""
+        registerSampleData()
+        inputVolume = loadPhantomSample()
+        logic = RadiogenomicGANLogic()
+        genes = self._geneTable(logic)
+        arguments = dict(autoCount=1, halfSlices=1, seed=9, device="cpu")
+        request = logic.buildRequest(inputVolume, genes, "S1", **arguments)
+        job = logic.startInsertion(inputVolume, request, python=pythonSlicerExecutable())
+        self.assertEqual(job.wait(600), 0, job.run.error_message())
+        background, _segmentation, _weightMap = logic.finishInsertion(job)
+        inProcess, _segmentation, _weightMap = logic.insertNodules(inputVolume, genes, "S1", **arguments)
+        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(background),
+                                       slicer.util.arrayFromVolume(inProcess)))
         self.delayDisplay("Test passed")
 
     def test_RefusesCentreOutsideVolume(self):

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from RadiogenomicGANLib import request as request_path
 from RadiogenomicGANLib.atomic import partial_path
-from RadiogenomicGANLib.insertion import InsertionCancelled, InsertionError, NoduleInserter
+from RadiogenomicGANLib.insertion import InsertionCancelled, InsertionError
 from RadiogenomicGANLib.segments import nodule_segments
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "Resources" / "demo_model.safetensors"
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     outputs.add_argument("--out-weight-map", type=Path, help="fusion weight map volume (optional)")
     outputs.add_argument("--out-dicom-seg", type=Path, help="DICOM SEG of the nodules (DICOM input only)")
     outputs.add_argument("--quiet", action="store_true", help="no progress bar")
+    outputs.add_argument("--progress-lines", action="store_true",
+                         help="progress as 'PROGRESS <fraction> <message>' lines on stdout (for the Slicer module)")
     return parser
 
 
@@ -97,47 +100,14 @@ def parse_centre(text: str) -> np.ndarray:
     return values
 
 
-def parse_slices(text: str) -> int | list[int]:
-    """'±K' / '+-K' / 'K' with sign → half width (int); '10,11,12' or '10-14' → explicit list."""
-    spec = text.strip().replace(" ", "")
-    match = re.fullmatch(r"(?:±|\+-|\+/-)(\d+)", spec)
-    if match:
-        return int(match.group(1))
-    values: list[int] = []
-    for part in spec.split(","):
-        span = re.fullmatch(r"(-?\d+)(?:-|\.\.|:)(-?\d+)", part)
-        if span:
-            low, high = int(span.group(1)), int(span.group(2))
-            if high < low:
-                raise CLIError(f"--slices {text!r}: range {part} runs backwards")
-            values.extend(range(low, high + 1))
-        elif re.fullmatch(r"-?\d+", part):
-            values.append(int(part))
-        else:
-            raise CLIError(f"--slices {text!r}: expected '±K' or slice indices like '10,11,12' or '10-14'")
-    return values
-
-
-def plan_slices(
-    specs: Sequence[str] | None, centres: np.ndarray, geometry: Any, half_slices: int
-) -> list[list[int]]:
-    """Explicit slice lists for every centre from the --slices specs (one for all, or one per centre)."""
-    centre_k = np.rint(geometry.ras_to_kji(centres)[:, 0]).astype(int)
-    parsed = [parse_slices(s) for s in specs] if specs else [half_slices]
-    if len(parsed) == 1:
-        parsed = parsed * len(centres)
-    if len(parsed) != len(centres):
-        raise CLIError(f"{len(parsed)} --slices given for {len(centres)} centres: give one for all or one per centre")
-    plans = []
-    for k, spec in zip(centre_k, parsed):
-        plans.append(list(range(k - spec, k + spec + 1)) if isinstance(spec, int) else spec)
-    return plans
+#: The one slice syntax and plan of the request path (RadiogenomicGANLib.request), shared with the module.
+parse_slices = request_path.parse_slice_spec
+plan_slices = request_path.plan_slices
 
 
 # --- the insert command ---------------------------------------------------------------------------------
 def run_insert(args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything, insert, write all outputs atomically; returns a summary for printing."""
-    from RadiogenomicGANLib import genes as gene_io
     from RadiogenomicGANLib import volume_io
 
     # 1. outputs: suffixes and folders, before any work.
@@ -160,11 +130,6 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
     if args.half_slices < 0:
         raise CLIError("--half-slices must be ≥ 0")
     centres = np.stack([parse_centre(c) for c in args.center_ras]) if args.center_ras else None
-    if args.auto is not None and args.slices:
-        specs = [parse_slices(s) for s in args.slices]
-        if len(specs) != 1 or not isinstance(specs[0], int):
-            raise CLIError("with --auto, --slices accepts only one '±K'")
-        args.half_slices = specs[0]
 
     if args.threads is not None:
         if args.threads < 1:
@@ -173,38 +138,29 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
 
         torch.set_num_threads(args.threads)
 
-    # 2. model, genes, CT.
+    # 2. the request: the same path as the Slicer module (RadiogenomicGANLib.request).
     weights = args.weights or DEFAULT_WEIGHTS
     if not Path(weights).exists():
         if args.weights is None:
             raise CLIError(f"the bundled demo model {DEFAULT_WEIGHTS} is not there (not trained/bundled yet): "
                            "pass --weights FILE.safetensors")
         raise CLIError(f"weights file not found: {weights}")
-    inserter = NoduleInserter.from_weights(weights, device=args.device)
-    metadata = inserter.metadata
-    profile = None
-    if inserter.kind != "inpainting":
-        table = gene_io.read_gene_table(args.genes)
-        profile = gene_io.profile_for_model(
-            table, args.sample, metadata.genes, impute=args.impute_missing_genes, blend_with=args.blend_with,
-            blend_weight=args.blend_weight if args.blend_with else 0.0,
-        )
-    sample = args.sample if not args.blend_with else (
-        f"{args.sample} ({1 - args.blend_weight:.2f}) + {args.blend_with} ({args.blend_weight:.2f})"
-    )
+    request = request_path.InsertionRequest(
+        sample=args.sample, gene_table=args.genes, blend_with=args.blend_with, blend_weight=args.blend_weight,
+        impute_missing_genes=args.impute_missing_genes, weights=weights, device=args.device, centres_ras=centres,
+        auto_count=args.auto or 0, slices=tuple(args.slices or ()), half_slices=args.half_slices, seed=args.seed,
+        allow_outside_lung=args.allow_outside_lung, weight_map=args.out_weight_map is not None,
+        input_name=_input_name(args.ct))
     loaded = volume_io.read_volume(args.ct, series_uid=args.series_uid)
     if args.out_dicom_seg is not None and loaded.source != "dicom":
         raise CLIError("--out-dicom-seg needs a DICOM input series (--ct DICOM_FOLDER) to reference")
-    slices = plan_slices(args.slices, centres, loaded.geometry, args.half_slices) if centres is not None else None
+    cache = request_path.ResourceCache()
+    plan = request_path.make_plan(request, loaded.geometry, cache)
+    sample = plan.gene_sample
 
     # 3. insert (validates the CT, centres, slices and lung before the generator runs).
-    with _ProgressBar(args.quiet) as progress:
-        result = inserter.insert(
-            loaded.array, loaded.geometry, profile, centres,
-            auto_count=args.auto or 0, slices=slices, half_slices=args.half_slices, seed=args.seed,
-            allow_outside_lung=args.allow_outside_lung, return_weight_map=args.out_weight_map is not None,
-            progress=progress, gene_sample=sample,
-        )
+    with _ProgressBar(args.quiet, args.progress_lines) as progress:
+        result = request_path.execute(plan, loaded.array, loaded.geometry, progress, cache)
 
     # 4. outputs: staged beside their targets, renamed together at the end.
     segments = nodule_segments(len(result.centres_ras), result.provenance)
@@ -236,6 +192,15 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
     return {"result": result, "outputs": [final for _, final in staged], "voxels": voxels, "sample": sample}
 
 
+def _input_name(path: Path) -> str:
+    """The input's name as the provenance records it: the file name without its volume suffix."""
+    name = path.name
+    for suffix in (".seg.nrrd", ".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def _provenance_text(provenance: dict[str, Any]) -> str:
     import json
 
@@ -243,13 +208,20 @@ def _provenance_text(provenance: dict[str, Any]) -> str:
 
 
 class _ProgressBar:
-    """A tqdm bar driven by the inserter's (fraction, message) callback."""
+    """A tqdm bar driven by the inserter's (fraction, message) callback, or machine-readable lines."""
 
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, lines: bool = False) -> None:
         self.quiet = quiet
+        self.lines = lines
         self.bar: Any = None
 
     def __enter__(self) -> Any:
+        if self.lines:
+            def line(fraction: float, message: str) -> bool:
+                print(f"PROGRESS {fraction:.3f} {message}", flush=True)
+                return True
+
+            return line
         if self.quiet:
             return None
         from tqdm import tqdm
@@ -272,7 +244,7 @@ class _ProgressBar:
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     """Every exception type that means 'bad input' (exit 2), imported lazily so --help stays fast."""
-    errors: list[type[BaseException]] = [CLIError, InsertionError]
+    errors: list[type[BaseException]] = [CLIError, InsertionError, request_path.RequestError]
     for module, name in (
         ("RadiogenomicGANLib.volume_io", "VolumeIOError"),
         ("RadiogenomicGANLib.genes", "GeneTableError"),

@@ -183,10 +183,10 @@ def draw_map(path: Path, codes: np.ndarray, classes: np.ndarray, ids: list[str],
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.manifold import TSNE
 
-    perplexity = float(min(15, max(2, (len(codes) - 1) // 3)))
-    embedded = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0).fit_transform(codes)
+    from RadiogenomicGANLib.radiogenomic_map import embed_2d
+
+    embedded = embed_2d(codes, seed=0)
     figure, axis = plt.subplots(figsize=(6.4, 5.6))
     for module_class in np.unique(classes):
         chosen = classes == module_class

@@ -360,6 +360,18 @@ def control_points_ras(point_list_node: Any, volume_node: Any | None = None) -> 
     return points
 
 
+def world_points(volume_node: Any, points_local: np.ndarray) -> np.ndarray:
+    """Points (n, 3) from the volume's own RAS frame to world (through its parent transform), e.g. to jump
+    the slice views, which take world coordinates; the inverse of `control_points_ras`."""
+    points = np.asarray(points_local, dtype=np.float64).reshape(-1, 3)
+    parent = volume_node.GetParentTransformNode() if volume_node is not None else None
+    if parent is None or not len(points):
+        return points
+    local_to_world = vtk.vtkGeneralTransform()
+    parent.GetTransformToWorld(local_to_world)
+    return np.array([local_to_world.TransformPoint(*p) for p in points])
+
+
 # --- plots ------------------------------------------------------------------------------------------------
 def create_scatter_plot(
     scene: Any,
@@ -370,11 +382,13 @@ def create_scatter_plot(
     name: str = "Radiogenomic map",
     x_title: str = "t-SNE 1",
     y_title: str = "t-SNE 2",
+    chart_node: Any = None,
 ) -> Any:
     """A plot chart node: every sample as a point, the `highlight` samples as a second, larger series.
 
     Returns the vtkMRMLPlotChartNode; its table node (columns x, y, sample) keeps the sample ids so a
-    hovered point can be identified in Slicer's plot view.
+    hovered point can be identified in Slicer's plot view. With `chart_node` (a previous map) that chart is
+    refilled and its old series and tables removed, so repeated maps do not pile up nodes.
     """
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     if len(labels) != len(xy):
@@ -407,7 +421,18 @@ def create_scatter_plot(
         node.SetColor(*colour)
         return node
 
-    chart = _new_node(scene, "vtkMRMLPlotChartNode", name)
+    if chart_node is not None:
+        chart = chart_node
+        old = [chart.GetNthPlotSeriesNode(i) for i in range(chart.GetNumberOfPlotSeriesNodes())]
+        chart.RemoveAllPlotSeriesNodeIDs()
+        for series_node in old:
+            if series_node is not None:
+                table_node = series_node.GetTableNode()
+                scene.RemoveNode(series_node)
+                if table_node is not None:
+                    scene.RemoveNode(table_node)
+    else:
+        chart = _new_node(scene, "vtkMRMLPlotChartNode", name)
     others = [i for i, label in enumerate(labels) if label not in chosen]
     highlighted = [i for i, label in enumerate(labels) if label in chosen]
     cohort = series(f"{name} cohort", table(f"{name} cohort table", others), (0.55, 0.55, 0.55), 8.0)

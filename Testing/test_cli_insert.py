@@ -23,6 +23,7 @@ from test_insertion_support import NUM_GENES, DiscMaskGenerator, make_generator,
 from RadiogenomicGANLib import cli
 from RadiogenomicGANLib.geometry import VolumeGeometry
 from RadiogenomicGANLib.networks import build_generator
+from RadiogenomicGANLib.request import RequestError
 from RadiogenomicGANLib.volume_io import write_volume
 
 torch.set_num_threads(1)
@@ -350,7 +351,8 @@ def test_failure_while_writing_leaves_nothing(data, tmp_path, disc_model, monkey
 def test_slice_specs() -> None:
     assert cli.parse_slices("±2") == 2 and cli.parse_slices("+-3") == 3
     assert cli.parse_slices("10,11,12") == [10, 11, 12] and cli.parse_slices("4-6,9") == [4, 5, 6, 9]
-    with pytest.raises(cli.CLIError):
+    assert cli.parse_slices("3 4") == [3, 4] and cli.parse_slices("45 - 47") == [45, 46, 47]
+    with pytest.raises(RequestError):
         cli.parse_slices("a,b")
     geometry = VolumeGeometry.from_spacing([1.0, 1.0, 2.0])
     plans = cli.plan_slices(["±1", "7,8"], np.array([[0, 0, 10.0], [0, 0, 2.0]]), geometry, 2)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from RadiogenomicGANLib.genes import GenePreprocessing, GeneTableError  # noqa: 
 from RadiogenomicGANLib.insertion import InsertionCancelled, InsertionError  # noqa: E402
 from RadiogenomicGANLib.networks import GeneratorConfig, build_generator  # noqa: E402
 from RadiogenomicGANLib.phantom import generate_patient  # noqa: E402
+from RadiogenomicGANLib.request import RequestError  # noqa: E402
 from RadiogenomicGANLib.weights import WeightsMetadata, save_weights  # noqa: E402
 
 MODULE_FILE = Path(__file__).resolve().parents[1] / "RadiogenomicGAN" / "RadiogenomicGAN.py"
@@ -236,8 +239,8 @@ def test_same_seed_same_nodule_and_blend_changes_it(logic, scene, ct, patient, w
 # --- the parameter node path the Widget uses ----------------------------------------------------------------
 def test_parameter_node_automatic_placement(module, logic, scene, ct, patient, weights, gene_table) -> None:
     p = module.RadiogenomicGANParameterNode(
-        inputVolume=ct, useBundledWeights=False, weightsPath=Path(weights), device=module.Device.CPU,
-        geneTablePath=Path(gene_table), sampleId="S3", placement=module.Placement.AUTOMATIC, autoCount=2,
+        inputVolume=ct, useBundledWeights=False, weightsPath=str(weights), device=module.Device.CPU,
+        geneTablePath=str(gene_table), sampleId="S3", placement=module.Placement.AUTOMATIC, autoCount=2,
         halfSlices=0, seed=4)
     volume, segmentation, weight_map = logic.processParameterNode(p, scene=scene)
     assert weight_map is None
@@ -257,8 +260,8 @@ def test_parameter_node_slice_list(module, logic, scene, ct, patient, weights, g
     points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
     points.AddControlPoint(*_deep_lung_point(patient, k))
     p = module.RadiogenomicGANParameterNode(
-        inputVolume=ct, useBundledWeights=False, weightsPath=Path(weights), device=module.Device.CPU,
-        geneTablePath=Path(gene_table), sampleId="S1", pointList=points, sliceMode=module.SliceMode.LIST,
+        inputVolume=ct, useBundledWeights=False, weightsPath=str(weights), device=module.Device.CPU,
+        geneTablePath=str(gene_table), sampleId="S1", pointList=points, sliceMode=module.SliceMode.LIST,
         sliceList=f"{k - 2}, {k}", outputWeightMapEnabled=True)
     before = adapter.array_from_volume_node(ct)
     volume, segmentation, weight_map = logic.processParameterNode(p, scene=scene)
@@ -269,15 +272,19 @@ def test_parameter_node_slice_list(module, logic, scene, ct, patient, weights, g
     assert p.outputWeightMap is weight_map
 
 
-def test_parse_slice_list(module) -> None:
-    parse = module.RadiogenomicGANLogic.parseSliceList
-    assert parse("40, 41, 45-47") == [40, 41, 45, 46, 47]
-    assert parse("3 4") == [3, 4]
-    assert parse("1-2; 5") == [[1, 2], [5]]
-    assert parse("  ") is None
-    for bad in ("4-x", "7-3", "a", "1;;2"):
-        with pytest.raises(ValueError):
-            parse(bad)
+def test_slice_field_uses_the_request_syntax(module, logic, scene, ct, patient, weights) -> None:
+    """The module's slice field is the CLI's syntax (one parser): '±K', lists, ';' per centre."""
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    points.AddControlPoint(*_deep_lung_point(patient, _middle_lung_slice(patient)))
+    points.AddControlPoint(*_deep_lung_point(patient, _middle_lung_slice(patient) + 2))
+    build = dict(pointListNode=points, weightsPath=str(weights))
+    assert logic.buildRequest(ct, "t.txt", "S1", sliceList="40, 41, 45-47", **build).slices == ("40, 41, 45-47",)
+    assert logic.buildRequest(ct, "t.txt", "S1", sliceList="±1; 3 4", **build).slices == ("±1", "3 4")
+    assert logic.buildRequest(ct, "t.txt", "S1", sliceList=[3, 4], **build).slices == ([3, 4],)
+    assert logic.buildRequest(ct, "t.txt", "S1", sliceList=[[3], [4, 5]], **build).slices == ([3], [4, 5])
+    assert logic.buildRequest(ct, "t.txt", "S1", sliceList="  ", **build).slices == ()
+    with pytest.raises(RequestError):
+        logic.buildRequest(ct, "t.txt", "S1", sliceList="1;;2", **build)
 
 
 # --- refusals leave the scene as it was ------------------------------------------------------------------
@@ -292,9 +299,10 @@ def test_bad_inputs_are_clear_errors_and_add_no_nodes(logic, scene, ct, patient,
     count = scene.GetNumberOfNodes()
     cases = [
         (InsertionError, "outside the volume", dict(inputVolumeNode=ct, sampleId="S1", pointListNode=outside)),
-        (InsertionError, "no points", dict(inputVolumeNode=ct, sampleId="S1", pointListNode=empty)),
-        (InsertionError, "point list", dict(inputVolumeNode=ct, sampleId="S1")),
-        (InsertionError, "scalar volume", dict(inputVolumeNode=labelmap, sampleId="S1", autoCount=1)),
+        (RequestError, "no points", dict(inputVolumeNode=ct, sampleId="S1", pointListNode=empty)),
+        (RequestError, "point list", dict(inputVolumeNode=ct, sampleId="S1")),
+        (RequestError, "scalar volume", dict(inputVolumeNode=labelmap, sampleId="S1", autoCount=1)),
+        (RequestError, "choose a sample", dict(inputVolumeNode=ct, sampleId="", pointListNode=inside)),
         (GeneTableError, "NOPE", dict(inputVolumeNode=ct, sampleId="NOPE", pointListNode=inside)),
         (InsertionError, "out of range", dict(inputVolumeNode=ct, sampleId="S1", pointListNode=inside,
                                               sliceList=[0, 999])),
@@ -338,3 +346,148 @@ def test_phantom_volume_node(logic, scene, patient) -> None:
     assert np.array_equal(adapter.array_from_volume_node(node), patient.volume_hu)
     assert np.allclose(_matrix(node), patient.geometry.ijk_to_ras)
     assert node.GetAttribute("RadiogenomicGAN.PhantomPatient") == patient.patient_id
+
+
+# --- one request path: in-process Logic, Apply's background CLI, and the CLI on files agree -------------------
+def _segment_record(segmentation) -> list[tuple[str, dict[str, str]]]:
+    """(name, tags without the run date) of every segment, in order."""
+    records = []
+    seg = segmentation.GetSegmentation()
+    for index in range(seg.GetNumberOfSegments()):
+        segment = seg.GetNthSegment(index)
+        tags = {name: _tag(segment, name) for name in (
+            segments.TAG_SYNTHETIC, segments.TAG_MODEL, segments.TAG_GENE_SAMPLE, segments.TAG_SEED,
+            segments.TAG_NODULE_INDEX, segments.TAG_PROVENANCE)}
+        records.append((segment.GetName(), _without_date(tags)))
+    return records
+
+
+def _without_date(tags: dict[str, str]) -> dict[str, str]:
+    provenance = json.loads(tags[segments.TAG_PROVENANCE])
+    provenance.pop("date")
+    return {**tags, segments.TAG_PROVENANCE: json.dumps(provenance, sort_keys=True)}
+
+
+def _seg_nrrd_record(path: Path) -> tuple[list[tuple[str, dict[str, str]]], np.ndarray]:
+    """(name, tags) per segment and the labelmap [k, j, i] of a .seg.nrrd the CLI wrote."""
+    import nrrd
+
+    label, header = nrrd.read(str(path), index_order="C")
+    records = []
+    index = 0
+    while f"Segment{index}_Name" in header:
+        tags = dict(item.split(":", 1) for item in header[f"Segment{index}_Tags"].split("|") if item)
+        tags = {k: v for k, v in tags.items() if k.startswith(segments.TAG_PREFIX)}
+        records.append((header[f"Segment{index}_Name"], _without_date(tags)))
+        index += 1
+    return records, label
+
+
+def test_in_process_background_and_cli_are_one_path(logic, scene, ct, patient, weights, gene_table, tmp_path) -> None:
+    """The same request three ways — `insertNodules` in this process, Apply's background CLI (`startInsertion`),
+    and `python -m RadiogenomicGANLib insert` on files — gives the same voxels, segment names and tags."""
+    from RadiogenomicGANLib import cli, volume_io
+
+    centre = _deep_lung_point(patient, _middle_lung_slice(patient))
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    points.AddControlPoint(*centre)
+    settings = dict(pointListNode=points, halfSlices=1, seed=5, weightsPath=str(weights), device="cpu",
+                    blendSampleId="S3", blendWeight=0.25, outputWeightMap=True)
+    volume, segmentation, weight_map = logic.insertNodules(ct, str(gene_table), "S2", scene=scene, **settings)
+
+    # Same torch thread count in the child as here: float sums may round differently with another count.
+    job = logic.startInsertion(ct, logic.buildRequest(ct, str(gene_table), "S2", **settings),
+                               threads=torch.get_num_threads())
+    fractions = []
+    while job.poll():  # what the Widget's timer does
+        fractions.append(job.fraction)
+        time.sleep(0.05)
+    background = logic.finishInsertion(job, scene)
+    assert job.run.returncode == 0 and job.fraction == 1.0 and fractions == sorted(fractions)
+    assert not Path(job.folder.name).exists(), "the temporary files were not removed"
+
+    ct_file = tmp_path / f"{ct.GetName()}.nrrd"
+    volume_io.write_volume(ct_file, *adapter.volume_from_node(ct))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert cli.main(["insert", "--ct", str(ct_file), "--genes", str(gene_table), "--sample", "S2",
+                     "--blend-with", "S3", "--blend-weight", "0.25", "--weights", str(weights), "--device", "cpu",
+                     "--seed", "5", "--half-slices", "1", "--center-ras=" + ",".join(repr(float(v)) for v in centre),
+                     "--out-volume", str(out / "v.nrrd"), "--out-segmentation", str(out / "v.seg.nrrd"),
+                     "--out-weight-map", str(out / "w.nrrd"), "--quiet",
+                     "--threads", str(torch.get_num_threads())]) == 0
+    cli_segments, cli_label = _seg_nrrd_record(out / "v.seg.nrrd")
+
+    in_process = _segment_record(segmentation)
+    assert in_process[0][0] == "Synthetic nodule 1"
+    assert in_process[0][1][segments.TAG_GENE_SAMPLE] == "S2 (0.75) + S3 (0.25)"
+    assert _segment_record(background[1]) == in_process == cli_segments
+    expected = adapter.array_from_volume_node(volume)
+    assert np.any(expected != adapter.array_from_volume_node(ct))
+    assert np.array_equal(adapter.array_from_volume_node(background[0]), expected)
+    assert np.array_equal(volume_io.read_volume(out / "v.nrrd").array, expected)
+    np.testing.assert_array_equal(adapter.array_from_volume_node(background[2]),
+                                  adapter.array_from_volume_node(weight_map))
+    label = _segment_masks(segmentation, ct)["Synthetic nodule 1"]
+    assert label.any()
+    assert np.array_equal(_segment_masks(background[1], ct)["Synthetic nodule 1"], label)
+    assert np.array_equal(cli_label == 1, label)
+
+
+def test_background_errors_and_cancel_add_no_nodes(logic, scene, ct, patient, weights, gene_table) -> None:
+    from RadiogenomicGANLib.background import BackgroundCancelled, BackgroundError
+
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    points.AddControlPoint(*_deep_lung_point(patient, _middle_lung_slice(patient)))
+    count = scene.GetNumberOfNodes()
+    request = logic.buildRequest(ct, str(gene_table), "NOPE", pointListNode=points, weightsPath=str(weights),
+                                 device="cpu")
+    job = logic.startInsertion(ct, request)
+    with pytest.raises(BackgroundError, match="NOPE"):  # the child's own one-line error, as a Python error
+        logic.finishInsertion(job, scene)
+    request = logic.buildRequest(ct, str(gene_table), "S1", pointListNode=points, weightsPath=str(weights),
+                                 device="cpu", halfSlices=3)
+    job = logic.startInsertion(ct, request)
+    job.cancel()  # Cancel: the child is killed at once, its files go
+    assert job.run.returncode is not None and job.run.returncode < 0
+    with pytest.raises(BackgroundCancelled):
+        logic.finishInsertion(job, scene)
+    assert scene.GetNumberOfNodes() == count
+
+
+def test_apply_path_never_imports_torch_in_slicers_process(weights, gene_table, tmp_path) -> None:
+    """Building the request, writing the CT, starting and finishing the background run load no torch in the
+    calling process (Slicer's): a torch crash or upgrade cannot touch the application."""
+    script = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("RadiogenomicGAN", {str(MODULE_FILE)!r})
+module = importlib.util.module_from_spec(spec)
+sys.modules["RadiogenomicGAN"] = module
+spec.loader.exec_module(module)
+import slicer
+scene = slicer.vtkMRMLScene()
+logic = module.RadiogenomicGANLogic()
+ct = logic.createPhantomVolume(scene, patientIndex=0, seed=7, size_ij=96, slices=24, spacing=(2.0, 3.0), n_genes=64)
+request = logic.buildRequest(ct, {str(gene_table)!r}, "S1", autoCount=1, halfSlices=0, weightsPath={str(weights)!r},
+                             device="cpu")
+job = logic.startInsertion(ct, request)
+volume, segmentation, _ = logic.finishInsertion(job, scene)
+assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+print(sorted(m for m in ("torch", "safetensors", "sklearn", "highdicom") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=MODULE_FILE.parents[1], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_model_kind_is_read_without_loading_the_model(module, weights, tmp_path) -> None:
+    """The panel asks for a gene table only when the model uses genes (the inpainting baseline does not)."""
+    kind = module.RadiogenomicGANLogic.modelKind
+    assert kind(str(weights)) == "proposed"
+    assert kind(None) == "proposed"  # the bundled demo model
+    record = json.loads(weights.with_suffix(".json").read_text())
+    record["kind"] = "inpainting"
+    (tmp_path / "inpaint.json").write_text(json.dumps(record))
+    assert kind(str(tmp_path / "inpaint.safetensors")) == "inpainting"
+    assert kind(str(tmp_path / "missing.safetensors")) is None

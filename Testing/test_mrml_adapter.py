@@ -225,3 +225,33 @@ def test_scatter_plot(scene) -> None:
     assert cohort.GetPlotType() == slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter
     with pytest.raises(adapter.MRMLAdapterError):
         adapter.create_scatter_plot(scene, xy, ["a"])
+
+
+def test_scatter_plot_reuses_its_chart(scene) -> None:
+    """A second map into the same chart leaves one chart, two series and two tables (no pile-up per click)."""
+    xy = np.arange(10, dtype=float).reshape(5, 2)
+    chart = adapter.create_scatter_plot(scene, xy, ["a", "b", "c", "d", "e"], highlight=["c"])
+    counts = {c: scene.GetNumberOfNodesByClass(c) for c in ("vtkMRMLPlotChartNode", "vtkMRMLPlotSeriesNode",
+                                                             "vtkMRMLTableNode")}
+    again = adapter.create_scatter_plot(scene, xy[:4], ["a", "b", "c", "d"], highlight=["a", "b"], chart_node=chart)
+    assert again is chart
+    assert {c: scene.GetNumberOfNodesByClass(c) for c in counts} == counts
+    assert chart.GetNthPlotSeriesNode(1).GetTableNode().GetNumberOfRows() == 2
+    assert chart.GetNthPlotSeriesNode(0).GetTableNode().GetNumberOfRows() == 2
+
+
+def test_world_points_invert_control_points(scene, ct) -> None:
+    node, _ = ct
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 12.0)
+    matrix.SetElement(2, 3, -7.5)
+    transform.SetMatrixTransformToParent(matrix)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    local = np.array([[1.0, 2.0, 3.0], [-4.0, 5.0, 6.0]])
+    world = adapter.world_points(node, local)
+    np.testing.assert_allclose(world, local + np.array([12.0, 0.0, -7.5]))
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    for p in world:
+        points.AddControlPointWorld(*p)
+    np.testing.assert_allclose(adapter.control_points_ras(points, node), local, atol=1e-9)

@@ -18,7 +18,19 @@ and spiculation, module 4 → lobulation. Classes set modules 1–3 (orthogonal 
 module 4 is class-free N(0, 1).
 """
 
+from typing import Any
+
 from .patient import PhantomPatient, generate_patient, patient_id_for
-from .writers import CohortSummary, write_cohort
+
+
+def __getattr__(name: str) -> Any:
+    """The writers on first use: they import highdicom (pydicom ≥ 3), which the Slicer module's in-memory
+    phantom (Sample Data) must not need — Slicer 5.10 bundles pydicom 2.4 and no highdicom."""
+    if name in ("CohortSummary", "write_cohort"):
+        from . import writers
+
+        return getattr(writers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["CohortSummary", "PhantomPatient", "generate_patient", "patient_id_for", "write_cohort"]

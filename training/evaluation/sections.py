@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from RadiogenomicGANLib.radiogenomic_map import embed_2d
 from training import figures
 from training.conventional import NUISANCE_PHENOTYPES, association_links, conventional_pipeline, module_correlation
 from training.conventional import TRUE_LINKS as _TRUE_LINKS
@@ -329,18 +330,6 @@ def _gene_control_figure(ctx: Context, per_donor: np.ndarray) -> str:
 # Radiogenomic map (Fig. 4, ARI against the truth with its linear-probe ceiling and the raw-gene baseline)
 
 
-def _tsne(features: np.ndarray, seed: int) -> np.ndarray:
-    from sklearn.manifold import TSNE
-
-    n = features.shape[0]
-    if n < 3:
-        return np.zeros((n, 2))
-    perplexity = float(min(30.0, max(1.0, (n - 1) / 3.0)))
-    method = "exact" if n <= 1000 else "barnes_hut"  # exact is several times faster at cohort sizes
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
-                method=method).fit_transform(features)
-
-
 def linear_probe_modules(ctx: Context, genes: np.ndarray) -> np.ndarray | None:
     """Module activations of the donors predicted linearly from their genes: ridge fitted on the dataset's
     training patients (split val/test), or out-of-fold over the donors themselves (split all, a cohort the
@@ -378,7 +367,7 @@ def radiogenomic_map(ctx: Context) -> Section:
     k = truth.num_classes if known else 3
     main = "proposed code" if "proposed code" in reps else list(reps)[-1]
     clusters = kmeans_labels(reps[main], k, ctx.seed)
-    embeddings = [(name, _tsne(values, ctx.seed)) for name, values in reps.items()]
+    embeddings = [(name, embed_2d(values, ctx.seed)) for name, values in reps.items()]
     colourings = [(f"k-means of the {main}", clusters)]
     if known:
         colourings.append(("true module class", truth.module_class[donors]))
