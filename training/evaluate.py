@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the ρ interval")
     p.add_argument("--c2st-runs", type=int, default=10, help="critic seeds of the two-sample test (default 10)")
     p.add_argument("--c2st-samples", type=int, default=500, help="patches per class, where the data allow")
-    p.add_argument("--c2st-epochs", type=int, default=12, help="training epochs of each critic (fixed)")
+    p.add_argument("--c2st-epochs", type=int, default=20, help="training epochs of each critic (fixed)")
     p.add_argument("--c2st-crop", type=int, default=40, help="central crop (px) the critic sees (default 40)")
     p.add_argument("--no-negative-controls", dest="negative_controls", action="store_false",
                    help="skip the copy-background and shuffled-genes controls")
