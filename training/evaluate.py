@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from RadiogenomicGANLib.devices import resolve_device
 from RadiogenomicGANLib.intensity import unit_to_hu
 from RadiogenomicGANLib.networks import hole_from_mask
 from training import figures
@@ -185,14 +186,6 @@ def load_model(role: str, path: str | Path, data: RadiogenomicDataset, device: t
               "measurements use the dataset's", file=sys.stderr)
     genes = None if kind == "inpainting" else model_genes(data, metadata)
     return Model(role, generator.to(device).eval(), metadata, genes, str(path))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
 
 
 # ============================================================================================================
