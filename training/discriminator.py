@@ -27,7 +27,7 @@ matched-gene and the mismatched-gene D_ISG terms; `forward` is the one-tuple con
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -66,14 +66,6 @@ class DiscriminatorConfig(StrictDict):
     def num_downsamplings(self) -> int:
         """Stride-2 convolutions from the patch size down to 4×4."""
         return int(math.log2(self.patch_size // 4))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DiscriminatorConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DiscriminatorConfig keys: {unknown}")
-        return cls(**data)
 
     @classmethod
     def for_generator(cls, generator_config: Any, **overrides: Any) -> DiscriminatorConfig:
