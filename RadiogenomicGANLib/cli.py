@@ -3,7 +3,9 @@
 The same `NoduleInserter` as the Slicer module does the work. Everything that can be checked is checked
 before anything is written (output suffixes and folders, weights, gene table and sample, the CT, centres,
 slices, lung), outputs are written to hidden temporary files and renamed only when all of them are complete,
-so a failed or cancelled run leaves no partial output. Bad input exits with status 2 and one clear line.
+so a failed or cancelled run leaves no partial output; temporary files a killed run left for the same
+outputs are removed. Bad input — including an output that cannot be written or that would land on an input —
+exits with status 2 and one clear line (`cli_common` holds the convention every CLI of the project shares).
 """
 
 from __future__ import annotations
@@ -20,16 +22,22 @@ from typing import Any
 
 import numpy as np
 
-from RadiogenomicGANLib.atomic import partial_path
+from RadiogenomicGANLib.atomic import check_writable, partial_path, remove_abandoned_partials
+from RadiogenomicGANLib.bundled import bundled_weights_path, verify_bundled
+from RadiogenomicGANLib.cli_common import EXIT_CANCELLED, EXIT_USER_ERROR, UserError, check_not_an_input, run_cli
 from RadiogenomicGANLib.insertion import InsertionCancelled, InsertionError, NoduleInserter
 from RadiogenomicGANLib.segments import nodule_segments
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "Resources" / "demo_model.safetensors"
-EXIT_BAD_INPUT = 2
-EXIT_CANCELLED = 130
+DEFAULT_WEIGHTS = bundled_weights_path()
+EXIT_BAD_INPUT = EXIT_USER_ERROR
+#: No CT has this many slices; a longer --slices range or ±K is a typo, refused before any list is built.
+MAX_SLICES = 10_000
+#: --impute-missing-genes refuses to fill more than this share of the model's genes with the training mean:
+#: beyond it the profile says more about the training cohort than about the sample.
+MAX_IMPUTED_FRACTION = 0.5
 
 
-class CLIError(ValueError):
+class CLIError(UserError):
     """Bad command-line input (exit status 2)."""
 
 
@@ -102,7 +110,10 @@ def parse_slices(text: str) -> int | list[int]:
     spec = text.strip().replace(" ", "")
     match = re.fullmatch(r"(?:±|\+-|\+/-)(\d+)", spec)
     if match:
-        return int(match.group(1))
+        half = int(match.group(1))
+        if 2 * half + 1 > MAX_SLICES:
+            raise CLIError(f"--slices {text!r}: ±{half} asks for more slices than any CT has (at most {MAX_SLICES})")
+        return half
     values: list[int] = []
     for part in spec.split(","):
         span = re.fullmatch(r"(-?\d+)(?:-|\.\.|:)(-?\d+)", part)
@@ -110,11 +121,16 @@ def parse_slices(text: str) -> int | list[int]:
             low, high = int(span.group(1)), int(span.group(2))
             if high < low:
                 raise CLIError(f"--slices {text!r}: range {part} runs backwards")
+            if high - low + 1 > MAX_SLICES:
+                raise CLIError(f"--slices {text!r}: range {part} holds more slices than any CT has "
+                               f"(at most {MAX_SLICES})")
             values.extend(range(low, high + 1))
         elif re.fullmatch(r"-?\d+", part):
             values.append(int(part))
         else:
             raise CLIError(f"--slices {text!r}: expected '±K' or slice indices like '10,11,12' or '10-14'")
+        if len(values) > MAX_SLICES:
+            raise CLIError(f"--slices {text!r}: more than {MAX_SLICES} slices")
     return values
 
 
@@ -150,15 +166,21 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
             raise CLIError(f"--out-dicom-seg {args.out_dicom_seg}: not a file in an existing folder")
         if args.ct.is_file() and not args.ct.name.lower().endswith(".dcm"):
             raise CLIError("--out-dicom-seg needs a DICOM input series (--ct DICOM_FOLDER) to reference")
-    finals = [p for p in (args.out_volume, args.out_segmentation, args.out_weight_map, args.out_dicom_seg) if p]
+    options = {"--out-volume": args.out_volume, "--out-segmentation": args.out_segmentation,
+               "--out-weight-map": args.out_weight_map, "--out-dicom-seg": args.out_dicom_seg}
+    finals = [p for p in options.values() if p]
     if len({p.resolve() for p in finals}) != len(finals):
         raise CLIError("two outputs have the same path")
-    if args.ct.exists() and any(p.resolve() == args.ct.resolve() for p in finals):
-        raise CLIError("an output would overwrite the input CT")
+    for option, path in options.items():
+        # a file of the input, or anywhere in an input DICOM folder (a new file there joins the series)
+        if path is not None:
+            check_not_an_input(path, [args.ct, args.genes, args.weights], option)
+    for folder in {(p.parent if str(p.parent) else Path(".")) for p in finals}:
+        check_writable(folder)  # a read-only folder fails now, not after the generator has run
     if args.auto is not None and args.auto < 1:
         raise CLIError("--auto N needs N ≥ 1")
-    if args.half_slices < 0:
-        raise CLIError("--half-slices must be ≥ 0")
+    if not 0 <= args.half_slices <= MAX_SLICES // 2:
+        raise CLIError(f"--half-slices must be between 0 and {MAX_SLICES // 2}, got {args.half_slices}")
     centres = np.stack([parse_centre(c) for c in args.center_ras]) if args.center_ras else None
     if args.auto is not None and args.slices:
         specs = [parse_slices(s) for s in args.slices]
@@ -174,17 +196,21 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
 
     # 2. model, genes, CT.
-    weights = args.weights or DEFAULT_WEIGHTS
-    if not Path(weights).exists():
-        if args.weights is None:
-            raise CLIError(f"the bundled demo model {DEFAULT_WEIGHTS} is not there (not trained/bundled yet): "
-                           "pass --weights FILE.safetensors")
-        raise CLIError(f"weights file not found: {weights}")
+    if args.weights is None:
+        try:
+            weights = verify_bundled(DEFAULT_WEIGHTS)
+        except ValueError as error:
+            raise CLIError(str(error)) from None
+    else:
+        weights = args.weights
     inserter = NoduleInserter.from_weights(weights, device=args.device)
     metadata = inserter.metadata
     profile = None
+    imputed = None
     if inserter.kind != "inpainting":
         table = gene_io.read_gene_table(args.genes)
+        imputed = _check_imputation(table, [args.sample, args.blend_with], metadata.gene_names,
+                                    args.impute_missing_genes)
         profile = gene_io.profile_for_model(
             table, args.sample, metadata.gene_names, metadata.gene_means, metadata.gene_stds,
             impute=args.impute_missing_genes, blend_with=args.blend_with,
@@ -204,13 +230,14 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
             loaded.array, loaded.geometry, profile, centres,
             auto_count=args.auto or 0, slices=slices, half_slices=args.half_slices, seed=args.seed,
             allow_outside_lung=args.allow_outside_lung, return_weight_map=args.out_weight_map is not None,
-            progress=progress, gene_sample=sample,
+            progress=progress, gene_sample=sample, imputed_genes=imputed,
         )
 
     # 4. outputs: staged beside their targets, renamed together at the end.
     segments = nodule_segments(len(result.centres_ras), result.provenance)
     provenance_text = _provenance_text(result.provenance)
     staged: list[tuple[Path, Path]] = []
+    remove_abandoned_partials(finals)
     try:
         target = partial_path(args.out_volume)
         staged.append((target, args.out_volume))
@@ -235,6 +262,34 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
                 temporary.unlink()
     voxels = [int((result.label == n + 1).sum()) for n in range(len(result.centres_ras))]
     return {"result": result, "outputs": [final for _, final in staged], "voxels": voxels, "sample": sample}
+
+
+def _check_imputation(table: Any, samples: Sequence[str | None], gene_names: Sequence[str], allowed: bool) -> int:
+    """How many model genes the table lacks for the sample(s) (the most over a blend's two); refuses to
+    impute more than MAX_IMPUTED_FRACTION of them, and says on stderr how many were imputed."""
+    index = table.gene_index()
+    rows = np.array([index.get(str(g), -1) for g in gene_names])
+    worst = 0
+    for sample in samples:
+        if sample is None:
+            continue
+        try:
+            column = np.asarray(table.sample_values(sample), dtype=np.float64)
+        except (KeyError, ValueError):
+            continue  # an unknown sample: profile_for_model names it
+        present = rows >= 0
+        missing = ~present
+        missing[present] = np.isnan(column[rows[present]])
+        worst = max(worst, int(missing.sum()))
+    if worst and allowed:
+        share = worst / max(len(gene_names), 1)
+        if share > MAX_IMPUTED_FRACTION:
+            raise CLIError(f"{worst} of {len(gene_names)} model genes ({100 * share:.0f} %) are missing from the gene "
+                           f"table; imputing more than {100 * MAX_IMPUTED_FRACTION:.0f} % would make the profile "
+                           "mostly the training mean: use a table with the model's genes")
+        print(f"note: {worst} of {len(gene_names)} model genes were missing and set to the training mean "
+              "(recorded as imputed_genes in the provenance)", file=sys.stderr)
+    return worst if allowed else 0
 
 
 def _provenance_text(provenance: dict[str, Any]) -> str:
@@ -275,6 +330,8 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     """Every exception type that means 'bad input' (exit 2), imported lazily so --help stays fast."""
     errors: list[type[BaseException]] = [CLIError, InsertionError]
     for module, name in (
+        ("RadiogenomicGANLib.bundled", "BundledModelError"),
+        ("RadiogenomicGANLib.devices", "DeviceError"),
         ("RadiogenomicGANLib.volume_io", "VolumeIOError"),
         ("RadiogenomicGANLib.genes", "GeneTableError"),
         ("RadiogenomicGANLib.dicom_io", "DicomError"),
@@ -302,23 +359,31 @@ def _join_negative_values(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m RadiogenomicGANLib insert ...`: exit 0, 2 (bad input, one line on stderr) or 130."""
     parser = build_parser()
     args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     if args.command != "insert":
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
-    try:
-        summary = run_insert(args)
-    except InsertionCancelled:
-        print("cancelled: no output written", file=sys.stderr)
-        return EXIT_CANCELLED
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return EXIT_CANCELLED
-    except _bad_input_errors() as error:
-        message = " ".join(str(error).split())
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+
+    def body() -> int:
+        try:
+            summary = run_insert(args)
+        except InsertionCancelled:
+            print("cancelled: no output written", file=sys.stderr)
+            return EXIT_CANCELLED
+        _print_summary(summary)
+        return 0
+
+    return run_cli(body, _bad_input_errors())
+
+
+def insert_main() -> int:
+    """Console script `radiogenomicgan-insert ...` = `python -m RadiogenomicGANLib insert ...`."""
+    return main(["insert", *sys.argv[1:]])
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
     result = summary["result"]
     print(f"Inserted {len(result.centres_ras)} synthetic nodule(s) for {summary['sample']} "
           f"(seed {result.provenance['seed']}, {result.provenance['model_kind']} model, "
@@ -328,4 +393,3 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"slices {ks[0]}–{ks[-1]}, {voxels} labelled voxels")
     for path in summary["outputs"]:
         print(f"  wrote {path}")
-    return 0

@@ -150,7 +150,10 @@ def write_volume(
     for key, value in (metadata or {}).items():
         image.SetMetaData(key, str(value).replace("\n", " "))
     with atomic_path(path) as temporary:
-        sitk.WriteImage(image, str(temporary), useCompression=True)
+        try:
+            sitk.WriteImage(image, str(temporary), useCompression=True)
+        except RuntimeError as error:  # ITK reports a full disk or a read-only folder as a RuntimeError
+            raise VolumeIOError(f"cannot write {path}: {str(error).strip().splitlines()[-1]}") from None
     return path
 
 
