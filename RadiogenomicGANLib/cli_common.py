@@ -97,20 +97,26 @@ def check_not_an_input(output: str | Path, inputs: Iterable[str | Path | None], 
                             "path")
 
 
-def check_output_folder(path: str | Path, option: str = "--out") -> Path:
-    """An output *folder*: refuse an existing file there; create the folder; check that it can be written."""
+def check_output_folder(path: str | Path, option: str = "--out", *, create: bool = True) -> Path:
+    """An output *folder*: refuse an existing file there (or on the way to it) and a folder that cannot be
+    written. With `create` the folder is made now; without, the nearest existing folder above is probed, so
+    a run refused later leaves nothing behind."""
     from RadiogenomicGANLib.atomic import check_writable
 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{option} {path} is a file; give a folder (it is created if missing)")
-    for parent in path.parents:
+    existing = path
+    for parent in [path, *path.parents]:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{option} {path}: {parent} is a file, not a folder")
+            existing = parent
             break
-    path.mkdir(parents=True, exist_ok=True)
-    check_writable(path)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+        existing = path
+    check_writable(existing)
     return path
 
 

@@ -71,3 +71,21 @@ def test_a_different_dataset_is_refused(run, tmp_path: Path, capsys) -> None:
     assert export_main(["--checkpoint", str(last), "--data", str(other), "--out", str(tmp_path / "x")]) == 2
     assert "not the dataset this checkpoint was trained on" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("form", ["same", "stem", "data"])
+def test_out_may_not_overwrite_an_input(run, tmp_path: Path, capsys, form: str) -> None:
+    """`--out C` with C the checkpoint once overwrote it: refused with exit 2, the inputs unchanged."""
+    import hashlib
+
+    data, out = run
+    last = ckpt.latest_checkpoint(out / "checkpoints")
+    target = {"same": str(last), "stem": str(last.with_suffix("")), "data": str(data.with_suffix(".safetensors"))}[form]
+    if form == "data":  # an OUT whose .safetensors is the dataset file itself (dataset named *.safetensors)
+        data = Path(target)
+        data.write_bytes(run[0].read_bytes())
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (last, data)}
+    assert export_main(["--checkpoint", str(last), "--data", str(data), "--out", target]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error:") and "input" in error and len(error.strip().splitlines()) == 1, error
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (last, data)} == before

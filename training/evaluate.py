@@ -59,7 +59,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from RadiogenomicGANLib.devices import resolve_device
+from RadiogenomicGANLib.cli_common import check_output_folder, run_cli
+from RadiogenomicGANLib.devices import DeviceError, resolve_device
 from RadiogenomicGANLib.intensity import unit_to_hu
 from RadiogenomicGANLib.networks import hole_from_mask
 from training import figures
@@ -1031,18 +1032,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The evaluation CLI: exit 0, or 2 with one line for a user error (`cli_common`), never a traceback."""
     args = build_parser().parse_args(argv)
-    try:
-        metrics = evaluate(args)
-    except EvaluationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+
+    def body() -> int:
+        check_output_folder(args.out, create=False)
+        _print_summary(args, evaluate(args))
+        return 0
+
+    return run_cli(body, (EvaluationError, DeviceError))
+
+
+def _print_summary(args: argparse.Namespace, metrics: dict) -> None:
     out = Path(args.out)
     print(f"wrote {out / 'report.md'} and {out / 'metrics.json'} in {metrics['inputs']['seconds']:.0f} s")
     for t in metrics["targets"]:
         state = "n/a" if t["reached"] is None else ("reached" if t["reached"] else "not reached")
         print(f"  {t['target']}: {_fmt(t['value'])} — {state}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from RadiogenomicGANLib.cli_common import check_not_an_input, check_output_file, run_cli
 from RadiogenomicGANLib.genes import (
     GeneTableError,
     drop_na_genes,
@@ -480,21 +481,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"cohort folder not found: {args.cohort}")
     if not Path(args.rnaseq).is_file():
         parser.error(f"RNA-seq table not found: {args.rnaseq}")
-    try:
-        report = prepare(
-            args.cohort,
-            args.rnaseq,
-            args.out,
-            size=args.size,
-            seed=args.seed,
-            split=fractions,
-            background_vois=args.background_vois,
-            slices_per_voi=args.slices_per_voi,
-            progress=not args.quiet,
-        )
-    except (GeneTableError, ValueError, FileNotFoundError) as error:
-        print(f"prepare: {error}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: _run(args, fractions), (GeneTableError, ValueError))
+
+
+def _run(args: argparse.Namespace, fractions: tuple[float, float, float]) -> int:
+    """Check where the dataset goes (never onto an input, nor into the cohort read as input), then prepare."""
+    check_output_file(args.out)
+    check_not_an_input(args.out, [args.rnaseq, args.cohort], "--out")
+    report = prepare(
+        args.cohort,
+        args.rnaseq,
+        args.out,
+        size=args.size,
+        seed=args.seed,
+        split=fractions,
+        background_vois=args.background_vois,
+        slices_per_voi=args.slices_per_voi,
+        progress=not args.quiet,
+    )
     print(report.describe())
     return 0
 

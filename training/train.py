@@ -57,6 +57,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from RadiogenomicGANLib.atomic import file_sha256
+from RadiogenomicGANLib.cli_common import check_output_folder, run_cli
+from RadiogenomicGANLib.devices import DeviceError
 from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_generator
 from training import checkpoint as ckpt
 from training.config import MODELS, ConfigError, TrainConfig, parse_override
@@ -866,14 +868,28 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The training CLI; a user error prints one line and exits 2 (`cli_common`), never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     command = "python -m training.train " + shlex.join(argv)
-    try:
+    result: dict[str, Any] = {}
+
+    def body() -> int:
         cfg = resolve_config(args).validate()
-        return training_loop(cfg, resume=getattr(args, "resume", None), command=command)
-    except (ConfigError, DatasetError, ckpt.CheckpointError, TrainingError) as error:
-        raise SystemExit(f"error: {error}") from None
+        check_output_folder(cfg.out, create=False)  # --out naming a file, or read-only: refused before any work
+        result.update(training_loop(cfg, resume=getattr(args, "resume", None), command=command))
+        return 0
+
+    code = run_cli(body, (ConfigError, DatasetError, ckpt.CheckpointError, TrainingError, DeviceError))
+    if code:
+        raise SystemExit(code)
+    return result
+
+
+def cli() -> int:
+    """Console script `radiogenomicgan-train`: `main` with an exit status instead of the run summary."""
+    main()
+    return 0
 
 
 if __name__ == "__main__":
