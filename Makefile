@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv test lint demo demo-weights bench clean
+.PHONY: venv test lint demo demo-weights wheel bench clean
 
 venv: $(STAMP)
 
@@ -50,5 +50,10 @@ demo-weights: $(STAMP)
 	cp $(DEMO_WORK)/run/demo_model.safetensors $(DEMO_WORK)/run/demo_model.json Resources/
 	cd Resources && sha256sum demo_model.safetensors demo_model.json > demo_model.sha256
 
+# A wheel of the checkout in dist/: the Lib, the training package as `radiogenomicgan_training`, and the
+# demo model now in Resources/ as package data (README, Installation). Build isolation fetches setuptools ≥ 77.
+wheel: $(STAMP)
+	$(PY) -m pip wheel --no-deps -w dist .
+
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache
+	rm -rf $(VENV) demo_output .pytest_cache build dist

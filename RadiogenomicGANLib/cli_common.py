@@ -24,6 +24,9 @@ from pathlib import Path
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
+#: Packages only an extra installs (pyproject's optional-dependencies): missing, they are a set-up error
+#: with the install command to fix it, not a traceback.
+OPTIONAL_MODULES = {"tensorboard": "train", "skimage": "train"}
 
 class UserError(ValueError):
     """Bad input to a command line (exit status 2); the message says what is wrong and what to do."""
@@ -60,6 +63,13 @@ def run_cli(body: Callable[[], int], user_errors: tuple[type[BaseException], ...
         return EXIT_USER_ERROR
     except OSError as error:
         print(f"error: {_one_line(describe_os_error(error))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ModuleNotFoundError as error:
+        extra = OPTIONAL_MODULES.get((error.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"error: this command needs {error.name}, which a plain install leaves out: "
+              f"pip install 'radiogenomicgan[{extra}]'", file=sys.stderr)
         return EXIT_USER_ERROR
     except MemoryError:
         print("error: not enough memory for this request; ask for less (fewer slices, patients or "

@@ -129,3 +129,20 @@ def test_the_convention_in_one_place() -> None:
         text = (REPO / path).read_text()
         assert "run_cli(" in text, path
         assert "return 1\n" not in text and "SystemExit(f\"error" not in text, path
+
+
+def test_a_missing_extra_is_named_with_its_install_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """Training without the `train` extra: one line saying what to install, not a ModuleNotFoundError."""
+    from RadiogenomicGANLib.cli_common import run_cli
+
+    def needs_tensorboard() -> int:
+        raise ModuleNotFoundError("No module named 'tensorboard'", name="tensorboard")
+
+    assert run_cli(needs_tensorboard) == 2
+    assert "pip install 'radiogenomicgan[train]'" in capsys.readouterr().err
+
+    def a_bug() -> int:
+        raise ModuleNotFoundError("No module named 'nonexistent'", name="nonexistent")
+
+    with pytest.raises(ModuleNotFoundError):
+        run_cli(a_bug)

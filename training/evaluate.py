@@ -63,8 +63,9 @@ from RadiogenomicGANLib.cli_common import check_output_folder, run_cli
 from RadiogenomicGANLib.devices import DeviceError, resolve_device
 from RadiogenomicGANLib.intensity import unit_to_hu
 from RadiogenomicGANLib.networks import hole_from_mask
-from training import figures
-from training.conventional import (
+
+from . import figures
+from .conventional import (
     NUISANCE_PHENOTYPES,
     TRUE_LINKS,
     GroundTruth,
@@ -74,8 +75,8 @@ from training.conventional import (
     module_correlation,
     read_ground_truth,
 )
-from training.dataset import DatasetError, RadiogenomicDataset, load_dataset
-from training.metrics import (
+from .dataset import DatasetError, RadiogenomicDataset, load_dataset
+from .metrics import (
     NODULE_FEATURES,
     adjusted_rand,
     classifier_two_sample_test,
@@ -953,7 +954,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
     metrics["radiogenomic_map"] = radiogenomic_map(ctx, reps)
 
     all_patients = np.arange(data.num_patients)
-    from training.conventional import real_nodule_features
+    from .conventional import real_nodule_features
 
     real_features = real_nodule_features(data, all_patients, CONTROL_FEATURES)
     control = None

@@ -17,10 +17,11 @@ from RadiogenomicGANLib.atomic import file_sha256
 from RadiogenomicGANLib.cli_common import check_output_file, run_cli, same_file
 from RadiogenomicGANLib.networks import GeneratorConfig, build_generator
 from RadiogenomicGANLib.weights import WeightsError, weights_paths
-from training import checkpoint as ckpt
-from training.config import ConfigError, parse_override
-from training.dataset import DatasetError, load_dataset
-from training.train import export_generator
+
+from . import checkpoint as ckpt
+from .config import ConfigError, parse_override
+from .dataset import DatasetError, load_dataset
+from .train import export_generator
 
 
 class ExportError(ValueError):

@@ -46,7 +46,8 @@ from RadiogenomicGANLib.intensity import HU_WINDOW, hu_to_unit
 from RadiogenomicGANLib.lungmask import LungMaskError, compute_lung_mask
 from RadiogenomicGANLib.patches import extract_patch
 from RadiogenomicGANLib.placement import PlacementError, sample_lung_centres
-from training.dataset import SPLITS, write_dataset
+
+from .dataset import SPLITS, write_dataset
 
 VOI_MM = 60.0
 MIN_NODULE_MM3 = 10.0  # connected parts of a SEG smaller than this are annotation specks, not nodules
@@ -334,7 +335,7 @@ def prepare(
     progress: bool = True,
 ) -> PrepareReport:
     """Build the dataset file; raises ValueError (GeneTableError, …) when nothing usable is left."""
-    from training.cohort import SkippedPatient, match_rna, scan_cohort, try_load_patient
+    from .cohort import SkippedPatient, match_rna, scan_cohort, try_load_patient
 
     start = time.perf_counter()
     fractions = tuple(float(f) for f in split)

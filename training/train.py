@@ -60,11 +60,12 @@ from RadiogenomicGANLib.atomic import file_sha256
 from RadiogenomicGANLib.cli_common import check_output_folder, run_cli
 from RadiogenomicGANLib.devices import DeviceError
 from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_generator
-from training import checkpoint as ckpt
-from training.config import MODELS, ConfigError, TrainConfig, parse_override
-from training.dataset import DatasetError, NoduleBatchDataset, RadiogenomicDataset, epoch_permutation, load_dataset
-from training.discriminator import DiscriminatorConfig, build_discriminator
-from training.distributed import (
+
+from . import checkpoint as ckpt
+from .config import MODELS, ConfigError, TrainConfig, parse_override
+from .dataset import DatasetError, NoduleBatchDataset, RadiogenomicDataset, epoch_permutation, load_dataset
+from .discriminator import DiscriminatorConfig, build_discriminator
+from .distributed import (
     DistContext,
     all_reduce_mean,
     barrier,
@@ -72,7 +73,7 @@ from training.distributed import (
     setup_distributed,
     teardown_distributed,
 )
-from training.losses import GANLoss, LossWeights
+from .losses import GANLoss, LossWeights
 
 _NOISE_SALT = 0x4E015E      # keeps the noise stream apart from the dataset's pairing stream
 _SAMPLE_EPOCH = 2**31 - 1     # "epoch" of the fixed grid samples, never reached in training
