@@ -38,6 +38,12 @@ DEFAULT_WEIGHTS = bundled_weights_path()
 SIZE_RANGE = (32, 1024)
 MAX_NODULES = 16
 MAX_HALF_SLICES = 20
+# The demo CT is a patient no model was trained on: an index past the cohort, a seed apart from the cohort's
+# (any offsets would do; these drew a CT whose lungs leave room for nodules at the default size). Its own
+# genes are not used (the donors' are), so it draws only a few.
+CT_PATIENT_OFFSET = 7
+CT_SEED_OFFSET = 1000
+CT_GENES = 64
 DISPLAY_WINDOW = (-1350.0, 150.0)  # lung window W1500 / L−600
 CROP_MM = 70.0
 
@@ -269,7 +275,8 @@ def run(out: Path, *, weights: Path | None = None, random_model: bool = False, c
           + ", ".join(f"{d.sample_id} (class {d.module_class})" for d in donors))
 
     # 2. the CT (a patient outside the cohort), written as NRRD
-    patient = generate_patient(cohort_size + 7, seed_cohort + 1000, size_ij=size, n_genes=64)
+    patient = generate_patient(cohort_size + CT_PATIENT_OFFSET, seed_cohort + CT_SEED_OFFSET, size_ij=size,
+                               n_genes=CT_GENES)
     volume, geometry = patient.volume_hu, patient.geometry
     ct_path = volume_io.write_volume(out / "phantom_ct.nrrd", volume, geometry)
     written["phantom CT"] = ct_path

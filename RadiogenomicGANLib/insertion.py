@@ -1,4 +1,4 @@
-"""The insertion pipeline (DESIGN.md decision 10): synthetic nodules pasted into chosen slices of a CT.
+"""The insertion pipeline: synthetic nodules pasted into chosen slices of a CT (feathered, input untouched).
 
 For every nodule centre (RAS mm) and every requested slice k, the 60 mm axial patch around the centre's
 projection on slice k is resampled in millimetres (`patches.py`), mapped to the network's HU window, and run

@@ -1,4 +1,4 @@
-"""The classical lung mask survives the pitfalls of real CT (FACTS.md) and matches the phantom's lungs."""
+"""The classical lung mask survives real-CT pitfalls (table, padding, trachea, cropping) and matches the phantom."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ with a 4×4 *valid* convolution to a single number, so each head outputs **one s
 (B,), with no sigmoid (least-squares GAN). A scalar rather than a patch map because the patch is already
 a small, nodule-centred 60 mm crop: the heads judge the whole nodule/mask/gene tuple, as in MC-GAN.
 
-The gene code `code` is, by default, the generator's φ(g) — the D step detaches it (DESIGN.md decision 5),
+The gene code `code` is, by default, the generator's φ(g) — the D step detaches it (as the authors' own code did),
 so D never trains the generator's mapping network. With ``independent_mapping=True`` D owns its own
 two-layer mapping network (a separate instance of the generator's `GeneMappingNetwork`) and `code` is the
 raw z-scored gene vector (ablation).
