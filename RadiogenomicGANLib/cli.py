@@ -35,6 +35,8 @@ MAX_SLICES = 10_000
 #: --impute-missing-genes refuses to fill more than this share of the model's genes with the training mean:
 #: beyond it the profile says more about the training cohort than about the sample.
 MAX_IMPUTED_FRACTION = 0.5
+#: More threads than this only oversubscribe the CPU (and a typo like 100000 would try to start them all).
+MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 
 class CLIError(UserError):
@@ -188,9 +190,11 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
             raise CLIError("with --auto, --slices accepts only one '±K'")
         args.half_slices = specs[0]
 
+    if not 0 <= args.seed < 2**63:
+        raise CLIError(f"--seed must be between 0 and 2**63 − 1, got {args.seed}")
     if args.threads is not None:
-        if args.threads < 1:
-            raise CLIError("--threads must be ≥ 1")
+        if not 1 <= args.threads <= MAX_THREADS:
+            raise CLIError(f"--threads must be between 1 and {MAX_THREADS} (4 × this machine's CPUs)")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -220,8 +224,12 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
         f"{args.sample} ({1 - args.blend_weight:.2f}) + {args.blend_with} ({args.blend_weight:.2f})"
     )
     loaded = volume_io.read_volume(args.ct, series_uid=args.series_uid)
+    if args.series_uid is not None and loaded.source != "dicom":
+        raise CLIError(f"--series-uid picks a series of a DICOM folder; {args.ct.name} is a {loaded.source} file")
     if args.out_dicom_seg is not None and loaded.source != "dicom":
         raise CLIError("--out-dicom-seg needs a DICOM input series (--ct DICOM_FOLDER) to reference")
+    if centres is not None:  # inside the volume before slices are planned around them
+        centres = NoduleInserter._check_centres(loaded.array.shape, loaded.geometry, centres)
     slices = plan_slices(args.slices, centres, loaded.geometry, args.half_slices) if centres is not None else None
 
     # 3. insert (validates the CT, centres, slices and lung before the generator runs).

@@ -55,6 +55,8 @@ TISSUE_HU = -200.0
 MIN_FRACTION = 0.002
 HU_LIMITS = (-4000.0, 40000.0)
 MIN_INPLANE_VOXELS = 16
+#: torch's generator takes seeds in [0, 2**64); 2**63 keeps them valid for numpy and signed 64-bit storage too.
+MAX_SEED = 2**63
 #: Training provenance copied into every output's provenance is cut to this many keys, so a long one does
 #: not bloat each NRRD header and DICOM SEG (the full record stays in the weights' JSON).
 MAX_TRAINING_PROVENANCE_KEYS = 20
@@ -263,6 +265,8 @@ class NoduleInserter:
         genes = self._check_profile(gene_profile)
         if half_slices < 0:
             raise InsertionError(f"half_slices must be ≥ 0, got {half_slices}")
+        if not 0 <= int(seed) < MAX_SEED:
+            raise InsertionError(f"seed must be an integer in 0…2**63 − 1, got {seed}")
         explicit = centres_ras is not None and np.size(centres_ras) > 0
         if explicit and auto_count:
             raise InsertionError("give either centres or an automatic count, not both")
@@ -362,8 +366,8 @@ class NoduleInserter:
         for n, (point, index) in enumerate(zip(centres, kji)):
             if (index < -0.5).any() or (index > upper).any():
                 raise InsertionError(
-                    f"centre {n + 1} at RAS ({point[0]:.1f}, {point[1]:.1f}, {point[2]:.1f}) mm is outside the "
-                    f"volume (voxel k,j,i = {index[0]:.1f}, {index[1]:.1f}, {index[2]:.1f}; shape {tuple(shape)})"
+                    f"centre {n + 1} at RAS ({point[0]:.6g}, {point[1]:.6g}, {point[2]:.6g}) mm is outside the "
+                    f"volume (voxel k,j,i = {index[0]:.6g}, {index[1]:.6g}, {index[2]:.6g}; shape {tuple(shape)})"
                 )
         return centres
 

@@ -331,6 +331,16 @@ def _bad_case(data, out: Path, case: str, monkeypatch) -> list[str]:  # type: ig
         record["gene_names"] = record["gene_names"][::-1]
         path.with_suffix(".json").write_text(json.dumps(record))
         set_arg("--weights", str(path.with_suffix(".safetensors")))
+    elif case == "seed_negative":
+        args += ["--seed", "-5"]
+    elif case == "seed_huge":
+        args += ["--seed", str(2**70)]
+    elif case == "threads_huge":
+        args += ["--threads", "100000"]
+    elif case == "series_uid_on_a_file":
+        args += ["--series-uid", "1.2.3"]
+    elif case == "centre_far_away":
+        set_arg("--center-ras", "1e308,1e308,1e308")
     return args
 
 
@@ -370,8 +380,14 @@ def _snapshot(folder: Path) -> dict[str, str]:
         ("pickle_weights", "zip archive"),
         ("fractional_width", "'base_channels' must be an integer"),
         ("reversed_gene_names", "changed after export"),
+        ("seed_negative", "--seed must be between"),
+        ("seed_huge", "--seed must be between"),
+        ("threads_huge", "--threads must be between"),
+        ("series_uid_on_a_file", "--series-uid picks a series"),
+        ("centre_far_away", "outside the volume"),
     ],
 )
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a numpy warning would be a second stderr line
 def test_bad_input(data, tmp_path, monkeypatch, capsys, case, message) -> None:  # type: ignore[no-untyped-def]
     """The bad-input table: exit 2, one clear line, nothing written, every input unchanged."""
     out = tmp_path / "out"
