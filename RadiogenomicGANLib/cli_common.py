@@ -32,19 +32,22 @@ class UserError(ValueError):
     """Bad input to a command line (exit status 2); the message says what is wrong and what to do."""
 
 
+_OUT_OF_MEMORY = ("not enough memory for this request; ask for less (fewer slices or patients, a smaller batch, "
+                  "narrower networks)")
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
 def describe_os_error(error: OSError) -> str:
     """A one-line message naming the file and the reason: 'cannot write /x/y.nrrd: No space left on device'."""
-    reason = error.strerror or type(error).__name__
+    if error.strerror is None:  # raised by our code with a message of its own
+        return str(error) or type(error).__name__
+    reason = error.strerror
     if error.errno == errno.EFBIG:
         reason += " (the file size limit, ulimit -f, was reached)"
-    name = error.filename if error.filename is not None else None
-    if name is None:
-        return f"{reason}: {error}" if str(error) and str(error) != reason else reason
-    return f"{name}: {reason}"
+    return reason if error.filename is None else f"{error.filename}: {reason}"
 
 
 def run_cli(body: Callable[[], int], user_errors: tuple[type[BaseException], ...] = ()) -> int:
@@ -72,8 +75,12 @@ def run_cli(body: Callable[[], int], user_errors: tuple[type[BaseException], ...
               f"pip install 'radiogenomicgan[{extra}]'", file=sys.stderr)
         return EXIT_USER_ERROR
     except MemoryError:
-        print("error: not enough memory for this request; ask for less (fewer slices, patients or "
-              "a smaller batch)", file=sys.stderr)
+        print(f"error: {_OUT_OF_MEMORY}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except RuntimeError as error:  # torch reports a failed allocation (CPU or GPU) as a RuntimeError
+        if not any(sign in str(error) for sign in ("can't allocate memory", "out of memory")):
+            raise
+        print(f"error: {_OUT_OF_MEMORY} ({_one_line(str(error))[:160]})", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

@@ -146,3 +146,45 @@ def test_a_missing_extra_is_named_with_its_install_command(capsys: pytest.Captur
 
     with pytest.raises(ModuleNotFoundError):
         run_cli(a_bug)
+
+
+def test_out_of_memory_is_a_user_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """torch reports a failed allocation as a RuntimeError: a request too large is one line, exit 2."""
+    from RadiogenomicGANLib.cli_common import run_cli
+
+    def too_big() -> int:
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 400000000000 bytes")
+
+    assert run_cli(too_big) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: not enough memory") and len(error.strip().splitlines()) == 1
+
+    def a_bug() -> int:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError):
+        run_cli(a_bug)
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [("--seed", "-3", "seed must be between"),
+                                                           ("--num-workers", "100000", "num_workers must be <=")])
+def test_train_options_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str,
+                                    message: str) -> None:
+    from training.train import main
+
+    argv = ["--data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "run"), option, value]
+    assert _call(main, argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_os_errors_read_as_one_line() -> None:
+    import errno
+
+    from RadiogenomicGANLib.cli_common import describe_os_error
+
+    assert describe_os_error(OSError(errno.ENOSPC, "No space left on device", "/x/y.nrrd")) == \
+        "/x/y.nrrd: No space left on device"
+    assert "ulimit -f" in describe_os_error(OSError(errno.EFBIG, "File too large", "/x/y.nrrd"))
+    assert describe_os_error(FileNotFoundError("no DICOM series under /c")) == "no DICOM series under /c"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from RadiogenomicGANLib.strict_dict import check_value
 
 MODELS: tuple[str, ...] = KINDS            # the one definition of model kinds is the generator's
 DEVICES: tuple[str, ...] = DEVICE_CHOICES
+#: More DataLoader workers than this only oversubscribe the CPU (and a typo would try to fork them all).
+MAX_WORKERS = 4 * (os.cpu_count() or 1)
 # Provenance entries the run writes itself (training.train.export); --provenance may not replace them.
 RESERVED_PROVENANCE: tuple[str, ...] = (
     "command", "steps", "seed", "model", "dataset", "dataset_sha256", "date", "git_commit", "torch", "device",
@@ -127,6 +130,10 @@ class TrainConfig:
         for name in ("sample_every", "checkpoint_every", "num_workers"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_workers > MAX_WORKERS:
+            raise ConfigError(f"num_workers must be <= {MAX_WORKERS} (4 × this machine's CPUs), got {self.num_workers}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be between 0 and 2**63 - 1 (torch's generator), got {self.seed}")
         for name in ("lr_g", "lr_d"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
