@@ -4,16 +4,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+# Where torch comes from. Empty: pip's configured index (on this project's machines, the CPU wheel; on an
+# ordinary Linux machine PyPI's CUDA build). For the CPU build anywhere:
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
 .PHONY: venv test lint demo demo-weights wheel bench clean
 
 venv: $(STAMP)
 
-# torch first, pinned to the on-disk CPU wheel, so the range in pyproject.toml installs nothing more.
+# torch first, pinned (from TORCH_INDEX when set), so the range in pyproject.toml installs nothing more.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
