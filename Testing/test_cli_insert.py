@@ -477,3 +477,20 @@ def test_slice_specs() -> None:
     plans = cli.plan_slices(["±1", "7,8"], np.array([[0, 0, 10.0], [0, 0, 2.0]]), geometry, 2)
     assert plans == [[4, 5, 6], [7, 8]]
     assert cli.plan_slices(None, np.array([[0, 0, 10.0]]), geometry, 2) == [[3, 4, 5, 6, 7]]
+
+
+def test_an_unwritable_output_folder_fails_before_the_generator_runs(data, tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A read-only folder once failed with a traceback after the generator had run. (Root ignores permission
+    bits, so the probe's refusal is simulated; the probe itself is tested in test_atomic.py.)"""
+    def read_only(folder):  # type: ignore[no-untyped-def]
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    def never(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the generator ran before the output folder was checked")
+
+    monkeypatch.setattr(cli, "check_writable", read_only)
+    monkeypatch.setattr(cli.NoduleInserter, "insert", never)
+    centre = _lung_centre_ras(data["ras_lung"], data["ras_geometry"])
+    assert cli.main([*_base_args(data, tmp_path), "--center-ras", _csv(centre)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"error: {tmp_path}: Permission denied"
