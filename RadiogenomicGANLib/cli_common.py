@@ -71,8 +71,7 @@ def run_cli(body: Callable[[], int], user_errors: tuple[type[BaseException], ...
         extra = OPTIONAL_MODULES.get((error.name or "").split(".")[0])
         if extra is None:
             raise
-        print(f"error: this command needs {error.name}, which a plain install leaves out: "
-              f"pip install 'radiogenomicgan[{extra}]'", file=sys.stderr)
+        print(f"error: {_missing_extra_message(str(error.name), extra)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except MemoryError:
         print(f"error: {_OUT_OF_MEMORY}", file=sys.stderr)
@@ -82,6 +81,18 @@ def run_cli(body: Callable[[], int], user_errors: tuple[type[BaseException], ...
             raise
         print(f"error: {_OUT_OF_MEMORY} ({_one_line(str(error))[:160]})", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _missing_extra_message(module: str, extra: str) -> str:
+    return f"this command needs {module}, which a plain install leaves out: pip install 'radiogenomicgan[{extra}]'"
+
+
+def require_optional(module: str) -> None:
+    """Refuse, before any work or file, a command whose optional package (OPTIONAL_MODULES) is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(_missing_extra_message(module, OPTIONAL_MODULES.get(module, "train")))
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

@@ -188,3 +188,19 @@ def test_os_errors_read_as_one_line() -> None:
         "/x/y.nrrd: No space left on device"
     assert "ulimit -f" in describe_os_error(OSError(errno.EFBIG, "File too large", "/x/y.nrrd"))
     assert describe_os_error(FileNotFoundError("no DICOM series under /c")) == "no DICOM series under /c"
+
+
+def test_training_without_the_extra_stops_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Without tensorboard (a plain `pip install`), train says what to install and writes no run folder."""
+    import importlib.util
+
+    from training.dataset import make_synthetic_dataset
+    from training.train import main
+
+    data = make_synthetic_dataset(tmp_path / "d.npz", patients=8, genes=16, size=32, seed=1)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    assert _call(main, ["--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1"]) == 2
+    assert "pip install 'radiogenomicgan[train]'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from RadiogenomicGANLib.cli_common import check_output_folder, run_cli
+from RadiogenomicGANLib.cli_common import check_output_folder, require_optional, run_cli
 from RadiogenomicGANLib.devices import DeviceError, resolve_device
 from RadiogenomicGANLib.intensity import unit_to_hu
 from RadiogenomicGANLib.networks import hole_from_mask
@@ -1038,6 +1038,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         check_output_folder(args.out, create=False)
+        require_optional("skimage")  # nodule perimeters (training.metrics)
         _print_summary(args, evaluate(args))
         return 0
 

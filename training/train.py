@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from RadiogenomicGANLib.atomic import file_sha256
-from RadiogenomicGANLib.cli_common import check_output_folder, run_cli
+from RadiogenomicGANLib.cli_common import check_output_folder, require_optional, run_cli
 from RadiogenomicGANLib.devices import DeviceError
 from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_generator
 
@@ -878,6 +878,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def body() -> int:
         cfg = resolve_config(args).validate()
         check_output_folder(cfg.out, create=False)  # --out naming a file, or read-only: refused before any work
+        if cfg.tensorboard:
+            require_optional("tensorboard")
         result.update(training_loop(cfg, resume=getattr(args, "resume", None), command=command))
         return 0
 
