@@ -494,3 +494,22 @@ def test_an_unwritable_output_folder_fails_before_the_generator_runs(data, tmp_p
     assert cli.main([*_base_args(data, tmp_path), "--center-ras", _csv(centre)]) == 2
     error = capsys.readouterr().err.strip()
     assert error == f"error: {tmp_path}: Permission denied"
+
+
+def test_a_cropped_ct_whose_lung_touches_the_border(data, tmp_path, disc_model) -> None:  # type: ignore[no-untyped-def]
+    """A CT cropped around one lung (Slicer's Crop Volume) once gave 'no lung found', even with a centre in the
+    lung: now the lung is found and the nodule is inserted, without --allow-outside-lung."""
+    phantom = data["phantom"]
+    _, _, columns = np.nonzero(phantom.lung_mask)
+    start = (columns.min() + columns.max()) // 2 - 5
+    matrix = phantom.geometry.ijk_to_ras.copy()
+    matrix[:3, 3] += matrix[:3, 0] * start
+    geometry = VolumeGeometry(matrix)
+    lung = phantom.lung_mask[:, :, start:]
+    assert lung[:, :, 0].any(), "the crop cuts through the lung"
+    write_volume(tmp_path / "cropped.nrrd", np.ascontiguousarray(phantom.volume_hu[:, :, start:]), geometry)
+    centre = _lung_centre_ras(lung, geometry)
+    args = [*_base_args(data, tmp_path, tmp_path / "cropped.nrrd"), "--center-ras", _csv(centre), "--slices", "±1"]
+    assert cli.main(args) == 0
+    label, _ = nrrd.read(str(tmp_path / "new.seg.nrrd"), index_order="C")
+    assert label.any()
