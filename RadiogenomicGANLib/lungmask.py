@@ -9,7 +9,7 @@ distance from the pleura, so the mask has to be right on real scans, not only on
 3. Remove the air connected to ANY voxel of the in-plane border of ANY slice — not one corner: a table, or
    −2000/−3024 padding outside a circular field of view, splits the outside air into several pieces. The
    first and last slices are not border here, because the trachea (and lungs cut by the scan range) reach them.
-   A border-touching component whose median is above `outside_air_hu` (−950 HU) is lung, not outside air:
+   A border-touching component whose mean is above `outside_air_hu` (−950 HU) is lung, not outside air:
    CTs cropped around the chest have lungs that touch the in-plane border.
 4. Remove the trachea and main bronchi: slice-wise air sections that are mostly near-pure air
    (< `airway_hu`, −950 HU; lung parenchyma is ≈ −850 HU) and small (< `max_airway_area_mm2`) are airway
@@ -153,18 +153,20 @@ def _drop_crumbs(mask: np.ndarray, fraction: float = 0.01) -> np.ndarray:
 
 def _outside_air(air: np.ndarray, coarse_hu: np.ndarray, outside_air_hu: float) -> np.ndarray:
     """Air components touching the in-plane border of any slice (table and padding may split them), unless
-    their median is lung parenchyma rather than air: in a CT cropped around the chest (Slicer's Crop Volume,
+    their mean is lung parenchyma rather than air: in a CT cropped around the chest (Slicer's Crop Volume,
     a small reconstruction field of view) the lung itself touches the border. Outside air is ≈ −1000 HU (or
-    −2000/−3024 padding), lung ≈ −850 HU, so the median of the component tells them apart."""
+    −2000/−3024 padding), lung ≈ −850 HU, so the mean of the component tells them apart (a mean by
+    bincount costs one pass; a median per component would sort the whole outside air)."""
     labels, count = ndimage.label(air, structure=_CROSS_3D)
     outside = np.zeros(count + 1, dtype=bool)
     for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
         outside[np.unique(face)] = True
     outside[0] = False
-    touching = np.flatnonzero(outside)
-    if touching.size:
-        medians = np.asarray(ndimage.median(coarse_hu, labels, index=touching), dtype=np.float64)
-        outside[touching[medians > outside_air_hu]] = False
+    if outside.any():
+        flat = labels.ravel()
+        sizes = np.bincount(flat, minlength=count + 1)
+        means = np.bincount(flat, weights=coarse_hu.ravel(), minlength=count + 1) / np.maximum(sizes, 1)
+        outside &= means <= outside_air_hu
     return outside[labels]
 
 
