@@ -11,8 +11,8 @@ safetensors_bytes. The SHA-256 covers the whole tensors file, so a flipped byte 
 truncated copy or a tensors file paired with another file's JSON is caught before anything is used.
 The other way round, the tensors file's header metadata holds `json_sha256`, the SHA-256 of the JSON record
 without those two keys (canonical form: sorted keys, no spaces): an edited JSON — gene names reordered,
-which would silently misalign every gene, a changed window or spacing — is refused too (format 2; format 1
-files, written before, load without that check).
+which would silently misalign every gene, a changed window or spacing — is refused too. The check is not tied
+to a format version: every file save_weights() writes carries it; files exported before it load without it.
 Nothing in the JSON is trusted before it is checked: types first, then plausible ranges (HU window, patch
 spacing), then the tensors' shapes against the architecture built on the `meta` device, which allocates
 nothing, so a forged width cannot make a 20 GB network before any tensor is compared.
@@ -40,8 +40,7 @@ from RadiogenomicGANLib.atomic import write_bytes_atomic
 from RadiogenomicGANLib.intensity import HU_WINDOW
 from RadiogenomicGANLib.networks import KINDS, GeneratorConfig, build_generator
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)          # 1: no json_sha256 in the tensors' header
+FORMAT_VERSION = 1
 TENSORS_SUFFIX = ".safetensors"
 JSON_SUFFIX = ".json"
 _PREFIX = "generator."
@@ -113,9 +112,9 @@ class WeightsMetadata:
         low_mm, high_mm = PATCH_SPACING_LIMITS_MM
         if not (math.isfinite(self.patch_spacing_mm) and low_mm <= self.patch_spacing_mm <= high_mm):
             raise WeightsError(f"patch_spacing_mm must lie in {low_mm}…{high_mm} mm, got {self.patch_spacing_mm}")
-        if self.format_version not in READABLE_VERSIONS:
-            raise WeightsError(f"format_version {self.format_version} is not one this code reads "
-                               f"({', '.join(map(str, READABLE_VERSIONS))})")
+        if self.format_version != FORMAT_VERSION:
+            raise WeightsError(f"format_version {self.format_version} is not {FORMAT_VERSION}, the version "
+                               "this code writes and reads")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,9 +231,9 @@ def _read_json(json_path: Path) -> dict[str, Any]:
         raise WeightsError(f"{json_path} lacks the keys {missing}; it was not written by save_weights() "
                            f"(format {FORMAT_VERSION})")
     version = record["format_version"]
-    if isinstance(version, bool) or version not in READABLE_VERSIONS:
-        raise WeightsError(f"{json_path} has format_version {version!r}; this code reads versions "
-                           f"{', '.join(map(str, READABLE_VERSIONS))} (a newer file needs a newer RadiogenomicGAN)")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise WeightsError(f"{json_path} has format_version {version!r}; this code reads version "
+                           f"{FORMAT_VERSION} only (a newer file needs a newer RadiogenomicGAN)")
     size, digest = record["safetensors_bytes"], record["safetensors_sha256"]
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise WeightsError(f"{json_path}: safetensors_bytes must be a positive integer, got {size!r}")
@@ -356,8 +355,8 @@ def load_weights(path: str | os.PathLike[str], *, expected_kind: str | None = No
         skeleton = build_generator(metadata.config)
     _check_against_architecture(skeleton, state, tensors_path)
     # last, so that a JSON contradicting itself or its tensors gets the specific message above
-    if record["format_version"] >= 2:
-        recorded = _header_metadata(data).get("json_sha256")
+    recorded = _header_metadata(data).get("json_sha256")
+    if recorded is not None:  # absent only in files exported before the check existed
         try:
             actual = _record_sha256(record)
         except ValueError:
