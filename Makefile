@@ -14,7 +14,7 @@ TORCH_INDEX ?=
 venv: $(STAMP)
 
 # torch first, pinned (from TORCH_INDEX when set), so the range in pyproject.toml installs nothing more.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))

@@ -1,7 +1,7 @@
 """Where the bundled demo model is, in a checkout and in an installed wheel — one answer for every caller.
 
 The files live in the repository's `Resources/` (`make demo-weights` writes them there). The wheel ships
-that same folder's `demo_model.*` as the package `RadiogenomicGANLib.bundled_model` (pyproject maps the
+that same folder's `demo_model.*` as the package `RadiogenomicGANLib.bundled_model` (setup.py maps the
 package onto `Resources/`, so whatever model is there at build time is what ships), found here through
 `importlib.resources`. A checkout has no such package, so the checkout's `Resources/` is the fallback.
 Both files are checked against `demo_model.sha256` before use: a damaged install is named as such.
