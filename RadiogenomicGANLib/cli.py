@@ -25,6 +25,7 @@ import numpy as np
 from RadiogenomicGANLib.atomic import check_writable, partial_path, remove_abandoned_partials
 from RadiogenomicGANLib.bundled import bundled_weights_path, verify_bundled
 from RadiogenomicGANLib.cli_common import EXIT_CANCELLED, EXIT_USER_ERROR, UserError, check_not_an_input, run_cli
+from RadiogenomicGANLib.imputation import check_imputation
 from RadiogenomicGANLib.insertion import InsertionCancelled, InsertionError, NoduleInserter
 from RadiogenomicGANLib.segments import nodule_segments
 
@@ -32,9 +33,6 @@ DEFAULT_WEIGHTS = bundled_weights_path()
 EXIT_BAD_INPUT = EXIT_USER_ERROR
 #: No CT has this many slices; a longer --slices range or ±K is a typo, refused before any list is built.
 MAX_SLICES = 10_000
-#: --impute-missing-genes refuses to fill more than this share of the model's genes with the training mean:
-#: beyond it the profile says more about the training cohort than about the sample.
-MAX_IMPUTED_FRACTION = 0.5
 #: More threads than this only oversubscribe the CPU (and a typo like 100000 would try to start them all).
 MAX_THREADS = 4 * (os.cpu_count() or 1)
 
@@ -213,8 +211,11 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
     imputed = None
     if inserter.kind != "inpainting":
         table = gene_io.read_gene_table(args.genes)
-        imputed = _check_imputation(table, [args.sample, args.blend_with], metadata.gene_names,
-                                    args.impute_missing_genes)
+        imputed = check_imputation(table, [args.sample, args.blend_with], metadata.gene_names,
+                                   args.impute_missing_genes)
+        if imputed:
+            print(f"note: {imputed} of {len(metadata.gene_names)} model genes were missing and set to the training "
+                  "mean (recorded as imputed_genes in the provenance)", file=sys.stderr)
         profile = gene_io.profile_for_model(
             table, args.sample, metadata.gene_names, metadata.gene_means, metadata.gene_stds,
             impute=args.impute_missing_genes, blend_with=args.blend_with,
@@ -272,34 +273,6 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
     return {"result": result, "outputs": [final for _, final in staged], "voxels": voxels, "sample": sample}
 
 
-def _check_imputation(table: Any, samples: Sequence[str | None], gene_names: Sequence[str], allowed: bool) -> int:
-    """How many model genes the table lacks for the sample(s) (the most over a blend's two); refuses to
-    impute more than MAX_IMPUTED_FRACTION of them, and says on stderr how many were imputed."""
-    index = table.gene_index()
-    rows = np.array([index.get(str(g), -1) for g in gene_names])
-    worst = 0
-    for sample in samples:
-        if sample is None:
-            continue
-        try:
-            column = np.asarray(table.sample_values(sample), dtype=np.float64)
-        except (KeyError, ValueError):
-            continue  # an unknown sample: profile_for_model names it
-        present = rows >= 0
-        missing = ~present
-        missing[present] = np.isnan(column[rows[present]])
-        worst = max(worst, int(missing.sum()))
-    if worst and allowed:
-        share = worst / max(len(gene_names), 1)
-        if share > MAX_IMPUTED_FRACTION:
-            raise CLIError(f"{worst} of {len(gene_names)} model genes ({100 * share:.0f} %) are missing from the gene "
-                           f"table; imputing more than {100 * MAX_IMPUTED_FRACTION:.0f} % would make the profile "
-                           "mostly the training mean: use a table with the model's genes")
-        print(f"note: {worst} of {len(gene_names)} model genes were missing and set to the training mean "
-              "(recorded as imputed_genes in the provenance)", file=sys.stderr)
-    return worst if allowed else 0
-
-
 def _provenance_text(provenance: dict[str, Any]) -> str:
     import json
 
@@ -340,6 +313,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     for module, name in (
         ("RadiogenomicGANLib.bundled", "BundledModelError"),
         ("RadiogenomicGANLib.devices", "DeviceError"),
+        ("RadiogenomicGANLib.imputation", "ImputationError"),
         ("RadiogenomicGANLib.volume_io", "VolumeIOError"),
         ("RadiogenomicGANLib.genes", "GeneTableError"),
         ("RadiogenomicGANLib.dicom_io", "DicomError"),
