@@ -357,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_summary(summary)
         return 0
 
-    return run_cli(body, _bad_input_errors())
+    return run_cli(body, _bad_input_errors(), interrupted="interrupted: no output written")
 
 
 def insert_main() -> int:

@@ -50,16 +50,18 @@ def describe_os_error(error: OSError) -> str:
     return reason if error.filename is None else f"{error.filename}: {reason}"
 
 
-def run_cli(body: Callable[[], int], user_errors: tuple[type[BaseException], ...] = ()) -> int:
+def run_cli(body: Callable[[], int], user_errors: tuple[type[BaseException], ...] = (), *,
+            interrupted: str = "interrupted") -> int:
     """Run a command's body under the one convention above and return its exit status.
 
     `user_errors` are the exception types that mean bad input (besides `UserError` and `OSError`, which
     file access raises for unwritable or missing paths). Anything else propagates with its traceback: a bug.
+    `interrupted` is printed on Ctrl-C (a command that writes atomically can add "no output written").
     """
     try:
         return body()
     except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return EXIT_CANCELLED
     except (UserError, *user_errors) as error:  # type: ignore[misc]
         print(f"error: {_one_line(str(error))}", file=sys.stderr)
