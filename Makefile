@@ -4,16 +4,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+# Where torch comes from. Empty: pip's configured index (on this project's machines, the CPU wheel; on an
+# ordinary Linux machine PyPI's CUDA build). For the CPU build anywhere:
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
-.PHONY: venv test lint demo demo-weights bench clean
+.PHONY: venv test lint demo demo-weights wheel bench clean
 
 venv: $(STAMP)
 
-# torch first, pinned to the on-disk CPU wheel, so the range in pyproject.toml installs nothing more.
-$(STAMP): pyproject.toml
+# torch first, pinned (from TORCH_INDEX when set), so the range in pyproject.toml installs nothing more.
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
@@ -52,5 +56,10 @@ demo-weights: $(STAMP)
 	cp $(DEMO_WORK)/run/demo_model.safetensors $(DEMO_WORK)/run/demo_model.json Resources/
 	cd Resources && sha256sum demo_model.safetensors demo_model.json > demo_model.sha256
 
+# A wheel of the checkout in dist/: the Lib, the training package as `radiogenomicgan_training`, and the
+# demo model now in Resources/ as package data (README, Installation). Build isolation fetches setuptools ≥ 77.
+wheel: $(STAMP)
+	$(PY) -m pip wheel --no-deps -w dist .
+
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache
+	rm -rf $(VENV) demo_output .pytest_cache build dist

@@ -3,7 +3,9 @@
 The same `NoduleInserter` as the Slicer module does the work. Everything that can be checked is checked
 before anything is written (output suffixes and folders, weights, gene table and sample, the CT, centres,
 slices, lung), outputs are written to hidden temporary files and renamed only when all of them are complete,
-so a failed or cancelled run leaves no partial output. Bad input exits with status 2 and one clear line.
+so a failed or cancelled run leaves no partial output; temporary files a killed run left for the same
+outputs are removed. Bad input — including an output that cannot be written or that would land on an input —
+exits with status 2 and one clear line (`cli_common` holds the convention every CLI of the project shares).
 """
 
 from __future__ import annotations
@@ -21,16 +23,21 @@ from typing import Any
 import numpy as np
 
 from RadiogenomicGANLib import request as request_path
-from RadiogenomicGANLib.atomic import partial_path
+from RadiogenomicGANLib.atomic import check_writable, partial_path, remove_abandoned_partials
+from RadiogenomicGANLib.bundled import bundled_weights_path, verify_bundled
+from RadiogenomicGANLib.cli_common import EXIT_CANCELLED, EXIT_USER_ERROR, UserError, check_not_an_input, run_cli
 from RadiogenomicGANLib.insertion import InsertionCancelled, InsertionError
 from RadiogenomicGANLib.segments import nodule_segments
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "Resources" / "demo_model.safetensors"
-EXIT_BAD_INPUT = 2
-EXIT_CANCELLED = 130
+DEFAULT_WEIGHTS = bundled_weights_path()
+EXIT_BAD_INPUT = EXIT_USER_ERROR
+#: No CT has this many slices; a longer --slices range or ±K is a typo, refused before any list is built.
+MAX_SLICES = request_path.MAX_SLICES
+#: More threads than this only oversubscribe the CPU (and a typo like 100000 would try to start them all).
+MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 
-class CLIError(ValueError):
+class CLIError(UserError):
     """Bad command-line input (exit status 2)."""
 
 
@@ -120,31 +127,40 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
             raise CLIError(f"--out-dicom-seg {args.out_dicom_seg}: not a file in an existing folder")
         if args.ct.is_file() and not args.ct.name.lower().endswith(".dcm"):
             raise CLIError("--out-dicom-seg needs a DICOM input series (--ct DICOM_FOLDER) to reference")
-    finals = [p for p in (args.out_volume, args.out_segmentation, args.out_weight_map, args.out_dicom_seg) if p]
+    options = {"--out-volume": args.out_volume, "--out-segmentation": args.out_segmentation,
+               "--out-weight-map": args.out_weight_map, "--out-dicom-seg": args.out_dicom_seg}
+    finals = [p for p in options.values() if p]
     if len({p.resolve() for p in finals}) != len(finals):
         raise CLIError("two outputs have the same path")
-    if args.ct.exists() and any(p.resolve() == args.ct.resolve() for p in finals):
-        raise CLIError("an output would overwrite the input CT")
+    for option, path in options.items():
+        # a file of the input, or anywhere in an input DICOM folder (a new file there joins the series)
+        if path is not None:
+            check_not_an_input(path, [args.ct, args.genes, args.weights], option)
+    for folder in {(p.parent if str(p.parent) else Path(".")) for p in finals}:
+        check_writable(folder)  # a read-only folder fails now, not after the generator has run
     if args.auto is not None and args.auto < 1:
         raise CLIError("--auto N needs N ≥ 1")
-    if args.half_slices < 0:
-        raise CLIError("--half-slices must be ≥ 0")
+    if not 0 <= args.half_slices <= MAX_SLICES // 2:
+        raise CLIError(f"--half-slices must be between 0 and {MAX_SLICES // 2}, got {args.half_slices}")
     centres = np.stack([parse_centre(c) for c in args.center_ras]) if args.center_ras else None
 
+    if not 0 <= args.seed < 2**63:
+        raise CLIError(f"--seed must be between 0 and 2**63 − 1, got {args.seed}")
     if args.threads is not None:
-        if args.threads < 1:
-            raise CLIError("--threads must be ≥ 1")
+        if not 1 <= args.threads <= MAX_THREADS:
+            raise CLIError(f"--threads must be between 1 and {MAX_THREADS} (4 × this machine's CPUs)")
         import torch
 
         torch.set_num_threads(args.threads)
 
     # 2. the request: the same path as the Slicer module (RadiogenomicGANLib.request).
-    weights = args.weights or DEFAULT_WEIGHTS
-    if not Path(weights).exists():
-        if args.weights is None:
-            raise CLIError(f"the bundled demo model {DEFAULT_WEIGHTS} is not there (not trained/bundled yet): "
-                           "pass --weights FILE.safetensors")
-        raise CLIError(f"weights file not found: {weights}")
+    if args.weights is None:
+        try:
+            weights = verify_bundled(DEFAULT_WEIGHTS)
+        except ValueError as error:
+            raise CLIError(str(error)) from None
+    else:
+        weights = args.weights
     request = request_path.InsertionRequest(
         sample=args.sample, gene_table=args.genes, blend_with=args.blend_with, blend_weight=args.blend_weight,
         impute_missing_genes=args.impute_missing_genes, weights=weights, device=args.device, centres_ras=centres,
@@ -152,11 +168,17 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
         allow_outside_lung=args.allow_outside_lung, weight_map=args.out_weight_map is not None,
         input_name=_input_name(args.ct))
     loaded = volume_io.read_volume(args.ct, series_uid=args.series_uid)
+    if args.series_uid is not None and loaded.source != "dicom":
+        raise CLIError(f"--series-uid picks a series of a DICOM folder; {args.ct.name} is a {loaded.source} file")
     if args.out_dicom_seg is not None and loaded.source != "dicom":
         raise CLIError("--out-dicom-seg needs a DICOM input series (--ct DICOM_FOLDER) to reference")
     cache = request_path.ResourceCache()
     plan = request_path.make_plan(request, loaded.geometry, cache)
     sample = plan.gene_sample
+    imputed = plan.provenance.get("imputed_genes")
+    if imputed:
+        print(f"note: {imputed} of {len(plan.inserter.metadata.gene_names)} model genes were missing and set to the "
+              "training mean (recorded as imputed_genes in the provenance)", file=sys.stderr)
 
     # 3. insert (validates the CT, centres, slices and lung before the generator runs).
     with _ProgressBar(args.quiet, args.progress_lines) as progress:
@@ -166,6 +188,7 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
     segments = nodule_segments(len(result.centres_ras), result.provenance)
     provenance_text = _provenance_text(result.provenance)
     staged: list[tuple[Path, Path]] = []
+    remove_abandoned_partials(finals)
     try:
         target = partial_path(args.out_volume)
         staged.append((target, args.out_volume))
@@ -246,6 +269,9 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     """Every exception type that means 'bad input' (exit 2), imported lazily so --help stays fast."""
     errors: list[type[BaseException]] = [CLIError, InsertionError, request_path.RequestError]
     for module, name in (
+        ("RadiogenomicGANLib.bundled", "BundledModelError"),
+        ("RadiogenomicGANLib.devices", "DeviceError"),
+        ("RadiogenomicGANLib.imputation", "ImputationError"),
         ("RadiogenomicGANLib.volume_io", "VolumeIOError"),
         ("RadiogenomicGANLib.genes", "GeneTableError"),
         ("RadiogenomicGANLib.dicom_io", "DicomError"),
@@ -273,23 +299,31 @@ def _join_negative_values(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m RadiogenomicGANLib insert ...`: exit 0, 2 (bad input, one line on stderr) or 130."""
     parser = build_parser()
     args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     if args.command != "insert":
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
-    try:
-        summary = run_insert(args)
-    except InsertionCancelled:
-        print("cancelled: no output written", file=sys.stderr)
-        return EXIT_CANCELLED
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return EXIT_CANCELLED
-    except _bad_input_errors() as error:
-        message = " ".join(str(error).split())
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+
+    def body() -> int:
+        try:
+            summary = run_insert(args)
+        except InsertionCancelled:
+            print("cancelled: no output written", file=sys.stderr)
+            return EXIT_CANCELLED
+        _print_summary(summary)
+        return 0
+
+    return run_cli(body, _bad_input_errors(), interrupted="interrupted: no output written")
+
+
+def insert_main() -> int:
+    """Console script `radiogenomicgan-insert ...` = `python -m RadiogenomicGANLib insert ...`."""
+    return main(["insert", *sys.argv[1:]])
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
     result = summary["result"]
     print(f"Inserted {len(result.centres_ras)} synthetic nodule(s) for {summary['sample']} "
           f"(seed {result.provenance['seed']}, {result.provenance['model_kind']} model, "
@@ -299,4 +333,3 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"slices {ks[0]}–{ks[-1]}, {voxels} labelled voxels")
     for path in summary["outputs"]:
         print(f"  wrote {path}")
-    return 0

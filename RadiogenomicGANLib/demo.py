@@ -1,7 +1,8 @@
 """`make demo`: the main job on the embedded default, from a fresh clone, in well under 3 minutes on 2 cores.
 
 1. A phantom chest CT is generated in memory and written to `demo_output/phantom_ct.nrrd`.
-2. The bundled demo model (`Resources/demo_model.safetensors`) is loaded. Without it the demo stops with a
+2. The bundled demo model (`Resources/demo_model.safetensors` in a checkout, package data in a wheel: see
+   `bundled.py`) is loaded and checked against its SHA-256 list. Without it the demo stops with a
    clear message: a randomly initialised model draws no nodules, and a demo that silently shows noise would
    mislead (`--random-model` exists for developing the demo itself and says so loudly on every output).
 3. A small phantom cohort's gene table is written (`phantom_genes.txt`, GEO format); three donors of
@@ -30,14 +31,25 @@ from typing import Any
 
 import numpy as np
 
+from RadiogenomicGANLib.bundled import bundled_weights_path, verify_bundled
 from RadiogenomicGANLib.segments import nodule_segments
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "Resources" / "demo_model.safetensors"
+DEFAULT_WEIGHTS = bundled_weights_path()
+#: Bounds of the demo's knobs: a phantom of 32…1024 pixels per side; at most 16 nodules of ±20 slices.
+SIZE_RANGE = (32, 1024)
+MAX_NODULES = 16
+MAX_HALF_SLICES = 20
+# The demo CT is a patient no model was trained on: an index past the cohort, a seed apart from the cohort's
+# (any offsets would do; these drew a CT whose lungs leave room for nodules at the default size). Its own
+# genes are not used (the donors' are), so it draws only a few.
+CT_PATIENT_OFFSET = 7
+CT_SEED_OFFSET = 1000
+CT_GENES = 64
 DISPLAY_WINDOW = (-1350.0, 150.0)  # lung window W1500 / L−600
 CROP_MM = 70.0
 
 
-class DemoError(RuntimeError):
+class DemoError(ValueError):
     """The demo cannot run as asked (e.g. the bundled model is missing); the message says what to do."""
 
 
@@ -62,6 +74,11 @@ def load_model(weights: Path | None, random_model: bool, device: str) -> tuple[A
             "project (see the README: `make demo-weights`); pass --weights FILE.safetensors to use another "
             "model. (--random-model runs the pipeline with an untrained network, for development only.)"
         )
+    if weights is None:
+        try:
+            verify_bundled(path)
+        except ValueError as error:
+            raise DemoError(str(error)) from None
     inserter = NoduleInserter.from_weights(path, device=device)
     return inserter, f"{path.name} ({inserter.kind}, sha256 {str(inserter.weights_sha256)[:12]}…)"
 
@@ -260,7 +277,8 @@ def run(out: Path, *, weights: Path | None = None, random_model: bool = False, c
           + ", ".join(f"{d.sample_id} (class {d.module_class})" for d in donors))
 
     # 2. the CT (a patient outside the cohort), written as NRRD
-    patient = generate_patient(cohort_size + 7, seed_cohort + 1000, size_ij=size, n_genes=64)
+    patient = generate_patient(cohort_size + CT_PATIENT_OFFSET, seed_cohort + CT_SEED_OFFSET, size_ij=size,
+                               n_genes=CT_GENES)
     volume, geometry = patient.volume_hu, patient.geometry
     ct_path = volume_io.write_volume(out / "phantom_ct.nrrd", volume, geometry)
     written["phantom CT"] = ct_path
@@ -348,15 +366,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256, help="phantom in-plane matrix (default 256)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
+    if not 1 <= args.nodules <= MAX_NODULES:
+        parser.error(f"--nodules must be between 1 and {MAX_NODULES}")
+    if not 0 <= args.half_slices <= MAX_HALF_SLICES:
+        parser.error(f"--half-slices must be between 0 and {MAX_HALF_SLICES}")
+    if not SIZE_RANGE[0] <= args.size <= SIZE_RANGE[1]:
+        parser.error(f"--size must be between {SIZE_RANGE[0]} and {SIZE_RANGE[1]}")
+    from RadiogenomicGANLib.cli_common import check_output_folder, run_cli
+    from RadiogenomicGANLib.devices import DeviceError
+    from RadiogenomicGANLib.genes import GeneTableError
     from RadiogenomicGANLib.insertion import InsertionError
+    from RadiogenomicGANLib.volume_io import VolumeIOError
+    from RadiogenomicGANLib.weights import WeightsError
 
-    try:
+    def body() -> int:
+        check_output_folder(args.out, create=False)
         run(args.out, weights=args.weights, random_model=args.random_model, cohort_seed=args.cohort_seed,
             nodules=args.nodules, half_slices=args.half_slices, seed=args.seed, size=args.size, device=args.device)
-    except (DemoError, InsertionError) as error:
-        print(f"demo: {error}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_cli(body, (DemoError, InsertionError, DeviceError, GeneTableError, VolumeIOError, WeightsError))
 
 
 if __name__ == "__main__":

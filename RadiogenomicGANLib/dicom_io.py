@@ -21,6 +21,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from .geometry import VolumeGeometry
 
@@ -243,20 +244,46 @@ def read_ct_series(
     if int(first.get("NumberOfFrames", 1) or 1) > 1:
         raise DicomError(f"{where} is a multi-frame (enhanced) CT; only one slice per file is supported")
 
+    counts = {"ImageOrientationPatient": 6, "PixelSpacing": 2, "ImagePositionPatient": 3}
+
     def values(dataset: Dataset, keyword: str, path: Path) -> np.ndarray:
+        """A numeric multi-value attribute, checked: a bad one names the file and the attribute."""
         if keyword not in dataset:
             raise DicomError(f"CT slice {path} has no {keyword}")
-        return np.asarray([float(v) for v in dataset[keyword].value], dtype=np.float64)
+        try:
+            raw = dataset[keyword].value
+            parsed = np.asarray([float(v) for v in (raw if isinstance(raw, list | tuple | MultiValue) else [raw])],
+                                dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):
+            text = dataset.get_item(keyword).value  # the undecoded bytes
+            text = text.decode("ascii", "replace").strip() if isinstance(text, bytes) else str(text)
+            raise DicomError(f"CT slice {path}: {keyword} {text[:40]!r} is not numbers") from None
+        if parsed.shape != (counts[keyword],) or not np.isfinite(parsed).all():
+            raise DicomError(f"CT slice {path}: {keyword} must hold {counts[keyword]} finite numbers, got "
+                             f"{str(raw)[:40]!r}")
+        if keyword == "PixelSpacing" and (parsed <= 0).any():
+            raise DicomError(f"CT slice {path}: PixelSpacing must be positive, got {str(raw)[:40]!r}")
+        return parsed
+
+    def size(dataset: Dataset, path: Path) -> tuple[int, int]:
+        """(Rows, Columns), present and positive."""
+        try:
+            shape = (int(dataset.Rows), int(dataset.Columns))
+        except (AttributeError, TypeError, ValueError):
+            raise DicomError(f"CT slice {path} has no valid Rows/Columns (image size)") from None
+        if min(shape) < 1:
+            raise DicomError(f"CT slice {path}: image size {shape[0]}×{shape[1]} is empty")
+        return shape
 
     orientation = values(first, "ImageOrientationPatient", paths[0])
     pixel_spacing = values(first, "PixelSpacing", paths[0])
-    rows, columns = int(first.Rows), int(first.Columns)
+    rows, columns = size(first, paths[0])
     for dataset, path in zip(datasets, paths):
         if str(dataset.get("Modality", "")) != "CT":
             raise DicomError(f"{where}: {path.name} is modality {dataset.get('Modality', '?')}, not CT")
         if not np.allclose(values(dataset, "ImageOrientationPatient", path), orientation, atol=1e-4):
             raise DicomError(f"{where}: inconsistent ImageOrientationPatient ({path.name} differs)")
-        if (int(dataset.Rows), int(dataset.Columns)) != (rows, columns):
+        if size(dataset, path) != (rows, columns):
             raise DicomError(f"{where}: inconsistent image size ({path.name} is {dataset.Rows}×"
                              f"{dataset.Columns}, first slice {rows}×{columns})")
         if not np.allclose(values(dataset, "PixelSpacing", path), pixel_spacing, atol=1e-4):

@@ -1,4 +1,4 @@
-"""The insertion pipeline (DESIGN.md decision 10): synthetic nodules pasted into chosen slices of a CT.
+"""The insertion pipeline: synthetic nodules pasted into chosen slices of a CT (feathered, input untouched).
 
 For every nodule centre (RAS mm) and every requested slice k, the 60 mm axial patch around the centre's
 projection on slice k is resampled in millimetres (`patches.py`), mapped to the network's HU window, and run
@@ -14,6 +14,8 @@ Decisions a user should know:
   cached, so repeated insertions into the same CT are quick.
 - A centre outside the lung is refused unless `allow_outside_lung=True`; automatic placement picks centres
   5–25 mm inside the lung boundary, on slices far enough from the volume's ends for the requested ±k.
+  With `allow_outside_lung=True` and explicit centres, a CT in which no lung is found at all is still
+  accepted: the label is then not clipped to a lung.
 - The nodule label (value n for nodule n, 1-based) is the generated mask > 0.5 resampled to the slice,
   where the composite alpha is ≥ 0.5, and inside the lung mask: the segmentation marks the synthetic
   nodule in the lung, never a stray blob the network drew over the chest wall or the patch border.
@@ -37,6 +39,7 @@ import torch
 from torch import nn
 
 from RadiogenomicGANLib.atomic import file_sha256
+from RadiogenomicGANLib.devices import DeviceError, resolve_device
 from RadiogenomicGANLib.geometry import VolumeGeometry
 from RadiogenomicGANLib.intensity import hu_to_unit, unit_to_hu
 from RadiogenomicGANLib.patches import extract_patch, feather_alpha, patch_frame, resample_to_slice
@@ -52,6 +55,13 @@ TISSUE_HU = -200.0
 MIN_FRACTION = 0.002
 HU_LIMITS = (-4000.0, 40000.0)
 MIN_INPLANE_VOXELS = 16
+#: torch's generator takes seeds in [0, 2**64); 2**63 keeps them valid for numpy and signed 64-bit storage too.
+MAX_SEED = 2**63
+#: Training provenance copied into every output's provenance is cut to this many keys, so a long one does
+#: not bloat each NRRD header and DICOM SEG (the full record stays in the weights' JSON).
+MAX_TRAINING_PROVENANCE_KEYS = 20
+#: Slices per voxel-slab checked at a time for NaN/Inf (bounded memory on a 512×512×1000 float volume).
+_FINITE_CHECK_SLICES = 16
 AUTO_MIN_MM = 5.0
 AUTO_MAX_MM = 25.0
 
@@ -78,24 +88,11 @@ class InsertionResult:
     patches: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' → CUDA when available, else CPU; an explicit 'cuda' without a GPU is a clear error."""
-    if isinstance(device, torch.device):
-        return device
-    name = str(device).lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InsertionError("device 'cuda' was requested but no CUDA GPU is available; use 'auto' or 'cpu'")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise InsertionError(f"unknown device {device!r}: use auto, cpu or cuda")
-    return torch.device(name)
-
-
 def check_hu_volume(volume: np.ndarray) -> None:
     """Refuse arrays that are not 3D CT in Hounsfield units, with the reason.
 
-    Rule (on a strided sample, robust to a few odd voxels): values finite and within −4000…40000; at least
+    Rule: every voxel finite and within −4000…40000 (checked on all voxels: a single NaN slice would
+    otherwise pass and spread through the output and the lung mask); and, on a strided sample, at least
     0.2 % of voxels ≤ −500 HU (air/lung — every chest CT has them) and at least 0.2 % ≥ −200 HU (soft
     tissue). 0…255 and 0…4095 images and [0, 1]/[−1, 1] normalised arrays fail the air test.
     """
@@ -107,15 +104,20 @@ def check_hu_volume(volume: np.ndarray) -> None:
         raise InsertionError(f"the slices are only {volume.shape[1]}×{volume.shape[2]} voxels; is this a CT?")
     if not (np.issubdtype(volume.dtype, np.integer) or np.issubdtype(volume.dtype, np.floating)):
         raise InsertionError(f"unsupported voxel type {volume.dtype}; a CT in HU (integer or float) is needed")
-    step = max(1, round((volume.size / 2_000_000) ** (1 / 3)))
-    sample = np.asarray(volume[::step, ::step, ::step], dtype=np.float32)
-    if not np.isfinite(sample).all():
-        raise InsertionError("the volume contains NaN or infinite values")
-    low, high = float(sample.min()), float(sample.max())
+    if np.issubdtype(volume.dtype, np.floating):
+        for start in range(0, volume.shape[0], _FINITE_CHECK_SLICES):
+            slab = volume[start : start + _FINITE_CHECK_SLICES]
+            if not np.isfinite(slab).all():
+                bad = start + int(np.flatnonzero(~np.isfinite(slab).all(axis=(1, 2)))[0])
+                raise InsertionError(f"the volume contains NaN or infinite values (first in slice {bad})")
+    low, high = float(volume.min()), float(volume.max())
     if low < HU_LIMITS[0] or high > HU_LIMITS[1]:
         raise InsertionError(
             f"intensities {low:.0f}…{high:.0f} are outside any Hounsfield range; is the rescale applied?"
         )
+    # the fractions on a strided sample of about 2 million voxels: cheap, and a fraction needs no more
+    step = max(1, round((volume.size / 2_000_000) ** (1 / 3)))
+    sample = np.asarray(volume[::step, ::step, ::step], dtype=np.float32)
     air = float(np.mean(sample <= AIR_HU))
     tissue = float(np.mean(sample >= TISSUE_HU))
     if air < MIN_FRACTION or tissue < MIN_FRACTION:
@@ -158,7 +160,10 @@ class NoduleInserter:
         weights_path: str | Path | None = None,
         weights_sha256: str | None = None,
     ) -> None:
-        self.device = resolve_device(device)
+        try:
+            self.device = resolve_device(device)
+        except DeviceError as error:
+            raise InsertionError(str(error)) from None
         self.generator = generator.to(self.device).eval()
         self.metadata = metadata
         self.batch_size = max(1, int(batch_size))
@@ -177,19 +182,18 @@ class NoduleInserter:
     # --- construction -------------------------------------------------------------------------------
     @classmethod
     def from_weights(cls, path: str | Path, device: str | torch.device = "auto", **kwargs: Any) -> NoduleInserter:
-        """Load `NAME.safetensors` + `NAME.json`; a missing or bad file is an InsertionError with the reason."""
-        from RadiogenomicGANLib.weights import load_weights
+        """Load `NAME.safetensors` + `NAME.json`; a missing or bad file is an InsertionError with the reason.
+
+        Any path goes to `load_weights`, which names a pickle or zip checkpoint (`x.pt`) as such and refuses it.
+        """
+        from RadiogenomicGANLib.weights import load_weights, weights_paths
 
         path = Path(path)
-        tensors = path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
-        if path.suffix == ".json":
-            tensors = path.with_suffix(".safetensors")
-        if not tensors.exists():
-            raise InsertionError(f"weights file not found: {tensors}")
         try:
-            generator, metadata = load_weights(tensors, map_location="cpu")
+            generator, metadata = load_weights(path, map_location="cpu")
         except (ValueError, OSError, KeyError, RuntimeError) as error:
-            raise InsertionError(f"cannot load weights {tensors.name}: {error}") from error
+            raise InsertionError(f"cannot load weights {path.name}: {error}") from error
+        tensors = weights_paths(path)[0]
         return cls(generator, metadata, device, weights_path=tensors, weights_sha256=file_sha256(tensors), **kwargs)
 
     @property
@@ -244,11 +248,13 @@ class NoduleInserter:
         lung_mask: np.ndarray | None = None,
         progress: ProgressCallback | None = None,
         gene_sample: str | dict[str, Any] | None = None,
+        imputed_genes: int | None = None,
     ) -> InsertionResult:
         """Insert one nodule per centre (or `auto_count` automatically placed ones) into a copy of the CT.
 
         `slices[n]` lists the slice indices k of nodule n; without it every nodule spans ±`half_slices`
-        around its centre's slice. `gene_sample` only documents the profile in the provenance.
+        around its centre's slice. `gene_sample` and `imputed_genes` (how many of the model's genes were set
+        to the training mean because the table lacked them) only document the profile in the provenance.
         Raises InsertionError on bad input (before any heavy work where possible) and InsertionCancelled
         when `progress` returns False.
         """
@@ -259,6 +265,8 @@ class NoduleInserter:
         genes = self._check_profile(gene_profile)
         if half_slices < 0:
             raise InsertionError(f"half_slices must be ≥ 0, got {half_slices}")
+        if not 0 <= int(seed) < MAX_SEED:
+            raise InsertionError(f"seed must be an integer in 0…2**63 − 1, got {seed}")
         explicit = centres_ras is not None and np.size(centres_ras) > 0
         if explicit and auto_count:
             raise InsertionError("give either centres or an automatic count, not both")
@@ -278,9 +286,17 @@ class NoduleInserter:
                 raise InsertionError(f"lung mask shape {lung.shape} differs from the volume's {volume.shape}")
         else:
             report(0.02, "Computing the lung mask")
-            lung = self.lung_mask(volume, geometry)
+            try:
+                lung = self.lung_mask(volume, geometry)
+            except InsertionError:
+                if not (explicit and allow_outside_lung):
+                    raise
+                lung = np.zeros(volume.shape, dtype=bool)
         if not lung.any():
-            raise InsertionError("no lung found in this CT (the lung mask is empty)")
+            if not (explicit and allow_outside_lung):
+                raise InsertionError("no lung found in this CT (the lung mask is empty)")
+            # the user vouches for the centres: nothing to check them against or to clip the label to
+            lung = np.ones(volume.shape, dtype=bool)
         if explicit:
             if not allow_outside_lung:
                 self._check_in_lung(lung, geometry, centres)
@@ -313,6 +329,7 @@ class NoduleInserter:
             )
         report(1.0, "Done")
         provenance = self._provenance(centres, nodule_slices, seed, auto_count, allow_outside_lung, gene_sample)
+        provenance["imputed_genes"] = None if imputed_genes is None else int(imputed_genes)
         patches = {"background_hu": backgrounds, "generated_hu": generated_hu, "mask": masks, "alpha": alphas}
         if weights is not None:
             patches["weight_map"] = weights
@@ -349,8 +366,8 @@ class NoduleInserter:
         for n, (point, index) in enumerate(zip(centres, kji)):
             if (index < -0.5).any() or (index > upper).any():
                 raise InsertionError(
-                    f"centre {n + 1} at RAS ({point[0]:.1f}, {point[1]:.1f}, {point[2]:.1f}) mm is outside the "
-                    f"volume (voxel k,j,i = {index[0]:.1f}, {index[1]:.1f}, {index[2]:.1f}; shape {tuple(shape)})"
+                    f"centre {n + 1} at RAS ({point[0]:.6g}, {point[1]:.6g}, {point[2]:.6g}) mm is outside the "
+                    f"volume (voxel k,j,i = {index[0]:.6g}, {index[1]:.6g}, {index[2]:.6g}; shape {tuple(shape)})"
                 )
         return centres
 
@@ -363,6 +380,8 @@ class NoduleInserter:
         half_slices: int,
     ) -> list[list[int]]:
         centre_k = np.rint(geometry.ras_to_kji(centres)[:, 0]).astype(int)
+        if slices is None and half_slices >= num_slices:
+            raise InsertionError(f"±{half_slices} slices per nodule do not fit in a volume of {num_slices} slices")
         if slices is None:
             planned = [list(range(k - half_slices, k + half_slices + 1)) for k in centre_k]
         else:
@@ -378,7 +397,8 @@ class NoduleInserter:
             bad = [k for k in ks if not 0 <= k < num_slices]
             if bad:
                 raise InsertionError(
-                    f"slices {bad} of centre {n + 1} are out of range: the volume has slices 0…{num_slices - 1}"
+                    f"{describe_indices(bad)} of centre {n + 1} out of range: the volume has slices "
+                    f"0…{num_slices - 1}"
                 )
         return planned
 
@@ -530,7 +550,7 @@ class NoduleInserter:
             "model_kind": self.kind,
             "weights_file": self.weights_path.name if self.weights_path else None,
             "weights_sha256": self.weights_sha256,
-            "model_training": {key: trained[key] for key in list(trained)[:20]},
+            "model_training": {key: trained[key] for key in list(trained)[:MAX_TRAINING_PROVENANCE_KEYS]},
             "gene_sample": gene_sample,
             "seed": int(seed),
             "placement": "automatic" if auto_count else "manual",
@@ -542,6 +562,22 @@ class NoduleInserter:
             "device": str(self.device),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
+
+
+def describe_indices(indices: Sequence[int], most: int = 6) -> str:
+    """'slices 5, 6, 500' or, for many, 'slices -998…-1, 300…1002 (1700 slices)': one short line, whatever
+    the count (a ±1000 request once printed 10 KB of indices)."""
+    values = sorted(int(v) for v in indices)
+    if len(values) <= most:
+        return "slices " + ", ".join(map(str, values))
+    runs: list[list[int]] = [[values[0], values[0]]]
+    for value in values[1:]:
+        if value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    text = ", ".join(f"{a}…{b}" if a != b else str(a) for a, b in runs[:most])
+    return f"slices {text}{', …' if len(runs) > most else ''} ({len(values)} slices)"
 
 
 def _inside_patch(frame: Any, box: tuple[slice, slice], size: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The HU window the networks see (DESIGN.md decision 2): [-1000, 500] HU ↔ [-1, 1]."""
+"""The HU window the networks see (the design choice stored with the weights): [-1000, 500] HU ↔ [-1, 1]."""
 
 from __future__ import annotations
 

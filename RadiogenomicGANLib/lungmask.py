@@ -9,6 +9,8 @@ distance from the pleura, so the mask has to be right on real scans, not only on
 3. Remove the air connected to ANY voxel of the in-plane border of ANY slice — not one corner: a table, or
    −2000/−3024 padding outside a circular field of view, splits the outside air into several pieces. The
    first and last slices are not border here, because the trachea (and lungs cut by the scan range) reach them.
+   A border-touching component whose mean is above `outside_air_hu` (−950 HU) is lung, not outside air:
+   CTs cropped around the chest have lungs that touch the in-plane border.
 4. Remove the trachea and main bronchi: slice-wise air sections that are mostly near-pure air
    (< `airway_hu`, −950 HU; lung parenchyma is ≈ −850 HU) and small (< `max_airway_area_mm2`) are airway
    lumen outside the lungs; from them, near-pure air is followed `airway_follow_mm` into the hilum.
@@ -149,13 +151,22 @@ def _drop_crumbs(mask: np.ndarray, fraction: float = 0.01) -> np.ndarray:
     return keep[labels]
 
 
-def _outside_air(air: np.ndarray) -> np.ndarray:
-    """Air components touching the in-plane border of any slice (table and padding may split them)."""
+def _outside_air(air: np.ndarray, coarse_hu: np.ndarray, outside_air_hu: float) -> np.ndarray:
+    """Air components touching the in-plane border of any slice (table and padding may split them), unless
+    their mean is lung parenchyma rather than air: in a CT cropped around the chest (Slicer's Crop Volume,
+    a small reconstruction field of view) the lung itself touches the border. Outside air is ≈ −1000 HU (or
+    −2000/−3024 padding), lung ≈ −850 HU, so the mean of the component tells them apart (a mean by
+    bincount costs one pass; a median per component would sort the whole outside air)."""
     labels, count = ndimage.label(air, structure=_CROSS_3D)
     outside = np.zeros(count + 1, dtype=bool)
     for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
         outside[np.unique(face)] = True
     outside[0] = False
+    if outside.any():
+        flat = labels.ravel()
+        sizes = np.bincount(flat, minlength=count + 1)
+        means = np.bincount(flat, weights=coarse_hu.ravel(), minlength=count + 1) / np.maximum(sizes, 1)
+        outside &= means <= outside_air_hu
     return outside[labels]
 
 
@@ -200,6 +211,7 @@ def compute_lung_mask(
     *,
     threshold_hu: float = -400.0,
     airway_hu: float = -950.0,
+    outside_air_hu: float = -950.0,
     max_airway_area_mm2: float = 900.0,
     airway_follow_mm: float = 20.0,
     closing_mm: float = 10.0,
@@ -226,7 +238,7 @@ def compute_lung_mask(
 
     # 2–3. threshold, remove outside air (every in-plane border voxel of every slice)
     air = coarse < threshold_hu
-    outside = _outside_air(air)
+    outside = _outside_air(air, coarse, outside_air_hu)
     candidate = air & ~outside
 
     # 4. trachea and main bronchi

@@ -1,4 +1,4 @@
-"""Where a patch is cut out of a CT slice and pasted back (DESIGN.md decisions 1 and 10).
+"""Where a patch is cut out of a CT slice and pasted back (design: the 60 mm patch, the feathered composite).
 
 A patch is a square of `size_px × size_px` pixels at `spacing_mm` (60 mm × 60 mm at 64×64 by default) lying
 in the plane of one slice k of the volume. It is resampled in millimetres from the volume's IJK→RAS

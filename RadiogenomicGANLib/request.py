@@ -34,7 +34,8 @@ import numpy as np
 
 # No torch (nor anything importing it) at import time: the Slicer module builds requests in Slicer's own
 # process, where the generator never runs (the background CLI runs it), so torch is never loaded there.
-BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "Resources" / "demo_model.safetensors"
+#: No CT holds more slices than this: bigger requests are typos (and would exhaust memory), refused early.
+MAX_SLICES = 10_000
 SliceSpec = str | int | Sequence[int]
 ProgressCallback = Callable[[float, str], "bool | None"]
 
@@ -92,7 +93,10 @@ def parse_slice_spec(text: str) -> int | list[int]:
     spec = str(text).strip()
     match = _HALF_WIDTH.fullmatch(spec.replace(" ", ""))
     if match:
-        return int(match.group(1))
+        half = int(match.group(1))
+        if 2 * half + 1 > MAX_SLICES:
+            raise RequestError(f"slices {text!r}: ±{half} asks for more slices than any CT has (at most {MAX_SLICES})")
+        return half
     spec = re.sub(r"\s*(-|\.\.|:)\s*(?=-?\d)", r"\1", spec)  # "45 - 48" → "45-48"
     values: list[int] = []
     for part in (p for p in re.split(r"[,\s]+", spec) if p):
@@ -101,11 +105,16 @@ def parse_slice_spec(text: str) -> int | list[int]:
             low, high = int(span.group(1)), int(span.group(2))
             if high < low:
                 raise RequestError(f"slices {text!r}: the range {part} runs backwards")
+            if high - low + 1 > MAX_SLICES:
+                raise RequestError(f"slices {text!r}: the range {part} holds more slices than any CT has "
+                                   f"(at most {MAX_SLICES})")
             values.extend(range(low, high + 1))
         elif re.fullmatch(r"-?\d+", part):
             values.append(int(part))
         else:
             raise RequestError(f"slices {text!r}: expected '±K' or slice indices such as '40, 41, 45-48'")
+        if len(values) > MAX_SLICES:
+            raise RequestError(f"slices {text!r}: more than {MAX_SLICES} slices")
     if not values:
         raise RequestError(f"slices {text!r}: no slice given")
     return values
@@ -139,7 +148,10 @@ def plan_slices(
 ) -> list[list[int]]:
     """Explicit slice lists for every centre from the specs (one for all, or one per centre)."""
     specs = list(specs or ())
-    centre_k = np.rint(geometry.ras_to_kji(np.asarray(centres, dtype=np.float64).reshape(-1, 3))[:, 0]).astype(int)
+    k_float = geometry.ras_to_kji(np.asarray(centres, dtype=np.float64).reshape(-1, 3))[:, 0]
+    if not np.all(np.abs(k_float) < 10 * MAX_SLICES):  # the insertion names the volume's range for nearer ones
+        raise RequestError(f"a centre lies outside the volume (slice index {k_float[np.argmax(np.abs(k_float))]:.3g})")
+    centre_k = np.rint(k_float).astype(int)
     parsed = [_as_spec(s) for s in specs] if len(specs) else [int(half_slices)]
     if len(parsed) == 1:
         parsed = parsed * len(centre_k)
@@ -158,15 +170,17 @@ def gene_sample_label(sample: str | None, blend_with: str | None = None, blend_w
 
 # --- resources ----------------------------------------------------------------------------------------------
 def default_weights() -> Path:
-    """The bundled demo model: Resources/ beside the Lib, in the source tree and in a Slicer install alike."""
-    return BUNDLED_WEIGHTS
+    """The bundled demo model (`bundled.bundled_weights_path`: the wheel's package data, else Resources/)."""
+    from RadiogenomicGANLib.bundled import bundled_weights_path
+
+    return bundled_weights_path()
 
 
 def load_inserter(weights: str | Path, device: str = "auto") -> Any:
     """A NoduleInserter for the weights file; a missing file is a RequestError saying which (before torch loads)."""
     path = Path(weights)
     if not path.exists():
-        if path == BUNDLED_WEIGHTS:
+        if path == default_weights():
             raise RequestError(f"the bundled demo model {path} is not installed: choose a weights file")
         raise RequestError(f"weights file not found: {path}")
     from RadiogenomicGANLib.insertion import NoduleInserter
@@ -227,8 +241,8 @@ def _check_request(request: InsertionRequest) -> None:
         raise RequestError("give nodule centres or an automatic count, not both")
     if not explicit and request.auto_count < 1:
         raise RequestError("give nodule centres (points in the lung) or an automatic count ≥ 1")
-    if request.half_slices < 0:
-        raise RequestError(f"±{request.half_slices} slices: the half width must be ≥ 0")
+    if not 0 <= request.half_slices <= MAX_SLICES // 2:
+        raise RequestError(f"±{request.half_slices} slices: the half width must be between 0 and {MAX_SLICES // 2}")
     if request.blend_with and not 0.0 <= float(request.blend_weight) <= 1.0:
         raise RequestError(f"blend weight {request.blend_weight} is not in [0, 1]")
 
@@ -236,6 +250,7 @@ def _check_request(request: InsertionRequest) -> None:
 def make_plan(request: InsertionRequest, geometry: Any, cache: ResourceCache | None = None) -> InsertionPlan:
     """Validate a request against its CT geometry; loads the generator and forms the gene profile."""
     from RadiogenomicGANLib.genes import profile_for_model
+    from RadiogenomicGANLib.imputation import check_imputation
 
     _check_request(request)
     cache = cache or ResourceCache()
@@ -252,10 +267,13 @@ def make_plan(request: InsertionRequest, geometry: Any, cache: ResourceCache | N
             centres = np.asarray(request.centres_ras, dtype=np.float64).reshape(-1, 3)
         except (TypeError, ValueError) as error:
             raise RequestError("centres must be RAS points (n, 3) in mm") from error
+        if not np.isfinite(centres).all():
+            raise RequestError("centres must be finite RAS points in mm")
         slices = plan_slices(specs, centres, geometry, half)
 
     inserter = cache.inserter(request.weights, request.device)
     profile = None
+    imputed = None
     if inserter.kind != "inpainting":
         if not request.gene_table:
             raise RequestError(f"the {inserter.kind} model needs a gene table (GEO text or CSV)")
@@ -263,13 +281,16 @@ def make_plan(request: InsertionRequest, geometry: Any, cache: ResourceCache | N
             raise RequestError("choose a sample of the gene table")
         metadata = inserter.metadata
         blend = request.blend_with or None
+        table = cache.gene_table(request.gene_table)
+        imputed = check_imputation(table, [request.sample, blend], metadata.gene_names, request.impute_missing_genes)
         profile = profile_for_model(
-            cache.gene_table(request.gene_table), request.sample, metadata.genes,
+            table, request.sample, metadata.genes,
             impute=request.impute_missing_genes, blend_with=blend,
             blend_weight=float(request.blend_weight) if blend else 0.0)
     provenance: dict[str, Any] = {
         "gene_table": os.path.basename(str(request.gene_table)) if request.gene_table else None,
         "impute_missing_genes": bool(request.impute_missing_genes),
+        "imputed_genes": imputed,
     }
     if request.input_name:
         provenance["input_volume"] = request.input_name

@@ -35,6 +35,12 @@ SEG_SUFFIX = ".seg.nrrd"
 #: Private coding scheme for the "synthetic" note in DICOM SEG (DICOM PS3.16 allows "99" local schemes).
 SYNTHETIC_CODE = ("SYNTHETIC", "99RGGAN", "Synthetic lesion (generated, not a finding)")
 SERIES_DESCRIPTION = "Synthetic nodules (RadiogenomicGAN)"
+#: The SEG series number is the source's plus this offset, so viewers list the derived series after the CT.
+SERIES_NUMBER_OFFSET = 9000
+#: The gene sample's description is cut to this many characters in the SEG's AlgorithmParameters, which lists
+#: every parameter in one string viewers show on one line (a blend's description runs long; the full
+#: provenance stays in the .seg.nrrd and volume headers).
+GENE_SAMPLE_MAX_CHARS = 60
 
 
 class VolumeIOError(ValueError):
@@ -150,7 +156,10 @@ def write_volume(
     for key, value in (metadata or {}).items():
         image.SetMetaData(key, str(value).replace("\n", " "))
     with atomic_path(path) as temporary:
-        sitk.WriteImage(image, str(temporary), useCompression=True)
+        try:
+            sitk.WriteImage(image, str(temporary), useCompression=True)
+        except RuntimeError as error:  # ITK reports a full disk or a read-only folder as a RuntimeError
+            raise VolumeIOError(f"cannot write {path}: {str(error).strip().splitlines()[-1]}") from None
     return path
 
 
@@ -248,7 +257,7 @@ def write_dicom_seg(
         "synthetic": "true",
         "model": str(provenance.get("model_kind", "")),
         "weights": str(provenance.get("weights_file", "")),
-        "gene_sample": json.dumps(provenance.get("gene_sample"), default=str)[:60],
+        "gene_sample": json.dumps(provenance.get("gene_sample"), default=str)[:GENE_SAMPLE_MAX_CHARS],
         "seed": str(provenance.get("seed", "")),
     }
     algorithm = hd.AlgorithmIdentificationSequence(
@@ -290,7 +299,7 @@ def _build_seg(hd: Any, datasets: list[Any], pixel: np.ndarray, descriptions: li
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=generate_uid(),
-        series_number=int(getattr(first, "SeriesNumber", 0) or 0) + 9000,
+        series_number=int(getattr(first, "SeriesNumber", 0) or 0) + SERIES_NUMBER_OFFSET,
         sop_instance_uid=generate_uid(),
         instance_number=1,
         manufacturer="RadiogenomicGAN",

@@ -9,10 +9,18 @@ JSON keys: format_version, kind, architecture (GeneratorConfig.to_dict()), gene_
 gene_preprocessing (what the fit kept and dropped), hu_window, patch_size, patch_spacing_mm, provenance
 (free-form, JSON-serialisable), safetensors_sha256, safetensors_bytes. The SHA-256 covers the whole tensors
 file, so a flipped byte inside tensor data, a truncated copy or a tensors file paired with another file's JSON
-is caught before anything is used. Tensor keys: `generator.<state-dict key>` for the network (batch-norm
-buffers included), and the fitted gene preprocessing (`genes.GenePreprocessing`) as `gene_norm.mean`,
-`gene_norm.std` (float32, one per gene name) and, when it projects, `gene_norm.components` (K × G) — inside
-the hashed file. Format 1 (plain z-scores, no filter or clip) is refused with a message saying what to do.
+is caught before anything is used.
+The other way round, the tensors file's header metadata holds `json_sha256`, the SHA-256 of the JSON record
+without those two keys (canonical form: sorted keys, no spaces): an edited JSON — gene names reordered,
+which would silently misalign every gene, a changed window or spacing — is refused too. Every file
+save_weights() writes carries it; files exported before it load without it.
+Nothing in the JSON is trusted before it is checked: types first, then plausible ranges (HU window, patch
+spacing), then the tensors' shapes against the architecture built on the `meta` device, which allocates
+nothing, so a forged width cannot make a 20 GB network before any tensor is compared.
+Tensor keys: `generator.<state-dict key>` for the network (batch-norm buffers included), and the fitted gene
+preprocessing (`genes.GenePreprocessing`) as `gene_norm.mean`, `gene_norm.std` (float32, one per gene name)
+and, when it projects, `gene_norm.components` (K × G) — inside the hashed file. Format 1 (plain z-scores, no
+filter or clip) is refused with a message saying what to do.
 """
 
 from __future__ import annotations
@@ -43,6 +51,12 @@ _PREFIX = "generator."
 _MEAN_KEY, _STD_KEY, _COMPONENTS_KEY = "gene_norm.mean", "gene_norm.std", "gene_norm.components"
 _REQUIRED_KEYS = ("format_version", "kind", "architecture", "gene_names", "gene_clip", "hu_window", "patch_size",
                   "patch_spacing_mm", "provenance", "safetensors_sha256", "safetensors_bytes")
+_HASHED_ELSEWHERE = ("safetensors_sha256", "safetensors_bytes")
+#: A HU window must lie in what CT can hold (air −1000 … dense metal ~30000, with margin) and span ≥ 10 HU.
+HU_WINDOW_LIMITS = (-4000.0, 40000.0)
+MIN_HU_WINDOW_WIDTH = 10.0
+#: A patch pixel between 0.05 mm (finer than any CT) and 20 mm (coarser than any); the default is 0.9375.
+PATCH_SPACING_LIMITS_MM = (0.05, 20.0)
 _HOW_TO_CONVERT = ("Loading it would unpickle, which can run arbitrary code, so it is refused. If you trust "
                    "it, load it yourself, put the state dict into build_generator(config) and export with "
                    "RadiogenomicGANLib.weights.save_weights().")
@@ -84,13 +98,17 @@ class WeightsMetadata:
             raise WeightsError(f"the gene preprocessing gives {genes.output_dim} inputs to a generator that takes "
                                f"{count}: the gene table and the network do not belong together")
         low, high = self.hu_window
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise WeightsError(f"hu_window must be (low, high) with low < high, got {self.hu_window}")
+        if not (math.isfinite(low) and math.isfinite(high) and low + MIN_HU_WINDOW_WIDTH <= high
+                and HU_WINDOW_LIMITS[0] <= low and high <= HU_WINDOW_LIMITS[1]):
+            raise WeightsError(f"hu_window must be (low, high) within {HU_WINDOW_LIMITS[0]:.0f}…"
+                               f"{HU_WINDOW_LIMITS[1]:.0f} HU and at least {MIN_HU_WINDOW_WIDTH:.0f} HU wide, got "
+                               f"{self.hu_window}")
         if self.patch_size != self.config.patch_size:
             raise WeightsError(f"patch_size {self.patch_size} differs from the architecture's "
                                f"{self.config.patch_size}")
-        if not (math.isfinite(self.patch_spacing_mm) and self.patch_spacing_mm > 0):
-            raise WeightsError(f"patch_spacing_mm must be > 0, got {self.patch_spacing_mm}")
+        low_mm, high_mm = PATCH_SPACING_LIMITS_MM
+        if not (math.isfinite(self.patch_spacing_mm) and low_mm <= self.patch_spacing_mm <= high_mm):
+            raise WeightsError(f"patch_spacing_mm must lie in {low_mm}…{high_mm} mm, got {self.patch_spacing_mm}")
         if self.format_version != FORMAT_VERSION:
             raise WeightsError(f"format_version {self.format_version} is not {FORMAT_VERSION}, the version "
                                "this code writes and reads")
@@ -151,10 +169,7 @@ def save_weights(path: str | os.PathLike[str], generator: nn.Module, metadata: W
     tensors[_STD_KEY] = torch.from_numpy(np.asarray(metadata.genes.stds, dtype=np.float32).copy())
     if metadata.genes.components is not None:
         tensors[_COMPONENTS_KEY] = torch.from_numpy(np.asarray(metadata.genes.components, dtype=np.float32).copy())
-    data = safetensors.torch.save(tensors, metadata={"format": "radiogenomicgan-weights",
-                                                     "format_version": str(FORMAT_VERSION),
-                                                     "kind": metadata.kind})
-    record = {
+    record: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "kind": metadata.kind,
         "architecture": metadata.config.to_dict(),
@@ -165,13 +180,17 @@ def save_weights(path: str | os.PathLike[str], generator: nn.Module, metadata: W
         "patch_size": int(metadata.patch_size),
         "patch_spacing_mm": float(metadata.patch_spacing_mm),
         "provenance": metadata.provenance,
-        "safetensors_sha256": hashlib.sha256(data).hexdigest(),
-        "safetensors_bytes": len(data),
     }
     try:
-        text = json.dumps(record, indent=1, allow_nan=False)
+        json_digest = _record_sha256(record)
     except (TypeError, ValueError) as error:
         raise WeightsError(f"provenance must be JSON-serialisable (no NaN, no objects): {error}") from error
+    data = safetensors.torch.save(tensors, metadata={"format": "radiogenomicgan-weights",
+                                                     "format_version": str(FORMAT_VERSION),
+                                                     "kind": metadata.kind, "json_sha256": json_digest})
+    record["safetensors_sha256"] = hashlib.sha256(data).hexdigest()
+    record["safetensors_bytes"] = len(data)
+    text = json.dumps(record, indent=1, allow_nan=False)
     tensors_path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(tensors_path, data)
     write_bytes_atomic(json_path, (text + "\n").encode("utf-8"))
@@ -180,6 +199,24 @@ def save_weights(path: str | os.PathLike[str], generator: nn.Module, metadata: W
 
 # ----------------------------------------------------------------------------------------------------
 # Load
+
+
+def _record_sha256(record: dict[str, Any]) -> str:
+    """SHA-256 of the JSON record without the keys that describe the tensors file (canonical form)."""
+    core = {key: value for key, value in record.items() if key not in _HASHED_ELSEWHERE}
+    text = json.dumps(core, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's JSON header (already size-checked by _sniff)."""
+    length = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8 : 8 + length].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WeightsError(f"the safetensors header is not valid JSON: {error}") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def _read_json(json_path: Path) -> dict[str, Any]:
@@ -204,6 +241,11 @@ def _read_json(json_path: Path) -> dict[str, Any]:
     if version != FORMAT_VERSION or isinstance(version, bool):
         raise WeightsError(f"{json_path} has format_version {version!r}; this code reads version "
                            f"{FORMAT_VERSION} only (a newer file needs a newer RadiogenomicGAN)")
+    size, digest = record["safetensors_bytes"], record["safetensors_sha256"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise WeightsError(f"{json_path}: safetensors_bytes must be a positive integer, got {size!r}")
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise WeightsError(f"{json_path}: safetensors_sha256 must be 64 lower-case hex digits, got {digest!r}")
     return record
 
 
@@ -237,7 +279,8 @@ def _metadata_from(record: dict[str, Any], json_path: Path, tensors: dict[str, t
         raise WeightsError(f"{json_path}: hu_window must be [low, high], got {window!r}")
     if not isinstance(record["provenance"], dict):
         raise WeightsError(f"{json_path}: provenance must be an object")
-    if not isinstance(record["patch_size"], int) or not isinstance(record["patch_spacing_mm"], int | float):
+    if (isinstance(record["patch_size"], bool) or not isinstance(record["patch_size"], int)
+            or isinstance(record["patch_spacing_mm"], bool) or not isinstance(record["patch_spacing_mm"], int | float)):
         raise WeightsError(f"{json_path}: patch_size must be an integer and patch_spacing_mm a number")
     metadata = WeightsMetadata(config=config, genes=genes,
                                hu_window=(float(window[0]), float(window[1])), patch_size=record["patch_size"],
@@ -323,7 +366,19 @@ def load_weights(path: str | os.PathLike[str], *, expected_kind: str | None = No
     stray = sorted(k for k in tensors if not k.startswith(_PREFIX) and k not in (_MEAN_KEY, _STD_KEY, _COMPONENTS_KEY))
     if stray:
         raise WeightsError(f"{tensors_path} holds unknown tensors {stray[:3]}; it was not written by save_weights()")
+    with torch.device("meta"):                  # shapes only, nothing allocated: a forged width costs nothing
+        skeleton = build_generator(metadata.config)
+    _check_against_architecture(skeleton, state, tensors_path)
+    # last, so that a JSON contradicting itself or its tensors gets the specific message above
+    recorded = _header_metadata(data).get("json_sha256")
+    if recorded is not None:  # absent only in files exported before the check existed
+        try:
+            actual = _record_sha256(record)
+        except ValueError:
+            actual = None
+        if recorded != actual:
+            raise WeightsError(f"{json_path} was changed after export (its content no longer matches the checksum "
+                               f"stored in {tensors_path.name}): restore the file or export the weights again")
     generator = build_generator(metadata.config)
-    _check_against_architecture(generator, state, tensors_path)
     generator.load_state_dict(state, strict=True)
     return generator.to(map_location).eval(), metadata

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 def test_missing_bundled_model_is_a_clear_failure(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(demo, "DEFAULT_WEIGHTS", tmp_path / "Resources" / "demo_model.safetensors")
-    assert demo.main(["--out", str(tmp_path / "out")]) == 1
+    assert demo.main(["--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
     assert "demo_model.safetensors is not there" in error and "--weights" in error
     assert not (tmp_path / "out").exists()

@@ -66,6 +66,8 @@ def data(tmp_path_factory):  # type: ignore[no-untyped-def]
     save_weights(root / "model", make_generator(), make_metadata(config, complete))
     missing = [*complete[:-3], "NOTAGENE1", "NOTAGENE2", "NOTAGENE3"]
     save_weights(root / "model_missing", make_generator(), make_metadata(config, missing))
+    mostly = [*complete[:2], *[f"NOTAGENE{n}" for n in range(NUM_GENES - 2)]]
+    save_weights(root / "model_mostly_missing", make_generator(), make_metadata(config, mostly))
     bigger = dataclasses.replace(small_config(), base_channels=8)
     torch.manual_seed(0)
     save_weights(root / "model_big", build_generator(bigger).eval(), make_metadata(bigger, complete))
@@ -79,6 +81,7 @@ def data(tmp_path_factory):  # type: ignore[no-untyped-def]
         "genes": root / "genes.txt",
         "weights": root / "model.safetensors",
         "weights_missing": root / "model_missing.safetensors",
+        "weights_mostly_missing": root / "model_mostly_missing.safetensors",
         "weights_big": root / "model_big.safetensors",
         "ras_geometry": geometry,
         "ras_lung": np.flip(phantom.lung_mask, (1, 2)),
@@ -288,7 +291,66 @@ def _bad_case(data, out: Path, case: str, monkeypatch) -> list[str]:  # type: ig
         args += ["--blend-with", SAMPLES[2], "--blend-weight", "1.5"]
     elif case == "bad_centre":
         set_arg("--center-ras", "1,2")
+    # issue 11
+    elif case == "dicom_seg_onto_an_input_slice":
+        set_arg("--ct", str(data["dicom"]))
+        args += ["--out-dicom-seg", str(next(data["dicom"].rglob("*.dcm")))]
+    elif case == "volume_into_the_dicom_folder":
+        set_arg("--ct", str(data["dicom"]))
+        set_arg("--out-volume", str(data["dicom"] / "new.nrrd"))
+    elif case == "nan_on_an_odd_slice":
+        path = root / "nan_odd.nrrd"
+        volume = np.flip(data["phantom"].volume_hu, (1, 2)).astype(np.float32)
+        volume[13] = np.nan
+        write_volume(path, volume, data["ras_geometry"])
+        set_arg("--ct", str(path))
+    elif case == "slices_too_many":
+        args += ["--slices", "0-99999999999"]
+    elif case == "half_slices_too_many":
+        set_arg("--center-ras", _csv(centre))
+        args += ["--half-slices", "99999999999"]
+    elif case == "slices_pm1000":
+        args += ["--slices", "±1000"]
+    elif case == "impute_nearly_all":
+        set_arg("--weights", str(data["weights_mostly_missing"]))
+        args.append("--impute-missing-genes")
+    elif case == "pickle_weights":
+        path = root / "x.pt"
+        torch.save({"w": torch.zeros(2)}, path)
+        set_arg("--weights", str(path))
+    elif case == "fractional_width":
+        path = root / "fractional"
+        path.with_suffix(".safetensors").write_bytes(data["weights"].read_bytes())
+        record = json.loads(data["weights"].with_suffix(".json").read_text())
+        record["architecture"]["base_channels"] = 16.5
+        path.with_suffix(".json").write_text(json.dumps(record))
+        set_arg("--weights", str(path.with_suffix(".safetensors")))
+    elif case == "reversed_gene_names":
+        path = root / "reversed"
+        path.with_suffix(".safetensors").write_bytes(data["weights"].read_bytes())
+        record = json.loads(data["weights"].with_suffix(".json").read_text())
+        record["gene_names"] = record["gene_names"][::-1]
+        path.with_suffix(".json").write_text(json.dumps(record))
+        set_arg("--weights", str(path.with_suffix(".safetensors")))
+    elif case == "seed_negative":
+        args += ["--seed", "-5"]
+    elif case == "seed_huge":
+        args += ["--seed", str(2**70)]
+    elif case == "threads_huge":
+        args += ["--threads", "100000"]
+    elif case == "series_uid_on_a_file":
+        args += ["--series-uid", "1.2.3"]
+    elif case == "centre_far_away":
+        set_arg("--center-ras", "1e308,1e308,1e308")
     return args
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under `folder`: the inputs must come out of a refused run unchanged."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize(
@@ -308,23 +370,82 @@ def _bad_case(data, out: Path, case: str, monkeypatch) -> list[str]:  # type: ig
         ("dicom_seg_without_dicom", "DICOM input"),
         ("blend_weight", "blend weight"),
         ("bad_centre", "three numbers"),
+        # issue 11: each of these once overwrote an input, printed a traceback or a 10 KB line, or ran out of memory
+        ("dicom_seg_onto_an_input_slice", "inside the input folder"),
+        ("volume_into_the_dicom_folder", "inside the input folder"),
+        ("nan_on_an_odd_slice", "NaN or infinite values (first in slice 13)"),
+        ("slices_too_many", "more slices than any CT has"),
+        ("half_slices_too_many", "--half-slices must be between"),
+        ("slices_pm1000", "out of range"),
+        ("impute_nearly_all", "imputing more than 50 %"),
+        ("pickle_weights", "zip archive"),
+        ("fractional_width", "'base_channels' must be an integer"),
+        ("reversed_gene_names", "changed after export"),
+        ("seed_negative", "--seed must be between"),
+        ("seed_huge", "--seed must be between"),
+        ("threads_huge", "--threads must be between"),
+        ("series_uid_on_a_file", "--series-uid picks a series"),
+        ("centre_far_away", "outside the volume"),
     ],
 )
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a numpy warning would be a second stderr line
 def test_bad_input(data, tmp_path, monkeypatch, capsys, case, message) -> None:  # type: ignore[no-untyped-def]
+    """The bad-input table: exit 2, one clear line, nothing written, every input unchanged."""
     out = tmp_path / "out"
     out.mkdir()
-    assert cli.main(_bad_case(data, out, case, monkeypatch)) == 2
+    args = _bad_case(data, out, case, monkeypatch)
+    before = _snapshot(data["root"])
+    assert cli.main(args) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error:") and message in error, error
-    assert len(error.splitlines()) == 1
+    assert len(error.splitlines()) == 1 and len(error) < 600, error
     assert list(out.iterdir()) == [], "an output was written for bad input"
+    assert _snapshot(data["root"]) == before, "an input was changed"
 
 
-def test_impute_missing_genes(data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_impute_missing_genes(data, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Imputation is said on stderr and recorded in the output's provenance (it once was silent)."""
     centre = _lung_centre_ras(data["ras_lung"], data["ras_geometry"])
     args = [*_base_args(data, tmp_path), "--center-ras", _csv(centre), "--weights", str(data["weights_missing"]),
             "--impute-missing-genes"]
     assert cli.main(args) == 0
+    assert "3 of 24 model genes were missing" in capsys.readouterr().err
+    provenance = json.loads(sitk.ReadImage(str(tmp_path / "new.nrrd")).GetMetaData("RadiogenomicGAN_Provenance"))
+    assert provenance["imputed_genes"] == 3
+
+
+def test_a_killed_runs_partial_files_are_removed(data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A killed insert leaves hidden .partial files; the next run into the same outputs removes them."""
+    import os
+    import time
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".{int(dead.stdout)}-0badf00d.partial.new.nrrd"
+    leftover.write_bytes(b"half a volume")
+    an_hour_ago = time.time() - 3600
+    os.utime(leftover, (an_hour_ago, an_hour_ago))
+    centre = _lung_centre_ras(data["ras_lung"], data["ras_geometry"])
+    assert cli.main([*_base_args(data, tmp_path), "--center-ras", _csv(centre)]) == 0
+    assert not leftover.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.nrrd", "new.seg.nrrd"]
+
+
+def test_write_failure_is_one_message_without_traceback(data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A full disk (here: the file size limit, ulimit -f) while writing: exit 2, one line, no partial file."""
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+    centre = _lung_centre_ras(data["ras_lung"], data["ras_geometry"])
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [sys.executable, "-m", "RadiogenomicGANLib", *_base_args(data, out), "--center-ras", _csv(centre)]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error:") and "new.nrrd" in done.stderr, done.stderr
+    assert list(out.iterdir()) == []
 
 
 def test_missing_genes_message_names_the_cli_flag(data, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -358,3 +479,41 @@ def test_slice_specs() -> None:
     plans = cli.plan_slices(["±1", "7,8"], np.array([[0, 0, 10.0], [0, 0, 2.0]]), geometry, 2)
     assert plans == [[4, 5, 6], [7, 8]]
     assert cli.plan_slices(None, np.array([[0, 0, 10.0]]), geometry, 2) == [[3, 4, 5, 6, 7]]
+
+
+def test_an_unwritable_output_folder_fails_before_the_generator_runs(data, tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A read-only folder once failed with a traceback after the generator had run. (Root ignores permission
+    bits, so the probe's refusal is simulated; the probe itself is tested in test_atomic.py.)"""
+    def read_only(folder):  # type: ignore[no-untyped-def]
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    def never(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the generator ran before the output folder was checked")
+
+    monkeypatch.setattr(cli, "check_writable", read_only)
+    from RadiogenomicGANLib.insertion import NoduleInserter
+
+    monkeypatch.setattr(NoduleInserter, "insert", never)
+    centre = _lung_centre_ras(data["ras_lung"], data["ras_geometry"])
+    assert cli.main([*_base_args(data, tmp_path), "--center-ras", _csv(centre)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"error: {tmp_path}: Permission denied"
+
+
+def test_a_cropped_ct_whose_lung_touches_the_border(data, tmp_path, disc_model) -> None:  # type: ignore[no-untyped-def]
+    """A CT cropped around one lung (Slicer's Crop Volume) once gave 'no lung found', even with a centre in the
+    lung: now the lung is found and the nodule is inserted, without --allow-outside-lung."""
+    phantom = data["phantom"]
+    _, _, columns = np.nonzero(phantom.lung_mask)
+    start = (columns.min() + columns.max()) // 2 - 5
+    matrix = phantom.geometry.ijk_to_ras.copy()
+    matrix[:3, 3] += matrix[:3, 0] * start
+    geometry = VolumeGeometry(matrix)
+    lung = phantom.lung_mask[:, :, start:]
+    assert lung[:, :, 0].any(), "the crop cuts through the lung"
+    write_volume(tmp_path / "cropped.nrrd", np.ascontiguousarray(phantom.volume_hu[:, :, start:]), geometry)
+    centre = _lung_centre_ras(lung, geometry)
+    args = [*_base_args(data, tmp_path, tmp_path / "cropped.nrrd"), "--center-ras", _csv(centre), "--slices", "±1"]
+    assert cli.main(args) == 0
+    label, _ = nrrd.read(str(tmp_path / "new.seg.nrrd"), index_order="C")
+    assert label.any()

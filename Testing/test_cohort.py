@@ -158,7 +158,7 @@ PHANTOM = {"patients": 4, "seed": 3, "size_ij": 64, "slices": 40, "n_genes": 200
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory: pytest.TempPathFactory):  # -> CohortSummary
-    writers = pytest.importorskip("RadiogenomicGANLib.phantom.writers")
+    from RadiogenomicGANLib.phantom import writers
     return writers.write_cohort(
         tmp_path_factory.mktemp("phantom"), PHANTOM["patients"], PHANTOM["seed"], size_ij=PHANTOM["size_ij"],
         slices=PHANTOM["slices"], n_genes=PHANTOM["n_genes"], seg_variants=["slicer", "epad", "epad", "slicer"],

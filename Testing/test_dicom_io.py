@@ -164,3 +164,40 @@ def test_seg_on_the_wrong_ct_is_refused(ct: CTFixture, mask: np.ndarray, tmp_pat
         read_seg_mask(seg_path, read_ct_series(finer.folder))
     with pytest.raises(DicomError, match="not a DICOM SEG"):
         read_seg_mask(ct.files[0], read_ct_series(ct.folder))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("no_rows", "has no valid Rows/Columns"),
+        ("spacing_text", "PixelSpacing 'abc' is not numbers"),
+        ("spacing_count", "PixelSpacing must hold 2 finite numbers"),
+        ("spacing_zero", "PixelSpacing must be positive"),
+        ("position_nan", "ImagePositionPatient must hold 3 finite numbers"),
+    ],
+)
+def test_broken_slice_attributes_name_the_file(ct: CTFixture, tmp_path: Path, edit: str, message: str) -> None:
+    """A slice without Rows once raised AttributeError (a traceback), PixelSpacing 'abc' a message without a
+    file name: every broken attribute is a DicomError naming the file and the attribute."""
+    folder = tmp_path / edit
+    shutil.copytree(ct.folder, folder)
+    name = ct.files[0].name
+    dataset = pydicom.dcmread(folder / name)
+    if edit == "no_rows":
+        del dataset.Rows
+    elif edit == "spacing_count":
+        dataset.PixelSpacing = [0.7]
+    elif edit == "spacing_zero":
+        dataset.PixelSpacing = [0.7, 0]
+    elif edit == "position_nan":
+        dataset.ImagePositionPatient = [0, 0, float("nan")]
+    dataset.save_as(folder / name)
+    if edit == "spacing_text":  # pydicom will not write an invalid DS: edit the bytes (same length)
+        data = (folder / name).read_bytes()
+        value = "\\".join(f"{v}" for v in dataset.PixelSpacing).encode()
+        value += b" " * (len(value) % 2)
+        assert data.count(value) == 1
+        (folder / name).write_bytes(data.replace(value, b"abc".ljust(len(value))))
+    with pytest.raises(DicomError, match=message) as raised:
+        read_ct_series(folder)
+    assert name in str(raised.value)

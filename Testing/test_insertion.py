@@ -343,3 +343,61 @@ def test_cuda_request_without_gpu_is_clear() -> None:
     generator = make_generator()
     with pytest.raises(InsertionError, match="no CUDA GPU"):
         NoduleInserter(generator, make_metadata(generator.config), device="cuda")
+
+
+def test_nan_on_any_slice_is_refused(phantom) -> None:  # type: ignore[no-untyped-def]
+    """The finiteness check covers every voxel: one NaN slice at an odd index once slipped past a strided
+    sample and spread 65,536 NaN voxels into the output."""
+    volume = np.zeros((31, 256, 256), np.float32)
+    volume[:, :128] = -1000.0
+    volume[13] = np.nan
+    with pytest.raises(InsertionError, match="NaN or infinite values \\(first in slice 13\\)"):
+        check_hu_volume(volume)
+    volume[13] = 0.0
+    volume[17, 101, 77] = np.inf
+    with pytest.raises(InsertionError, match="slice 17"):
+        check_hu_volume(volume)
+
+
+def test_huge_slice_requests_are_refused_in_one_short_line(inserter, phantom, genes) -> None:  # type: ignore[no-untyped-def]
+    centre = _lung_centre(phantom)
+    with pytest.raises(InsertionError, match="do not fit"):
+        inserter.insert(phantom.volume_hu, phantom.geometry, genes, [centre], half_slices=99_999_999_999,
+                        lung_mask=phantom.lung_mask)
+    with pytest.raises(InsertionError) as raised:
+        inserter.insert(phantom.volume_hu, phantom.geometry, genes, [centre],
+                        slices=[list(range(-1000, 1001))], lung_mask=phantom.lung_mask)
+    assert len(str(raised.value)) < 200 and "(1977 slices)" in str(raised.value), str(raised.value)
+
+
+def test_cropped_ct_with_the_lung_at_the_border(inserter, phantom, genes) -> None:  # type: ignore[no-untyped-def]
+    """A CT cropped around one lung (the lung touches the crop box) finds its lung, and a centre there works."""
+    from RadiogenomicGANLib.geometry import VolumeGeometry
+
+    _, _, is_ = np.nonzero(phantom.lung_mask)
+    start_i = (is_.min() + is_.max()) // 2 - 5
+    cropped = np.ascontiguousarray(phantom.volume_hu[:, :, start_i:])
+    matrix = phantom.geometry.ijk_to_ras.copy()
+    matrix[:3, 3] += matrix[:3, 0] * start_i
+    geometry = VolumeGeometry(matrix)
+    lung = phantom.lung_mask[:, :, start_i:]
+    assert lung[:, :, 0].any(), "the crop cuts through the lung"
+    found = inserter.lung_mask(cropped, geometry)
+    assert 2 * (found & lung).sum() / (found.sum() + lung.sum()) > 0.9
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_edt(lung, sampling=geometry.spacing_kji)
+    distance[:4] = distance[-4:] = 0
+    centre = geometry.kji_to_ras([np.unravel_index(np.argmax(distance), distance.shape)])[0]
+    result = inserter.insert(cropped, geometry, genes, [centre], half_slices=1)
+    assert result.label.any()
+
+
+def test_no_lung_at_all_with_allow_outside_lung(inserter, phantom, genes) -> None:  # type: ignore[no-untyped-def]
+    """--allow-outside-lung means the user vouches for the centre: a CT where no lung is found still works."""
+    solid = np.where(phantom.body_mask, 40, -1000).astype(np.int16)
+    centre = _lung_centre(phantom)
+    with pytest.raises(InsertionError, match="no lung"):
+        inserter.insert(solid, phantom.geometry, genes, [centre], half_slices=0)
+    result = inserter.insert(solid, phantom.geometry, genes, [centre], half_slices=0, allow_outside_lung=True)
+    assert result.label.any()

@@ -1,4 +1,4 @@
-"""The classical lung mask survives the pitfalls of real CT (FACTS.md) and matches the phantom's lungs."""
+"""The classical lung mask survives real-CT pitfalls (table, padding, trachea, cropping) and matches the phantom."""
 
 from __future__ import annotations
 
@@ -162,3 +162,22 @@ def test_dice_against_the_phantom_lungs(index: int) -> None:
     mask = compute_lung_mask(patient.volume_hu, patient.geometry.spacing_kji)
     assert dice(mask, patient.lung_mask) >= 0.95
     assert mask[patient.nodule_mask].mean() >= 0.95
+
+
+@pytest.mark.parametrize("crop", ["one_side", "around_one_lung", "inside_the_chest"])
+def test_cropped_ct_whose_lung_touches_the_border(chest: Chest, crop: str) -> None:
+    """Slicer's Crop Volume (or a small field of view) leaves lungs touching the in-plane border: they are lung
+    parenchyma (≈ −850 HU), not outside air (≈ −1000 HU), and must not be removed as such."""
+    js, is_ = np.nonzero(chest.lungs.any(axis=0))
+    quarter_i = is_.min() + (is_.max() - is_.min()) // 4        # through the middle of one lung
+    three_quarters_i = is_.max() - (is_.max() - is_.min()) // 4  # through the middle of the other
+    box = {
+        "one_side": (slice(None), slice(None), slice(quarter_i, None)),
+        "around_one_lung": (slice(None), slice(js.min() - 4, js.max() + 4), slice(three_quarters_i, is_.max() - 6)),
+        "inside_the_chest": (slice(None), slice(js.min() + 6, js.max() - 6), slice(is_.min() + 6, is_.max() - 6)),
+    }[crop]
+    truth = chest.lungs[box]
+    assert truth[:, [0, -1], :].any() or truth[:, :, [0, -1]].any(), "the crop must cut through a lung"
+    mask = compute_lung_mask(chest.volume[box], chest.spacing)
+    dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+    assert dice > 0.9, dice

@@ -159,5 +159,5 @@ def test_cli_reports_bad_inputs_clearly(prepared: Prepared, tmp_path: Path, caps
             target.write("\t".join([gene] + ["NA"] * (len(header) - 1)) + "\n")
     code = main(["--cohort", str(prepared.root), "--rnaseq", str(all_na), "--out", str(tmp_path / "o.npz"), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 1 and "no usable patient" in err and "only NA values" in err
+    assert code == 2 and "no usable patient" in err and "only NA values" in err
     assert not (tmp_path / "o.npz").exists()

@@ -100,7 +100,8 @@ def test_plan_validates_before_running(files) -> None:  # type: ignore[no-untype
                                             blend_weight=0.25, input_name="chest"), geometry)
     assert plan.centres is None and plan.half_slices == 1 and plan.profile.shape == (NUM_GENES,)
     assert plan.gene_sample == "S2 (0.75) + S3 (0.25)"
-    assert plan.provenance == {"gene_table": "genes.txt", "impute_missing_genes": False, "input_volume": "chest"}
+    assert plan.provenance == {"gene_table": "genes.txt", "impute_missing_genes": False, "imputed_genes": 0,
+                               "input_volume": "chest"}
 
 
 def test_gene_table_is_needed_by_gene_models_only(files) -> None:  # type: ignore[no-untyped-def]

@@ -103,3 +103,21 @@ def test_validation_at_checkpoints_selects_the_export_and_the_gene_front_end_tra
     again, again_meta = load_weights(tmp_path / "again.safetensors")
     np.testing.assert_allclose(again_meta.genes.components, metadata.genes.components, rtol=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), generator.state_dict().values()))
+
+
+@pytest.mark.parametrize("form", ["same", "stem", "data"])
+def test_out_may_not_overwrite_an_input(run, tmp_path: Path, capsys, form: str) -> None:
+    """`--out C` with C the checkpoint once overwrote it: refused with exit 2, the inputs unchanged."""
+    import hashlib
+
+    data, out = run
+    last = ckpt.latest_checkpoint(out / "checkpoints")
+    target = {"same": str(last), "stem": str(last.with_suffix("")), "data": str(data.with_suffix(".safetensors"))}[form]
+    if form == "data":  # an OUT whose .safetensors is the dataset file itself (dataset named *.safetensors)
+        data = Path(target)
+        data.write_bytes(run[0].read_bytes())
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (last, data)}
+    assert export_main(["--checkpoint", str(last), "--data", str(data), "--out", target]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error:") and "input" in error and len(error.strip().splitlines()) == 1, error
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (last, data)} == before

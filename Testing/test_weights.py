@@ -279,3 +279,94 @@ def test_tensors_from_another_export_are_caught_by_the_hash(tmp_path: Path, save
     saved.write_bytes(other.read_bytes())
     with pytest.raises(WeightsError, match=r"SHA-256|truncated|longer"):
         load_weights(saved)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The JSON is data from outside: types, ranges and a checksum (issue 11, defects 6 and 10)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"safetensors_bytes": "12"}, "safetensors_bytes must be a positive integer"),
+        ({"safetensors_bytes": 1.5}, "safetensors_bytes must be a positive integer"),
+        ({"safetensors_sha256": 7}, "safetensors_sha256 must be 64"),
+        ({"hu_window": [-1e30, 1e30]}, "hu_window must be"),
+        ({"hu_window": [0, 1]}, "at least 10 HU wide"),
+        ({"patch_spacing_mm": 1e-9}, "patch_spacing_mm must lie in"),
+        ({"patch_size": True}, "patch_size must be an integer"),
+    ],
+)
+def test_implausible_json_values_are_refused(saved: Path, changes: dict, message: str) -> None:
+    rewrite_json(saved, **changes)
+    with pytest.raises(WeightsError, match=message):
+        load_weights(saved)
+
+
+def test_an_edited_json_is_caught_by_its_checksum(saved: Path) -> None:
+    """Reversed gene names are self-consistent (same count, unique) yet misalign every gene: only a checksum
+    over the JSON can tell. The tensors file's header carries it."""
+    record = json.loads(saved.with_suffix(".json").read_text())
+    rewrite_json(saved, gene_names=record["gene_names"][::-1])
+    with pytest.raises(WeightsError, match="changed after export"):
+        load_weights(saved)
+    rewrite_json(saved, gene_names=record["gene_names"], hu_window=[-1000.0, 400.0])
+    with pytest.raises(WeightsError, match="changed after export"):
+        load_weights(saved)
+    rewrite_json(saved, hu_window=record["hu_window"])
+    load_weights(saved)  # restored: loads again (formatting of the JSON does not matter, its content does)
+
+
+def test_files_exported_before_the_json_checksum_still_load(tmp_path: Path) -> None:
+    """A tensors file without json_sha256 in its header (exported before the check) loads as before."""
+    import hashlib
+
+    import safetensors.torch
+
+    config = small_config()
+    path = save_weights(tmp_path / "old", trained_like(config), metadata_for(config))
+    tensors = safetensors.torch.load(path.read_bytes())
+    data = safetensors.torch.save(tensors, metadata={"format": "radiogenomicgan-weights", "format_version": "1"})
+    path.write_bytes(data)
+    rewrite_json(path, safetensors_sha256=hashlib.sha256(data).hexdigest(), safetensors_bytes=len(data))
+    load_weights(path)
+
+
+def test_a_huge_architecture_is_refused_before_it_is_allocated(saved: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """gene_hidden 1e6 once built a 20 GB network before any tensor was checked: the shapes are now compared
+    on the meta device, and a real network is built only for tensors that fit it."""
+    import RadiogenomicGANLib.weights as module
+
+    real_build = module.build_generator
+    built_for_real: list[int] = []
+
+    def build(config):  # type: ignore[no-untyped-def]
+        model = real_build(config)
+        if next(model.parameters()).device.type != "meta":
+            built_for_real.append(config.gene_hidden)
+        return model
+
+    monkeypatch.setattr(module, "build_generator", build)
+    record = json.loads(saved.with_suffix(".json").read_text())
+    rewrite_json(saved, architecture={**record["architecture"], "gene_hidden": 1_000_000})
+    with pytest.raises(WeightsError, match="differ in shape"):
+        load_weights(saved)
+    assert built_for_real == []
+
+
+@pytest.mark.parametrize("value", [16.5, "16", True])
+def test_a_non_integer_width_is_refused_by_name(saved: Path, value: object) -> None:
+    record = json.loads(saved.with_suffix(".json").read_text())
+    rewrite_json(saved, architecture={**record["architecture"], "base_channels": value})
+    with pytest.raises(WeightsError, match="'base_channels' must be an integer"):
+        load_weights(saved)
+
+
+def test_a_pickle_with_another_suffix_is_named_as_such(tmp_path: Path) -> None:
+    """`--weights x.pt` once said 'not found: x.pt.safetensors'; it must say the file is a pickle and refuse."""
+    from RadiogenomicGANLib.insertion import InsertionError, NoduleInserter
+
+    path = tmp_path / "x.pt"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    with pytest.raises(InsertionError, match="Python pickle"):
+        NoduleInserter.from_weights(path, device="cpu")

@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from RadiogenomicGANLib.atomic import write_bytes_atomic
+from RadiogenomicGANLib.devices import DEVICE_CHOICES
+from RadiogenomicGANLib.networks import KINDS
+from RadiogenomicGANLib.strict_dict import check_value
 
-MODELS: tuple[str, ...] = ("proposed", "mcgan", "inpainting")
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+MODELS: tuple[str, ...] = KINDS            # the one definition of model kinds is the generator's
+DEVICES: tuple[str, ...] = DEVICE_CHOICES
+#: More DataLoader workers than this only oversubscribe the CPU (and a typo would try to fork them all).
+MAX_WORKERS = 4 * (os.cpu_count() or 1)
 # Provenance entries the run writes itself (training.train.export); --provenance may not replace them.
 RESERVED_PROVENANCE: tuple[str, ...] = (
     "command", "steps", "seed", "model", "dataset", "dataset_sha256", "date", "git_commit", "torch", "device",
@@ -131,6 +137,10 @@ class TrainConfig:
         for name in ("sample_every", "checkpoint_every", "num_workers", "gene_components", "gene_top_variance"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_workers > MAX_WORKERS:
+            raise ConfigError(f"num_workers must be <= {MAX_WORKERS} (4 × this machine's CPUs), got {self.num_workers}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be between 0 and 2**63 - 1 (torch's generator), got {self.seed}")
         for name in ("lr_g", "lr_d"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -160,28 +170,8 @@ class TrainConfig:
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Check a JSON value against the default's type (ints are accepted for floats)."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"option {key!r} must be true or false, got {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"option {key!r} must be an integer, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"option {key!r} must be a number, got {value!r}")
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"option {key!r} must be a string, got {value!r}")
-        return value
-    if isinstance(default, dict):
-        if not isinstance(value, dict):
-            raise ConfigError(f"option {key!r} must be an object, got {value!r}")
-        return dict(value)
-    return value
+    """Check a JSON value against the default's type: the one checker configurations share (strict_dict)."""
+    return check_value(key, value, default, error=ConfigError)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

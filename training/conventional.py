@@ -42,7 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from RadiogenomicGANLib.intensity import unit_to_hu
-from training.metrics import NODULE_FEATURES, benjamini_hochberg, patient_nodule_features, spearman
+
+from .metrics import NODULE_FEATURES, benjamini_hochberg, patient_nodule_features, spearman
 
 # module (1-based) → phenotype columns of ground_truth.csv it drives (phantom/nodule.py docstring)
 PHENOTYPES_OF_MODULE: dict[int, tuple[str, ...]] = {

@@ -14,7 +14,7 @@ with a 4×4 *valid* convolution to a single number, so each head outputs **one s
 (B,), with no sigmoid (least-squares GAN). A scalar rather than a patch map because the patch is already
 a small, nodule-centred 60 mm crop: the heads judge the whole nodule/mask/gene tuple, as in MC-GAN.
 
-The gene code `code` is, by default, the generator's φ(g) — the D step detaches it (DESIGN.md decision 5),
+The gene code `code` is, by default, the generator's φ(g) — the D step detaches it (as the authors' own code did),
 so D never trains the generator's mapping network. With ``independent_mapping=True`` D owns its own
 two-layer mapping network (a separate instance of the generator's `GeneMappingNetwork`) and `code` is the
 raw z-scored gene vector (ablation).
@@ -27,7 +27,7 @@ matched-gene and the mismatched-gene D_ISG terms; `forward` is the one-tuple con
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -66,14 +66,6 @@ class DiscriminatorConfig(StrictDict):
     def num_downsamplings(self) -> int:
         """Stride-2 convolutions from the patch size down to 4×4."""
         return int(math.log2(self.patch_size // 4))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DiscriminatorConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DiscriminatorConfig keys: {unknown}")
-        return cls(**data)
 
     @classmethod
     def for_generator(cls, generator_config: Any, **overrides: Any) -> DiscriminatorConfig:

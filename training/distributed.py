@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from RadiogenomicGANLib.devices import resolve_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -38,17 +40,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → the local GPU when there is one, else CPU; ``cuda`` without a GPU is an error."""
-    if preference not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device {preference!r} (auto, cpu or cuda)")
-    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def setup_distributed(device_preference: str = "auto", timeout_s: float = 1800.0) -> DistContext:

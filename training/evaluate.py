@@ -37,19 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.conventional import GroundTruthError, read_ground_truth
-from training.dataset import DatasetError, RadiogenomicDataset, load_dataset
-from training.evaluation.context import (
-    ROLE_TITLES,
-    Context,
-    EvaluationError,
-    Model,
-    load_model,
-    negative_controls,
-    resolve_device,
-)
-from training.evaluation.sections import CONTROL_FEATURES, SECTIONS, fmt, gene_control_generations
-from training.metrics import spearman
+from RadiogenomicGANLib.cli_common import check_output_folder, require_optional, run_cli
+from RadiogenomicGANLib.devices import DeviceError, resolve_device
+
+from .conventional import GroundTruthError, read_ground_truth
+from .dataset import DatasetError, RadiogenomicDataset, load_dataset
+from .evaluation.context import ROLE_TITLES, Context, EvaluationError, Model, load_model, negative_controls
+from .evaluation.sections import CONTROL_FEATURES, SECTIONS, fmt, gene_control_generations
+from .metrics import spearman
 
 PROTOCOL = 2
 SUMMARY_KEYS = ("protocol", "split", "donors", "size_rho", "size_rho_ci95", "density_rho", "margin_rho", "ari",
@@ -102,7 +97,7 @@ def validation_score(generator: nn.Module, data: RadiogenomicDataset, *, split: 
         gens = gene_control_generations(ctx, model)
     finally:
         generator.train(was_training)
-    from training.conventional import real_nodule_features
+    from .conventional import real_nodule_features
 
     real = real_nodule_features(data, ctx.donors, CONTROL_FEATURES)
     result: dict[str, float] = {"donors": int(ctx.donors.size), "empty_mask_fraction": float(gens["empty"].mean())}
@@ -242,17 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The evaluation CLI: exit 0, or 2 with one line for a user error (`cli_common`), never a traceback."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
+        check_output_folder(args.out, create=False)
+        require_optional("skimage")  # nodule perimeters (training.metrics)
         metrics = evaluate(args)
-    except EvaluationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    print(f"wrote {out / 'report.md'} and {out / 'metrics.json'} in {metrics['inputs']['seconds']:.0f} s")
-    for key, value in metrics["summary"].items():
-        print(f"  {key}: {value if isinstance(value, str | list) else fmt(value)}")
-    return 0
+        out = Path(args.out)
+        print(f"wrote {out / 'report.md'} and {out / 'metrics.json'} in {metrics['inputs']['seconds']:.0f} s")
+        for key, value in metrics["summary"].items():
+            print(f"  {key}: {value if isinstance(value, str | list) else fmt(value)}")
+        return 0
+
+    return run_cli(body, (EvaluationError, DeviceError))
 
 
 if __name__ == "__main__":

@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from RadiogenomicGANLib.atomic import file_sha256
+from RadiogenomicGANLib.cli_common import check_output_file, run_cli, same_file
 from RadiogenomicGANLib.networks import GeneratorConfig, build_generator
-from training import checkpoint as ckpt
-from training.config import ConfigError, TrainConfig, parse_override
-from training.dataset import DatasetError
-from training.train import export_generator, training_data
+from RadiogenomicGANLib.weights import WeightsError, weights_paths
+
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig, parse_override
+from .dataset import DatasetError
+from .train import export_generator, training_data
 
 
 class ExportError(ValueError):
@@ -30,8 +33,18 @@ class ExportError(ValueError):
 
 def export_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path, *, raw: bool = False,
                       provenance: dict[str, Any] | None = None) -> Path:
-    """Write OUT.safetensors + OUT.json from the EMA (default) or raw generator of `checkpoint`."""
+    """Write OUT.safetensors + OUT.json from the EMA (default) or raw generator of `checkpoint`.
+
+    Refused before anything is read: an OUT whose .safetensors or .json would overwrite the checkpoint or the
+    dataset (`--out C` with C the checkpoint once replaced it).
+    """
     checkpoint = resolve_checkpoint(checkpoint)
+    for target in weights_paths(out):
+        for source, option in ((checkpoint, "--checkpoint"), (data, "--data")):
+            if same_file(target, source):
+                raise ExportError(f"--out {out} would write {target}, which is the {option} input: choose another "
+                                  "name")
+    check_output_file(weights_paths(out)[0])
     tensors, state = ckpt.load_checkpoint(checkpoint)
     data = Path(data)
     expected = state.get("dataset_sha256")
@@ -82,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--provenance", action="append", default=[], metavar="KEY=VALUE",
                         help="extra provenance entries (repeatable)")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         extra = dict(parse_override(item) for item in args.provenance)  # as training.train reads --provenance
         path = export_checkpoint(args.checkpoint, args.data, args.out, raw=args.raw, provenance=extra)
-    except (ckpt.CheckpointError, ConfigError, DatasetError, ExportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {path} and {path.with_suffix('.json')}")
-    return 0
+        print(f"wrote {path} and {path.with_suffix('.json')}")
+        return 0
+
+    return run_cli(body, (ckpt.CheckpointError, ConfigError, DatasetError, ExportError, WeightsError))
 
 
 if __name__ == "__main__":

@@ -50,12 +50,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from RadiogenomicGANLib.networks import GeneratorOutput, hole_from_mask
+from RadiogenomicGANLib.networks import KINDS, GeneratorOutput, hole_from_mask
 from RadiogenomicGANLib.strict_dict import StrictDict
-from training.discriminator import Discriminator
+
+from .discriminator import Discriminator
 
 MASK_THRESHOLD = 0.5  # decision 6: the L1 region is built from [Gm > 0.5]
-KINDS = ("proposed", "mcgan", "inpainting")
 
 
 @dataclass

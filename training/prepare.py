@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from RadiogenomicGANLib.cli_common import check_not_an_input, check_output_file, run_cli
 from RadiogenomicGANLib.genes import (
     GenePreprocessing,
     GeneTableError,
@@ -45,7 +46,8 @@ from RadiogenomicGANLib.intensity import HU_WINDOW, hu_to_unit
 from RadiogenomicGANLib.lungmask import LungMaskError, compute_lung_mask
 from RadiogenomicGANLib.patches import extract_patch
 from RadiogenomicGANLib.placement import PlacementError, sample_lung_centres
-from training.dataset import SPLITS, gene_arrays, write_dataset
+
+from .dataset import SPLITS, gene_arrays, write_dataset
 
 VOI_MM = 60.0
 MIN_NODULE_MM3 = 10.0  # connected parts of a SEG smaller than this are annotation specks, not nodules
@@ -337,7 +339,7 @@ def prepare(
     progress: bool = True,
 ) -> PrepareReport:
     """Build the dataset file; raises ValueError (GeneTableError, …) when nothing usable is left."""
-    from training.cohort import SkippedPatient, match_rna, scan_cohort, try_load_patient
+    from .cohort import SkippedPatient, match_rna, scan_cohort, try_load_patient
 
     start = time.perf_counter()
     fractions = tuple(float(f) for f in split)
@@ -480,21 +482,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"cohort folder not found: {args.cohort}")
     if not Path(args.rnaseq).is_file():
         parser.error(f"RNA-seq table not found: {args.rnaseq}")
-    try:
-        report = prepare(
-            args.cohort,
-            args.rnaseq,
-            args.out,
-            size=args.size,
-            seed=args.seed,
-            split=fractions,
-            background_vois=args.background_vois,
-            slices_per_voi=args.slices_per_voi,
-            progress=not args.quiet,
-        )
-    except (GeneTableError, ValueError, FileNotFoundError) as error:
-        print(f"prepare: {error}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: _run(args, fractions), (GeneTableError, ValueError))
+
+
+def _run(args: argparse.Namespace, fractions: tuple[float, float, float]) -> int:
+    """Check where the dataset goes (never onto an input, nor into the cohort read as input), then prepare."""
+    check_output_file(args.out)
+    check_not_an_input(args.out, [args.rnaseq, args.cohort], "--out")
+    report = prepare(
+        args.cohort,
+        args.rnaseq,
+        args.out,
+        size=args.size,
+        seed=args.seed,
+        split=fractions,
+        background_vois=args.background_vois,
+        slices_per_voi=args.slices_per_voi,
+        progress=not args.quiet,
+    )
     print(report.describe())
     return 0
 

@@ -57,12 +57,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from RadiogenomicGANLib.atomic import file_sha256
+from RadiogenomicGANLib.cli_common import check_output_folder, require_optional, run_cli
+from RadiogenomicGANLib.devices import DeviceError
 from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_generator
-from training import checkpoint as ckpt
-from training.config import MODELS, ConfigError, TrainConfig, parse_override
-from training.dataset import DatasetError, NoduleBatchDataset, RadiogenomicDataset, epoch_permutation, load_dataset
-from training.discriminator import DiscriminatorConfig, build_discriminator
-from training.distributed import (
+
+from . import checkpoint as ckpt
+from .config import MODELS, ConfigError, TrainConfig, parse_override
+from .dataset import DatasetError, NoduleBatchDataset, RadiogenomicDataset, epoch_permutation, load_dataset
+from .discriminator import DiscriminatorConfig, build_discriminator
+from .distributed import (
     DistContext,
     all_reduce_mean,
     barrier,
@@ -70,7 +73,7 @@ from training.distributed import (
     setup_distributed,
     teardown_distributed,
 )
-from training.losses import GANLoss, LossWeights
+from .losses import GANLoss, LossWeights
 
 _NOISE_SALT = 0x4E015E      # keeps the noise stream apart from the dataset's pairing stream
 _SAMPLE_EPOCH = 2**31 - 1     # "epoch" of the fixed grid samples, never reached in training
@@ -718,7 +721,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: str | None, command: str 
     def save(step: int) -> Path:
         tensors, state = checkpoint_state(nets, step, cfg, run_info, sampler)
         if validating:
-            from training.evaluate import validation_score
+            from .evaluate import validation_score
 
             state["validation"] = validation_score(nets.generator_ema, data, split="val", seed=cfg.seed)
             with open(out / "log.jsonl", "a") as handle:
@@ -911,14 +914,30 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The training CLI; a user error prints one line and exits 2 (`cli_common`), never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     command = "python -m training.train " + shlex.join(argv)
-    try:
+    result: dict[str, Any] = {}
+
+    def body() -> int:
         cfg = resolve_config(args).validate()
-        return training_loop(cfg, resume=getattr(args, "resume", None), command=command)
-    except (ConfigError, DatasetError, ckpt.CheckpointError, TrainingError) as error:
-        raise SystemExit(f"error: {error}") from None
+        check_output_folder(cfg.out, create=False)  # --out naming a file, or read-only: refused before any work
+        if cfg.tensorboard:
+            require_optional("tensorboard")
+        result.update(training_loop(cfg, resume=getattr(args, "resume", None), command=command))
+        return 0
+
+    code = run_cli(body, (ConfigError, DatasetError, ckpt.CheckpointError, TrainingError, DeviceError))
+    if code:
+        raise SystemExit(code)
+    return result
+
+
+def cli() -> int:
+    """Console script `radiogenomicgan-train`: `main` with an exit status instead of the run summary."""
+    main()
+    return 0
 
 
 if __name__ == "__main__":

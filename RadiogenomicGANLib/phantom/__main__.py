@@ -6,8 +6,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from RadiogenomicGANLib.cli_common import check_output_folder, run_cli
+
 from .genomics import BIOLOGY_VERSION
 from .writers import write_cohort
+
+#: Smallest in-plane matrix the anatomy can be drawn at (the tests use 32); larger than 2048 is a typo.
+SIZE_RANGE = (32, 2048)
 
 
 def _parse_ids(text: str) -> list[str]:
@@ -47,6 +52,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.patients < 1:
         parser.error("--patients must be ≥ 1")
+    if not SIZE_RANGE[0] <= args.size <= SIZE_RANGE[1]:
+        parser.error(f"--size must be between {SIZE_RANGE[0]} and {SIZE_RANGE[1]}")
+    for name in ("genes", "modules", "classes"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be ≥ 1")
+    if args.slices is not None and args.slices < 1:
+        parser.error("--slices must be ≥ 1")
+    if args.na_genes is not None and args.na_genes < 0:
+        parser.error("--na-genes must be ≥ 0")
+    if not 0.0 <= args.decoy_fraction <= 1.0:
+        parser.error("--decoy-fraction must lie in [0, 1]")
+    if args.fov is not None and not args.fov > 0:
+        parser.error("--fov must be > 0 mm")
+    if args.spacing is not None and not all(v > 0 for v in args.spacing):
+        parser.error("--spacing values must be > 0 mm")
+    return run_cli(lambda: _write(args), (ValueError,))
+
+
+def _write(args: argparse.Namespace) -> int:
+    """Write the cohort (the body of main, under the project's one exit-code convention)."""
+    check_output_folder(args.out)
 
     def progress(done: int, total: int, pid: str) -> None:
         if not args.quiet:

@@ -7,7 +7,7 @@ vessels and airways are tapered capsules rasterised inside their own bounding bo
 
 Coordinates are DICOM LPS millimetres (x → patient left, y → posterior, z → superior); the grid is
 ``x_i = x0 + i·dx``, ``y_j = y0 + j·dx``, ``z_k = z0 + k·dz`` (DICOM-standard axial orientation).
-HU values follow FACTS.md: air −1000, lung −850 (denser posteriorly), fat −100, muscle/blood 40,
+HU values follow published CT values: air −1000, lung −850 (denser posteriorly), fat −100, muscle/blood 40,
 bone 400–1000, outside the reconstruction circle −2000 or −3024 padding on some patients.
 """
 

@@ -1,4 +1,4 @@
-"""Write a phantom cohort exactly in the NSCLC-Radiogenomics on-disk formats (FACTS.md).
+"""Write a phantom cohort exactly in the NSCLC-Radiogenomics on-disk formats, as TCIA and GEO publish them.
 
 Layout (as the TCIA downloader leaves it)::
 

@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from RadiogenomicGANLib.intensity import unit_to_hu
 from RadiogenomicGANLib.networks import GeneratorOutput, hole_from_mask
-from training.conventional import GroundTruth
-from training.dataset import DatasetError, RadiogenomicDataset
-from training.metrics import largest_component, nodule_features
+
+from ..conventional import GroundTruth
+from ..dataset import DatasetError, RadiogenomicDataset
+from ..metrics import largest_component, nodule_features
 
 MODEL_ROLES: dict[str, str] = {"inpainting": "inpainting", "baseline": "mcgan", "proposed": "proposed"}
 ROLE_TITLES: dict[str, str] = {"inpainting": "In-painting", "baseline": "Baseline (MC-GAN)", "proposed": "Proposed",
@@ -76,14 +77,6 @@ def load_model(role: str, path: str | Path, data: RadiogenomicDataset, device: t
         except DatasetError as error:
             raise EvaluationError(f"{role} weights {path}: {error}") from error
     return Model(role, generator.to(device).eval(), metadata, genes, str(path))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
 
 
 class CopyBackground(nn.Module):

@@ -20,21 +20,12 @@ import numpy as np
 from tqdm import tqdm
 
 from RadiogenomicGANLib.radiogenomic_map import embed_2d
-from training import figures
-from training.conventional import NUISANCE_PHENOTYPES, association_links, conventional_pipeline, module_correlation
-from training.conventional import TRUE_LINKS as _TRUE_LINKS
-from training.conventional import real_nodule_features as _real_features
-from training.evaluation.context import (
-    ROLE_TITLES,
-    Context,
-    Model,
-    encode,
-    generate,
-    generated_features,
-    holes_for,
-    seeded_noise,
-)
-from training.metrics import (
+
+from .. import figures
+from ..conventional import NUISANCE_PHENOTYPES, association_links, conventional_pipeline, module_correlation
+from ..conventional import TRUE_LINKS as _TRUE_LINKS
+from ..conventional import real_nodule_features as _real_features
+from ..metrics import (
     NODULE_FEATURES,
     adjusted_rand,
     classifier_two_sample_test,
@@ -46,6 +37,16 @@ from training.metrics import (
     normalized_mutual_info,
     spearman,
     to_unit_range,
+)
+from .context import (
+    ROLE_TITLES,
+    Context,
+    Model,
+    encode,
+    generate,
+    generated_features,
+    holes_for,
+    seeded_noise,
 )
 
 PAPER_TABLE1: dict[str, dict[str, float]] = {
