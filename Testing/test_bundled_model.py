@@ -26,7 +26,7 @@ def test_sha256_file_matches_the_bundled_files() -> None:
 
 def test_loads_as_the_proposed_model_with_its_provenance() -> None:
     generator, metadata = load_weights(WEIGHTS, expected_kind="proposed")
-    assert metadata.config.patch_size == 64 and len(metadata.gene_names) == metadata.config.num_genes
+    assert metadata.config.patch_size == 64 and metadata.genes.output_dim == metadata.config.num_genes
     assert WEIGHTS.stat().st_size < 20 * 2**20
     # trained on a phantom cohort of biology 1, chosen on the validation split (never on the test split)
     assert {"phantom_seed", "phantom_biology", "command", "seed", "selected_step"} <= set(metadata.provenance)

@@ -58,6 +58,7 @@ def test_end_to_end_uses_the_good_patients_and_says_why_others_are_skipped(prepa
     data = load_dataset(prepared.out)
     assert data.patch_size == 64 and data.num_genes == kept < 40 and list(data.patient_ids) == report.used
     assert data.table_genes_log.shape == (6, 40)
+    assert data.gene_preprocessing.fitted_on == report.gene_filter  # the fit's record travels to the weights
     assert np.all(data.nodule_masks.reshape(data.num_nodules, -1).any(axis=1))
     assert data.nodule_images.min() >= -1 and data.nodule_images.max() <= 1
     for p in range(data.num_patients):  # every patient contributes nodule slices and backgrounds

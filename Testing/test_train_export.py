@@ -99,6 +99,7 @@ def test_validation_at_checkpoints_selects_the_export_and_the_gene_front_end_tra
     generator, metadata = load_weights(run / "proposed.safetensors")
     assert metadata.provenance["selected_step"] == best_state["step"]
     assert metadata.genes.output_dim == 3 and metadata.config.num_genes == 3  # the PCA front-end
+    assert metadata.genes.fitted_on["components"] == 3 and metadata.genes.fitted_on["training_patients"] == 5
     assert export_main(["--checkpoint", str(run), "--data", str(data), "--out", str(tmp_path / "again")]) == 0
     again, again_meta = load_weights(tmp_path / "again.safetensors")
     np.testing.assert_allclose(again_meta.genes.components, metadata.genes.components, rtol=1e-6)

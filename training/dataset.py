@@ -25,6 +25,7 @@ of DataLoader workers.
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from collections.abc import Sequence
@@ -133,11 +134,14 @@ class RadiogenomicDataset:
     def num_genes(self) -> int:
         return int(self.genes.shape[1])
 
+    gene_fit: str = "{}"  # JSON: what the fit kept and dropped (GenePreprocessing.fitted_on); optional key
+
     @property
     def gene_preprocessing(self) -> GenePreprocessing:
         """The preprocessing that made `genes` (fitted on the train patients by training.prepare)."""
         return GenePreprocessing(self.gene_names.tolist(), self.gene_means, self.gene_stds, float(self.gene_clip),
-                                 self.gene_components if self.gene_components.shape[0] else None)
+                                 self.gene_components if self.gene_components.shape[0] else None,
+                                 json.loads(self.gene_fit))
 
     def genes_for(self, preprocessing: GenePreprocessing) -> np.ndarray:
         """(P, D) every patient's genes prepared by another (e.g. a model's) preprocessing, aligned by name."""
@@ -183,7 +187,7 @@ class RadiogenomicDataset:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every key of the file format, ready for `write_dataset`."""
-        return {key: np.asarray(getattr(self, key)) for key in REQUIRED_KEYS}
+        return {**{key: np.asarray(getattr(self, key)) for key in REQUIRED_KEYS}, "gene_fit": np.asarray(self.gene_fit)}
 
     def summary(self) -> str:
         """One line per split: patients, nodule slices, background slices."""
@@ -288,6 +292,7 @@ def _validate(arrays: dict[str, np.ndarray], source: str) -> RadiogenomicDataset
         patch_spacing_mm=float(a["patch_spacing_mm"]),
         format_version=version,
         source=source,
+        gene_fit=str(np.asarray(arrays.get("gene_fit", "{}"))),
         **{key: a[key] for key in REQUIRED_KEYS if key not in ("patch_size", "patch_spacing_mm", "format_version")},
     )
 
@@ -528,5 +533,6 @@ def gene_arrays(preprocessing: GenePreprocessing, table_gene_names: Sequence[str
         "gene_clip": np.float64(preprocessing.clip),
         "gene_components": components.astype(np.float32),
         "table_gene_names": np.array([str(g) for g in table_gene_names]),
+        "gene_fit": json.dumps(preprocessing.fitted_on, sort_keys=True),
         "table_genes_log": np.asarray(table_genes_log, dtype=np.float32),
     }
