@@ -147,6 +147,39 @@ class _SliceJob:
     slice_k: int
 
 
+def sphere_profile_masks(masks: np.ndarray, nodules: Sequence[int], slices_k: Sequence[int],
+                         centre_k: np.ndarray, slice_spacing_mm: float, pixel_mm: float) -> np.ndarray:
+    """3-D coherence (beyond the paper's 2-D synthesis): every slice's generated mask clipped to the
+    cross-section of a sphere whose radius R is the generated nodule's own equivalent radius on the slice
+    nearest its centre — r(z) = √(R² − z²) at the slice's offset z from the centre (mm), nothing from |z| ≥ R.
+
+    Why: the generator draws each slice independently and the same size on every one of them, so a nodule
+    was a cylinder cut flat at both ends of the chosen slices. Now its cross-section grows and shrinks, it ends
+    where its size says, and the chosen slices are the range it may occupy. All slices of a nodule already
+    share its genes and noise (one style); the clip keeps each slice's own texture and blending. The disc is
+    centred on the centre slice's mask centroid, with a one-pixel soft edge.
+    """
+    masks = np.array(masks, dtype=np.float32, copy=True)
+    size = masks.shape[-1]
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float64)
+    nodules = np.asarray(nodules)
+    slices_k = np.asarray(slices_k, dtype=np.float64)
+    for nodule in np.unique(nodules):
+        members = np.flatnonzero(nodules == nodule)
+        offsets = (slices_k[members] - float(centre_k[nodule])) * float(slice_spacing_mm)
+        reference = masks[members[int(np.argmin(np.abs(offsets)))]] > 0.5
+        if not reference.any():
+            continue
+        radius = float(np.sqrt(reference.sum() / np.pi)) * pixel_mm  # equivalent radius (mm)
+        cy, cx = (float(v.mean()) for v in np.nonzero(reference))
+        distance_px = np.hypot(rows - cy, cols - cx)
+        for index, z in zip(members, offsets):
+            section_px = np.sqrt(max(radius**2 - z**2, 0.0)) / pixel_mm
+            disc = np.clip(section_px + 0.5 - distance_px, 0.0, 1.0)  # 1 inside, one-pixel ramp
+            masks[index] *= disc.astype(np.float32)
+    return masks
+
+
 class NoduleInserter:
     """A generator plus its metadata, ready to paste nodules into CT volumes (one per process is plenty)."""
 
@@ -249,12 +282,15 @@ class NoduleInserter:
         progress: ProgressCallback | None = None,
         gene_sample: str | dict[str, Any] | None = None,
         imputed_genes: int | None = None,
+        shape_3d: bool = True,
     ) -> InsertionResult:
         """Insert one nodule per centre (or `auto_count` automatically placed ones) into a copy of the CT.
 
         `slices[n]` lists the slice indices k of nodule n; without it every nodule spans ±`half_slices`
         around its centre's slice. `gene_sample` and `imputed_genes` (how many of the model's genes were set
         to the training mean because the table lacked them) only document the profile in the provenance.
+        `shape_3d` (default): the nodule is a solid, not a cylinder — see `sphere_profile_masks`; False keeps
+        the paper's independent 2-D slices.
         Raises InsertionError on bad input (before any heavy work where possible) and InsertionCancelled
         when `progress` returns False.
         """
@@ -316,6 +352,10 @@ class NoduleInserter:
             hu_to_unit(backgrounds, window), genes, [job.nodule for job in jobs], len(centres), seed, report
         )
 
+        if shape_3d:
+            masks = sphere_profile_masks(masks, [job.nodule for job in jobs], [job.slice_k for job in jobs],
+                                         geometry.ras_to_kji(centres)[:, 0], float(geometry.spacing_kji[0]),
+                                         spacing_mm)
         report(0.85, "Pasting the nodules")
         output = volume.copy()
         label = np.zeros(volume.shape, dtype=np.uint8)
@@ -330,6 +370,7 @@ class NoduleInserter:
         report(1.0, "Done")
         provenance = self._provenance(centres, nodule_slices, seed, auto_count, allow_outside_lung, gene_sample)
         provenance["imputed_genes"] = None if imputed_genes is None else int(imputed_genes)
+        provenance["shape_3d"] = "sphere profile" if shape_3d else "independent slices"
         patches = {"background_hu": backgrounds, "generated_hu": generated_hu, "mask": masks, "alpha": alphas}
         if weights is not None:
             patches["weight_map"] = weights

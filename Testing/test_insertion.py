@@ -127,6 +127,30 @@ def test_anatomy_outside_the_nodule_and_the_lung_is_kept(phantom, genes) -> None
     assert reach_mm <= 10.3 + float(spacing[1:].max()) + 0.5
 
 
+def test_a_nodule_is_a_solid_not_a_cylinder(inserter, phantom, genes) -> None:  # type: ignore[no-untyped-def]
+    """The generator draws the same 6 px disc on every slice; the inserted nodule's cross-section still shrinks
+    away from its centre and ends where its radius (≈ 5.6 mm) says, whatever range of slices was chosen."""
+    centre = _lung_centre(phantom)
+    k_centre = int(np.rint(phantom.geometry.ras_to_kji([centre])[0, 0]))
+    solid = inserter.insert(phantom.volume_hu, phantom.geometry, genes, [centre], half_slices=3,
+                            lung_mask=phantom.lung_mask, seed=0)
+    area = {k: int((solid.label[k] > 0).sum()) for k in solid.slices[0]}
+    offset_mm = {k: abs(k - phantom.geometry.ras_to_kji([centre])[0, 0]) * phantom.geometry.spacing_kji[0]
+                 for k in area}
+    radius_mm = 6 * 60 / 64
+    assert area[k_centre] == max(area.values()) > 0
+    assert all(area[k] == 0 for k in area if offset_mm[k] >= radius_mm + 0.5)  # it ends where its size says
+    inside = sorted((offset_mm[k], area[k]) for k in area if offset_mm[k] < radius_mm - 0.5)
+    assert [a for _, a in inside] == sorted((a for _, a in inside), reverse=True)  # shrinks away from the centre
+    assert any(0 < a < area[k_centre] for _, a in inside[1:])
+    assert solid.provenance["shape_3d"] == "sphere profile"
+    # the paper's independent slices: the same disc on every chosen slice — a cylinder
+    cylinder = inserter.insert(phantom.volume_hu, phantom.geometry, genes, [centre], half_slices=3,
+                               lung_mask=phantom.lung_mask, seed=0, shape_3d=False)
+    flat = [int((cylinder.label[k] > 0).sum()) for k in cylinder.slices[0]]
+    assert min(flat) > 0.8 * max(flat)
+
+
 def test_no_seam_at_the_footprint_border(inserter, phantom, genes) -> None:  # type: ignore[no-untyped-def]
     """The composite is feathered to zero inside the patch: its outer rim of voxels is unchanged."""
     centre = _lung_centre(phantom)
