@@ -1,7 +1,7 @@
 """Training speed: seconds per iteration and samples per second, by hand:
 ``.venv/bin/python Testing/benchmarks/bench_training.py``.
 
-One iteration is exactly the loop's (`training.train.train_iteration`: G forward, D step, G step) plus the
+One iteration is exactly the loop's (`training.iteration.train_iteration`: G forward, D step, G step) plus the
 EMA update, at batch 16, for each model at 64² and 128², default architecture, 5172 genes, on synthetic
 tensors (data loading excluded), channels-last as in training. Precision: on CPU both float32 (the
 default) and bf16 autocast (``--cpu-bf16``); on a GPU bf16 autocast (the default there). Device ``auto``:
@@ -28,15 +28,8 @@ import torch
 
 from training.config import MODELS, TrainConfig, parse_override
 from training.distributed import DistContext, resolve_device
-from training.train import (
-    autocast_for,
-    build_configs,
-    build_networks,
-    to_device,
-    train_iteration,
-    update_ema,
-    uses_bf16,
-)
+from training.iteration import autocast_for, build_configs, build_networks, train_iteration, update_ema, uses_bf16
+from training.sampling import to_device
 
 MONAI_SECONDS_128 = 5.5
 
