@@ -12,10 +12,13 @@ step (`monai_peer.py`: its published network sizes and its GanTrainer iteration,
 then timed round-robin (one iteration of each per round), so a change of load on a shared machine hits all
 of them alike; medians of the rounds. Not collected by pytest; no timed assertions anywhere.
 
-Columns: wall seconds per iteration (what a user waits), CPU seconds per iteration summed over threads,
+Columns: FLOPs per iteration (convolutions and matrix products, counted on the first, untimed iteration), wall
+seconds per iteration (what a user waits), CPU seconds per iteration summed over threads, achieved GFLOP/s,
 samples per second (wall), the MONAI ratio (128² only) and the 1-minute load average. On a shared machine
 (load above the core count) wall times are inflated — OpenMP threads wait for each other — so compare the
-ratio, not the seconds, across runs.
+ratio, not the seconds, across runs. The FLOP columns show what the stand-in is: the peer's step is ~1.1
+TFLOP at 128², batch 16, and runs at a higher FLOP rate than ours (wide convolutions at 8²–16²), so the wall
+ratio is smaller than the FLOP ratio.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 from monai_peer import PeerStep
+from torch.utils.flop_counter import FlopCounterMode
 
 from training.config import MODELS, TrainConfig, parse_override
 from training.distributed import DistContext
@@ -91,6 +95,13 @@ def peer_step(batch: int, device: torch.device) -> tuple[Callable[[], dict[str, 
     return step, info
 
 
+def count_flops(step: Callable[[], dict[str, float]]) -> int:
+    """FLOPs of one iteration (convolutions and matrix products, what dominates); the run is a warm-up too."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def time_round_robin(steps: list[Callable[[], dict[str, float]]], device: torch.device, warmup: int,
                      iters: int) -> list[tuple[float, float]]:
     """(median wall s, median CPU s) per step: `warmup` untimed iterations each, then `iters` rounds."""
@@ -125,7 +136,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--genes", type=int, default=5172)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations after the FLOP-counting one")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"),
@@ -141,14 +152,14 @@ def main() -> None:
     device = pick_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; batch {args.batch}; {args.genes} genes; "
-          f"median of {args.iters} round-robin iterations after {args.warmup} warm-up")
+          f"median of {args.iters} round-robin iterations after a FLOP-counting run and {args.warmup} warm-up")
     g_over = dict(parse_override(text) for text in args.generator)
     d_over = dict(parse_override(text) for text in args.discriminator)
     if g_over or d_over:
         print(f"architecture overrides: generator {g_over}, discriminator {d_over}")
     precisions = args.precision or (["bf16"] if device.type == "cuda" else ["fp32", "bf16"])
-    header = (f"{'model':<11}{'size':>5}{'prec':>6}{'G params':>12}{'D params':>12}{'s/iter':>9}{'CPU s/it':>10}"
-              f"{'samples/s':>11}{'vs MONAI':>10}{'load':>6}")
+    header = (f"{'model':<11}{'size':>5}{'prec':>6}{'G params':>12}{'D params':>12}{'GFLOP/it':>10}{'s/iter':>9}"
+              f"{'CPU s/it':>10}{'GFLOP/s':>9}{'samples/s':>11}{'vs MONAI':>10}{'load':>6}")
     print(header)
     print("-" * len(header))
     for size in args.sizes:
@@ -157,13 +168,14 @@ def main() -> None:
         with_peer = size == PEER_SIZE and not args.no_peer
         if with_peer:
             runners.insert(0, peer_step(args.batch, device))
+        flops = [count_flops(step) for step, _ in runners]
         timings = time_round_robin([step for step, _ in runners], device, args.warmup, args.iters)
         peer_seconds = timings[0][0] if with_peer else None
-        for (_, info), (seconds, cpu_seconds) in zip(runners, timings):
+        for (_, info), flop, (seconds, cpu_seconds) in zip(runners, flops, timings):
             ratio = f"{peer_seconds / seconds:.1f}×" if peer_seconds is not None else "-"
             print(f"{info['model']:<11}{size:>5}{info['precision']:>6}{info['g_params']:>12,}{info['d_params']:>12,}"
-                  f"{seconds:>9.3f}{cpu_seconds:>10.3f}{args.batch / seconds:>11.1f}{ratio:>10}"
-                  f"{os.getloadavg()[0]:>6.1f}", flush=True)
+                  f"{flop / 1e9:>10.0f}{seconds:>9.3f}{cpu_seconds:>10.3f}{flop / 1e9 / seconds:>9.0f}"
+                  f"{args.batch / seconds:>11.1f}{ratio:>10}{os.getloadavg()[0]:>6.1f}", flush=True)
 
 
 if __name__ == "__main__":
