@@ -41,7 +41,7 @@ from RadiogenomicGANLib.genes import GenePreprocessing
 from RadiogenomicGANLib.intensity import HU_WINDOW
 
 if TYPE_CHECKING:
-    from training.config import TrainConfig
+    from .config import TrainConfig
 
 FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")

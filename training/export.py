@@ -23,9 +23,10 @@ from torch import nn
 
 from RadiogenomicGANLib.atomic import file_sha256
 from RadiogenomicGANLib.networks import GeneratorConfig, build_generator
-from training import checkpoint as ckpt
-from training.config import ConfigError, TrainConfig, parse_override
-from training.dataset import DatasetError, RadiogenomicDataset, training_data
+
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig, parse_override
+from .dataset import DatasetError, RadiogenomicDataset, training_data
 
 
 class ExportError(ValueError):

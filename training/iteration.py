@@ -22,10 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_generator
-from training.config import ConfigError, TrainConfig
-from training.discriminator import DiscriminatorConfig, build_discriminator
-from training.distributed import DistContext, convert_batchnorm
-from training.losses import GANLoss, LossWeights
+
+from .config import ConfigError, TrainConfig
+from .discriminator import DiscriminatorConfig, build_discriminator
+from .distributed import DistContext, convert_batchnorm
+from .losses import GANLoss, LossWeights
 
 # ----------------------------------------------------------------------------------------------------
 # Networks and optimisers

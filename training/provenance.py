@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from RadiogenomicGANLib.atomic import file_sha256
-from training.config import TrainConfig
-from training.distributed import DistContext
-from training.losses import LossWeights
+
+from .config import TrainConfig
+from .distributed import DistContext
+from .losses import LossWeights
 
 
 def git_commit() -> str | None:

@@ -15,11 +15,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from training import checkpoint as ckpt
-from training.config import ConfigError, TrainConfig
-from training.distributed import DistContext
-from training.iteration import Networks
-from training.sampling import ResumableDistributedSampler
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig
+from .distributed import DistContext
+from .iteration import Networks
+from .sampling import ResumableDistributedSampler
 
 
 def _modules(nets: Networks) -> tuple[tuple[str, nn.Module], ...]:

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from training.config import ConfigError, TrainConfig
-from training.dataset import NoduleBatchDataset, epoch_permutation
-from training.distributed import DistContext
+from .config import ConfigError, TrainConfig
+from .dataset import NoduleBatchDataset, epoch_permutation
+from .distributed import DistContext
 
 _NOISE_SALT = 0x4E015E      # keeps the noise stream apart from the dataset's pairing stream
 

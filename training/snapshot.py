@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
-from training.config import TrainConfig
-from training.dataset import NoduleBatchDataset, RadiogenomicDataset
-from training.iteration import Networks
-from training.losses import GANLoss
-from training.sampling import EpochItems, to_device
+from .config import TrainConfig
+from .dataset import NoduleBatchDataset, RadiogenomicDataset
+from .iteration import Networks
+from .losses import GANLoss
+from .sampling import EpochItems, to_device
 
 _SAMPLE_EPOCH = 2**31 - 1     # "epoch" of the fixed grid samples, never reached in training
 

@@ -21,13 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from training import checkpoint as ckpt
-from training.config import MODELS, ConfigError, TrainConfig, parse_override
-from training.dataset import DatasetError, training_data
-from training.export import export_generator
-from training.iteration import build_configs, ema_decay
-from training.sampling import ResumableDistributedSampler, item_noise
-from training.training_loop import TrainingError, training_loop
+from . import checkpoint as ckpt
+from .config import MODELS, ConfigError, TrainConfig, parse_override
+from .dataset import DatasetError, training_data
+from .export import export_generator
+from .iteration import build_configs, ema_decay
+from .sampling import ResumableDistributedSampler, item_noise
+from .training_loop import TrainingError, training_loop
 
 __all__ = [
     "ResumableDistributedSampler",

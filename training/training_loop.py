@@ -40,12 +40,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from training import checkpoint as ckpt
-from training.config import TrainConfig
-from training.dataset import NoduleBatchDataset, RadiogenomicDataset, training_data
-from training.distributed import DistContext, all_reduce_mean, barrier, setup_distributed, teardown_distributed
-from training.export import export_generator
-from training.iteration import (
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .dataset import NoduleBatchDataset, RadiogenomicDataset, training_data
+from .distributed import DistContext, all_reduce_mean, barrier, setup_distributed, teardown_distributed
+from .export import export_generator
+from .iteration import (
     Networks,
     build_configs,
     build_networks,
@@ -54,10 +54,10 @@ from training.iteration import (
     train_iteration,
     update_ema,
 )
-from training.provenance import run_provenance, run_record
-from training.resume import checkpoint_state, checkpoint_to_resume, restore
-from training.sampling import ResumableDistributedSampler, to_device, training_batches
-from training.snapshot import fixed_samples, network_summaries, sample_grid, save_png
+from .provenance import run_provenance, run_record
+from .resume import checkpoint_state, checkpoint_to_resume, restore
+from .sampling import ResumableDistributedSampler, to_device, training_batches
+from .snapshot import fixed_samples, network_summaries, sample_grid, save_png
 
 
 class TrainingError(RuntimeError):
@@ -268,7 +268,7 @@ def save(step: int, nets: Networks, cfg: TrainConfig, run: dict[str, Any], sampl
     the best when no earlier one scored higher — the export is chosen on it."""
     tensors, state = checkpoint_state(nets, step, cfg, run, sampler)
     if validating:
-        from training.evaluate import validation_score
+        from .evaluate import validation_score
 
         state["validation"] = validation_score(nets.generator_ema, data, split="val", seed=cfg.seed)
         log.append({"step": step, **{f"val_{k}": v for k, v in state["validation"].items()}})
