@@ -214,7 +214,7 @@ def test_tensorboard_and_progress_bar(data: Path, tmp_path: Path, capsys) -> Non
 
 
 def test_non_finite_loss_stops_with_a_clear_error(data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    import training.train as train_module
+    import training.training_loop as train_module  # where the loop looks train_iteration up
 
     real = train_module.train_iteration
 

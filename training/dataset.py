@@ -31,6 +31,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ from torch.utils.data import Dataset
 from RadiogenomicGANLib.atomic import atomic_path
 from RadiogenomicGANLib.genes import GenePreprocessing
 from RadiogenomicGANLib.intensity import HU_WINDOW
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
@@ -336,6 +340,19 @@ def load_dataset(path: str | os.PathLike) -> RadiogenomicDataset:
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise DatasetError(f"{path} could not be read as a dataset file: {error}") from error
     return _validate(arrays, str(path))
+
+
+def training_data(cfg: TrainConfig) -> RadiogenomicDataset:
+    """The dataset as a run trains on it: with `gene_components` / `gene_top_variance`, the gene
+    preprocessing is refitted on the train patients (the exported weights carry that refit). The export CLI
+    calls it too, so an earlier checkpoint is exported with the refit its run used."""
+    data = load_dataset(cfg.data)
+    if cfg.gene_components or cfg.gene_top_variance:
+        train = data.patients_in("train")
+        refit = GenePreprocessing.fit(data.table_genes_log[train], data.table_gene_names.tolist(),
+                                      top_variance=cfg.gene_top_variance, components=cfg.gene_components)
+        data = data.with_gene_preprocessing(refit)
+    return data
 
 
 # --- training batches ----------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Export a generator from any training checkpoint in the weights format the module loads.
 
-`python -m training.train` exports the EMA generator at its last step; this exports an earlier step (GAN
-training on small cohorts can degrade late, so the best samples may be mid-run) or the raw, non-EMA generator
-(the EMA ablation). Gene names and the gene preprocessing come from the checkpoint's dataset file, which must
-be the one the run trained on (its SHA-256 is checked), refitted as the run did (`training.train.training_data`).
+`python -m training.train` exports, with `export_generator`, the EMA generator of its best-validated checkpoint
+(else of its last step); this exports any other step (GAN training on small cohorts can degrade late, so the
+best samples may be mid-run) or the raw, non-EMA generator (the EMA ablation). Gene names and the gene
+preprocessing come from the checkpoint's dataset file, which must be the one the run trained on (its SHA-256 is
+checked), refitted as the run did (`training.dataset.training_data`).
 `--checkpoint RUN` (or RUN/checkpoints) picks the checkpoint with the best validation score that the run
 recorded (`best.safetensors`), else the latest.
 """
@@ -11,10 +12,14 @@ recorded (`best.safetensors`), else the latest.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
 
 from RadiogenomicGANLib.atomic import file_sha256
 from RadiogenomicGANLib.cli_common import check_output_file, run_cli, same_file
@@ -23,12 +28,30 @@ from RadiogenomicGANLib.weights import WeightsError, weights_paths
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, parse_override
-from .dataset import DatasetError
-from .train import export_generator, training_data
+from .dataset import DatasetError, RadiogenomicDataset, training_data
 
 
 class ExportError(ValueError):
     """The checkpoint and dataset cannot be exported together; the message says why."""
+
+
+def export_generator(
+    generator: nn.Module, data: RadiogenomicDataset, path: Path, provenance: dict[str, Any]
+) -> Path:
+    """A generator (the EMA one at the end of training) in the weights format, with the dataset's fitted gene
+    preprocessing and provenance."""
+    from RadiogenomicGANLib.weights import WeightsMetadata, save_weights
+
+    generator = copy.deepcopy(generator).to("cpu", memory_format=torch.contiguous_format).eval()
+    metadata = WeightsMetadata(
+        config=generator.config,
+        genes=data.gene_preprocessing,
+        hu_window=(float(data.hu_window[0]), float(data.hu_window[1])),
+        patch_size=int(data.patch_size),
+        patch_spacing_mm=float(data.patch_spacing_mm),
+        provenance=provenance,
+    )
+    return Path(save_weights(path, generator, metadata))
 
 
 def export_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path, *, raw: bool = False,

@@ -1,19 +1,24 @@
-"""Training speed: seconds per iteration and samples per second, by hand:
-``.venv/bin/python Testing/benchmarks/bench_training.py``.
+"""Training speed beside the MONAI peer, by hand: ``.venv/bin/python Testing/benchmarks/bench_training.py``.
 
-One iteration is exactly the loop's (`training.train.train_iteration`: G forward, D step, G step) plus the
-EMA update, at batch 16, for each model at 64² and 128², default architecture, 5172 genes, on synthetic
+One iteration is exactly the loop's (`training.iteration.train_iteration`: G forward, D step, G step) plus
+the EMA update, at batch 16, for each model at 64² and 128², default architecture, 5172 genes, on synthetic
 tensors (data loading excluded), channels-last as in training. Precision: on CPU both float32 (the
 default) and bf16 autocast (``--cpu-bf16``); on a GPU bf16 autocast (the default there). Device ``auto``:
-the same script runs unchanged on a GPU. Reference: the MONAI peer re-implementation takes 5.5 s per
-iteration at 128², batch 16, on a 2-core CPU. Median of a few timed iterations after warm-up; about
-2–3 minutes on 2 idle CPU cores. Not collected by pytest; no timed assertions anywhere.
+the same script runs unchanged on a GPU.
 
-Columns: wall seconds per iteration (what a user waits), CPU seconds per iteration summed over threads,
-samples per second (wall), the MONAI ratio (wall, 128² only) and the 1-minute load average. On a shared
-machine (load above the core count) wall time is inflated — OpenMP threads wait for each other — so
-read "CPU s/it ÷ threads" as the idle-machine estimate, or run with ``--threads 1``, where wall ≈ CPU
-time once the machine is idle.
+The reference is measured, not quoted: at 128² the same process times a stand-in for the MONAI RGGAN peer's
+step (`monai_peer.py`: its published network sizes and its GanTrainer iteration, float32 as it ran), and the
+"vs MONAI" column is the peer's seconds per iteration divided by ours. Every runner at a size is warmed up,
+then timed round-robin (one iteration of each per round), so a change of load on a shared machine hits all
+of them alike; medians of the rounds. Not collected by pytest; no timed assertions anywhere.
+
+Columns: FLOPs per iteration (convolutions and matrix products, counted on the first, untimed iteration), wall
+seconds per iteration (what a user waits), CPU seconds per iteration summed over threads, achieved GFLOP/s,
+samples per second (wall), the MONAI ratio (128² only) and the 1-minute load average. On a shared machine
+(load above the core count) wall times are inflated — OpenMP threads wait for each other — so compare the
+ratio, not the seconds, across runs. The FLOP columns show what the stand-in is: the peer's step is ~1.1
+TFLOP at 128², batch 16, and runs at a higher FLOP rate than ours (wide convolutions at 8²–16²), so the wall
+ratio is smaller than the FLOP ratio.
 """
 
 from __future__ import annotations
@@ -23,22 +28,18 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
+from monai_peer import PeerStep
+from torch.utils.flop_counter import FlopCounterMode
 
 from training.config import MODELS, TrainConfig, parse_override
-from training.distributed import DistContext, resolve_device
-from training.train import (
-    autocast_for,
-    build_configs,
-    build_networks,
-    to_device,
-    train_iteration,
-    update_ema,
-    uses_bf16,
-)
+from training.distributed import DistContext
+from training.iteration import autocast_for, build_configs, build_networks, train_iteration, update_ema, uses_bf16
+from training.sampling import to_device
 
-MONAI_SECONDS_128 = 5.5
+PEER_SIZE = 128   # the peer's architecture is built for 128² patches only
 
 
 def synthetic_batch(batch: int, size: int, genes: int, noise_dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -61,11 +62,12 @@ def synthetic_batch(batch: int, size: int, genes: int, noise_dim: int, seed: int
     }
 
 
-def bench(model: str, size: int, batch: int, genes: int, device: torch.device, warmup: int, iters: int,
-          precision: str, generator: dict | None = None, discriminator: dict | None = None) -> dict:
+def our_step(model: str, size: int, batch: int, genes: int, device: torch.device, precision: str,
+             generator: dict, discriminator: dict) -> tuple[Callable[[], dict[str, float]], dict]:
+    """One training iteration of ours (plus the EMA update) on a fixed batch, and the networks' sizes."""
     bf16 = precision == "bf16"
     cfg = TrainConfig(data="synthetic", out="-", model=model, batch_size=batch, amp=bf16, cpu_bf16=bf16,
-                      generator=generator or {}, discriminator=discriminator or {})
+                      generator=generator, discriminator=discriminator)
     g_cfg, d_cfg, weights = build_configs(cfg, genes, size)
     nets = build_networks(cfg, g_cfg, d_cfg, weights, DistContext(device=device))
     source = to_device(synthetic_batch(batch, size, genes, g_cfg.noise_dim), device, cfg.channels_last)
@@ -73,29 +75,58 @@ def bench(model: str, size: int, batch: int, genes: int, device: torch.device, w
     def autocast() -> object:
         return autocast_for(device, uses_bf16(cfg, device))
 
-    times, cpu_times = [], []
-    for i in range(warmup + iters):
+    def step() -> dict[str, float]:
+        logs = train_iteration(nets, dict(source), autocast)
+        update_ema(nets.generator_ema, nets.generator, cfg.ema_decay)
+        return logs
+
+    info = {"model": model, "precision": precision,
+            "g_params": sum(p.numel() for p in nets.generator.parameters()),
+            "d_params": sum(p.numel() for p in nets.discriminator.parameters())}
+    return step, info
+
+
+def peer_step(batch: int, device: torch.device) -> tuple[Callable[[], dict[str, float]], dict]:
+    """The MONAI peer's iteration (float32, as it ran), and its networks' sizes."""
+    step = PeerStep(batch, device)
+    info = {"model": "MONAI peer", "precision": "fp32",
+            "g_params": sum(p.numel() for p in step.g.parameters()),
+            "d_params": sum(p.numel() for p in step.d.parameters())}
+    return step, info
+
+
+def count_flops(step: Callable[[], dict[str, float]]) -> int:
+    """FLOPs of one iteration (convolutions and matrix products, what dominates); the run is a warm-up too."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def time_round_robin(steps: list[Callable[[], dict[str, float]]], device: torch.device, warmup: int,
+                     iters: int) -> list[tuple[float, float]]:
+    """(median wall s, median CPU s) per step: `warmup` untimed iterations each, then `iters` rounds."""
+    def once(step: Callable[[], dict[str, float]]) -> tuple[float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        logs = train_iteration(nets, dict(source), autocast)
-        update_ema(nets.generator_ema, nets.generator, cfg.ema_decay)
+        logs = step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
         assert math.isfinite(logs["g_total"]) and math.isfinite(logs["d_total"])
-    seconds = statistics.median(times)
-    return {
-        "model": model,
-        "size": size,
-        "g_params": sum(p.numel() for p in nets.generator.parameters()),
-        "d_params": sum(p.numel() for p in nets.discriminator.parameters()),
-        "seconds": seconds,
-        "cpu_seconds": statistics.median(cpu_times),
-        "samples_per_second": batch / seconds,
-    }
+        return time.perf_counter() - start, time.process_time() - cpu_start
+
+    for step in steps:
+        for _ in range(warmup):
+            once(step)
+    rounds = [[once(step) for step in steps] for _ in range(iters)]
+    return [(statistics.median(r[i][0] for r in rounds), statistics.median(r[i][1] for r in rounds))
+            for i in range(len(steps))]
+
+
+def pick_device(preference: str) -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def main() -> None:
@@ -105,40 +136,47 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--genes", type=int, default=5172)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations after the FLOP-counting one")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"),
                         help="default: fp32 and bf16 on CPU, bf16 on GPU")
+    parser.add_argument("--no-peer", action="store_true", help="skip the MONAI peer (no ratio printed)")
     parser.add_argument("--generator", action="append", default=[], metavar="KEY=VALUE",
-                        help="GeneratorConfig override, as for training (e.g. base_channels=16); repeatable")
+                        help="GeneratorConfig override, as for training (e.g. base_channels=32); repeatable")
     parser.add_argument("--discriminator", action="append", default=[], metavar="KEY=VALUE",
                         help="DiscriminatorConfig override; repeatable")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; batch {args.batch}; {args.genes} genes; "
-          f"median of {args.iters} iterations after {args.warmup} warm-up")
+          f"median of {args.iters} round-robin iterations after a FLOP-counting run and {args.warmup} warm-up")
     g_over = dict(parse_override(text) for text in args.generator)
     d_over = dict(parse_override(text) for text in args.discriminator)
     if g_over or d_over:
         print(f"architecture overrides: generator {g_over}, discriminator {d_over}")
     precisions = args.precision or (["bf16"] if device.type == "cuda" else ["fp32", "bf16"])
-    header = (f"{'model':<11}{'size':>5}{'prec':>6}{'G params':>12}{'D params':>12}{'s/iter':>9}{'CPU s/it':>10}"
-              f"{'samples/s':>11}{'vs MONAI':>10}{'load':>6}")
+    header = (f"{'model':<11}{'size':>5}{'prec':>6}{'G params':>12}{'D params':>12}{'GFLOP/it':>10}{'s/iter':>9}"
+              f"{'CPU s/it':>10}{'GFLOP/s':>9}{'samples/s':>11}{'vs MONAI':>10}{'load':>6}")
     print(header)
     print("-" * len(header))
-    for precision in precisions:
-        for size in args.sizes:
-            for model in args.models:
-                r = bench(model, size, args.batch, args.genes, device, args.warmup, args.iters, precision,
-                          g_over, d_over)
-                ratio = f"{MONAI_SECONDS_128 / r['seconds']:.1f}×" if size == 128 and args.batch == 16 else "-"
-                print(f"{model:<11}{size:>5}{precision:>6}{r['g_params']:>12,}{r['d_params']:>12,}"
-                      f"{r['seconds']:>9.3f}{r['cpu_seconds']:>10.3f}{r['samples_per_second']:>11.1f}{ratio:>10}"
-                      f"{os.getloadavg()[0]:>6.1f}", flush=True)
+    for size in args.sizes:
+        runners = [our_step(model, size, args.batch, args.genes, device, precision, g_over, d_over)
+                   for precision in precisions for model in args.models]
+        with_peer = size == PEER_SIZE and not args.no_peer
+        if with_peer:
+            runners.insert(0, peer_step(args.batch, device))
+        flops = [count_flops(step) for step, _ in runners]
+        timings = time_round_robin([step for step, _ in runners], device, args.warmup, args.iters)
+        peer_seconds = timings[0][0] if with_peer else None
+        for (_, info), flop, (seconds, cpu_seconds) in zip(runners, flops, timings):
+            ratio = f"{peer_seconds / seconds:.1f}×" if peer_seconds is not None else "-"
+            print(f"{info['model']:<11}{size:>5}{info['precision']:>6}{info['g_params']:>12,}{info['d_params']:>12,}"
+                  f"{flop / 1e9:>10.0f}{seconds:>9.3f}{cpu_seconds:>10.3f}{flop / 1e9 / seconds:>9.0f}"
+                  f"{args.batch / seconds:>11.1f}{ratio:>10}{os.getloadavg()[0]:>6.1f}", flush=True)
+
 
 if __name__ == "__main__":
     main()

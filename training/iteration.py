@@ -1,0 +1,222 @@
+"""One training iteration and everything it touches: the networks and their optimisers (with the DDP "phase"
+wrappers), the precision it runs in, and the EMA of the generator. Shared by the training loop and the
+training benchmark, so the benchmark times exactly what training runs.
+
+The iteration follows the paper (§2.3) and the authors' MC-GAN-derived practice: one generator forward, a
+**D step** on the detached fake, then a **G step** re-scoring the same fake with the updated D.
+
+G and D are wrapped in DistributedDataParallel through small phase modules because the loss scores tuples
+through D's sub-methods rather than D.forward: DDP must wrap the call that uses the parameters to see them
+used and all-reduce their gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_generator
+
+from .config import ConfigError, TrainConfig
+from .discriminator import DiscriminatorConfig, build_discriminator
+from .distributed import DistContext, convert_batchnorm
+from .losses import GANLoss, LossWeights
+
+# ----------------------------------------------------------------------------------------------------
+# Networks and optimisers
+
+
+class GeneratorPhase(nn.Module):
+    """G's forward as a module, so DistributedDataParallel can wrap it (the loss calls G's own methods)."""
+
+    def __init__(self, generator: nn.Module, loss: GANLoss) -> None:
+        super().__init__()
+        self.generator = generator
+        self._loss = [loss]  # a list: the loss object is not a submodule
+
+    def forward(self, batch: Mapping[str, Tensor], noise: Tensor | None) -> GeneratorOutput:
+        return self._loss[0].run_generator(batch, noise)
+
+
+class DiscriminatorPhase(nn.Module):
+    """The D-step loss as a module; GANLoss scores tuples through D's sub-methods, not D.forward, so DDP
+    must wrap this call to see D's parameters used and all-reduce their gradients."""
+
+    def __init__(self, discriminator: nn.Module, loss: GANLoss) -> None:
+        super().__init__()
+        self.discriminator = discriminator
+        self._loss = [loss]
+
+    def forward(self, batch: Mapping[str, Tensor], fake: GeneratorOutput) -> tuple[Tensor, dict[str, float]]:
+        return self._loss[0].discriminator_loss(batch, fake)
+
+
+@dataclass
+class Networks:
+    """Everything one training iteration touches."""
+
+    generator: nn.Module               # raw modules (state dicts never carry a DDP prefix)
+    discriminator: nn.Module
+    generator_ema: nn.Module
+    loss: GANLoss
+    g_phase: nn.Module                 # GeneratorPhase, or its DDP wrapper
+    d_phase: nn.Module                 # DiscriminatorPhase, or its DDP wrapper
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    generator_config: GeneratorConfig
+    discriminator_config: DiscriminatorConfig
+    loss_weights: LossWeights
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The networks' floating dtype (float64 when the run started under that default dtype)."""
+        return next(self.generator.parameters()).dtype
+
+
+def build_configs(
+    cfg: TrainConfig, num_genes: int, patch_size: int
+) -> tuple[GeneratorConfig, DiscriminatorConfig, LossWeights]:
+    """Architecture and loss configs of a run; bad override keys or values become one ConfigError."""
+    try:
+        g_cfg = GeneratorConfig.from_dict(
+            {**cfg.generator, "kind": cfg.model, "num_genes": num_genes, "patch_size": patch_size}
+        )
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"generator options {cfg.generator}: {error}") from None
+    try:
+        d_cfg = DiscriminatorConfig.for_generator(g_cfg, **cfg.discriminator)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"discriminator options {cfg.discriminator}: {error}") from None
+    try:
+        weights = LossWeights.from_dict(cfg.loss_weights)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"loss weights {cfg.loss_weights}: {error}") from None
+    return g_cfg, d_cfg, weights
+
+
+def build_networks(
+    cfg: TrainConfig, g_cfg: GeneratorConfig, d_cfg: DiscriminatorConfig, weights: LossWeights, ctx: DistContext
+) -> Networks:
+    """G, D and EMA G on the device, optimisers, and (N > 1 ranks) the DDP wrappers. Seeds torch first."""
+    torch.manual_seed(cfg.seed)
+    generator = build_generator(g_cfg)
+    discriminator = build_discriminator(d_cfg)
+    generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)   # plain BN: this is what is exported
+    if ctx.distributed and cfg.sync_batchnorm:
+        generator = convert_batchnorm(generator, ctx.device)
+        discriminator = convert_batchnorm(discriminator, ctx.device)
+    memory = torch.channels_last if cfg.channels_last else torch.preserve_format
+    for net in (generator, discriminator, generator_ema):
+        net.to(ctx.device, memory_format=memory)
+    try:
+        loss = GANLoss(generator, discriminator, weights)
+    except ValueError as error:
+        raise ConfigError(f"generator and discriminator do not fit together: {error}") from None
+    betas = (cfg.beta1, cfg.beta2)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_g, betas=betas)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr_d, betas=betas)
+    g_phase: nn.Module = GeneratorPhase(generator, loss)
+    d_phase: nn.Module = DiscriminatorPhase(discriminator, loss)
+    if ctx.distributed:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        # broadcast_buffers=False: BN statistics are global (or deliberately per rank), never rank 0's.
+        g_phase = nn.parallel.DistributedDataParallel(g_phase, device_ids=ids, broadcast_buffers=False)
+        d_phase = nn.parallel.DistributedDataParallel(d_phase, device_ids=ids, broadcast_buffers=False)
+    return Networks(
+        generator, discriminator, generator_ema, loss, g_phase, d_phase, opt_g, opt_d, g_cfg, d_cfg, weights
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# EMA and precision
+
+
+def ema_decay(cfg: TrainConfig, step: int) -> float:
+    """EMA decay at a step (0-based): the configured decay, ramped up early when `ema_warmup`."""
+    if not cfg.ema_warmup:
+        return cfg.ema_decay
+    return min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema ← decay·ema + (1 − decay)·model for parameters and float buffers (BN statistics); ints copied."""
+    source = model.state_dict()
+    for key, value in ema.state_dict().items():
+        if value.is_floating_point():
+            value.lerp_(source[key].to(value.dtype), 1.0 - decay)
+        else:
+            value.copy_(source[key])
+
+
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast on CUDA unless --no-amp; on CPU only with --cpu-bf16 (fast where the CPU has bf16 units)."""
+    return (device.type == "cuda" and cfg.amp) or (device.type == "cpu" and cfg.cpu_bf16)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 units (elsewhere bf16 autocast is emulated and slow)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_for(device: torch.device, enabled: bool) -> AbstractContextManager:
+    """bf16 autocast (no loss scaling needed for bf16; weights and optimiser stay float32), or nothing."""
+    if enabled and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def precision_context(cfg: TrainConfig, ctx: DistContext) -> Callable[[], AbstractContextManager]:
+    """The run's autocast, as a factory of fresh contexts (one per forward); warns once (rank 0) when bf16
+    was asked for on a CPU that would only emulate it."""
+    use_bf16 = uses_bf16(cfg, ctx.device)
+    if use_bf16 and ctx.device.type == "cpu" and ctx.is_main and not cpu_has_bf16():
+        print("warning: --cpu-bf16 on a CPU without native bf16 support is emulated and slow", file=sys.stderr)
+    return lambda: autocast_for(ctx.device, use_bf16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One iteration
+
+
+def _detached(fake: GeneratorOutput) -> GeneratorOutput:
+    return fake._replace(
+        image=fake.image.detach(),
+        mask=fake.mask.detach(),
+        weight_maps=[w.detach() for w in fake.weight_maps],
+        gene_code=None if fake.gene_code is None else fake.gene_code.detach(),
+    )
+
+
+def train_iteration(nets: Networks, batch: dict[str, Tensor], autocast: Callable[[], AbstractContextManager]
+                    ) -> dict[str, float]:
+    """One iteration: G forward; D step on the detached fake; G step re-scoring the fake with the updated D."""
+    noise = batch.pop("noise", None)
+    if nets.generator_config.kind == "inpainting":
+        noise = None
+    with autocast():
+        fake = nets.g_phase(batch, noise)
+
+    # D step.
+    nets.opt_d.zero_grad(set_to_none=True)
+    with autocast():
+        d_loss, d_logs = nets.d_phase(batch, _detached(fake))
+    d_loss.backward()
+    nets.opt_d.step()
+
+    # G step (D frozen inside generator_loss).
+    nets.opt_g.zero_grad(set_to_none=True)
+    with autocast():
+        g_loss, g_logs = nets.loss.generator_loss(batch, fake)
+    g_loss.backward()
+    nets.opt_g.step()
+    return {**d_logs, **g_logs}
