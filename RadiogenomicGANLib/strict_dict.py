@@ -53,7 +53,7 @@ def check_value(key: str, value: Any, default: Any, *, error: type[Exception] = 
 
 
 def check_mapping(cls: type, data: Any, *, error: type[Exception] = ValueError,
-                  what: str = "option") -> dict[str, Any]:
+                  what: str = "option", keys: str | None = None) -> dict[str, Any]:
     """`data` as keyword arguments of dataclass `cls`: an object, no unknown key, each value of its field's type.
 
     Unknown keys are refused, since they mean another version of the code wrote the dict (a weights file, a
@@ -64,7 +64,7 @@ def check_mapping(cls: type, data: Any, *, error: type[Exception] = ValueError,
     known = {spec.name: spec for spec in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise error(f"unknown {cls.__name__} keys {unknown}; known keys are {sorted(known)}")
+        raise error(f"unknown {keys or cls.__name__ + ' keys'} {unknown}; known keys are {sorted(known)}")
     return {key: check_value(key, value, _default_of(known[key]), error=error, what=what)
             for key, value in data.items()}
 

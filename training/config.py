@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from RadiogenomicGANLib.atomic import write_bytes_atomic
 from RadiogenomicGANLib.devices import DEVICE_CHOICES
 from RadiogenomicGANLib.networks import KINDS
-from RadiogenomicGANLib.strict_dict import check_value
+from RadiogenomicGANLib.strict_dict import check_mapping
 
 MODELS: tuple[str, ...] = KINDS            # the one definition of model kinds is the generator's
 DEVICES: tuple[str, ...] = DEVICE_CHOICES
@@ -90,17 +90,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build from a mapping, refusing unknown keys (typos) and wrong types."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"a training configuration must be a JSON object, got {type(data).__name__}")
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
-        defaults = cls()
-        values: dict[str, Any] = {}
-        for key, value in data.items():
-            values[key] = _coerce(key, value, getattr(defaults, key))
-        return cls(**values)
+        return cls(**check_mapping(cls, data, error=ConfigError, keys="training option(s)"))
 
     def save(self, path: str | Path) -> Path:
         """Write as indented JSON (atomically: a crash never leaves half a config)."""
@@ -167,11 +157,6 @@ class TrainConfig:
     def weights_name(self) -> str:
         """File stem of the exported EMA generator."""
         return self.export_name or self.model
-
-
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Check a JSON value against the default's type: the one checker configurations share (strict_dict)."""
-    return check_value(key, value, default, error=ConfigError)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
