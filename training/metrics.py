@@ -72,21 +72,16 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, data_rang
 
 def ssim_map(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, sigma: float = SSIM_SIGMA,
              k1: float = SSIM_K1, k2: float = SSIM_K2) -> np.ndarray:
-    """Local SSIM of Wang et al.: Gaussian-weighted means, variances and covariance (σ 1.5, 11×11 window,
-    population statistics), C1 = (K1·L)², C2 = (K2·L)², borders reflected (as skimage does)."""
+    """Local SSIM of Wang et al. — skimage's `structural_similarity` map with Gaussian weights (σ 1.5, 11×11
+    window), population statistics, C1 = (K1·L)², C2 = (K2·L)², borders reflected."""
+    from skimage.metrics import structural_similarity
+
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"SSIM needs two 2-D images of one shape, got {a.shape} and {b.shape}")
-
-    def blur(x: np.ndarray) -> np.ndarray:
-        return ndimage.gaussian_filter(x, sigma=sigma, truncate=SSIM_TRUNCATE, mode="reflect")
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    _, local = structural_similarity(a, b, data_range=data_range, gaussian_weights=True, sigma=sigma,
+                                     use_sample_covariance=False, K1=k1, K2=k2, full=True)
+    return local
 
 
 def ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, data_range: float = 1.0) -> float:
@@ -332,17 +327,13 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, int]
 
 
 def benjamini_hochberg(pvalues: Sequence[float]) -> np.ndarray:
-    """BH-adjusted p-values (q-values) in the input order: q_(i) = min_{j≥i} p_(j)·m/j, capped at 1.
-    NaN p-values stay NaN and do not count in m."""
+    """BH-adjusted p-values (q-values, scipy's `false_discovery_control`) in the input order. NaN p-values
+    stay NaN and do not count in m."""
     p = np.asarray(pvalues, dtype=np.float64)
     q = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    m = ok.size
-    if m == 0:
-        return q
-    order = ok[np.argsort(p[ok], kind="stable")]
-    scaled = p[order] * m / np.arange(1, m + 1)
-    q[order] = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
+    ok = np.isfinite(p)
+    if ok.any():
+        q[ok] = stats.false_discovery_control(p[ok], method="bh")
     return q
 
 
