@@ -422,15 +422,11 @@ def profile_for_model(
     return profile.astype(np.float32)
 
 
-def missing_gene_count(table: GeneTable, sample_id: str, gene_names: Sequence[str]) -> int:
-    """How many of `gene_names` the table lacks or holds as NA for this sample (what imputation would fill)."""
-    return int(np.isnan(_raw_aligned(table, sample_id, [str(g) for g in gene_names])).sum())
-
-
-def _raw_aligned(table: GeneTable, sample_id: str, gene_names: list[str]) -> np.ndarray:
+def aligned_values(table: GeneTable, sample_id: str, gene_names: Sequence[str]) -> np.ndarray:
+    """One sample's values (G,) in the order of `gene_names`; NaN where the table lacks the gene or says NA."""
     column = table.sample_values(sample_id)
     index = table.gene_index()
-    rows = np.array([index.get(g, -1) for g in gene_names])
+    rows = np.array([index.get(str(g), -1) for g in gene_names])
     present = rows >= 0
     raw = np.full(len(gene_names), np.nan)
     raw[present] = column[rows[present]]
@@ -439,7 +435,7 @@ def _raw_aligned(table: GeneTable, sample_id: str, gene_names: list[str]) -> np.
 
 def _aligned_log(table: GeneTable, sample_id: str, gene_names: list[str], impute: bool) -> np.ndarray:
     """log2(x+1) of one sample aligned to `gene_names`; NaN where missing (only when `impute`)."""
-    raw = _raw_aligned(table, sample_id, gene_names)
+    raw = aligned_values(table, sample_id, gene_names)
     missing = np.isnan(raw)
     if missing.any() and not impute:
         absent = sum(1 for g in gene_names if g not in table.gene_index())

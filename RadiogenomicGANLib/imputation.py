@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from RadiogenomicGANLib.genes import aligned_values
+
 #: Beyond half of the model's genes, the imputed profile is mostly the training mean.
 MAX_IMPUTED_FRACTION = 0.5
 
@@ -25,20 +27,15 @@ class ImputationError(ValueError):
 def missing_gene_count(table: Any, samples: Sequence[str | None], gene_names: Sequence[str]) -> int:
     """The most model genes missing (absent or NA) for any of `samples` (a blend has two); unknown samples
     count 0 here — the profile code names them."""
-    index = table.gene_index()
-    rows = np.array([index.get(str(g), -1) for g in gene_names])
-    present = rows >= 0
     worst = 0
     for sample in samples:
         if sample is None:
             continue
         try:
-            column = np.asarray(table.sample_values(sample), dtype=np.float64)
+            values = aligned_values(table, sample, gene_names)
         except (KeyError, ValueError):
             continue
-        missing = ~present
-        missing[present] = np.isnan(column[rows[present]])
-        worst = max(worst, int(missing.sum()))
+        worst = max(worst, int(np.isnan(values).sum()))
     return worst
 
 

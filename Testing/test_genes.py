@@ -14,10 +14,10 @@ from RadiogenomicGANLib.genes import (
     GeneTableError,
     drop_na_genes,
     log_transform,
-    missing_gene_count,
     profile_for_model,
     read_gene_table,
 )
+from RadiogenomicGANLib.imputation import missing_gene_count
 
 
 def _write_geo(path: Path, genes: list[str], samples: list[str], values: np.ndarray) -> Path:
@@ -178,7 +178,7 @@ def test_profile_missing_genes_and_unknown_sample() -> None:
     prep = _preprocessing(["A", "C", "Z"], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
     with pytest.raises(GeneTableError, match=r"2 of 3 model genes are missing.*1 not in the table, 1 NA.*impute"):
         profile_for_model(table, "R01-002", prep)
-    assert missing_gene_count(table, "R01-002", prep.gene_names) == 2
+    assert missing_gene_count(table, ["R01-002"], prep.gene_names) == 2  # what imputation would fill
     imputed = profile_for_model(table, "R01-002", prep, impute=True)
     np.testing.assert_allclose(imputed, [1.0, 0.0, 0.0])  # log2(1+1) = 1; missing → training mean
     with pytest.raises(GeneTableError, match=r"'R01-999' is not in the gene table.*R01-001"):
