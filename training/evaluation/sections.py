@@ -250,10 +250,9 @@ def gene_control(ctx: Context) -> Section:
         ctx.cache[f"gene_control/{model.role}"] = gens
         entry: dict[str, Any] = {"empty_mask_fraction": float(gens["empty"].mean()),
                                  "noise_diversity": _mean(gens["diversity"]), "rho": {}}
-        sources = {"truth": None if truth is None else truth.phenotypes,
-                   "real nodule": {f: real[:, CONTROL_FEATURES.index(f)] for f in CONTROL_FEATURES}}
         for label, feature, phenotype, sign, _key in GENE_CONTROL:
-            generated = gens["per_donor"][:, CONTROL_FEATURES.index(feature)]
+            column = CONTROL_FEATURES.index(feature)
+            generated = gens["per_donor"][:, column]
             row: dict[str, Any] = {"feature": feature, "phenotype": phenotype, "expected_sign": sign}
             if truth is not None and phenotype in truth.phenotypes:
                 target = truth.phenotypes[phenotype][donors]
@@ -262,7 +261,7 @@ def gene_control(ctx: Context) -> Section:
                 row.update(aligned_rho=sign * rho, p=p, n=n,
                            aligned_ci95=sorted([sign * low, sign * high]) if np.isfinite(low) else [None, None])
             # against the donor's own real nodule (no truth needed: the score training can use on real data)
-            real_rho = spearman(generated, sources["real nodule"][feature])[0]
+            real_rho = spearman(generated, real[:, column])[0]
             row["rho_vs_real_nodule"] = real_rho  # the same measure on both sides: expected > 0
             entry["rho"][label] = row
         results[model.role] = entry
