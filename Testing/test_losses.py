@@ -86,7 +86,7 @@ def _hand_fake() -> GeneratorOutput:
 
 # the paper's loss exactly (no consistency terms); those are checked by hand on their own below
 HAND_WEIGHTS = LossWeights(d_i=2.0, d_is=3.0, d_isg=0.5, background_l1=10.0, consistency_area=0.0,
-                           consistency_intensity=0.0)
+                           consistency_intensity=0.0, consistency_margin=0.0, consistency_shape=0.0)
 
 
 # -- pure functions --------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def test_generator_loss_by_hand() -> None:
 def test_consistency_terms_by_hand() -> None:
     """Generated mask area and mean intensity inside it against the paired real slice's, with gradient."""
     weights = LossWeights(d_i=0.0, d_is=0.0, d_isg=0.0, background_l1=0.0, consistency_area=10.0,
-                          consistency_intensity=2.0)
+                          consistency_intensity=2.0, consistency_margin=0.0, consistency_shape=0.0)
     loss_fn = GANLoss(StubGenerator(), StubDiscriminator(), weights)
     fake = _hand_fake()  # Gm = 0.25 everywhere (area 0.25), Gx = −0.5 inside
     loss, logs = loss_fn.generator_loss(_hand_batch(), fake)  # real: m = 1 (area 1), x = 0.5 inside
@@ -234,9 +234,68 @@ def test_consistency_terms_by_hand() -> None:
     assert fake.image.grad.sum() < 0  # a brighter nodule lowers the intensity error
 
 
+def _disc_slice(radius: float, blur_px: float, density: float = 1.0, size: int = 32
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A disc nodule of `density` (image units above a −1 lung) whose edge is blurred over `blur_px` pixels,
+    and its mask (occupancy ≥ 0.5, as the phantom draws it)."""
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+    distance = torch.hypot(yy - size / 2, xx - size / 2) - radius
+    occupancy = torch.sigmoid(-distance / max(blur_px, 1e-3) * 1.7)
+    return (-1 + density * occupancy)[None, None], (occupancy >= 0.5).float()[None, None]
+
+
+def test_soft_margin_sharpness_falls_with_blur_and_ignores_density() -> None:
+    """The margin term's measure: crisp edges score high, blurred ones low, a faint (ground-glass) nodule as
+    sharp as a dense one with the same edge; it agrees with the evaluation's measure on a thresholded mask."""
+    from training.losses import soft_margin_sharpness
+    from training.metrics import margin_sharpness
+
+    scores = [soft_margin_sharpness(*_disc_slice(8, blur)).item() for blur in (0.3, 1.0, 2.0, 3.0)]
+    assert scores == sorted(scores, reverse=True) and scores[0] > 2 * scores[-1]
+    dense, faint = (soft_margin_sharpness(*_disc_slice(8, 1.0, density)).item() for density in (1.0, 0.3))
+    assert faint == pytest.approx(dense, rel=0.15)
+    evaluation = [margin_sharpness(*(t[0, 0].numpy() for t in _disc_slice(8, blur))) for blur in (0.3, 1.0, 2.0, 3.0)]
+    assert evaluation == sorted(evaluation, reverse=True)
+
+
+def test_soft_compactness_disc_spiky_and_empty() -> None:
+    """≈ 1 for a disc whether the mask is binary or soft; clearly lower for a spiculated outline; 0 when empty."""
+    from training.losses import soft_compactness
+
+    image, disc = _disc_slice(8, 1.0)
+    soft = torch.sigmoid((image + 0.5) * 20)  # a confident soft mask: ≈ 0 away from the nodule
+    spiky = disc.clone()
+    spiky[0, 0, 16, 2:30] = 1.0
+    spiky[0, 0, 2:30, 16] = 1.0
+    binary, smooth, spiculated = (soft_compactness(m).item() for m in (disc, soft, spiky))
+    assert binary == pytest.approx(1.0, abs=0.15) and smooth == pytest.approx(1.0, abs=0.15)
+    assert spiculated < 0.75 * binary
+    assert soft_compactness(torch.zeros(1, 1, 32, 32)).item() == 0.0
+
+
+def test_edge_consistency_terms_pull_towards_the_real_edge() -> None:
+    """G's blurred nodule against a crisp real one: the margin term is positive, and its gradient makes the
+    generated edge steeper (the image just inside the edge brighter, just outside darker)."""
+    weights = LossWeights(d_i=0.0, d_is=0.0, d_isg=0.0, background_l1=0.0, consistency_area=0.0,
+                          consistency_intensity=0.0, consistency_margin=1.0, consistency_shape=1.0)
+    real_image, real_mask = _disc_slice(8, 0.3)
+    fake_image, fake_mask = _disc_slice(8, 3.0)
+    batch = {"background": torch.full_like(real_image, -1.0), "genes": torch.zeros(1, 3), "image": real_image,
+             "mask": real_mask, "wrong_mask": torch.zeros_like(real_mask), "wrong_genes": torch.zeros(1, 3)}
+    fake = GeneratorOutput(fake_image.requires_grad_(), fake_mask.requires_grad_(), [], torch.zeros(1, 4))
+    loss_fn = GANLoss(StubGenerator(), StubDiscriminator(), weights)
+    loss, logs = loss_fn.generator_loss(batch, fake)
+    assert logs["g_consistency_margin"] > 0.2
+    assert logs["g_consistency_shape"] < 0.1  # both are discs
+    loss.backward()
+    inside_edge, outside_edge = fake.image.grad[0, 0, 16, 16 + 7], fake.image.grad[0, 0, 16, 16 + 9]
+    assert inside_edge < 0 < outside_edge  # descent raises the inner layer and lowers the outer one
+
+
 def test_background_l1_uses_the_eroded_generated_mask_without_gradient() -> None:
     weights = LossWeights(d_i=0.0, d_is=0.0, d_isg=0.0, background_l1=10.0, erosion_kernel=3, consistency_area=0.0,
-                          consistency_intensity=0.0)
+                          consistency_intensity=0.0, consistency_margin=0.0, consistency_shape=0.0)
     loss_fn = GANLoss(StubGenerator(), StubDiscriminator(), weights)
     gm = torch.full((1, 1, 8, 8), 0.1)
     gm[0, 0, 3, 3] = 0.9  # one foreground pixel: its 3×3 neighbourhood leaves the L1 region
@@ -368,8 +427,8 @@ def test_one_d_step_and_one_g_step_reach_every_parameter(kind: str, independent:
     assert all(p.requires_grad for p in d.parameters())
     l1_weight = LossWeights().hole_l1 if kind == "inpainting" else LossWeights().background_l1
     consistency = 0.0 if kind == "inpainting" else (
-        LossWeights().consistency_area * g_logs["g_consistency_area"]
-        + LossWeights().consistency_intensity * g_logs["g_consistency_intensity"])
+        sum(getattr(LossWeights(), f"consistency_{term}") * g_logs[f"g_consistency_{term}"]
+            for term in ("area", "intensity", "margin", "shape")))
     assert g_logs["g_total"] == pytest.approx(g_logs["g_adv"] + l1_weight * g_logs["g_l1"] + consistency, rel=1e-5)
 
 
