@@ -44,7 +44,7 @@ DEMO_STEPS ?= 2000
 DEMO_TRAIN_SEED ?= 11
 DEMO_ARCH := --generator base_channels=16 --generator max_channels=128 \
 	--discriminator base_channels=16 --discriminator max_channels=128
-DEMO_GENES := --gene-components 16 --gene-top-variance 500
+DEMO_GENES := --gene-components 16
 demo-weights: $(STAMP)
 	$(PY) -m RadiogenomicGANLib.phantom --out $(DEMO_WORK)/cohort --patients $(DEMO_PATIENTS) --seed $(DEMO_SEED) --quiet
 	$(PY) -m training.prepare --cohort $(DEMO_WORK)/cohort \
