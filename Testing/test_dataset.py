@@ -148,3 +148,33 @@ def test_uniform_donors_and_distant_wrong_genes(tmp_path: Path) -> None:
         others = [p for p in data.patients_in("train") if p != patient]
         distances = sorted(float(torch.linalg.norm(genes[p] - genes[patient])) for p in others)
         assert float(torch.linalg.norm(item["wrong_genes"] - item["genes"])) >= np.median(distances) - 1e-5
+
+
+def test_square_symmetry_gives_the_eight_distinct_symmetries() -> None:
+    from training.dataset import square_symmetry
+
+    patch = torch.arange(16, dtype=torch.float32).reshape(1, 4, 4)
+    turned = [square_symmetry(patch, which) for which in range(8)]
+    assert torch.equal(turned[0], patch)
+    assert len({tuple(t.flatten().tolist()) for t in turned}) == 8
+    assert all(sorted(t.flatten().tolist()) == list(range(16)) for t in turned)  # a permutation of the pixels
+
+
+def test_augment_turns_image_and_mask_together_and_keeps_the_draws(tmp_path: Path) -> None:
+    """With `augment` every item is a symmetry of the un-augmented item (same donor, background, ḡ, m̄ draws);
+    the nodule's image and mask turn together; over the epoch the patches really are turned."""
+    from training.dataset import square_symmetry
+
+    data = load_dataset(make_synthetic_dataset(tmp_path / "d.npz", patients=6, genes=8, size=16))
+    plain = NoduleBatchDataset(data, "train", seed=2, uniform_donors=True)
+    augmented = NoduleBatchDataset(data, "train", seed=2, uniform_donors=True, augment=True)
+    changed = 0
+    for index in range(len(plain)):
+        a, b = plain[index], augmented[index]
+        assert torch.equal(a["genes"], b["genes"]) and torch.equal(a["wrong_genes"], b["wrong_genes"])
+        matches = [w for w in range(8) if torch.equal(square_symmetry(a["image"], w), b["image"])
+                   and torch.equal(square_symmetry(a["mask"], w), b["mask"])]
+        assert matches, "the nodule image and its mask must be turned by one and the same symmetry"
+        assert any(torch.equal(square_symmetry(a["background"], w), b["background"]) for w in range(8))
+        changed += not torch.equal(a["image"], b["image"])
+    assert changed >= len(plain) // 2

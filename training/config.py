@@ -78,6 +78,7 @@ class TrainConfig:
     gene_top_variance: int = 0         # > 0: keep only this many most variable genes (before the PCA)
     uniform_donors: bool = True        # each item is a uniformly drawn donor's slice, not slice-count weighted
     distant_wrong_genes: bool = True   # ḡ of D_ISG from the farther half of the other patients (in gene space)
+    augment: bool = False              # flips and quarter turns of every drawn patch (NoduleBatchDataset)
     validation: bool = True            # at every checkpoint, the cheap validation score on the val donors;
                                        # the export is the best-scoring checkpoint's EMA generator
     export_name: str = ""              # RUN/<export_name>.safetensors+json; empty = the model name

@@ -9,15 +9,15 @@ Least-squares GAN (Mao et al. 2017) with the paper's equations and targets (DESI
     L_G    = w_I·(D_I(Gx) − 1)² + w_IS·(D_IS(Gx, Gm) − 1)² + w_ISG·(D_ISG(Gx, Gm, g) − 1)²
              + λ·mean(M ⊙ |Gx − b|),   M = erode₅ₓ₅(1 − [Gm > 0.5])  (no gradient through M)
              + c_A·|area(Gm) − area(m)| + c_I·|mean(Gx | Gm) − mean(x | m)|   (beyond the paper)
-             + c_M·|sharp(Gx, Gm) − sharp(x, m)| + c_S·|compact(Gm) − compact(m)|  (beyond the paper)
+             + c_M·‖edge(Gx, Gm) − edge(x, m)‖₁ + c_S·|compact(Gm) − compact(m)|  (beyond the paper)
 
 The consistency terms tie the generated nodule to the donor's real one: the (soft) mask area as a fraction
 of the patch, and the mean intensity inside the (soft) mask, each against the paired real slice (x, m) whose
 genes g the generator was given. Why: on held-out patients the adversarial terms alone learned no gene
 control (D_ISG can ignore φ(g)); measured once, these terms took size ρ on test donors from ≈ 0 to 0.79.
-The margin and shape terms do the same for the edge: `soft_margin_sharpness` (the image's gradient along
-the mask's edge over the edge's height, ≈ 1/edge width, what the evaluation's margin sharpness measures on
-a thresholded mask) and `soft_compactness` (4π·area/perimeter², the perimeter as the mask's total
+The margin and shape terms do the same for the edge: `edge_profile` (the mean image just inside and just
+outside the mask's edge, each above the surrounding lung: what the evaluation's margin sharpness is made
+of) and `soft_compactness` (4π·area/perimeter², the perimeter as the mask's total
 variation, so spiculated and lobulated outlines score low). Why: with area and intensity alone the margin
 never followed the genes (margin ρ 0.18 on held-out donors, whatever the seed). Setting all four weights
 to 0 gives the paper's loss exactly.
@@ -84,10 +84,10 @@ class LossWeights(StrictDict):
     * ``consistency_area = 10``, ``consistency_intensity = 2``: the consistency terms (module docstring); an
       area error of 5 % of the patch or an intensity error of 0.25 (≈ 190 HU) then costs about as much as
       one adversarial term. Used by the gene-conditioned kinds only.
-    * ``consistency_margin = 2``, ``consistency_shape = 2``: the edge terms; on the phantom's training slices
-      the real sharpness and compactness each spread with sd ≈ 0.2, so an error of one sd costs ≈ 0.4 of an
-      adversarial term. Per donor the real sharpness follows the true margin blur (Spearman −0.71) and the
-      compactness the spiculation (−0.65).
+    * ``consistency_margin = 1``, ``consistency_shape = 1``: the edge terms, weaker than area and intensity,
+      which matter more; the edge profile is in image units like the intensity term, compactness spreads
+      with sd ≈ 0.2 over the phantom's training slices. Per donor, the real slices' sharpness follows the true
+      margin blur (Spearman −0.71) and their compactness the spiculation (−0.65).
     """
 
     d_i: float = 1.0
@@ -99,8 +99,8 @@ class LossWeights(StrictDict):
     hole_scale: float = 1.5
     consistency_area: float = 10.0
     consistency_intensity: float = 2.0
-    consistency_margin: float = 2.0
-    consistency_shape: float = 2.0
+    consistency_margin: float = 1.0
+    consistency_shape: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.erosion_kernel, float) and self.erosion_kernel.is_integer():
@@ -188,18 +188,24 @@ def _masked_mean(image: Tensor, weight: Tensor) -> Tensor:
     return (image * weight).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) + 1e-3)
 
 
-def soft_margin_sharpness(image: Tensor, mask: Tensor, far_px: tuple[int, int] = (3, 5), eps: float = 0.05
-                          ) -> Tensor:
-    """(B,) the evaluation's margin sharpness (`metrics.margin_sharpness`) made differentiable in the image
-    and a soft mask: (mean of the mask's inner layer − mean of its outer layer) over the edge's height
-    (their sum − 2 × the mean of a ring `far_px` pixels outside). ≈ 1/edge width in pixels: large for a
-    crisp margin, small for a blurred one, independent of how dense the nodule is."""
+def edge_profile(image: Tensor, mask: Tensor, far_px: tuple[int, int] = (3, 5)) -> Tensor:
+    """(B, 2) the mean image on the mask's inner boundary layer and on its outer layer, each minus the mean on
+    a ring `far_px` pixels outside: the two numbers the evaluation's margin sharpness (`metrics.
+    margin_sharpness`, (a − b)/(a + b − 2·lo)) is made of. Matching both matches the sharpness and the edge's
+    height without dividing by a height that can be ≈ 0 (that ratio, tried as a loss, emptied the masks).
+    Differentiable in the image and a soft mask; an empty mask gives (0, 0)."""
     eroded = 1 - _dilate(1 - mask, 1)
     inner, outer = mask - eroded, _dilate(mask, 1) - mask
     far = (_dilate(mask, far_px[1]) - _dilate(mask, far_px[0] - 1)).clamp(0, 1)
-    a, b, lo = _masked_mean(image, inner), _masked_mean(image, outer), _masked_mean(image, far)
-    height = a + b - 2 * lo
-    return (a - b) / (height.abs() + eps)
+    lo = _masked_mean(image, far)
+    return torch.stack([_masked_mean(image, inner) - lo, _masked_mean(image, outer) - lo], dim=1)
+
+
+def soft_margin_sharpness(image: Tensor, mask: Tensor, eps: float = 0.05) -> Tensor:
+    """(B,) (a − b)/(a + b) of the `edge_profile`: the evaluation's margin sharpness in pixels⁻¹, ≈ 1/edge
+    width, independent of how dense the nodule is. For tests and diagnostics; the loss matches the profile."""
+    profile = edge_profile(image, mask)
+    return (profile[:, 0] - profile[:, 1]) / (profile.sum(dim=1).abs() + eps)
 
 
 def soft_compactness(mask: Tensor) -> Tensor:
@@ -213,11 +219,11 @@ def soft_compactness(mask: Tensor) -> Tensor:
 
 def edge_consistency_terms(image: Tensor, mask: Tensor, real_image: Tensor, real_mask: Tensor
                            ) -> tuple[Tensor, Tensor]:
-    """(mean |sharpness − real sharpness|, mean |compactness − real compactness|) over the batch."""
+    """(mean over the batch of Σ |edge profile − real edge profile|, mean |compactness − real compactness|)."""
     with torch.no_grad():
-        real_sharpness = soft_margin_sharpness(real_image, real_mask)
+        real_profile = edge_profile(real_image, real_mask)
         real_compactness = soft_compactness(real_mask)
-    return ((soft_margin_sharpness(image, mask) - real_sharpness).abs().mean(),
+    return ((edge_profile(image, mask) - real_profile).abs().sum(dim=1).mean(),
             (soft_compactness(mask) - real_compactness).abs().mean())
 
 
