@@ -54,10 +54,10 @@ def test_cli_precedence(tmp_path: Path) -> None:
     TrainConfig(seed=5, lr_g=1e-3, generator={"base_channels": 8, "code_dim": 16}).save(tmp_path / "c.json")
     args = build_parser().parse_args(
         ["--config", str(tmp_path / "c.json"), "--data", "d", "--out", "o", "--lr-g", "2e-3",
-         "--generator", "code_dim=32", "--no-amp"]
+         "--generator", "code_dim=32", "--no-amp", "--augment"]
     )
     cfg = resolve_config(args)
-    assert (cfg.seed, cfg.lr_g, cfg.amp, cfg.data) == (5, 2e-3, False, "d")
+    assert (cfg.seed, cfg.lr_g, cfg.amp, cfg.data, cfg.augment) == (5, 2e-3, False, "d", True)
     assert cfg.generator == {"base_channels": 8, "code_dim": 32}
     assert parse_override("independent-mapping=true") == ("independent_mapping", True)
     with pytest.raises(ConfigError, match="KEY=VALUE"):
