@@ -169,6 +169,9 @@ def test_each_metric_fails_the_negative_controls_and_passes_an_oracle(setup, tmp
     assert real["models"]["copy"]["median"] > 0.85  # backgrounds without a nodule are told from real nodules
     assert real["models"]["proposed"]["median"] < real["models"]["copy"]["median"] - 0.2  # discs like the real ones
     assert real["real_vs_real"]["runs"] == 3 and real["models"]["copy"]["collapsed_critics"] == 0
+    # with the chest wall taken out of both sides the control still fails and the oracle still passes
+    assert real["lung_only"]["copy"]["median"] > 0.85
+    assert real["lung_only"]["proposed"]["median"] < real["lung_only"]["copy"]["median"] - 0.2
 
 
 def test_too_few_held_out_donors_and_wrong_kind_are_clear_errors(setup, tmp_path, capsys):

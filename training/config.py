@@ -79,6 +79,7 @@ class TrainConfig:
     uniform_donors: bool = True        # each item is a uniformly drawn donor's slice, not slice-count weighted
     distant_wrong_genes: bool = True   # ḡ of D_ISG from the farther half of the other patients (in gene space)
     augment: bool = False              # flips and quarter turns of every drawn patch (NoduleBatchDataset)
+    match_backgrounds: bool = False    # pair each nodule slice with a background of about its chest-wall share
     validation: bool = True            # at every checkpoint, the cheap validation score on the val donors;
                                        # the export is the best-scoring checkpoint's EMA generator
     export_name: str = ""              # RUN/<export_name>.safetensors+json; empty = the model name

@@ -383,13 +383,18 @@ class NoduleBatchDataset(Dataset):
     patient with 40 nodule slices is not seen 10× as often as one with 4 — the gene map is learned per patient,
     not per slice. `distant_wrong_genes`: ḡ comes from the farther half of the other patients (Euclidean
     distance of the gene vectors), so "wrong genes" are clearly wrong rather than a near-twin's.
+    `match_backgrounds`: the background paired with a nodule slice is drawn among the ~10 % of the split's
+    backgrounds whose share of chest wall (`surroundings.wall_fraction`) is nearest that slice's, instead of
+    from all of them: the paper's backgrounds lie near the pleura and real nodules in open lung, so D_I could
+    reject every generated patch by its wall alone and push G to erase the wall.
     `augment`: each drawn patch — the nodule slice with its mask, the background, the wrong mask — is turned by
     one of the 8 flips and quarter turns of the square, drawn independently (image and mask together), so the
     discriminator of a small cohort sees 8× as many distinct real patches. Axial lung patches have no upright.
     """
 
     def __init__(self, data: RadiogenomicDataset, split: str | Sequence[str] = "train", seed: int = 0, *,
-                 uniform_donors: bool = False, distant_wrong_genes: bool = False, augment: bool = False) -> None:
+                 uniform_donors: bool = False, distant_wrong_genes: bool = False, augment: bool = False,
+                 match_backgrounds: bool = False) -> None:
         self.data = data
         self.split = split
         self.seed = int(seed)
@@ -414,6 +419,7 @@ class NoduleBatchDataset(Dataset):
                 distance = np.linalg.norm(data.genes[others] - data.genes[patient], axis=1)
                 others = others[distance >= np.median(distance)]
             self._wrong_pool[int(patient)] = others
+        self._matched_pool = self._matched_backgrounds() if match_backgrounds else None
         # Wrong masks: nodule slices of the split by patient, for "another patient" draws.
         self._patients_with_nodules = np.unique(data.nodule_patient[self.nodules])
         self._images = torch.from_numpy(np.ascontiguousarray(data.nodule_images[:, None]))
@@ -442,7 +448,8 @@ class NoduleBatchDataset(Dataset):
         else:
             sample = int(self.nodules[index])
         patient = int(self.data.nodule_patient[sample])
-        background = int(self.backgrounds[rng.integers(self.backgrounds.size)])
+        pool = self.backgrounds if self._matched_pool is None else self._matched_pool[sample]
+        background = int(pool[rng.integers(pool.size)])
         others = self._wrong_pool[patient]
         wrong_patient = int(others[rng.integers(others.size)])
         wrong_mask = self._draw_wrong_mask(rng, sample, patient)
@@ -461,6 +468,23 @@ class NoduleBatchDataset(Dataset):
             item["background"] = square_symmetry(item["background"], background_turn)
             item["wrong_mask"] = square_symmetry(item["wrong_mask"], wrong_turn)
         return item
+
+    def _matched_backgrounds(self, share: float = 0.1) -> dict[int, np.ndarray]:
+        """For each nodule slice of the split, the backgrounds (indices) whose wall fraction is nearest its own:
+        a window of ⌈share × backgrounds⌉ (at least 16) around its rank among the sorted backgrounds."""
+        from .surroundings import wall_fraction
+
+        window = tuple(float(v) for v in self.data.hu_window)
+        background_wall = wall_fraction(self.data.background_images[self.backgrounds], window)
+        nodule_wall = wall_fraction(self.data.nodule_images[self.nodules], window, self.data.nodule_masks[self.nodules])
+        order = np.argsort(background_wall, kind="stable")
+        ranked, walls = self.backgrounds[order], background_wall[order]
+        width = min(ranked.size, max(16, int(np.ceil(share * ranked.size))))
+        pools = {}
+        for sample, wall in zip(self.nodules, nodule_wall):
+            start = int(np.clip(np.searchsorted(walls, wall) - width // 2, 0, ranked.size - width))
+            pools[int(sample)] = ranked[start : start + width]
+        return pools
 
     def _draw_wrong_mask(self, rng: np.random.Generator, sample: int, patient: int) -> int:
         """A nodule slice of another patient when there is one (a neighbouring slice of the same nodule is

@@ -49,7 +49,8 @@ from .metrics import spearman
 PROTOCOL = 2
 SUMMARY_KEYS = ("protocol", "split", "donors", "size_rho", "size_rho_ci95", "density_rho", "margin_rho", "ari",
                 "ari_linear_probe", "ari_raw_genes", "c2st_median", "c2st_runs", "c2st_real_vs_real",
-                "empty_mask_fraction", "noise_diversity", "ssim_paper", "psnr_paper")
+                "c2st_lung_only", "c2st_lung_only_copy", "empty_mask_fraction", "noise_diversity", "ssim_paper",
+                "psnr_paper")
 SPLIT_CHOICES = ("val", "test", "all")
 
 __all__ = ["PROTOCOL", "ROLE_TITLES", "SUMMARY_KEYS", "EvaluationError", "evaluate", "main", "validation_score"]
@@ -196,7 +197,9 @@ def write_report(ctx: Context, metrics: dict, section_lines: list[str]) -> Path:
         text = f"[{fmt(value[0], 2)}, {fmt(value[1], 2)}]" if isinstance(value, list | tuple) else fmt(value)
         lines.append(f"| `{key}` | {text} |")
     lines += ["", "Every ρ is aligned (× the expected sign) and computed over the held-out donors; `c2st_median` is "
-              "the median over the critics (0.5 = indistinguishable), beside the real-vs-real floor.", ""]
+              "the median over the critics (0.5 = indistinguishable), beside the real-vs-real floor; "
+              "`c2st_lung_only` the same with the chest wall taken out of both sides (Realism, below), beside the "
+              "copy-background control's.", ""]
     path = ctx.out / "report.md"
     path.write_text("\n".join(lines + section_lines) + "\n")
     return path
