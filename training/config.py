@@ -80,6 +80,7 @@ class TrainConfig:
     distant_wrong_genes: bool = True   # ḡ of D_ISG from the farther half of the other patients (in gene space)
     augment: bool = False              # flips and quarter turns of every drawn patch (NoduleBatchDataset)
     match_backgrounds: bool = False    # pair each nodule slice with a background of about its chest-wall share
+    match_share: float = 0.1           # ... drawn among this fraction of the backgrounds nearest in wall share
     validation: bool = True            # at every checkpoint, the cheap validation score on the val donors;
                                        # the export is the best-scoring checkpoint's EMA generator
     export_name: str = ""              # RUN/<export_name>.safetensors+json; empty = the model name
@@ -129,6 +130,8 @@ class TrainConfig:
         for name in ("sample_every", "checkpoint_every", "num_workers", "gene_components", "gene_top_variance"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.match_share <= 1:
+            raise ConfigError(f"match_share must be in (0, 1], got {self.match_share}")
         if self.num_workers > MAX_WORKERS:
             raise ConfigError(f"num_workers must be <= {MAX_WORKERS} (4 × this machine's CPUs), got {self.num_workers}")
         if not 0 <= self.seed < 2**63:

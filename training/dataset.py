@@ -383,8 +383,8 @@ class NoduleBatchDataset(Dataset):
     patient with 40 nodule slices is not seen 10× as often as one with 4 — the gene map is learned per patient,
     not per slice. `distant_wrong_genes`: ḡ comes from the farther half of the other patients (Euclidean
     distance of the gene vectors), so "wrong genes" are clearly wrong rather than a near-twin's.
-    `match_backgrounds`: the background paired with a nodule slice is drawn among the ~10 % of the split's
-    backgrounds whose share of chest wall (`surroundings.wall_fraction`) is nearest that slice's, instead of
+    `match_backgrounds`: the background paired with a nodule slice is drawn among the `match_share` (10 %) of
+    the split's backgrounds whose share of chest wall (`surroundings.wall_fraction`) is nearest that slice's, instead of
     from all of them: the paper's backgrounds lie near the pleura and real nodules in open lung, so D_I could
     reject every generated patch by its wall alone and push G to erase the wall.
     `augment`: each drawn patch — the nodule slice with its mask, the background, the wrong mask — is turned by
@@ -394,7 +394,7 @@ class NoduleBatchDataset(Dataset):
 
     def __init__(self, data: RadiogenomicDataset, split: str | Sequence[str] = "train", seed: int = 0, *,
                  uniform_donors: bool = False, distant_wrong_genes: bool = False, augment: bool = False,
-                 match_backgrounds: bool = False) -> None:
+                 match_backgrounds: bool = False, match_share: float = 0.1) -> None:
         self.data = data
         self.split = split
         self.seed = int(seed)
@@ -419,7 +419,7 @@ class NoduleBatchDataset(Dataset):
                 distance = np.linalg.norm(data.genes[others] - data.genes[patient], axis=1)
                 others = others[distance >= np.median(distance)]
             self._wrong_pool[int(patient)] = others
-        self._matched_pool = self._matched_backgrounds() if match_backgrounds else None
+        self._matched_pool = self._matched_backgrounds(match_share) if match_backgrounds else None
         # Wrong masks: nodule slices of the split by patient, for "another patient" draws.
         self._patients_with_nodules = np.unique(data.nodule_patient[self.nodules])
         self._images = torch.from_numpy(np.ascontiguousarray(data.nodule_images[:, None]))
@@ -469,7 +469,7 @@ class NoduleBatchDataset(Dataset):
             item["wrong_mask"] = square_symmetry(item["wrong_mask"], wrong_turn)
         return item
 
-    def _matched_backgrounds(self, share: float = 0.1) -> dict[int, np.ndarray]:
+    def _matched_backgrounds(self, share: float) -> dict[int, np.ndarray]:
         """For each nodule slice of the split, the backgrounds (indices) whose wall fraction is nearest its own:
         a window of ⌈share × backgrounds⌉ (at least 16) around its rank among the sorted backgrounds."""
         from .surroundings import wall_fraction

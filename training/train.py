@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mismatched genes ḡ from the farther half of the other patients (default on)")
     g.add_argument("--match-backgrounds", action=argparse.BooleanOptionalAction,
                    help="pair each nodule slice with a background holding about as much chest wall (default off)")
+    g.add_argument("--match-share", type=float, help=f"... drawn among this fraction of the backgrounds nearest in "
+                   f"chest wall (default {d.match_share})")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="turn and flip every drawn patch by one of the square's 8 symmetries (default off)")
     r = p.add_argument_group("runtime")

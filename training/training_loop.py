@@ -81,7 +81,7 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
         data = training_data(cfg)
         train_items = NoduleBatchDataset(data, "train", seed=cfg.seed, uniform_donors=cfg.uniform_donors,
                                          distant_wrong_genes=cfg.distant_wrong_genes, augment=cfg.augment,
-                                         match_backgrounds=cfg.match_backgrounds)
+                                         match_backgrounds=cfg.match_backgrounds, match_share=cfg.match_share)
         probe = ResumableDistributedSampler(len(train_items), cfg.batch_size, cfg.seed, 0, ctx.rank, ctx.world_size)
         g_cfg, d_cfg, weights = build_configs(cfg, data.num_genes, data.patch_size)
 
