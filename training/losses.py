@@ -87,7 +87,7 @@ class LossWeights(StrictDict):
       one adversarial term. Used by the gene-conditioned kinds only.
     * ``consistency_margin = 0``, ``consistency_shape = 0``: the edge terms are off. Measured at weight 1
       each (three training seeds, protocol v2, README "Evaluation on the phantom") they did not help: on the
-      validation donors margin ρ 0.25 with them against 0.76 without, ARI 0.46 against 0.79, and no gain on
+      validation donors margin ρ 0.25 with them against 0.59 without, ARI 0.46 against 0.82, and no gain on
       the unseen cohort. Per donor, the real slices' sharpness does follow the true margin blur (Spearman
       −0.71) and their compactness the spiculation (−0.65), so the terms measure the right thing.
     """
