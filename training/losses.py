@@ -132,6 +132,16 @@ def ls_term(scores: Tensor, target: float) -> Tensor:
     return (scores - target).square().mean()
 
 
+def _dilate(mask: Tensor, radius_px: int) -> Tensor:
+    """Grey dilation by a (2r+1)² square (max-pool; outside the image never counts as foreground)."""
+    return F.max_pool2d(mask, 2 * radius_px + 1, stride=1, padding=radius_px)
+
+
+def _masked_mean(image: Tensor, weight: Tensor) -> Tensor:
+    """(B,) mean of `image` weighted by `weight` (B,1,H,W); ≈ 0 for an all-zero weight."""
+    return (image * weight).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) + 1e-3)
+
+
 def eroded_background_mask(mask_prob: Tensor, kernel_size: int = 5) -> Tensor:
     """erode_k×k(1 − [mask_prob > 0.5]) as a float {0,1} tensor, shape of `mask_prob` (B,1,H,W).
 
@@ -146,8 +156,8 @@ def eroded_background_mask(mask_prob: Tensor, kernel_size: int = 5) -> Tensor:
     with torch.no_grad():
         foreground = (mask_prob.detach() > MASK_THRESHOLD).to(mask_prob.dtype)
         if kernel_size > 1:
-            # max_pool2d pads with -inf, i.e. never foreground: the border-as-background rule above.
-            foreground = F.max_pool2d(foreground, kernel_size, stride=1, padding=kernel_size // 2)
+            # the max-pool pads with -inf, i.e. never foreground: the border-as-background rule above.
+            foreground = _dilate(foreground, kernel_size // 2)
         return 1.0 - foreground
 
 
@@ -159,11 +169,9 @@ def masked_l1(image: Tensor, reference: Tensor, weight: Tensor) -> Tensor:
 def consistency_terms(image: Tensor, mask: Tensor, real_image: Tensor, real_mask: Tensor) -> tuple[Tensor, Tensor]:
     """(mean |area(mask) − area(real_mask)|, mean |mean(image | mask) − mean(real_image | real_mask)|) over the
     batch; areas as fractions of the patch, means weighted by the (soft) masks (B,1,H,W)."""
-    eps = 1e-3
     area = mask.mean(dim=(1, 2, 3))
     real_area = real_mask.mean(dim=(1, 2, 3))
-    inside = (image * mask).sum(dim=(1, 2, 3)) / (mask.sum(dim=(1, 2, 3)) + eps)
-    real_inside = (real_image * real_mask).sum(dim=(1, 2, 3)) / (real_mask.sum(dim=(1, 2, 3)) + eps)
+    inside, real_inside = _masked_mean(image, mask), _masked_mean(real_image, real_mask)
     return (area - real_area).abs().mean(), (inside - real_inside).abs().mean()
 
 
@@ -180,14 +188,6 @@ def _smooth(mask: Tensor) -> Tensor:
     kernel = torch.tensor([0.25, 0.5, 0.25], dtype=mask.dtype, device=mask.device)
     kernel = (kernel[:, None] * kernel[None, :]).reshape(1, 1, 3, 3)
     return F.conv2d(F.pad(mask, (1, 1, 1, 1), mode="replicate"), kernel)
-
-
-def _dilate(mask: Tensor, radius_px: int) -> Tensor:
-    return F.max_pool2d(mask, 2 * radius_px + 1, stride=1, padding=radius_px)
-
-
-def _masked_mean(image: Tensor, weight: Tensor) -> Tensor:
-    return (image * weight).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) + 1e-3)
 
 
 def edge_profile(image: Tensor, mask: Tensor, far_px: tuple[int, int] = (3, 5)) -> Tensor:

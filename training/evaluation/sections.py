@@ -475,9 +475,9 @@ def realism(ctx: Context) -> Section:
         for chosen, into in ((bg_idx, fakes), (matched_bg, matched)):
             if chosen.size == 0:
                 continue
-            images, _ = generate(model, data.background_images[chosen], model.genes[donors[: chosen.size]],
-                                 noise[: chosen.size], device=ctx.device, batch_size=ctx.batch_size,
-                                 desc=f"C2ST {model.role}", progress=ctx.progress)
+            images, _ = generate(model, data.background_images[chosen], model.genes[donors], noise,
+                                 device=ctx.device, batch_size=ctx.batch_size, desc=f"C2ST {model.role}",
+                                 progress=ctx.progress)
             into[model.role] = (central_crop(images, crop), data.background_patient[chosen] + 1_000_000)
 
     def repeated(first: np.ndarray, first_groups: np.ndarray, second: np.ndarray, second_groups: np.ndarray,
@@ -520,11 +520,10 @@ def realism(ctx: Context) -> Section:
              f"with both sides restricted to crops without wall ({open_backgrounds.size} backgrounds, "
              f"{int(real_open.sum())} real crops): what is left is the nodule and the texture.", "",
              "| images | median | interquartile | min–max | collapsed critics |", "|---|---|---|---|---|"]
-    rows = [*results.items(), *((f"{role}, lung only", e) for role, e in results_matched.items()),
+    rows = [*((ROLE_TITLES.get(role, role), e) for role, e in results.items()),
+            *((f"{ROLE_TITLES.get(role, role)}, lung only", e) for role, e in results_matched.items()),
             ("real vs real", floor)]
-    for role, e in rows:
-        base, _, rest = role.partition(", ")
-        title = ROLE_TITLES.get(base, base) + (f", {rest}" if rest else "")
+    for title, e in rows:
         lines.append(f"| {title} | {fmt(e['median'], 2)} | {fmt(e['q25'], 2)}–{fmt(e['q75'], 2)} | "
                      f"{fmt(e['min'], 2)}–{fmt(e['max'], 2)} | {e['collapsed_critics']} of {e['runs']} |")
     lines.append("")
