@@ -178,3 +178,27 @@ def test_augment_turns_image_and_mask_together_and_keeps_the_draws(tmp_path: Pat
         assert any(torch.equal(square_symmetry(a["background"], w), b["background"]) for w in range(8))
         changed += not torch.equal(a["image"], b["image"])
     assert changed >= len(plain) // 2
+
+
+def test_phenotype_targets_are_the_donors_real_nodules_z_scored(tmp_path: Path) -> None:
+    """`phenotype` is the donor's real nodule (diameter, mean HU) z-scored over the split's donors: the same
+    value for every slice of a donor, the larger nodule the larger value, mean 0 and sd 1 over the donors."""
+    from training.conventional import real_nodule_features
+
+    data = load_dataset(make_synthetic_dataset(tmp_path / "d.npz", patients=8, genes=8, size=32))
+    names = ("diameter_mm", "mean_hu")
+    items = NoduleBatchDataset(data, "train", seed=0, phenotype_features=names)
+    assert "phenotype" not in NoduleBatchDataset(data, "train", seed=0)[0]
+    donors = np.unique(data.nodule_patient[data.nodule_indices("train")])
+    by_donor: dict[int, torch.Tensor] = {}
+    for index in range(len(items)):
+        item = items[index]
+        patient = int(item["patient"])
+        assert item["phenotype"].shape == (2,) and item["phenotype"].dtype == torch.float32
+        assert torch.equal(by_donor.setdefault(patient, item["phenotype"]), item["phenotype"])
+    assert set(by_donor) == set(donors.tolist())
+    table = np.stack([by_donor[int(p)].numpy() for p in donors])
+    np.testing.assert_allclose(table.mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(table.std(axis=0), 1, atol=1e-4)
+    measured = real_nodule_features(data, donors, names)
+    assert np.all(np.argsort(table[:, 0], kind="stable") == np.argsort(measured[:, 0], kind="stable"))

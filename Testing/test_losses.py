@@ -234,6 +234,23 @@ def test_consistency_terms_by_hand() -> None:
     assert fake.image.grad.sum() < 0  # a brighter nodule lowers the intensity error
 
 
+def test_code_phenotype_term_by_hand() -> None:
+    """(φ(g)[:, :F] − phenotype)² over the batch and the F anchored coordinates; gradient into φ(g) only there;
+    a batch without `phenotype` is refused by name."""
+    weights = LossWeights(d_i=0.0, d_is=0.0, d_isg=0.0, background_l1=0.0, consistency_area=0.0,
+                          consistency_intensity=0.0, code_phenotype=3.0)
+    loss_fn = GANLoss(StubGenerator(), StubDiscriminator(), weights)
+    fake = _hand_fake()  # φ(g) = 0.2 in all 4 coordinates
+    batch = _hand_batch() | {"phenotype": torch.tensor([[1.2, -0.8]])}
+    loss, logs = loss_fn.generator_loss(batch, fake)
+    assert logs["g_code_phenotype"] == pytest.approx((1.0**2 + 1.0**2) / 2)
+    assert loss.item() == pytest.approx(3.0)
+    loss.backward()
+    torch.testing.assert_close(fake.gene_code.grad, torch.tensor([[-3.0, 3.0, 0.0, 0.0]]))
+    with pytest.raises(KeyError, match="phenotype"):
+        loss_fn.generator_loss(_hand_batch(), _hand_fake())
+
+
 def _disc_slice(radius: float, blur_px: float, density: float = 1.0, size: int = 32
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A disc nodule of `density` (image units above a −1 lung) whose edge is blurred over `blur_px` pixels,

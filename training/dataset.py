@@ -390,11 +390,16 @@ class NoduleBatchDataset(Dataset):
     `augment`: each drawn patch — the nodule slice with its mask, the background, the wrong mask — is turned by
     one of the 8 flips and quarter turns of the square, drawn independently (image and mask together), so the
     discriminator of a small cohort sees 8× as many distinct real patches. Axial lung patches have no upright.
+    `phenotype_features`: each item also carries `phenotype` (F,) — the donor's real nodule measured by these
+    `metrics.nodule_features` (over all its slices of the split, as the evaluation measures a real nodule),
+    z-scored over the split's donors (an unmeasurable value, e.g. the margin of a tiny nodule, becomes 0, the
+    mean). It is the target of the loss's code-phenotype term (`losses.LossWeights.code_phenotype`).
     """
 
     def __init__(self, data: RadiogenomicDataset, split: str | Sequence[str] = "train", seed: int = 0, *,
                  uniform_donors: bool = False, distant_wrong_genes: bool = False, augment: bool = False,
-                 match_backgrounds: bool = False, match_share: float = 0.1) -> None:
+                 match_backgrounds: bool = False, match_share: float = 0.1,
+                 phenotype_features: Sequence[str] = ()) -> None:
         self.data = data
         self.split = split
         self.seed = int(seed)
@@ -426,6 +431,8 @@ class NoduleBatchDataset(Dataset):
         self._masks = torch.from_numpy(np.ascontiguousarray(data.nodule_masks[:, None].astype(np.float32)))
         self._backgrounds = torch.from_numpy(np.ascontiguousarray(data.background_images[:, None]))
         self._genes = torch.from_numpy(np.ascontiguousarray(data.genes))
+        self._phenotypes = donor_phenotypes(data, self._patients_with_nodules, phenotype_features) \
+            if phenotype_features else None
 
     def set_epoch(self, epoch: int) -> None:
         """Change the pairings drawn for every item (call once per epoch, like DistributedSampler)."""
@@ -462,6 +469,8 @@ class NoduleBatchDataset(Dataset):
             "wrong_mask": self._masks[wrong_mask],
             "patient": torch.tensor(patient, dtype=torch.int64),
         }
+        if self._phenotypes is not None:
+            item["phenotype"] = self._phenotypes[patient]
         if self.augment:  # drawn after every other choice, so runs without it keep their exact draws
             nodule_turn, background_turn, wrong_turn = (int(t) for t in rng.integers(8, size=3))
             item["image"], item["mask"] = (square_symmetry(item[k], nodule_turn) for k in ("image", "mask"))
@@ -498,6 +507,22 @@ class NoduleBatchDataset(Dataset):
             if pool.size == 0:
                 pool = self.nodules
         return int(pool[rng.integers(pool.size)])
+
+
+def donor_phenotypes(data: RadiogenomicDataset, donors: np.ndarray, names: Sequence[str]) -> torch.Tensor:
+    """(P, F) float32, row p = donor p's real nodule features `names` z-scored over `donors` (other rows and
+    unmeasurable values 0). A feature constant over the donors is centred only."""
+    from .conventional import real_nodule_features  # conventional imports metrics only; kept lazy for start-up
+
+    values = real_nodule_features(data, donors, names)
+    finite = np.isfinite(values)
+    count = np.maximum(finite.sum(axis=0), 1)
+    mean = np.where(finite, values, 0).sum(axis=0) / count
+    centred = np.where(finite, values - mean, 0.0)
+    scale = np.sqrt((centred**2).sum(axis=0) / count)
+    table = np.zeros((data.num_patients, len(names)), dtype=np.float32)
+    table[donors] = centred / np.where(scale > 0, scale, 1.0)
+    return torch.from_numpy(table)
 
 
 # --- a tiny synthetic dataset for tests ------------------------------------------------------------------------

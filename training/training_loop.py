@@ -54,6 +54,7 @@ from .iteration import (
     train_iteration,
     update_ema,
 )
+from .losses import CODE_PHENOTYPE_FEATURES
 from .provenance import run_provenance, run_record
 from .resume import checkpoint_state, checkpoint_to_resume, restore
 from .sampling import ResumableDistributedSampler, to_device, training_batches
@@ -79,11 +80,12 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
 
         # Load data.
         data = training_data(cfg)
+        g_cfg, d_cfg, weights = build_configs(cfg, data.num_genes, data.patch_size)
         train_items = NoduleBatchDataset(data, "train", seed=cfg.seed, uniform_donors=cfg.uniform_donors,
                                          distant_wrong_genes=cfg.distant_wrong_genes, augment=cfg.augment,
-                                         match_backgrounds=cfg.match_backgrounds, match_share=cfg.match_share)
+                                         match_backgrounds=cfg.match_backgrounds, match_share=cfg.match_share,
+                                         phenotype_features=CODE_PHENOTYPE_FEATURES if weights.code_phenotype else ())
         probe = ResumableDistributedSampler(len(train_items), cfg.batch_size, cfg.seed, 0, ctx.rank, ctx.world_size)
-        g_cfg, d_cfg, weights = build_configs(cfg, data.num_genes, data.patch_size)
 
         # Construct networks.
         nets = build_networks(cfg, g_cfg, d_cfg, weights, ctx)
