@@ -196,6 +196,18 @@ def test_discriminator_loss_by_hand() -> None:
     assert not loss.requires_grad
 
 
+def test_r1_penalty_by_hand() -> None:
+    """R1 adds γ/2·E‖∇ₓ Σ D(x)‖²: every real score of the stub is a mean over x's 64 pixels (D_IS and D_ISG
+    once each too), so the gradient is 3/64 per pixel and the penalty 64·(3/64)² = 9/64."""
+    weights = LossWeights(**{**HAND_WEIGHTS.to_dict(), "r1": 2.0})
+    loss, logs = GANLoss(StubGenerator(), StubDiscriminator(), weights).discriminator_loss(_hand_batch(), _hand_fake())
+    assert logs["d_r1"] == pytest.approx(9 / 64)
+    assert loss.item() == pytest.approx(4.15875 + 9 / 64)
+    with torch.no_grad():  # no graph, no penalty (a D loss computed only to be logged)
+        assert "d_r1" not in GANLoss(StubGenerator(), StubDiscriminator(), weights).discriminator_loss(
+            _hand_batch(), _hand_fake())[1]
+
+
 def test_generator_loss_by_hand() -> None:
     d = StubDiscriminator()
     loss_fn = GANLoss(StubGenerator(), d, HAND_WEIGHTS)

@@ -19,6 +19,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -52,9 +53,12 @@ def _worker(rank: int, port: int, config: dict) -> None:
     training_loop(TrainConfig.from_dict(config))
 
 
-def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("r1", [0.0, 1.0], ids=["plain", "r1"])
+def test_two_gloo_processes_match_one_process(tmp_path: Path, r1: float) -> None:
+    """With R1 the D step differentiates through the gradient, so the global batch norm's all-reduce is
+    differentiated twice; the weights still match one process."""
     data = make_synthetic_dataset(tmp_path / "syn.npz", patients=8, genes=64, size=32)
-    common = {"data": str(data), "model": "proposed", "steps": 3, **TINY}
+    common = {"data": str(data), "model": "proposed", "steps": 3, **TINY, "loss_weights": {"r1": r1}}
     previous = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)

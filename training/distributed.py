@@ -106,9 +106,8 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        out = grad.clone()
-        dist.all_reduce(out)
-        return out
+        # through apply, so a double backward (the D step's R1 penalty) differentiates this all-reduce too
+        return _AllReduceSum.apply(grad)
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -157,12 +156,13 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return super().forward(input)
 
 
-def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Swap every BatchNorm for its global-batch version (SyncBatchNorm on CUDA, GlobalBatchNorm on CPU).
+def convert_batchnorm(module: nn.Module, device: torch.device, double_backward: bool = False) -> nn.Module:
+    """Swap every BatchNorm for its global-batch version (SyncBatchNorm on CUDA, GlobalBatchNorm on CPU, and on
+    CUDA too when the loss differentiates a gradient: SyncBatchNorm has no double backward, pytorch#61222).
 
     State-dict keys are unchanged, so checkpoints and exported weights do not depend on the world size.
     """
-    if device.type == "cuda":
+    if device.type == "cuda" and not double_backward:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return _convert_cpu(module)
 

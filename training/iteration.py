@@ -110,7 +110,7 @@ def build_networks(
     generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)   # plain BN: this is what is exported
     if ctx.distributed and cfg.sync_batchnorm:
         generator = convert_batchnorm(generator, ctx.device)
-        discriminator = convert_batchnorm(discriminator, ctx.device)
+        discriminator = convert_batchnorm(discriminator, ctx.device, double_backward=weights.r1 > 0)
     memory = torch.channels_last if cfg.channels_last else torch.preserve_format
     for net in (generator, discriminator, generator_ema):
         net.to(ctx.device, memory_format=memory)

@@ -5,7 +5,7 @@ Least-squares GAN (Mao et al. 2017) with the paper's equations and targets (DESI
     L_DI   = (D_I(x) − 1)² + D_I(Gx)²
     L_DIS  = (D_IS(x, m) − 1)² + D_IS(x, m̄)² + D_IS(Gx, Gm)²
     L_DISG = (D_ISG(x, m, g) − 1)² + D_ISG(x, m̄, g)² + D_ISG(x, m, ḡ)² + D_ISG(Gx, Gm, g)²
-    L_D    = w_I·L_DI + w_IS·L_DIS + w_ISG·L_DISG
+    L_D    = w_I·L_DI + w_IS·L_DIS + w_ISG·L_DISG  (+ γ/2·E‖∇ₓ Σ_heads D(x, …)‖², R1, beyond the paper)
     L_G    = w_I·(D_I(Gx) − 1)² + w_IS·(D_IS(Gx, Gm) − 1)² + w_ISG·(D_ISG(Gx, Gm, g) − 1)²
              + λ·mean(M ⊙ |Gx − b|),   M = erode₅ₓ₅(1 − [Gm > 0.5])  (no gradient through M)
              + c_A·|area(Gm) − area(m)| + c_I·|mean(Gx | Gm) − mean(x | m)|   (beyond the paper)
@@ -115,6 +115,7 @@ class LossWeights(StrictDict):
     consistency_margin: float = 0.0
     consistency_shape: float = 0.0
     code_phenotype: float = 0.0
+    r1: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.erosion_kernel, float) and self.erosion_kernel.is_integer():
@@ -239,6 +240,14 @@ def edge_consistency_terms(image: Tensor, mask: Tensor, real_image: Tensor, real
         real_compactness = soft_compactness(real_mask)
     return ((edge_profile(image, mask) - real_profile).abs().sum(dim=1).mean(),
             (soft_compactness(mask) - real_compactness).abs().mean())
+
+
+def r1_penalty(real_scores: list[Tensor], real_image: Tensor) -> Tensor:
+    """R1 (Mescheder et al. 2018): E‖∇ₓ Σ_heads D(x)‖² over the real images x, with a graph for the D step's
+    backward. One gradient for all heads' real scores, which share the real image."""
+    total = torch.stack([scores.float().sum() for scores in real_scores]).sum()
+    (grad,) = torch.autograd.grad(total, real_image, create_graph=True)
+    return grad.float().square().sum(dim=(1, 2, 3)).mean()
 
 
 def code_phenotype_term(code: Tensor | None, batch: Mapping[str, Tensor]) -> Tensor:
@@ -375,6 +384,8 @@ class GANLoss:
     def discriminator_loss(self, batch: Mapping[str, Tensor], fake: GeneratorOutput) -> tuple[Tensor, dict[str, float]]:
         """L_D = w_I·L_DI + w_IS·L_DIS (+ w_ISG·L_DISG); `fake` is detached here."""
         w = self.weights
+        if w.r1 and torch.is_grad_enabled():
+            batch = {**batch, "image": batch["image"].detach().requires_grad_(True)}
         s = self._score_tuples(batch, fake, g_step=False)
         t: dict[str, Tensor] = {
             "d_i_real": ls_term(s["i_real"], 1.0),
@@ -398,6 +409,10 @@ class GANLoss:
             real = real + w.d_isg * t["d_isg_real"]
             fake_sum = fake_sum + w.d_isg * t["d_isg_fake"]
             wrong_sum = wrong_sum + w.d_isg * (t["d_isg_wrong_mask"] + t["d_isg_wrong_gene"])
+        if w.r1 and batch["image"].requires_grad:
+            real_scores = [s[k] for k in ("i_real", "is_real", "isg_real") if k in s]
+            t["d_r1"] = r1_penalty(real_scores, batch["image"])
+            loss = loss + w.r1 / 2 * t["d_r1"]
         logs = {
             "d_total": loss,
             "d_real": real,
