@@ -11,6 +11,8 @@ step (`monai_peer.py`: its published network sizes and its GanTrainer iteration,
 "vs MONAI" column is the peer's seconds per iteration divided by ours. Every runner at a size is warmed up,
 then timed round-robin (one iteration of each per round), so a change of load on a shared machine hits all
 of them alike; medians of the rounds. Not collected by pytest; no timed assertions anywhere.
+`--loss-weight r1=1` also times each model with those loss weights, round-robin beside the default (the
+cost of an optional term).
 
 Columns: FLOPs per iteration (convolutions and matrix products, counted on the first, untimed iteration), wall
 seconds per iteration (what a user waits), CPU seconds per iteration summed over threads, achieved GFLOP/s,
@@ -58,16 +60,18 @@ def synthetic_batch(batch: int, size: int, genes: int, noise_dim: int, seed: int
         "wrong_genes": torch.randn(batch, genes, generator=g),
         "wrong_mask": mask.roll(1, dims=0),
         "patient": torch.arange(batch),
+        "phenotype": torch.randn(batch, 3, generator=g),
         "noise": torch.randn(batch, noise_dim, generator=g),
     }
 
 
 def our_step(model: str, size: int, batch: int, genes: int, device: torch.device, precision: str,
-             generator: dict, discriminator: dict) -> tuple[Callable[[], dict[str, float]], dict]:
+             generator: dict, discriminator: dict, loss_weights: dict | None = None
+             ) -> tuple[Callable[[], dict[str, float]], dict]:
     """One training iteration of ours (plus the EMA update) on a fixed batch, and the networks' sizes."""
     bf16 = precision == "bf16"
     cfg = TrainConfig(data="synthetic", out="-", model=model, batch_size=batch, amp=bf16, cpu_bf16=bf16,
-                      generator=generator, discriminator=discriminator)
+                      generator=generator, discriminator=discriminator, loss_weights=loss_weights or {})
     g_cfg, d_cfg, weights = build_configs(cfg, genes, size)
     nets = build_networks(cfg, g_cfg, d_cfg, weights, DistContext(device=device))
     source = to_device(synthetic_batch(batch, size, genes, g_cfg.noise_dim), device, cfg.channels_last)
@@ -80,7 +84,7 @@ def our_step(model: str, size: int, batch: int, genes: int, device: torch.device
         update_ema(nets.generator_ema, nets.generator, cfg.ema_decay)
         return logs
 
-    info = {"model": model, "precision": precision,
+    info = {"model": model + ("+" + ",".join(loss_weights) if loss_weights else ""), "precision": precision,
             "g_params": sum(p.numel() for p in nets.generator.parameters()),
             "d_params": sum(p.numel() for p in nets.discriminator.parameters())}
     return step, info
@@ -146,6 +150,9 @@ def main() -> None:
                         help="GeneratorConfig override, as for training (e.g. base_channels=32); repeatable")
     parser.add_argument("--discriminator", action="append", default=[], metavar="KEY=VALUE",
                         help="DiscriminatorConfig override; repeatable")
+    parser.add_argument("--loss-weight", action="append", default=[], metavar="NAME=VALUE",
+                        help="also time each model with these loss weights (e.g. r1=1), beside the default; "
+                             "repeatable")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,16 +162,17 @@ def main() -> None:
           f"median of {args.iters} round-robin iterations after a FLOP-counting run and {args.warmup} warm-up")
     g_over = dict(parse_override(text) for text in args.generator)
     d_over = dict(parse_override(text) for text in args.discriminator)
+    variants = [None, dict(parse_override(text) for text in args.loss_weight)] if args.loss_weight else [None]
     if g_over or d_over:
         print(f"architecture overrides: generator {g_over}, discriminator {d_over}")
     precisions = args.precision or (["bf16"] if device.type == "cuda" else ["fp32", "bf16"])
-    header = (f"{'model':<11}{'size':>5}{'prec':>6}{'G params':>12}{'D params':>12}{'GFLOP/it':>10}{'s/iter':>9}"
+    header = (f"{'model':<14}{'size':>5}{'prec':>6}{'G params':>12}{'D params':>12}{'GFLOP/it':>10}{'s/iter':>9}"
               f"{'CPU s/it':>10}{'GFLOP/s':>9}{'samples/s':>11}{'vs MONAI':>10}{'load':>6}")
     print(header)
     print("-" * len(header))
     for size in args.sizes:
-        runners = [our_step(model, size, args.batch, args.genes, device, precision, g_over, d_over)
-                   for precision in precisions for model in args.models]
+        runners = [our_step(model, size, args.batch, args.genes, device, precision, g_over, d_over, weights)
+                   for precision in precisions for model in args.models for weights in variants]
         with_peer = size == PEER_SIZE and not args.no_peer
         if with_peer:
             runners.insert(0, peer_step(args.batch, device))
@@ -173,7 +181,7 @@ def main() -> None:
         peer_seconds = timings[0][0] if with_peer else None
         for (_, info), flop, (seconds, cpu_seconds) in zip(runners, flops, timings):
             ratio = f"{peer_seconds / seconds:.1f}×" if peer_seconds is not None else "-"
-            print(f"{info['model']:<11}{size:>5}{info['precision']:>6}{info['g_params']:>12,}{info['d_params']:>12,}"
+            print(f"{info['model']:<14}{size:>5}{info['precision']:>6}{info['g_params']:>12,}{info['d_params']:>12,}"
                   f"{flop / 1e9:>10.0f}{seconds:>9.3f}{cpu_seconds:>10.3f}{flop / 1e9 / seconds:>9.0f}"
                   f"{args.batch / seconds:>11.1f}{ratio:>10}{os.getloadavg()[0]:>6.1f}", flush=True)
 
