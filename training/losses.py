@@ -394,7 +394,8 @@ class GANLoss:
     def discriminator_loss(self, batch: Mapping[str, Tensor], fake: GeneratorOutput) -> tuple[Tensor, dict[str, float]]:
         """L_D = w_I·L_DI + w_IS·L_DIS (+ w_ISG·L_DISG); `fake` is detached here."""
         w = self.weights
-        if w.r1 and torch.is_grad_enabled():
+        with_r1 = bool(w.r1) and torch.is_grad_enabled()   # no graph (a loss only logged): no penalty
+        if with_r1:
             batch = {**batch, "image": batch["image"].detach().requires_grad_(True)}
         s = self._score_tuples(batch, fake, g_step=False)
         t: dict[str, Tensor] = {
@@ -419,7 +420,7 @@ class GANLoss:
             real = real + w.d_isg * t["d_isg_real"]
             fake_sum = fake_sum + w.d_isg * t["d_isg_fake"]
             wrong_sum = wrong_sum + w.d_isg * (t["d_isg_wrong_mask"] + t["d_isg_wrong_gene"])
-        if w.r1 and batch["image"].requires_grad:
+        if with_r1:
             real_scores = [s[k] for k in ("i_real", "is_real", "isg_real") if k in s]
             t["d_r1"] = r1_penalty(real_scores, batch["image"])
             loss = loss + w.r1 / 2 * t["d_r1"]
