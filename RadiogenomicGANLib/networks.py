@@ -54,6 +54,13 @@ class GeneratorConfig(StrictDict):
     base_channels: int = 16
     max_channels: int = 128
     gene_hidden: int = 256      # hidden width of the 2-layer mapping network
+    # Code-driven edge width (off at 0): the generated nodule's difference from its background is blurred by
+    # a Gaussian of σ = σ₀·exp(−edge_blur_per_sd · φ(g)[edge_code_index]) pixels, σ₀ learned. Training
+    # anchors that coordinate to the donor's z-scored margin sharpness (`training.losses` code-phenotype
+    # term), so a sharper-margined genotype gets a narrower edge: the factor is fixed, not learned, because a
+    # learned one settled on one width for every donor (README, issue 10).
+    edge_blur_per_sd: float = 0.0
+    edge_code_index: int = 2
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -68,6 +75,12 @@ class GeneratorConfig(StrictDict):
             raise ValueError(f"noise_dim must be ≥ 0, got {self.noise_dim}")
         if self.base_channels < 2:
             raise ValueError("base_channels must be ≥ 2 (one channel carries the raw background)")
+        if not (math.isfinite(self.edge_blur_per_sd) and self.edge_blur_per_sd >= 0):
+            raise ValueError(f"edge_blur_per_sd must be a finite number ≥ 0, got {self.edge_blur_per_sd}")
+        if self.edge_blur_per_sd and not 0 <= self.edge_code_index < self.code_dim:
+            raise ValueError(f"edge_code_index must lie in [0, code_dim={self.code_dim}), got {self.edge_code_index}")
+        if self.edge_blur_per_sd and self.kind != "proposed":
+            raise ValueError(f"edge_blur_per_sd is a setting of the proposed generator, not of {self.kind!r}")
 
     @property
     def resolutions(self) -> list[int]:
@@ -261,6 +274,40 @@ def _check_inputs(config: GeneratorConfig, background: Tensor, genes: Tensor | N
         raise ValueError(f"genes must be (B={background.shape[0]}, {config.num_genes}), got {tuple(genes.shape)}")
 
 
+class CodeDrivenEdge(nn.Module):
+    """Blur the generated change by a per-sample Gaussian whose width one gene-code coordinate sets.
+
+    image = background + G_σ * (image − background), σ = σ₀·exp(−k·code[:, index]) px, clamped to
+    [MIN_SIGMA, MAX_SIGMA]; σ₀ (learned, starts at 1 px) sets the cohort's typical edge, k (fixed) how far the
+    coordinate moves it. Why blur the change and not the image: the background's own texture stays as it was.
+    """
+
+    MIN_SIGMA, MAX_SIGMA = 0.05, 3.0
+    RADIUS = 9                     # 3 × MAX_SIGMA: the kernel's tail beyond is < 1 %
+
+    def __init__(self, per_sd: float, index: int) -> None:
+        super().__init__()
+        self.per_sd, self.index = float(per_sd), int(index)
+        self.log_sigma0 = nn.Parameter(torch.zeros(()))
+
+    def sigma(self, code: Tensor) -> Tensor:
+        """(B,) edge widths in pixels for gene codes (B, code_dim)."""
+        log_sigma = self.log_sigma0 - self.per_sd * code[:, self.index].float()
+        return log_sigma.exp().clamp(self.MIN_SIGMA, self.MAX_SIGMA)
+
+    def forward(self, image: Tensor, background: Tensor, code: Tensor) -> Tensor:
+        sigma = self.sigma(code)
+        offsets = torch.arange(-self.RADIUS, self.RADIUS + 1, device=image.device, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]).square())
+        kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(image.dtype)      # (B, 2R+1)
+        b, _, h, w = image.shape
+        r = self.RADIUS
+        change = (image - background).reshape(1, b, h, w)                      # one group per sample
+        change = F.conv2d(F.pad(change, (0, 0, r, r), mode="replicate"), kernel[:, None, :, None], groups=b)
+        change = F.conv2d(F.pad(change, (r, r, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=b)
+        return (background + change.reshape(b, 1, h, w)).clamp(-1.0, 1.0)
+
+
 def _style(config: GeneratorConfig, code: Tensor, noise: Tensor | None) -> Tensor:
     """style = [φ(g), n]; n ~ N(0, I) when not given."""
     if noise is None:
@@ -285,6 +332,8 @@ class ProposedGenerator(nn.Module):
             previous = config.channels(res)
         self.image_head = ImageHead(previous)
         self.mask_head = MaskHead(previous)
+        self.edge = (CodeDrivenEdge(config.edge_blur_per_sd, config.edge_code_index)
+                     if config.edge_blur_per_sd else None)
 
     def encode_genes(self, genes: Tensor) -> Tensor:
         """φ(g) for a batch of z-scored gene vectors (B,G) → (B, code_dim); the radiogenomic map uses it."""
@@ -303,7 +352,10 @@ class ProposedGenerator(nn.Module):
                 x = _upsample(x)
             x, weight = block(x, features[i], style)
             weight_maps.append(weight)
-        return GeneratorOutput(self.image_head(x), self.mask_head(x), weight_maps, code)
+        image = self.image_head(x)
+        if self.edge is not None:
+            image = self.edge(image, background, code)
+        return GeneratorOutput(image, self.mask_head(x), weight_maps, code)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from torch import nn
 
 from RadiogenomicGANLib.networks import (
     KINDS,
+    CodeDrivenEdge,
     FusionBlock,
     GeneMappingNetwork,
     GeneratorConfig,
@@ -252,6 +253,61 @@ def test_config_round_trip_and_refusals() -> None:
         GeneratorConfig(kind="stylegan")
     with pytest.raises(ValueError, match="power of two"):
         GeneratorConfig(patch_size=96)
+
+
+def test_edge_settings_are_refused_where_they_cannot_work() -> None:
+    with pytest.raises(ValueError, match="edge_blur_per_sd must be a finite number ≥ 0"):
+        GeneratorConfig(edge_blur_per_sd=-0.5)
+    with pytest.raises(ValueError, match="edge_code_index must lie in"):
+        GeneratorConfig(code_dim=8, edge_blur_per_sd=0.5, edge_code_index=8)
+    with pytest.raises(ValueError, match="not of 'mcgan'"):
+        GeneratorConfig(kind="mcgan", edge_blur_per_sd=0.5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Code-driven edge width
+
+
+def rise_width(profile: torch.Tensor) -> int:
+    """Pixels over which a rising edge profile climbs from 10 % to 90 % of its height."""
+    height = profile[-1]
+    return int(((profile > 0.1 * height) & (profile < 0.9 * height)).sum())
+
+
+def test_code_driven_edge_widens_as_the_margin_coordinate_falls() -> None:
+    """A square change of +0.5 on a textured background; coordinate −2, 0, +2 on the anchored margin axis
+    (z-scored sharpness): σ = exp(∓1.2) px, clamped to 3 px; the edge's 10–90 % rise narrows in that order,
+    the change's total is kept (a normalised kernel), and far from the square the output is the background."""
+    edge = CodeDrivenEdge(per_sd=0.6, index=2)
+    background = (torch.rand(1, 1, 64, 64) * 0.4 - 0.6).expand(3, 1, 64, 64)
+    image = background.clone()
+    image[:, :, 20:44, 20:44] += 0.5
+    code = torch.zeros(3, 8)
+    code[:, 2] = torch.tensor([-2.0, 0.0, 2.0])
+    with torch.no_grad():
+        sigma = edge.sigma(code)
+        out = edge(image, background, code)
+    torch.testing.assert_close(sigma, torch.tensor([3.0, 1.0, math.exp(-1.2)]))
+    change = out - background
+    widths = [rise_width(change[i, 0, 32, 8:33]) for i in range(3)]
+    assert widths[0] > widths[1] > widths[2] >= 0, widths
+    torch.testing.assert_close(change.sum(dim=(1, 2, 3)), torch.full((3,), 0.5 * 24 * 24), rtol=1e-4, atol=0)
+    far = torch.ones(64, 64, dtype=torch.bool)
+    far[20 - 10:44 + 10, 20 - 10:44 + 10] = False
+    assert torch.equal(out[:, 0][:, far], background[:, 0][:, far])
+    # the sharpest width is almost no blur: the square's border pixel loses 0.4 % to its outside neighbour
+    torch.testing.assert_close(change[2, 0, 32, 20:44], torch.full((24,), 0.5), atol=3e-3, rtol=0)
+
+
+def test_code_driven_edge_learns_through_sigma0_and_the_coordinate() -> None:
+    """The generator with the edge: the learned σ₀ and the gene mapping receive gradient through the blur."""
+    config = GeneratorConfig(**{**small_config("proposed").to_dict(), "edge_blur_per_sd": 0.6})
+    generator = build_generator(config).train()
+    assert generator.edge is not None and build_generator(small_config("proposed")).edge is None
+    out = run(generator, inputs(config, batch=3))
+    (out.image * torch.randn_like(out.image)).sum().backward()
+    assert generator.edge.log_sigma0.grad is not None and generator.edge.log_sigma0.grad.abs() > 0
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in generator.mapping.parameters())
 
 
 def test_hole_from_mask_is_a_disc_of_one_and_a_half_equivalent_radii() -> None:

@@ -28,7 +28,7 @@ from RadiogenomicGANLib.weights import (
 GENES = 12
 
 
-def small_config(kind: str = "proposed", **changes: int) -> GeneratorConfig:
+def small_config(kind: str = "proposed", **changes: float) -> GeneratorConfig:
     params = {"kind": kind, "num_genes": GENES, "code_dim": 8, "noise_dim": 4, "base_channels": 4,
               "max_channels": 16, "gene_hidden": 16, **changes}
     return GeneratorConfig(**params)
@@ -72,10 +72,14 @@ def rewrite_json(saved: Path, **changes: object) -> None:
 # Round trip
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_save_then_load_gives_bit_identical_outputs(tmp_path: Path, kind: str) -> None:
-    config = small_config(kind)
+@pytest.mark.parametrize(("kind", "changes"), [(kind, {}) for kind in KINDS]
+                         + [("proposed", {"edge_blur_per_sd": 0.6})])
+def test_save_then_load_gives_bit_identical_outputs(tmp_path: Path, kind: str, changes: dict) -> None:
+    config = small_config(kind, **changes)
     generator = trained_like(config)
+    if generator.config.edge_blur_per_sd:      # a learned edge width that is not the initial one
+        with torch.no_grad():
+            generator.edge.log_sigma0.fill_(0.4)
     metadata = metadata_for(config)
     path = save_weights(tmp_path / "sub" / f"{kind}.safetensors", generator, metadata)
     assert path == tmp_path / "sub" / f"{kind}.safetensors" and path.with_suffix(".json").is_file()

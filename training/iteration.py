@@ -26,7 +26,7 @@ from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_
 from .config import ConfigError, TrainConfig
 from .discriminator import DiscriminatorConfig, build_discriminator
 from .distributed import DistContext, convert_batchnorm
-from .losses import GANLoss, LossWeights
+from .losses import CODE_PHENOTYPE_FEATURES, GANLoss, LossWeights
 
 # ----------------------------------------------------------------------------------------------------
 # Networks and optimisers
@@ -97,6 +97,15 @@ def build_configs(
         weights = LossWeights.from_dict(cfg.loss_weights)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"loss weights {cfg.loss_weights}: {error}") from None
+    if g_cfg.edge_blur_per_sd:   # the edge width reads a code coordinate that only the anchor gives a meaning
+        anchored = dict(enumerate(CODE_PHENOTYPE_FEATURES)).get(g_cfg.edge_code_index)
+        margin = CODE_PHENOTYPE_FEATURES.index("margin_sharpness")
+        if anchored != "margin_sharpness":
+            raise ConfigError(f"--generator edge_code_index={g_cfg.edge_code_index} is not the anchored margin "
+                              f"coordinate; use edge_code_index={margin}")
+        if not weights.code_phenotype:
+            raise ConfigError("--generator edge_blur_per_sd needs the code-phenotype anchor that gives its "
+                              "coordinate a meaning: add --loss-weight code_phenotype=1")
     return g_cfg, d_cfg, weights
 
 
