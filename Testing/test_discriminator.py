@@ -86,6 +86,27 @@ def test_building_blocks_batched_equal_the_one_tuple_forward() -> None:
     torch.testing.assert_close(d.score_image(d.image_features(torch.cat([x, gx])))[2:], d(gx, gm, code).d_i)
 
 
+def test_projection_head_adds_the_code_as_an_inner_product() -> None:
+    """gene_head="projection": D_ISG(h, c) − D_ISG(h, 0) = ⟨E·c, mean over the grid of h⟩; the paper's
+    head has no such split. Every parameter of the projection head learns."""
+    d = Discriminator(DiscriminatorConfig(gene_head="projection", **SMALL)).eval()   # fixed batch-norm stats
+    image, mask = _inputs(3, 64)
+    code = torch.randn(3, 8)
+    with torch.no_grad():
+        pair = d.pair_features(image, mask)
+        expected = (d.gene_embed(code) * d.gene_joint(pair).mean(dim=(2, 3))).sum(dim=1)
+        difference = d.score_gene(pair, code) - d.score_gene(pair, torch.zeros_like(code))
+    torch.testing.assert_close(difference, expected)
+    assert difference.abs().min() > 0
+    out = d.train()(image, mask, code)
+    (out.d_isg.sum() + out.d_is.sum() + out.d_i.sum()).backward()
+    dead = [n for n, p in d.named_parameters() if p.grad is None or not p.grad.abs().max() > 0]
+    assert dead == []
+    concat = Discriminator(DiscriminatorConfig(**SMALL))
+    assert concat.gene_embed is None and concat.gene_joint[0].in_channels == 16 + 8
+    assert d.gene_joint[0].in_channels == 16
+
+
 def test_config_round_trip_and_refusals() -> None:
     config = DiscriminatorConfig(patch_size=128, independent_mapping=True)
     assert DiscriminatorConfig.from_dict(config.to_dict()) == config
@@ -95,6 +116,8 @@ def test_config_round_trip_and_refusals() -> None:
         DiscriminatorConfig(patch_size=48)
     with pytest.raises(ValueError, match="code_dim"):
         DiscriminatorConfig(code_dim=0)
+    with pytest.raises(ValueError, match="unknown gene_head 'film'"):
+        DiscriminatorConfig(gene_head="film")
 
 
 def test_config_for_generator_matches_it() -> None:

@@ -14,6 +14,10 @@ with a 4×4 *valid* convolution to a single number, so each head outputs **one s
 (B,), with no sigmoid (least-squares GAN). A scalar rather than a patch map because the patch is already
 a small, nodule-centred 60 mm crop: the heads judge the whole nodule/mask/gene tuple, as in MC-GAN.
 
+With ``gene_head="projection"`` (Miyato & Koyama 2018) D_ISG is instead ψ(h) + ⟨E·code, pool(h)⟩, h the
+pair features through the same conv 3×3, batch norm, leaky ReLU: the code enters as an inner product with
+the image's features, a term D cannot ignore by down-weighting the broadcast channels (issue 10).
+
 The gene code `code` is, by default, the generator's φ(g) — the D step detaches it (as the authors' own code did),
 so D never trains the generator's mapping network. With ``independent_mapping=True`` D owns its own
 two-layer mapping network (a separate instance of the generator's `GeneMappingNetwork`) and `code` is the
@@ -37,6 +41,7 @@ from RadiogenomicGANLib.networks import GeneMappingNetwork
 from RadiogenomicGANLib.strict_dict import StrictDict
 
 _SLOPE = 0.2  # leaky ReLU slope of DCGAN/MC-GAN discriminators
+GENE_HEADS: tuple[str, ...] = ("concat", "projection")
 
 
 @dataclass
@@ -53,11 +58,14 @@ class DiscriminatorConfig(StrictDict):
     # False drops D_ISG (and any mapping network) entirely: the inpainting baseline has no genes, and a
     # head that is allocated but never trained is a dead branch.
     gene_conditioned: bool = True
+    gene_head: str = "concat"   # "concat" (the paper: code broadcast and concatenated) | "projection"
 
     def __post_init__(self) -> None:
         size = self.patch_size
         if size < 8 or size & (size - 1):
             raise ValueError(f"patch_size must be a power of two >= 8, got {size}")
+        if self.gene_head not in GENE_HEADS:
+            raise ValueError(f"unknown gene_head {self.gene_head!r}; expected one of {', '.join(GENE_HEADS)}")
         for name in ("base_channels", "max_channels", "code_dim", "num_genes", "gene_hidden"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -122,11 +130,15 @@ class Discriminator(nn.Module):
         self.mapping: GeneMappingNetwork | None = None
         self.gene_joint: nn.Sequential | None = None
         self.gene_logit: nn.Conv2d | None = None
+        self.gene_embed: nn.Linear | None = None
         if config.gene_conditioned:
             if config.independent_mapping:
                 self.mapping = GeneMappingNetwork(config.num_genes, config.gene_hidden, config.code_dim)
+            projection = config.gene_head == "projection"
+            if projection:
+                self.gene_embed = nn.Linear(config.code_dim, channels, bias=False)
             self.gene_joint = nn.Sequential(
-                nn.Conv2d(channels + config.code_dim, channels, 3, padding=1, bias=False),
+                nn.Conv2d(channels + (0 if projection else config.code_dim), channels, 3, padding=1, bias=False),
                 nn.BatchNorm2d(channels),
                 nn.LeakyReLU(_SLOPE, inplace=True),
             )
@@ -166,6 +178,10 @@ class Discriminator(nn.Module):
     def score_gene(self, pair_features: Tensor, code: Tensor) -> Tensor:
         """D_ISG from pair features and D's code (already through `gene_code`), (N,)."""
         assert self.gene_joint is not None and self.gene_logit is not None
+        if self.gene_embed is not None:                                  # projection
+            joint = self.gene_joint(pair_features)
+            projected = (self.gene_embed(code.to(joint.dtype)) * joint.mean(dim=(2, 3))).sum(dim=1)
+            return self.gene_logit(joint).flatten() + projected
         grid = code[:, :, None, None].expand(-1, -1, *pair_features.shape[-2:])
         return self.gene_logit(self.gene_joint(torch.cat([pair_features, grid], dim=1))).flatten()
 
