@@ -61,6 +61,9 @@ class GeneratorConfig(StrictDict):
     # learned one settled on one width for every donor (README, issue 10).
     edge_blur_per_sd: float = 0.0
     edge_code_index: int = 2
+    # With the edge: keep the change only inside the generator's own mask before the blur, so σ alone (not
+    # a soft edge the decoder draws) sets the margin, and nothing outside the nodule ± a few σ changes.
+    edge_inside_mask: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -79,6 +82,8 @@ class GeneratorConfig(StrictDict):
             raise ValueError(f"edge_blur_per_sd must be a finite number ≥ 0, got {self.edge_blur_per_sd}")
         if self.edge_blur_per_sd and not 0 <= self.edge_code_index < self.code_dim:
             raise ValueError(f"edge_code_index must lie in [0, code_dim={self.code_dim}), got {self.edge_code_index}")
+        if self.edge_inside_mask and not self.edge_blur_per_sd:
+            raise ValueError("edge_inside_mask needs the code-driven edge (edge_blur_per_sd > 0)")
         if self.edge_blur_per_sd and self.kind != "proposed":
             raise ValueError(f"edge_blur_per_sd is a setting of the proposed generator, not of {self.kind!r}")
 
@@ -285,9 +290,9 @@ class CodeDrivenEdge(nn.Module):
     MIN_SIGMA, MAX_SIGMA = 0.05, 3.0
     RADIUS = 9                     # 3 × MAX_SIGMA: the kernel's tail beyond is < 1 %
 
-    def __init__(self, per_sd: float, index: int) -> None:
+    def __init__(self, per_sd: float, index: int, inside_mask: bool = False) -> None:
         super().__init__()
-        self.per_sd, self.index = float(per_sd), int(index)
+        self.per_sd, self.index, self.inside_mask = float(per_sd), int(index), bool(inside_mask)
         self.log_sigma0 = nn.Parameter(torch.zeros(()))
 
     def sigma(self, code: Tensor) -> Tensor:
@@ -295,14 +300,20 @@ class CodeDrivenEdge(nn.Module):
         log_sigma = self.log_sigma0 - self.per_sd * code[:, self.index].float()
         return log_sigma.exp().clamp(self.MIN_SIGMA, self.MAX_SIGMA)
 
-    def forward(self, image: Tensor, background: Tensor, code: Tensor) -> Tensor:
+    def forward(self, image: Tensor, background: Tensor, code: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The blurred change added to the background; with `inside_mask`, the change is first × `mask`."""
         sigma = self.sigma(code)
         offsets = torch.arange(-self.RADIUS, self.RADIUS + 1, device=image.device, dtype=torch.float32)
         kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]).square())
         kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(image.dtype)      # (B, 2R+1)
         b, _, h, w = image.shape
         r = self.RADIUS
-        change = (image - background).reshape(1, b, h, w)                      # one group per sample
+        change = image - background
+        if self.inside_mask:
+            if mask is None:
+                raise ValueError("this edge keeps the change inside the mask: pass the generator's mask")
+            change = change * mask
+        change = change.reshape(1, b, h, w)                                     # one group per sample
         change = F.conv2d(F.pad(change, (0, 0, r, r), mode="replicate"), kernel[:, None, :, None], groups=b)
         change = F.conv2d(F.pad(change, (r, r, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=b)
         return (background + change.reshape(b, 1, h, w)).clamp(-1.0, 1.0)
@@ -332,7 +343,7 @@ class ProposedGenerator(nn.Module):
             previous = config.channels(res)
         self.image_head = ImageHead(previous)
         self.mask_head = MaskHead(previous)
-        self.edge = (CodeDrivenEdge(config.edge_blur_per_sd, config.edge_code_index)
+        self.edge = (CodeDrivenEdge(config.edge_blur_per_sd, config.edge_code_index, config.edge_inside_mask)
                      if config.edge_blur_per_sd else None)
 
     def encode_genes(self, genes: Tensor) -> Tensor:
@@ -352,10 +363,10 @@ class ProposedGenerator(nn.Module):
                 x = _upsample(x)
             x, weight = block(x, features[i], style)
             weight_maps.append(weight)
-        image = self.image_head(x)
+        image, mask = self.image_head(x), self.mask_head(x)
         if self.edge is not None:
-            image = self.edge(image, background, code)
-        return GeneratorOutput(image, self.mask_head(x), weight_maps, code)
+            image = self.edge(image, background, code, mask)
+        return GeneratorOutput(image, mask, weight_maps, code)
 
 
 # ----------------------------------------------------------------------------------------------------

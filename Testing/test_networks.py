@@ -262,6 +262,8 @@ def test_edge_settings_are_refused_where_they_cannot_work() -> None:
         GeneratorConfig(code_dim=8, edge_blur_per_sd=0.5, edge_code_index=8)
     with pytest.raises(ValueError, match="not of 'mcgan'"):
         GeneratorConfig(kind="mcgan", edge_blur_per_sd=0.5)
+    with pytest.raises(ValueError, match="edge_inside_mask needs the code-driven edge"):
+        GeneratorConfig(edge_inside_mask=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,15 +301,40 @@ def test_code_driven_edge_widens_as_the_margin_coordinate_falls() -> None:
     torch.testing.assert_close(change[2, 0, 32, 20:44], torch.full((24,), 0.5), atol=3e-3, rtol=0)
 
 
+def test_edge_inside_mask_keeps_only_the_masked_change() -> None:
+    """With `inside_mask` the change is × the mask before the blur: a change over the whole patch leaves the
+    output equal to the background beyond the mask plus the kernel's reach, and equal to the change deep
+    inside; without the mask it is refused."""
+    edge = CodeDrivenEdge(per_sd=0.6, index=0, inside_mask=True)
+    background = torch.rand(2, 1, 64, 64) * 0.4 - 0.6
+    image = background + 0.3                                       # changed everywhere
+    mask = torch.zeros(2, 1, 64, 64)
+    mask[:, :, 24:40, 24:40] = 1.0
+    code = torch.zeros(2, 4)
+    with torch.no_grad():
+        out = edge(image, background, code, mask)
+    reach = 24 - CodeDrivenEdge.RADIUS, 40 + CodeDrivenEdge.RADIUS
+    outside = torch.ones(64, 64, dtype=torch.bool)
+    outside[reach[0]:reach[1], reach[0]:reach[1]] = False
+    assert torch.equal(out[:, 0][:, outside], background[:, 0][:, outside])
+    torch.testing.assert_close(out[:, :, 30:34, 30:34] - background[:, :, 30:34, 30:34],
+                               torch.full((2, 1, 4, 4), 0.3), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="pass the generator's mask"):
+        edge(image, background, code)
+
+
 def test_code_driven_edge_learns_through_sigma0_and_the_coordinate() -> None:
-    """The generator with the edge: the learned σ₀ and the gene mapping receive gradient through the blur."""
-    config = GeneratorConfig(**{**small_config("proposed").to_dict(), "edge_blur_per_sd": 0.6})
+    """The generator with the edge inside its mask: σ₀, the gene mapping and the mask head receive gradient
+    from a loss on the image alone."""
+    config = GeneratorConfig(**{**small_config("proposed").to_dict(), "edge_blur_per_sd": 0.6,
+                                "edge_inside_mask": True})
     generator = build_generator(config).train()
     assert generator.edge is not None and build_generator(small_config("proposed")).edge is None
     out = run(generator, inputs(config, batch=3))
     (out.image * torch.randn_like(out.image)).sum().backward()
     assert generator.edge.log_sigma0.grad is not None and generator.edge.log_sigma0.grad.abs() > 0
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in generator.mapping.parameters())
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in generator.mask_head.parameters())
 
 
 def test_hole_from_mask_is_a_disc_of_one_and_a_half_equivalent_radii() -> None:

@@ -28,7 +28,7 @@ from RadiogenomicGANLib.weights import (
 GENES = 12
 
 
-def small_config(kind: str = "proposed", **changes: float) -> GeneratorConfig:
+def small_config(kind: str = "proposed", **changes: float | bool) -> GeneratorConfig:
     params = {"kind": kind, "num_genes": GENES, "code_dim": 8, "noise_dim": 4, "base_channels": 4,
               "max_channels": 16, "gene_hidden": 16, **changes}
     return GeneratorConfig(**params)
@@ -73,7 +73,7 @@ def rewrite_json(saved: Path, **changes: object) -> None:
 
 
 @pytest.mark.parametrize(("kind", "changes"), [(kind, {}) for kind in KINDS]
-                         + [("proposed", {"edge_blur_per_sd": 0.6})])
+                         + [("proposed", {"edge_blur_per_sd": 0.6, "edge_inside_mask": True})])
 def test_save_then_load_gives_bit_identical_outputs(tmp_path: Path, kind: str, changes: dict) -> None:
     config = small_config(kind, **changes)
     generator = trained_like(config)
