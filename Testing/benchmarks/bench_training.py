@@ -11,8 +11,8 @@ step (`monai_peer.py`: its published network sizes and its GanTrainer iteration,
 "vs MONAI" column is the peer's seconds per iteration divided by ours. Every runner at a size is warmed up,
 then timed round-robin (one iteration of each per round), so a change of load on a shared machine hits all
 of them alike; medians of the rounds. Not collected by pytest; no timed assertions anywhere.
-`--loss-weight r1=1` also times each model with those loss weights, round-robin beside the default (the
-cost of an optional term).
+`--loss-weight r1=1`, `--variant-generator KEY=VALUE` and `--variant-discriminator KEY=VALUE` also time each
+model with those changes together, round-robin beside the default (the cost of an optional term or layer).
 
 Columns: FLOPs per iteration (convolutions and matrix products, counted on the first, untimed iteration), wall
 seconds per iteration (what a user waits), CPU seconds per iteration summed over threads, achieved GFLOP/s,
@@ -66,12 +66,16 @@ def synthetic_batch(batch: int, size: int, genes: int, noise_dim: int, seed: int
 
 
 def our_step(model: str, size: int, batch: int, genes: int, device: torch.device, precision: str,
-             generator: dict, discriminator: dict, loss_weights: dict | None = None
+             generator: dict, discriminator: dict, variant: dict[str, dict] | None = None
              ) -> tuple[Callable[[], dict[str, float]], dict]:
-    """One training iteration of ours (plus the EMA update) on a fixed batch, and the networks' sizes."""
+    """One training iteration of ours (plus the EMA update) on a fixed batch, and the networks' sizes.
+    `variant` ({"loss_weights", "generator", "discriminator"}: overrides) is added on top of the arguments."""
     bf16 = precision == "bf16"
+    variant = variant or {}
     cfg = TrainConfig(data="synthetic", out="-", model=model, batch_size=batch, amp=bf16, cpu_bf16=bf16,
-                      generator=generator, discriminator=discriminator, loss_weights=loss_weights or {})
+                      generator={**generator, **variant.get("generator", {})},
+                      discriminator={**discriminator, **variant.get("discriminator", {})},
+                      loss_weights=variant.get("loss_weights", {}))
     g_cfg, d_cfg, weights = build_configs(cfg, genes, size)
     nets = build_networks(cfg, g_cfg, d_cfg, weights, DistContext(device=device))
     source = to_device(synthetic_batch(batch, size, genes, g_cfg.noise_dim), device, cfg.channels_last)
@@ -84,7 +88,8 @@ def our_step(model: str, size: int, batch: int, genes: int, device: torch.device
         update_ema(nets.generator_ema, nets.generator, cfg.ema_decay)
         return logs
 
-    info = {"model": model + ("+" + ",".join(loss_weights) if loss_weights else ""), "precision": precision,
+    changed = [key for overrides in variant.values() for key in overrides]
+    info = {"model": model + ("+" + ",".join(changed) if changed else ""), "precision": precision,
             "g_params": sum(p.numel() for p in nets.generator.parameters()),
             "d_params": sum(p.numel() for p in nets.discriminator.parameters())}
     return step, info
@@ -153,6 +158,10 @@ def main() -> None:
     parser.add_argument("--loss-weight", action="append", default=[], metavar="NAME=VALUE",
                         help="also time each model with these loss weights (e.g. r1=1), beside the default; "
                              "repeatable")
+    parser.add_argument("--variant-generator", action="append", default=[], metavar="KEY=VALUE",
+                        help="generator setting of that variant (e.g. edge_blur_per_sd=0.6); repeatable")
+    parser.add_argument("--variant-discriminator", action="append", default=[], metavar="KEY=VALUE",
+                        help="discriminator setting of that variant (e.g. gene_head=projection); repeatable")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,7 +171,10 @@ def main() -> None:
           f"median of {args.iters} round-robin iterations after a FLOP-counting run and {args.warmup} warm-up")
     g_over = dict(parse_override(text) for text in args.generator)
     d_over = dict(parse_override(text) for text in args.discriminator)
-    variants = [None, dict(parse_override(text) for text in args.loss_weight)] if args.loss_weight else [None]
+    variant = {name: dict(parse_override(text) for text in texts) for name, texts in (
+        ("loss_weights", args.loss_weight), ("generator", args.variant_generator),
+        ("discriminator", args.variant_discriminator)) if texts}
+    variants = [None, variant] if variant else [None]
     if g_over or d_over:
         print(f"architecture overrides: generator {g_over}, discriminator {d_over}")
     precisions = args.precision or (["bf16"] if device.type == "cuda" else ["fp32", "bf16"])
@@ -171,8 +183,8 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for size in args.sizes:
-        runners = [our_step(model, size, args.batch, args.genes, device, precision, g_over, d_over, weights)
-                   for precision in precisions for model in args.models for weights in variants]
+        runners = [our_step(model, size, args.batch, args.genes, device, precision, g_over, d_over, variant)
+                   for precision in precisions for model in args.models for variant in variants]
         with_peer = size == PEER_SIZE and not args.no_peer
         if with_peer:
             runners.insert(0, peer_step(args.batch, device))
