@@ -85,6 +85,17 @@ def test_checkpoint_save_is_atomic_and_pruned(tmp_path: Path) -> None:
     assert state == {"step": 3} and torch.equal(tensors["x"], torch.full((2,), 3.0))
 
 
+def test_best_checkpoint_keeps_the_highest_score_and_ties_go_to_the_later(tmp_path: Path) -> None:
+    kept = []
+    for step, score in enumerate([0.5, 0.7, float("nan"), 0.7, 0.6, None], start=1):
+        state = {"step": step, "validation": {"score": score}}
+        path = ckpt.save_checkpoint(tmp_path, step, {"x": torch.zeros(1)}, state, keep=10)
+        kept.append(ckpt.keep_if_best(path, score))
+    assert kept == [True, True, False, True, False, False]
+    _, state = ckpt.load_checkpoint(ckpt.best_checkpoint(tmp_path))
+    assert state["step"] == 4
+
+
 def test_load_refuses_foreign_and_damaged_files(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

@@ -84,8 +84,11 @@ BEST_NAME = "best.safetensors"
 
 
 def keep_if_best(path: str | Path, score: float | None) -> bool:
-    """Copy checkpoint `path` to ``best.safetensors`` beside it when `score` beats the best kept so far (the
-    rotation of ``ckpt-*`` never removes it). Returns whether it was the best. NaN never wins."""
+    """Copy checkpoint `path` to ``best.safetensors`` beside it when `score` is at least the best kept so far
+    (the rotation of ``ckpt-*`` never removes it). Returns whether it was the best. NaN never wins. A tie
+    goes to the later checkpoint: the validation score is a mean of Spearman ρ over a few donors, so it moves
+    in steps of about 0.01 and ties are common, and the later one has trained longer (a run whose step 250
+    tied with step 2000 exported step 250 before; README, Evaluation)."""
     path = Path(path)
     best = path.parent / BEST_NAME
     if score is None or not np.isfinite(score):
@@ -93,7 +96,7 @@ def keep_if_best(path: str | Path, score: float | None) -> bool:
     if best.is_file():
         _, state = load_checkpoint(best)
         recorded = state.get("validation", {}).get("score")
-        if recorded is not None and float(recorded) >= score:
+        if recorded is not None and float(recorded) > score:
             return False
     with atomic_path(best) as temporary:
         temporary.write_bytes(path.read_bytes())

@@ -268,7 +268,7 @@ def save(step: int, nets: Networks, cfg: TrainConfig, run: dict[str, Any], sampl
          data: RadiogenomicDataset, validating: bool, log: RunLog) -> Path:
     """A checkpoint at `step`. When `validating`, the EMA generator is scored on the val donors first: the
     score goes into the checkpoint, ``log.jsonl`` (``val_*``) and TensorBoard, and the checkpoint is kept as
-    the best when no earlier one scored higher — the export is chosen on it."""
+    the best when no earlier one scored higher (ties go to the later) — the export is chosen on it."""
     tensors, state = checkpoint_state(nets, step, cfg, run, sampler)
     if validating:
         from .evaluate import validation_score
