@@ -58,7 +58,8 @@ class GeneratorConfig(StrictDict):
     # a Gaussian of σ = σ₀·exp(−edge_blur_per_sd · φ(g)[edge_code_index]) pixels, σ₀ learned. Training
     # anchors that coordinate to the donor's z-scored margin sharpness (`training.losses` code-phenotype
     # term), so a sharper-margined genotype gets a narrower edge: the factor is fixed, not learned, because a
-    # learned one settled on one width for every donor (README, issue 10).
+    # learned one settled on one width for every donor. Off here so that weights files written without these
+    # keys load as they were trained; the recommended training setting turns it on (README, Evaluation).
     edge_blur_per_sd: float = 0.0
     edge_code_index: int = 2
     # With the edge: keep the change only inside the generator's own mask before the blur, so σ alone (not

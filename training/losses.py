@@ -101,12 +101,14 @@ class LossWeights(StrictDict):
       validation donors margin ρ 0.25 with them against 0.59 without, ARI 0.46 against 0.82, and no gain on
       the unseen cohort. Per donor, the real slices' sharpness does follow the true margin blur (Spearman
       −0.71) and their compactness the spiculation (−0.65), so the terms measure the right thing.
-    * ``code_phenotype = 0``: the code-phenotype anchor is off. Measured at weight 1 (three seeds, README
-      "Evaluation on the phantom"): the anchored coordinates do predict held-out donors' phenotypes (Spearman
-      with the truth on the unseen cohort: diameter 0.94, solid fraction 0.81–0.85, margin blur −0.60 to −0.63,
-      near the real nodules' own 0.71), but the generator barely reads them (±2 sd of the margin coordinate
-      moves the generated sharpness by < 0.01 where real nodules span 0.20–0.59), and gene control fell
-      (margin ρ 0.25 against 0.33, density 0.75 against 0.81, empty masks 2.8 % against 0.8 %).
+    * ``code_phenotype = 0`` in the bare defaults; the recommended setting (README, `make demo-weights`) is 1,
+      with the generator's code-driven edge (`GeneratorConfig.edge_blur_per_sd`), which reads the anchored
+      margin coordinate and is refused without it. Alone (weight 1, three seeds, README "Evaluation on the
+      phantom") the anchor did not help: its coordinates predict held-out donors' phenotypes (Spearman with
+      the truth on the unseen cohort: diameter 0.94, solid fraction 0.81–0.85, margin blur −0.60 to −0.63),
+      but the generator barely read them (±2 sd of the margin coordinate moved the generated sharpness by
+      < 0.01) and gene control fell (margin ρ 0.25 against 0.33). With the edge inside the mask margin ρ
+      rose to 0.63 ± 0.05.
     * ``r1 = 0``: no R1 penalty. At γ = 1 (three seeds) it made the patches more realistic (lung-only C2ST
       0.77 against 0.81 on the unseen cohort, 0.67 against 0.75 on the validation donors) but cost gene
       control (margin ρ 0.23 against 0.33; on the validation donors 0.31 against 0.59, ARI 0.57 against
