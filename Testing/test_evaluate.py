@@ -176,6 +176,64 @@ def test_each_metric_fails_the_negative_controls_and_passes_an_oracle(setup, tmp
     assert real["lung_only"]["proposed"]["median"] < real["lung_only"]["copy"]["median"] - 0.2
 
 
+class EdgeOracle(DiscOracle):
+    """DiscOracle whose edge is blurred by σ = exp(−0.6·φ[2]) px inside its disc — a generator that reads its
+    anchored margin axis (φ = the genes, through an identity mapping the sweep's hook can move)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        from RadiogenomicGANLib.networks import CodeDrivenEdge
+
+        self.mapping = torch.nn.Identity()
+        self.edge = CodeDrivenEdge(0.6, 2, inside_mask=True)
+
+    def forward(self, background, genes, noise=None, hole=None):
+        out = super().forward(background, genes, noise, hole)
+        code = self.mapping(genes)
+        return out._replace(image=self.edge(out.image, background, code, out.mask), gene_code=code)
+
+    def encode_genes(self, genes):
+        return self.mapping(genes)
+
+
+def test_code_axes_sweep_sees_an_axis_the_generator_reads_and_skips_an_unanchored_code(setup, tmp_path):
+    """The anchored-axes section: the margin axis of a generator whose edge width reads it sweeps from blurry
+    to sharp while its size axis (read by nothing) stays put; the shifted code is the code + shift inside
+    the block only; a model trained without the anchor is skipped."""
+    from training.conventional import read_ground_truth
+    from training.evaluation.context import Context, Model, shifted_code
+    from training.evaluation.sections import code_axes
+    from training.losses import CODE_PHENOTYPE_FEATURES
+
+    data = setup["data"]
+    truth = read_ground_truth(setup["truth"], data.patient_ids, data.gene_names)
+    oracle = EdgeOracle(data.patch_size)
+    anchored = SimpleNamespace(provenance={"loss_weights": {"code_phenotype": 1.0}})
+    options = {"backgrounds": 4, "noises": 1, "dilation_px": 3, "batch_size": 64, "progress": False}
+    ctx = Context(data, {"proposed": Model("proposed", oracle, anchored, data.genes, "oracle")}, truth,
+                  torch.device("cpu"), 0, tmp_path, "all", options)
+
+    genes = torch.from_numpy(data.genes[:3])
+    with shifted_code(oracle, 2, 2.0):
+        moved = oracle.encode_genes(genes)
+    torch.testing.assert_close(moved[:, 2], genes[:, 2] + 2.0)
+    torch.testing.assert_close(moved[:, [0, 1, 3]], genes[:, [0, 1, 3]])
+    torch.testing.assert_close(oracle.encode_genes(genes), genes)
+
+    section = code_axes(ctx)
+    assert section.metrics["anchored"] and list(section.metrics["axes"]) == list(CODE_PHENOTYPE_FEATURES)
+    margin = list(section.metrics["axes"]["margin_sharpness"]["sweep"].values())
+    assert margin[0] < margin[1] < margin[2], margin          # +2 sd: σ 0.3 px, sharp; −2 sd: 3 px, blurry
+    size = list(section.metrics["axes"]["diameter_mm"]["sweep"].values())
+    assert size[0] == size[1] == size[2], size                # the oracle's size follows gene 0, not the code
+    assert "| 2: margin_sharpness | margin |" in "\n".join(section.markdown)
+
+    unanchored = SimpleNamespace(provenance={"loss_weights": {"code_phenotype": 0.0}})
+    plain = Context(data, {"proposed": Model("proposed", oracle, unanchored, data.genes, "oracle")}, truth,
+                    torch.device("cpu"), 0, tmp_path, "all", options)
+    assert code_axes(plain).metrics == {"anchored": False}
+
+
 def test_too_few_held_out_donors_and_wrong_kind_are_clear_errors(setup, tmp_path, capsys):
     w = setup["weights"]
     rc = E.main(["--data", str(setup["data_path"]), "--weights", str(w["proposed"]), "--baseline", str(w["proposed"]),

@@ -9,6 +9,8 @@ background, and the proposed model fed another donor's genes — every metric mu
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,22 @@ def generate(model: Model, backgrounds: np.ndarray, genes: np.ndarray | None = N
         images.append(out.image[:, 0].float().cpu().numpy())
         masks.append(out.mask[:, 0].float().cpu().numpy())
     return np.concatenate(images), np.concatenate(masks)
+
+
+@contextmanager
+def shifted_code(generator: nn.Module, index: int, shift: float) -> Iterator[None]:
+    """Inside the block the generator's gene code has φ(g)[:, index] + shift (a forward hook on its mapping
+    network, so everything downstream — the style, the code-driven edge — sees the moved code)."""
+    def hook(_module: nn.Module, _inputs: Any, code: torch.Tensor) -> torch.Tensor:
+        moved = code.clone()
+        moved[:, index] += shift
+        return moved
+
+    handle = generator.mapping.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def holes_for(masks: np.ndarray, scale: float = 1.5) -> np.ndarray:
