@@ -373,7 +373,8 @@ def code_axes(ctx: Context) -> Section:
              "feature, z-scored over the training donors. *ρ with the truth*: Spearman of the coordinate with the "
              f"held-out donors' true phenotype × its expected sign. *Sweep*: the coordinate moved by "
              f"{', '.join(f'{v:+g}' for v in CODE_SHIFTS)} sd, all else fixed ({swept.size} donors × {n_bg} "
-             "backgrounds), the generated feature's median; beside it the real donors' 10th–90th percentiles.", "",
+             "backgrounds), the generated feature's median; beside it the 10th–90th percentiles of the real donors' "
+             "nodules as the gene-control table measures them (size: the largest slice; the rest area-weighted).", "",
              "| axis | measure | ρ with the truth | generated at " + " / ".join(f"{v:+g}" for v in CODE_SHIFTS)
              + " sd | real donors (10–90 %) |", "|---|---|---|---|---|"]
     for feature, entry in axes.items():
