@@ -106,7 +106,9 @@ class GeneratorConfig(StrictDict):
 class GeneratorOutput(NamedTuple):
     image: Tensor                  # (B,1,H,W) in [-1,1]
     mask: Tensor                   # (B,1,H,W) probability in [0,1]
-    weight_maps: list[Tensor]      # fusion weight map of every level, coarse→fine, each (B,1,h,w) in [0,1]
+    weight_maps: list[Tensor]      # fusion weight map of every level, coarse→fine, each (B,1,h,w) in [0,1];
+    #                                with the code-driven edge inside the mask the finest is W ⊙ mask, blurred
+    #                                as the change is: where the output can differ from the background
     gene_code: Tensor | None       # φ(g) (B, code_dim); None for inpainting
 
 
@@ -301,23 +303,27 @@ class CodeDrivenEdge(nn.Module):
         log_sigma = self.log_sigma0 - self.per_sd * code[:, self.index].float()
         return log_sigma.exp().clamp(self.MIN_SIGMA, self.MAX_SIGMA)
 
+    def blur(self, x: Tensor, code: Tensor) -> Tensor:
+        """(B,1,H,W) maps blurred per sample by σ(code): a separable Gaussian, one group per sample."""
+        sigma = self.sigma(code)
+        offsets = torch.arange(-self.RADIUS, self.RADIUS + 1, device=x.device, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]).square())
+        kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(x.dtype)          # (B, 2R+1)
+        b, _, h, w = x.shape
+        r = self.RADIUS
+        flat = x.reshape(1, b, h, w)
+        flat = F.conv2d(F.pad(flat, (0, 0, r, r), mode="replicate"), kernel[:, None, :, None], groups=b)
+        flat = F.conv2d(F.pad(flat, (r, r, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=b)
+        return flat.reshape(b, 1, h, w)
+
     def forward(self, image: Tensor, background: Tensor, code: Tensor, mask: Tensor | None = None) -> Tensor:
         """The blurred change added to the background; with `inside_mask`, the change is first × `mask`."""
-        sigma = self.sigma(code)
-        offsets = torch.arange(-self.RADIUS, self.RADIUS + 1, device=image.device, dtype=torch.float32)
-        kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]).square())
-        kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(image.dtype)      # (B, 2R+1)
-        b, _, h, w = image.shape
-        r = self.RADIUS
         change = image - background
         if self.inside_mask:
             if mask is None:
                 raise ValueError("this edge keeps the change inside the mask: pass the generator's mask")
             change = change * mask
-        change = change.reshape(1, b, h, w)                                     # one group per sample
-        change = F.conv2d(F.pad(change, (0, 0, r, r), mode="replicate"), kernel[:, None, :, None], groups=b)
-        change = F.conv2d(F.pad(change, (r, r, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=b)
-        return (background + change.reshape(b, 1, h, w)).clamp(-1.0, 1.0)
+        return (background + self.blur(change, code)).clamp(-1.0, 1.0)
 
 
 def _style(config: GeneratorConfig, code: Tensor, noise: Tensor | None) -> Tensor:
@@ -367,6 +373,8 @@ class ProposedGenerator(nn.Module):
         image, mask = self.image_head(x), self.mask_head(x)
         if self.edge is not None:
             image = self.edge(image, background, code, mask)
+            if self.edge.inside_mask:   # the finest map then shows where the output can differ from the input
+                weight_maps[-1] = self.edge.blur(weight_maps[-1] * mask, code)
         return GeneratorOutput(image, mask, weight_maps, code)
 
 

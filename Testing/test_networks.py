@@ -323,6 +323,24 @@ def test_edge_inside_mask_keeps_only_the_masked_change() -> None:
         edge(image, background, code)
 
 
+def test_edge_inside_mask_weight_map_shows_where_the_output_can_change() -> None:
+    """With the edge inside the mask the finest weight map is W ⊙ mask blurred like the change: never above
+    the blurred mask (W ≤ 1), and where the mask is ≈ 0 (bias −30) nothing is shown and nothing changes."""
+    config = GeneratorConfig(**{**small_config("proposed").to_dict(), "edge_blur_per_sd": 0.6,
+                                "edge_inside_mask": True})
+    generator = build_generator(config).eval()
+    x = inputs(config, batch=2)
+    with torch.no_grad():
+        out = run(generator, x)
+        blurred_mask = generator.edge.blur(out.mask, out.gene_code)
+        assert (out.weight_maps[-1] <= blurred_mask + 1e-6).all()
+        assert out.weight_maps[-1].shape == out.mask.shape and len(out.weight_maps) == len(config.resolutions)
+        generator.mask_head.conv.bias.fill_(-30.0)
+        empty = run(generator, x)
+    assert empty.weight_maps[-1].max() < 1e-6
+    assert (empty.image - x["background"]).abs().max() < 1e-5
+
+
 def test_code_driven_edge_learns_through_sigma0_and_the_coordinate() -> None:
     """The generator with the edge inside its mask: σ₀, the gene mapping and the mask head receive gradient
     from a loss on the image alone."""
