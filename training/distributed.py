@@ -11,6 +11,7 @@ rounding — the property the tests check — instead of normalising with tiny p
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -63,10 +64,14 @@ def setup_distributed(device_preference: str = "auto", timeout_s: float = 1800.0
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
 
 
-def teardown_distributed(ctx: DistContext) -> None:
+def teardown_distributed(ctx: DistContext, collect: bool = False) -> None:
     """Leave the process group (safe on a single-process context). No barrier here: after an error on one
-    rank the others would wait in it until the timeout; a finished loop synchronises before returning."""
+    rank the others would wait in it until the timeout; a finished loop synchronises before returning.
+    `collect`: run the garbage collector first, so objects in reference cycles that hold the group (DDP
+    wrappers the caller has dropped) go before it."""
     if ctx.distributed and dist.is_initialized():
+        if collect:
+            gc.collect()
         dist.destroy_process_group()
 
 

@@ -72,6 +72,7 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
 
     # Initialise.
     ctx = setup_distributed(cfg.device)
+    nets: Networks | None = None
     try:
         out = Path(cfg.out)
         ckpt_dir = out / "checkpoints"
@@ -147,7 +148,10 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
         barrier(ctx)
         return result
     finally:
-        teardown_distributed(ctx)
+        # The DDP wrappers hold the process group in reference cycles: collected at interpreter exit, after
+        # the group is gone, a gloo rank once died with "terminate called" (a two-rank test under load).
+        del nets
+        teardown_distributed(ctx, collect=True)
 
 
 # ----------------------------------------------------------------------------------------------------
