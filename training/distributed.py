@@ -64,14 +64,13 @@ def setup_distributed(device_preference: str = "auto", timeout_s: float = 1800.0
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
 
 
-def teardown_distributed(ctx: DistContext, collect: bool = False) -> None:
+def teardown_distributed(ctx: DistContext) -> None:
     """Leave the process group (safe on a single-process context). No barrier here: after an error on one
     rank the others would wait in it until the timeout; a finished loop synchronises before returning.
-    `collect`: run the garbage collector first, so objects in reference cycles that hold the group (DDP
-    wrappers the caller has dropped) go before it."""
+    The garbage collector runs first, so objects in reference cycles that hold the group (DDP wrappers the
+    caller has dropped) go before it."""
     if ctx.distributed and dist.is_initialized():
-        if collect:
-            gc.collect()
+        gc.collect()
         dist.destroy_process_group()
 
 

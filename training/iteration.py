@@ -98,9 +98,8 @@ def build_configs(
     except (TypeError, ValueError) as error:
         raise ConfigError(f"loss weights {cfg.loss_weights}: {error}") from None
     if g_cfg.edge_blur_per_sd:   # the edge width reads a code coordinate that only the anchor gives a meaning
-        anchored = dict(enumerate(CODE_PHENOTYPE_FEATURES)).get(g_cfg.edge_code_index)
         margin = CODE_PHENOTYPE_FEATURES.index("margin_sharpness")
-        if anchored != "margin_sharpness":
+        if g_cfg.edge_code_index != margin:
             raise ConfigError(f"--generator edge_code_index={g_cfg.edge_code_index} is not the anchored margin "
                               f"coordinate; use edge_code_index={margin}")
         if not weights.code_phenotype:

@@ -151,7 +151,7 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
         # The DDP wrappers hold the process group in reference cycles: collected at interpreter exit, after
         # the group is gone, a gloo rank once died with "terminate called" (a two-rank test under load).
         del nets
-        teardown_distributed(ctx, collect=True)
+        teardown_distributed(ctx)
 
 
 # ----------------------------------------------------------------------------------------------------
