@@ -6,10 +6,10 @@ tensors live in safetensors (pure data) and the network is rebuilt from code usi
 recognised by its first bytes and refused.
 
 JSON keys: format_version, kind, architecture (GeneratorConfig.to_dict()), gene_names, gene_clip,
-gene_preprocessing (what the fit kept and dropped), hu_window, patch_size, patch_spacing_mm, provenance
-(free-form, JSON-serialisable), safetensors_sha256, safetensors_bytes. The SHA-256 covers the whole tensors
-file, so a flipped byte inside tensor data, a truncated copy or a tensors file paired with another file's JSON
-is caught before anything is used.
+gene_preprocessing (what the fit kept and dropped), gene_out_of_sample_gain (optional, 1 when absent),
+hu_window, patch_size, patch_spacing_mm, provenance (free-form, JSON-serialisable), safetensors_sha256,
+safetensors_bytes. The SHA-256 covers the whole tensors file, so a flipped byte inside tensor data, a
+truncated copy or a tensors file paired with another file's JSON is caught before anything is used.
 The other way round, the tensors file's header metadata holds `json_sha256`, the SHA-256 of the JSON record
 without those two keys (canonical form: sorted keys, no spaces): an edited JSON — gene names reordered,
 which would silently misalign every gene, a changed window or spacing — is refused too. Every file
@@ -176,6 +176,7 @@ def save_weights(path: str | os.PathLike[str], generator: nn.Module, metadata: W
         "gene_names": list(metadata.gene_names),
         "gene_clip": float(metadata.genes.clip),
         "gene_preprocessing": dict(metadata.genes.fitted_on),
+        "gene_out_of_sample_gain": float(metadata.genes.out_of_sample_gain),
         "hu_window": [float(v) for v in metadata.hu_window],
         "patch_size": int(metadata.patch_size),
         "patch_spacing_mm": float(metadata.patch_spacing_mm),
@@ -272,9 +273,12 @@ def _metadata_from(record: dict[str, Any], json_path: Path, tensors: dict[str, t
     fitted_on = record.get("gene_preprocessing", {})
     if not isinstance(fitted_on, dict):
         raise WeightsError(f"{json_path}: gene_preprocessing must be an object")
+    gain = record.get("gene_out_of_sample_gain", 1.0)   # files written before the gain: none
+    if not isinstance(gain, int | float) or isinstance(gain, bool):
+        raise WeightsError(f"{json_path}: gene_out_of_sample_gain must be a number, got {gain!r}")
     components = tensors.get(_COMPONENTS_KEY)
     genes = GenePreprocessing(names, tensors[_MEAN_KEY].numpy(), tensors[_STD_KEY].numpy(), float(clip),
-                              None if components is None else components.numpy(), fitted_on)
+                              None if components is None else components.numpy(), fitted_on, float(gain))
     if not (isinstance(window, list) and len(window) == 2 and all(isinstance(v, int | float) for v in window)):
         raise WeightsError(f"{json_path}: hu_window must be [low, high], got {window!r}")
     if not isinstance(record["provenance"], dict):

@@ -54,6 +54,7 @@ def test_synthetic_round_trip(synthetic: Path) -> None:
         (lambda a: a.update(format_version=np.int64(1)), "older training.prepare"),
         (lambda a: a.update(background_patient=a["background_patient"] + 100), "outside"),
         (lambda a: a.update(patient_ids=np.array(["A"] * 8)), "duplicates"),
+        (lambda a: a.update(gene_out_of_sample_gain=np.float64(0.0)), "'gene_out_of_sample_gain' must lie in"),
     ],
 )
 def test_each_problem_gives_one_clear_error(synthetic: Path, tmp_path: Path, mutate, message: str) -> None:
@@ -202,3 +203,28 @@ def test_phenotype_targets_are_the_donors_real_nodules_z_scored(tmp_path: Path) 
     np.testing.assert_allclose(table.std(axis=0), 1, atol=1e-4)
     measured = real_nodule_features(data, donors, names)
     assert np.all(np.argsort(table[:, 0], kind="stable") == np.argsort(measured[:, 0], kind="stable"))
+
+
+def test_a_refitted_projection_prepares_its_own_patients_in_sample_and_the_others_with_the_gain(
+        tmp_path: Path) -> None:
+    """`--gene-components`: the training patients keep their whitened in-sample scores (what the generator
+    learns from); val and test patients, like any patient at inference, get the out-of-sample gain. The
+    dataset written from it keeps the gain."""
+    from training.config import TrainConfig
+    from training.dataset import training_data
+
+    path = make_synthetic_dataset(tmp_path / "wide.npz", patients=12, genes=300, size=16)
+    data = training_data(TrainConfig(data=str(path), gene_components=4))
+    train, held_out = data.patients_in("train"), data.patients_in(["val", "test"])
+    preprocessing = data.gene_preprocessing
+    assert preprocessing.out_of_sample_gain > 1.0 == load_dataset(path).gene_out_of_sample_gain
+    np.testing.assert_allclose(data.genes[train].std(axis=0, ddof=1), 1.0, rtol=1e-3)
+    np.testing.assert_allclose(data.genes[held_out], data.genes_for(preprocessing)[held_out], rtol=1e-5)
+    np.testing.assert_allclose(data.genes[train] * preprocessing.out_of_sample_gain,
+                               data.genes_for(preprocessing)[train], rtol=1e-4, atol=1e-5)
+    copy = load_dataset(write_dataset(tmp_path / "copy.npz", **data.arrays()))
+    assert copy.gene_out_of_sample_gain == preprocessing.out_of_sample_gain
+    np.testing.assert_array_equal(copy.genes, data.genes)
+    off = training_data(TrainConfig(data=str(path), gene_components=4, gene_out_of_sample_gain=False))
+    np.testing.assert_allclose(off.genes[held_out] * preprocessing.out_of_sample_gain, data.genes[held_out],
+                               rtol=1e-4, atol=1e-5)

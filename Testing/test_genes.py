@@ -141,12 +141,47 @@ def test_preprocessing_top_variance_and_whitened_components() -> None:
     assert set(top.gene_names) == {names[i] for i in np.argsort(-x.std(axis=0))[:10]}
     pca = GenePreprocessing.fit(x, names, components=3)
     assert pca.output_dim == 3 and pca.components.shape == (3, 30)
-    scores = pca.transform_log(x)
+    scores = pca.transform_log(x, in_sample=True)
     np.testing.assert_allclose(scores.std(axis=0, ddof=1), 1.0, rtol=1e-4)  # whitened on the training set
+    np.testing.assert_allclose(pca.transform_log(x), scores * pca.out_of_sample_gain, rtol=1e-5)
     assert abs(np.corrcoef(scores[:, 0], latent[:, 0])[0, 1]) > 0.95  # the first axis is the module
     assert pca.problems() == []
     broken = GenePreprocessing(["A", "A"], np.zeros(2), np.array([1.0, 0.0]), clip=float("nan"))
     assert len(broken.problems()) == 3
+
+
+def test_out_of_sample_gain_puts_a_new_patient_on_the_training_scale() -> None:
+    """Far more genes than training patients: a new patient's whitened scores shrink towards 0 (each training
+    patient's own noise lies inside the axes fitted on it). The leave-one-out gain undoes the shrinkage; a
+    fit without it, or a projection fitted on too few patients to leave one out, keeps gain 1."""
+    rng = np.random.default_rng(3)
+    genes, modules, per_module = 1500, 3, 120
+    loadings = np.zeros((modules, genes))
+    for m in range(modules):
+        loadings[m, m * per_module:(m + 1) * per_module] = rng.uniform(0.4, 0.7, per_module)
+
+    def patients(n: int) -> np.ndarray:
+        return 5.0 + rng.normal(size=(n, modules)) @ loadings + rng.normal(size=(n, genes))
+
+    train, new = patients(40), patients(300)
+    names = [f"G{i}" for i in range(genes)]
+    pca = GenePreprocessing.fit(train, names, components=8)
+
+    def rms(values: np.ndarray) -> float:
+        return float(np.sqrt(np.mean(values.astype(np.float64) ** 2)))
+
+    shrunk = rms(pca.transform_log(new, in_sample=True))
+    assert shrunk < 0.7 and abs(rms(pca.transform_log(train, in_sample=True)) - 1.0) < 0.05
+    assert 0.8 < rms(pca.transform_log(new)) < 1.25 and pca.out_of_sample_gain > 1.4
+    assert GenePreprocessing.fit(train, names, components=8, out_of_sample_gain=False).out_of_sample_gain == 1.0
+    assert GenePreprocessing.fit(train[:3], names, components=2).out_of_sample_gain == 1.0
+    assert GenePreprocessing.fit(train, names).out_of_sample_gain == 1.0  # no projection, no gain
+    for gain, problem in ((0.0, "must lie in"), (float("nan"), "must lie in"), (11.0, "must lie in")):
+        assert any(problem in text for text in GenePreprocessing(names[:2], np.zeros(2), np.ones(2),
+                                                                   components=np.eye(2),
+                                                                   out_of_sample_gain=gain).problems())
+    assert "needs a projection" in GenePreprocessing(names[:2], np.zeros(2), np.ones(2),
+                                                     out_of_sample_gain=2.0).problems()[0]
 
 
 def _small_table() -> GeneTable:

@@ -228,6 +228,26 @@ def test_projected_preprocessing_round_trips(tmp_path: Path) -> None:
     _, meta = load_weights(path)
     np.testing.assert_allclose(meta.genes.components, genes.components, rtol=1e-6)
     assert meta.genes.output_dim == 3 and meta.gene_names == genes.gene_names
+    assert meta.genes.out_of_sample_gain == genes.out_of_sample_gain
+
+
+def test_the_out_of_sample_gain_round_trips_and_older_files_load_without_it(tmp_path: Path) -> None:
+    config = small_config(num_genes=3)
+    genes = GenePreprocessing([f"G{i}" for i in range(4)], np.zeros(4), np.ones(4), components=np.eye(3, 4),
+                              out_of_sample_gain=2.5)
+    metadata = WeightsMetadata(config=config, genes=genes, patch_size=64, patch_spacing_mm=0.9375)
+    path = save_weights(tmp_path / "gain", build_generator(config), metadata)
+    assert load_weights(path)[1].genes.out_of_sample_gain == 2.5
+    profile = np.array([[1.0, 2.0, 3.0, 4.0]])
+    np.testing.assert_allclose(load_weights(path)[1].genes.transform_log(profile), [[2.5, 5.0, 7.5]])
+    rewrite_json(path, gene_out_of_sample_gain=1.0)     # an edited gain changes every new patient's input
+    with pytest.raises(WeightsError, match="changed after export"):
+        load_weights(path)
+    record = json.loads(path.with_suffix(".json").read_text())
+    del record["gene_out_of_sample_gain"]
+    path.with_suffix(".json").write_text(json.dumps(record))
+    drop_json_checksum(path)                             # as written before the gain existed
+    assert load_weights(path)[1].genes.out_of_sample_gain == 1.0
 
 
 def test_unknown_format_version(saved: Path) -> None:
@@ -299,6 +319,9 @@ def test_tensors_from_another_export_are_caught_by_the_hash(tmp_path: Path, save
         ({"hu_window": [0, 1]}, "at least 10 HU wide"),
         ({"patch_spacing_mm": 1e-9}, "patch_spacing_mm must lie in"),
         ({"patch_size": True}, "patch_size must be an integer"),
+        ({"gene_out_of_sample_gain": "2"}, "gene_out_of_sample_gain must be a number"),
+        ({"gene_out_of_sample_gain": 2.0}, "gain other than 1 needs a projection"),
+        ({"gene_out_of_sample_gain": -1}, r"out-of-sample gain must lie in \(0, 10\]"),
     ],
 )
 def test_implausible_json_values_are_refused(saved: Path, changes: dict, message: str) -> None:
@@ -323,17 +346,23 @@ def test_an_edited_json_is_caught_by_its_checksum(saved: Path) -> None:
 
 def test_files_exported_before_the_json_checksum_still_load(tmp_path: Path) -> None:
     """A tensors file without json_sha256 in its header (exported before the check) loads as before."""
+    config = small_config()
+    path = save_weights(tmp_path / "old", trained_like(config), metadata_for(config))
+    drop_json_checksum(path)
+    load_weights(path)
+
+
+def drop_json_checksum(path: Path) -> None:
+    """Rewrite the tensors file without json_sha256 in its header, as exported before the check, and point
+    the JSON at the new file."""
     import hashlib
 
     import safetensors.torch
 
-    config = small_config()
-    path = save_weights(tmp_path / "old", trained_like(config), metadata_for(config))
     tensors = safetensors.torch.load(path.read_bytes())
     data = safetensors.torch.save(tensors, metadata={"format": "radiogenomicgan-weights", "format_version": "1"})
     path.write_bytes(data)
     rewrite_json(path, safetensors_sha256=hashlib.sha256(data).hexdigest(), safetensors_bytes=len(data))
-    load_weights(path)
 
 
 def test_a_huge_architecture_is_refused_before_it_is_allocated(saved: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

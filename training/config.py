@@ -76,6 +76,8 @@ class TrainConfig:
     gene_components: int = 0           # > 0: refit the gene preprocessing on the train patients with a whitened
                                        # PCA to this many axes (a gene front-end the mapping cannot overfit)
     gene_top_variance: int = 0         # > 0: keep only this many most variable genes (before the PCA)
+    gene_out_of_sample_gain: bool = True  # with the PCA: scale a patient outside the fit back to the training
+                                       # patients' spread (GenePreprocessing.out_of_sample_gain)
     uniform_donors: bool = True        # each item is a uniformly drawn donor's slice, not slice-count weighted
     distant_wrong_genes: bool = True   # ḡ of D_ISG from the farther half of the other patients (in gene space)
     augment: bool = False              # flips and quarter turns of every drawn patch (NoduleBatchDataset)

@@ -11,7 +11,8 @@ radiogenomic map all read the same, validated arrays. Keys (see interfaces.md, "
 - `patient_ids` (P,), `patient_spacing` (P,3) (i,j,k mm), `split` (P,) in {train,val,test}
 - `genes` (P,D): the generator's gene input, prepared by the gene preprocessing fitted on the TRAIN patients
   (`RadiogenomicGANLib.genes.GenePreprocessing`): `gene_names` (G,), `gene_means`, `gene_stds` (G,),
-  `gene_clip` (), `gene_components` (K,G) (K = 0: no projection, D = G; else D = K)
+  `gene_clip` (), `gene_components` (K,G) (K = 0: no projection, D = G; else D = K); optional
+  `gene_out_of_sample_gain` () (default 1), applied to every patient but those the projection was fitted on
 - `table_gene_names` (T,), `table_genes_log` (P,T): log2(x+1) of every complete gene of the table, so another
   model's preprocessing (or a refit) can be applied to the same patients
 
@@ -26,6 +27,7 @@ of DataLoader workers.
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 from collections.abc import Sequence
@@ -38,7 +40,7 @@ import torch
 from torch.utils.data import Dataset
 
 from RadiogenomicGANLib.atomic import atomic_path
-from RadiogenomicGANLib.genes import GenePreprocessing
+from RadiogenomicGANLib.genes import MAX_OUT_OF_SAMPLE_GAIN, GenePreprocessing
 from RadiogenomicGANLib.intensity import HU_WINDOW
 
 if TYPE_CHECKING:
@@ -139,23 +141,27 @@ class RadiogenomicDataset:
         return int(self.genes.shape[1])
 
     gene_fit: str = "{}"  # JSON: what the fit kept and dropped (GenePreprocessing.fitted_on); optional key
+    gene_out_of_sample_gain: float = 1.0  # GenePreprocessing.out_of_sample_gain; optional key
 
     @property
     def gene_preprocessing(self) -> GenePreprocessing:
         """The preprocessing that made `genes` (fitted on the train patients by training.prepare)."""
         return GenePreprocessing(self.gene_names.tolist(), self.gene_means, self.gene_stds, float(self.gene_clip),
                                  self.gene_components if self.gene_components.shape[0] else None,
-                                 json.loads(self.gene_fit))
+                                 json.loads(self.gene_fit), self.gene_out_of_sample_gain)
 
     def genes_for(self, preprocessing: GenePreprocessing) -> np.ndarray:
         """(P, D) every patient's genes prepared by another (e.g. a model's) preprocessing, aligned by name."""
         return gene_arrays(preprocessing, self.table_gene_names.tolist(), self.table_genes_log)["genes"]
 
-    def with_gene_preprocessing(self, preprocessing: GenePreprocessing) -> RadiogenomicDataset:
-        """A copy whose `genes` (and stored preprocessing) come from `preprocessing`."""
+    def with_gene_preprocessing(self, preprocessing: GenePreprocessing,
+                                fitted_on: np.ndarray | None = None) -> RadiogenomicDataset:
+        """A copy whose `genes` (and stored preprocessing) come from `preprocessing`; `fitted_on` (patient
+        indices) are the patients it was fitted on, prepared without the out-of-sample gain."""
         from dataclasses import replace
 
-        return replace(self, **gene_arrays(preprocessing, self.table_gene_names.tolist(), self.table_genes_log))
+        return replace(self, **gene_arrays(preprocessing, self.table_gene_names.tolist(), self.table_genes_log,
+                                           fitted_on))
 
     @property
     def num_nodules(self) -> int:
@@ -191,7 +197,8 @@ class RadiogenomicDataset:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every key of the file format, ready for `write_dataset`."""
-        return {**{key: np.asarray(getattr(self, key)) for key in REQUIRED_KEYS}, "gene_fit": np.asarray(self.gene_fit)}
+        return {**{key: np.asarray(getattr(self, key)) for key in REQUIRED_KEYS}, "gene_fit": np.asarray(self.gene_fit),
+                "gene_out_of_sample_gain": np.float64(self.gene_out_of_sample_gain)}
 
     def summary(self) -> str:
         """One line per split: patients, nodule slices, background slices."""
@@ -288,6 +295,9 @@ def _validate(arrays: dict[str, np.ndarray], source: str) -> RadiogenomicDataset
         fail(f"'hu_window' has shape {a['hu_window'].shape}, expected (2,)")
     if not np.all(np.isfinite(a["genes"])):
         fail("'genes' holds NaN or infinite values")
+    gain = float(np.asarray(arrays.get("gene_out_of_sample_gain", 1.0)))
+    if not (math.isfinite(gain) and 0 < gain <= MAX_OUT_OF_SAMPLE_GAIN):
+        fail(f"'gene_out_of_sample_gain' must lie in (0, {MAX_OUT_OF_SAMPLE_GAIN:g}], got {gain}")
 
     for key, dtype in _DTYPES.items():
         a[key] = a[key].astype(dtype, copy=False)
@@ -297,6 +307,7 @@ def _validate(arrays: dict[str, np.ndarray], source: str) -> RadiogenomicDataset
         format_version=version,
         source=source,
         gene_fit=str(np.asarray(arrays.get("gene_fit", "{}"))),
+        gene_out_of_sample_gain=float(np.asarray(arrays.get("gene_out_of_sample_gain", 1.0))),
         **{key: a[key] for key in REQUIRED_KEYS if key not in ("patch_size", "patch_spacing_mm", "format_version")},
     )
 
@@ -350,8 +361,9 @@ def training_data(cfg: TrainConfig) -> RadiogenomicDataset:
     if cfg.gene_components or cfg.gene_top_variance:
         train = data.patients_in("train")
         refit = GenePreprocessing.fit(data.table_genes_log[train], data.table_gene_names.tolist(),
-                                      top_variance=cfg.gene_top_variance, components=cfg.gene_components)
-        data = data.with_gene_preprocessing(refit)
+                                      top_variance=cfg.gene_top_variance, components=cfg.gene_components,
+                                      out_of_sample_gain=cfg.gene_out_of_sample_gain)
+        data = data.with_gene_preprocessing(refit, fitted_on=train)
     return data
 
 
@@ -597,8 +609,9 @@ def make_synthetic_dataset(
 
 
 def gene_arrays(preprocessing: GenePreprocessing, table_gene_names: Sequence[str],
-                table_genes_log: np.ndarray) -> dict[str, np.ndarray]:
-    """The dataset's gene keys for (P, T) log2(x+1) table values and a preprocessing fitted on them."""
+                table_genes_log: np.ndarray, fitted_on: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The dataset's gene keys for (P, T) log2(x+1) table values and a preprocessing fitted on them; the
+    patients `fitted_on` (indices) are prepared in-sample, every other one with the out-of-sample gain."""
     components = preprocessing.components if preprocessing.components is not None else np.zeros(
         (0, preprocessing.num_genes))
     position = {str(name): i for i, name in enumerate(table_gene_names)}
@@ -608,8 +621,12 @@ def gene_arrays(preprocessing: GenePreprocessing, table_gene_names: Sequence[str
             f"{len(missing)} of the {preprocessing.num_genes} genes the model reads are not in this dataset's gene "
             f"table (e.g. {', '.join(missing[:3])}): the model and the cohort come from different gene panels")
     columns = np.array([position[g] for g in preprocessing.gene_names], dtype=np.int64)
+    values = np.asarray(table_genes_log)[:, columns]
+    genes = preprocessing.transform_log(values)
+    if fitted_on is not None and len(fitted_on):
+        genes[fitted_on] = preprocessing.transform_log(values[fitted_on], in_sample=True)
     return {
-        "genes": preprocessing.transform_log(np.asarray(table_genes_log)[:, columns]),
+        "genes": genes,
         "gene_names": np.array(preprocessing.gene_names),
         "gene_means": preprocessing.means.astype(np.float32),
         "gene_stds": preprocessing.stds.astype(np.float32),
@@ -617,5 +634,6 @@ def gene_arrays(preprocessing: GenePreprocessing, table_gene_names: Sequence[str
         "gene_components": components.astype(np.float32),
         "table_gene_names": np.array([str(g) for g in table_gene_names]),
         "gene_fit": json.dumps(preprocessing.fitted_on, sort_keys=True),
+        "gene_out_of_sample_gain": np.float64(preprocessing.out_of_sample_gain),
         "table_genes_log": np.asarray(table_genes_log, dtype=np.float32),
     }

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gene-components", type=int, help="refit the gene preprocessing on the train patients with a "
                    "whitened PCA to this many axes (default 0: none)")
     g.add_argument("--gene-top-variance", type=int, help="keep only this many most variable genes (default 0: all)")
+    g.add_argument("--gene-out-of-sample-gain", action=argparse.BooleanOptionalAction,
+                   help="with --gene-components: put a patient outside the fit back on the training patients' "
+                   "scale, by a gain fitted leave-one-out (default on)")
     g.add_argument("--uniform-donors", action=argparse.BooleanOptionalAction,
                    help="draw donors uniformly rather than by their slice count (default on)")
     g.add_argument("--distant-wrong-genes", action=argparse.BooleanOptionalAction,
