@@ -652,8 +652,10 @@ class RadiogenomicGANWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if len(centres):  # the slice views take world coordinates; the centres are in the volume's frame
             x, y, z = (float(v) for v in centres[0])
             slicer.modules.markups.logic().JumpSlicesToLocation(x, y, z, True)
-        self.ui.statusLabel.text = _("Inserted {count} synthetic nodule(s) into '{name}'.").format(
+        status = _("Inserted {count} synthetic nodule(s) into '{name}'.").format(
             count=segmentation.GetSegmentation().GetNumberOfSegments(), name=volume.GetName())
+        note = RadiogenomicGANLogic.emptyNoduleNote(segmentation, volume)
+        self.ui.statusLabel.text = status + (" " + note[0].upper() + note[1:] if note else "")
 
     def onRadiogenomicMapButton(self) -> None:
         """t-SNE of the cohort's gene codes (background process) as one Slicer plot, the chosen sample(s) marked."""
@@ -933,7 +935,18 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
                 if node not in (outputVolumeNode, outputSegmentationNode, outputWeightMapNode):
                     scene.RemoveNode(node)
             raise
+        note = segments.empty_nodule_note(
+            [n for n in range(1, len(result.centres_ras) + 1) if not (result.label == n).any()])
+        if note:
+            logging.warning(note)
         return outputVolume, segmentation, weightMap
+
+    @staticmethod
+    def emptyNoduleNote(segmentationNode: Any, referenceVolumeNode: Any) -> str:
+        """The line naming the nodules of a synthetic segmentation that came out empty; '' when none did."""
+        from RadiogenomicGANLib import mrml_adapter, segments
+
+        return segments.empty_nodule_note(mrml_adapter.empty_nodule_numbers(segmentationNode, referenceVolumeNode))
 
     @staticmethod
     def _checkOutputs(inputVolumeNode: Any, *outputs: Any) -> None:

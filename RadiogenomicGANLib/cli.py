@@ -27,7 +27,7 @@ from RadiogenomicGANLib.atomic import check_writable, partial_path, remove_aband
 from RadiogenomicGANLib.bundled import bundled_weights_path, verify_bundled
 from RadiogenomicGANLib.cli_common import EXIT_CANCELLED, EXIT_USER_ERROR, UserError, check_not_an_input, run_cli
 from RadiogenomicGANLib.insertion import InsertionCancelled, InsertionError
-from RadiogenomicGANLib.segments import nodule_segments
+from RadiogenomicGANLib.segments import empty_nodule_note, nodule_segments
 
 DEFAULT_WEIGHTS = bundled_weights_path()
 EXIT_BAD_INPUT = EXIT_USER_ERROR
@@ -331,5 +331,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for n, (centre, ks, voxels) in enumerate(zip(result.centres_ras, result.slices, summary["voxels"]), start=1):
         print(f"  nodule {n}: RAS ({centre[0]:.1f}, {centre[1]:.1f}, {centre[2]:.1f}) mm, "
               f"slices {ks[0]}–{ks[-1]}, {voxels} labelled voxels")
+    note = empty_nodule_note([n for n, voxels in enumerate(summary["voxels"], start=1) if voxels == 0])
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     for path in summary["outputs"]:
         print(f"  wrote {path}")

@@ -307,6 +307,14 @@ def segment_label_array(segmentation_node: Any, segment_id: str, reference_node:
     return out
 
 
+def empty_nodule_numbers(segmentation_node: Any, reference_node: Any) -> list[int]:
+    """1-based positions of the segments without a voxel in `reference_node`'s grid: segment N is nodule N."""
+    segmentation = segmentation_node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    return [n for n, segment_id in enumerate(ids, start=1)
+            if not segment_label_array(segmentation_node, segment_id, reference_node).any()]
+
+
 def segments_by_name(segmentation_node: Any) -> dict[str, str]:
     """{segment name: segment id} in segment order."""
     segmentation = segmentation_node.GetSegmentation()

@@ -8,7 +8,7 @@ colours, terminology and tags.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,3 +92,18 @@ def nodule_segments(count: int, provenance: Mapping[str, Any] | None = None) -> 
         )
         for n in range(1, count + 1)
     ]
+
+
+def empty_nodule_note(empty: Sequence[int]) -> str:
+    """One line telling the user which nodules (1-based) came out without a labelled voxel; '' for none.
+
+    The generator can draw nothing at a point for some profiles (the smallest nodules most often); the
+    nodule's segment is then empty and the CT unchanged there, which a user would otherwise only find by
+    looking.
+    """
+    if not empty:
+        return ""
+    which = ", ".join(str(n) for n in empty)
+    noun = "nodule" if len(empty) == 1 else "nodules"
+    return (f"{noun} {which} came out empty: the model drew nothing there for this gene profile, so the CT is "
+            "unchanged there and the segment has no voxels. Try another point, seed or slice range.")

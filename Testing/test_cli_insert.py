@@ -163,6 +163,17 @@ def test_nrrd_with_ras_storage(data, tmp_path, disc_model, capsys) -> None:  # t
     assert not list(tmp_path.glob(".*partial*"))
 
 
+def test_an_empty_nodule_is_named_on_stderr(data, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The untrained test model draws no mask: the run still succeeds, and says which nodule is empty."""
+    centre = _lung_centre_ras(data["ras_lung"], data["ras_geometry"])
+    assert cli.main([*_base_args(data, tmp_path), "--center-ras", _csv(centre), "--slices", "±1"]) == 0
+    printed = capsys.readouterr()
+    assert "0 labelled voxels" in printed.out
+    assert "warning: nodule 1 came out empty" in printed.err and "Try another point, seed or slice range" in printed.err
+    label, _ = nrrd.read(str(tmp_path / "new.seg.nrrd"), index_order="C")
+    assert not label.any()
+
+
 def test_segmentation_loads_in_slicer(data, tmp_path, disc_model) -> None:  # type: ignore[no-untyped-def]
     """slicer-core's own storage node reads names, colours and terminology back."""
     slicer = pytest.importorskip("slicer")

@@ -473,12 +473,32 @@ request = logic.buildRequest(ct, {str(gene_table)!r}, "S1", autoCount=1, halfSli
 job = logic.startInsertion(ct, request)
 volume, segmentation, _ = logic.finishInsertion(job, scene)
 assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+assert module.RadiogenomicGANLogic.emptyNoduleNote(segmentation, volume) == ""   # the status line's check
 print(sorted(m for m in ("torch", "safetensors", "sklearn", "highdicom") if m in sys.modules))
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=MODULE_FILE.parents[1], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_status_names_nodules_that_came_out_empty(module, scene, ct, caplog) -> None:
+    """Segment N is nodule N, empty or not: the Widget's status line names the empty ones from the nodes, and
+    creating the outputs logs the same line for console users."""
+    label = np.zeros(adapter.array_from_volume_node(ct).shape, dtype=np.uint8)
+    k, j, i = (n // 2 for n in label.shape)
+    label[k, j : j + 3, i : i + 3] = 2
+    segmentation = adapter.create_nodule_segmentation(scene, ct, label, {}, num_nodules=3)
+    note = module.RadiogenomicGANLogic.emptyNoduleNote(segmentation, ct)
+    assert note.startswith("nodules 1, 3 came out empty") and "Try another point" in note
+
+    from types import SimpleNamespace
+
+    result = SimpleNamespace(volume_hu=adapter.array_from_volume_node(ct), label=label,
+                             centres_ras=np.zeros((3, 3)), provenance={}, weight_map=None)
+    with caplog.at_level("WARNING"):
+        module.RadiogenomicGANLogic().createOutputs(scene, ct, result)
+    assert "nodules 1, 3 came out empty" in caplog.text
 
 
 def test_model_kind_is_read_without_loading_the_model(module, weights, tmp_path) -> None:

@@ -130,6 +130,7 @@ def test_segmentation_names_terminology_tags_and_voxels(scene, ct) -> None:
                   "centres_ras": [[1.0, 2.0, 3.0]] * 3, "synthetic": True}
     segmentation = adapter.create_nodule_segmentation(scene, node, label, provenance, num_nodules=3)
     assert segmentation.GetName() == "chest synthetic nodules"
+    assert adapter.empty_nodule_numbers(segmentation, node) == [3]   # nodule 3's label stayed empty
     assert adapter.segments_by_name(segmentation).keys() == {"Synthetic nodule 1", "Synthetic nodule 2",
                                                              "Synthetic nodule 3"}
     colours = set()
