@@ -271,6 +271,8 @@ MIN_STD_LOG2 = 0.1
 Z_CLIP = 5.0
 #: The largest out-of-sample gain a preprocessing may carry (a fit on very few patients is capped here).
 MAX_OUT_OF_SAMPLE_GAIN = 10.0
+#: Refits the out-of-sample gain may cost: beyond this many training patients they are left out in groups.
+MAX_GAIN_REFITS = 50
 
 
 @dataclass
@@ -418,26 +420,31 @@ class GenePreprocessing:
         return result
 
 
-def out_of_sample_gain_loo(z: np.ndarray, components: int) -> float:
+def out_of_sample_gain_loo(z: np.ndarray, components: int, max_refits: int = MAX_GAIN_REFITS) -> float:
     """1 / the rms whitened score of a training patient left out of the PCA fit of the others.
 
-    Each patient j is projected on the `components` whitened principal axes of the other N − 1 patients, in
-    that fit's own basis (the norm does not depend on how nearly equal axes rotate between fits). A patient
-    the final fit never saw is shrunk as much, so dividing by this rms puts it back on the training scale.
+    Each patient is projected on the `components` whitened principal axes of a refit without it, in that
+    fit's own basis (the norm does not depend on how nearly equal axes rotate between fits). A patient the
+    final fit never saw is shrunk as much, so dividing by this rms puts it back on the training scale. Up to
+    `max_refits` patients each one is left out alone; beyond, patient i is left out with the others of group
+    i mod `max_refits` (a large cohort then costs `max_refits` SVDs, not one per patient).
     1.0 when there are too few patients to leave one out (fewer than 4).
     """
     z = np.asarray(z, dtype=np.float64)
     n = z.shape[0]
-    k = min(int(components), n - 2)
+    groups = np.arange(n) % max(1, min(n, int(max_refits)))
+    held_most = int(np.bincount(groups).max())
+    k = min(int(components), n - held_most - 1)
     if n < 4 or k < 1:
         return 1.0
     squares = np.empty(n)
-    for j in range(n):
-        rest = np.delete(z, j, axis=0)
+    for group in np.unique(groups):
+        held = groups == group
+        rest = z[~held]
         mean = rest.mean(axis=0)
         _, singular, axes = np.linalg.svd(rest - mean, full_matrices=False)
-        whitened = axes[:k] / np.maximum(singular[:k] / math.sqrt(n - 2), 1e-8)[:, None]
-        squares[j] = np.mean((whitened @ (z[j] - mean)) ** 2)
+        whitened = axes[:k] / np.maximum(singular[:k] / math.sqrt(rest.shape[0] - 1), 1e-8)[:, None]
+        squares[held] = np.mean((whitened @ (z[held] - mean).T) ** 2, axis=0)
     rms = math.sqrt(float(squares.mean()))
     return float(np.clip(1.0 / max(rms, 1e-8), 1.0, MAX_OUT_OF_SAMPLE_GAIN))
 

@@ -14,6 +14,7 @@ from RadiogenomicGANLib.genes import (
     GeneTableError,
     drop_na_genes,
     log_transform,
+    out_of_sample_gain_loo,
     profile_for_model,
     read_gene_table,
 )
@@ -176,6 +177,11 @@ def test_out_of_sample_gain_puts_a_new_patient_on_the_training_scale() -> None:
     assert GenePreprocessing.fit(train, names, components=8, out_of_sample_gain=False).out_of_sample_gain == 1.0
     assert GenePreprocessing.fit(train[:3], names, components=2).out_of_sample_gain == 1.0
     assert GenePreprocessing.fit(train, names).out_of_sample_gain == 1.0  # no projection, no gain
+    # a large cohort is left out in groups (50 refits, not one per patient): about the same gain
+    big = patients(120)
+    z = GenePreprocessing.fit(big, names).transform_log(big).astype(np.float64)
+    grouped, alone = out_of_sample_gain_loo(z, 8), out_of_sample_gain_loo(z, 8, max_refits=120)
+    assert grouped > 1.2 and abs(grouped / alone - 1.0) < 0.05
     for gain, problem in ((0.0, "must lie in"), (float("nan"), "must lie in"), (11.0, "must lie in")):
         assert any(problem in text for text in GenePreprocessing(names[:2], np.zeros(2), np.ones(2),
                                                                    components=np.eye(2),
