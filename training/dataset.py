@@ -307,7 +307,7 @@ def _validate(arrays: dict[str, np.ndarray], source: str) -> RadiogenomicDataset
         format_version=version,
         source=source,
         gene_fit=str(np.asarray(arrays.get("gene_fit", "{}"))),
-        gene_out_of_sample_gain=float(np.asarray(arrays.get("gene_out_of_sample_gain", 1.0))),
+        gene_out_of_sample_gain=gain,
         **{key: a[key] for key in REQUIRED_KEYS if key not in ("patch_size", "patch_spacing_mm", "format_version")},
     )
 
