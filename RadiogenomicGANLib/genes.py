@@ -319,6 +319,13 @@ class GenePreprocessing:
     def output_dim(self) -> int:
         return self.num_genes if self.components is None else int(self.components.shape[0])
 
+    def describe(self) -> str:
+        """What the generator reads, in a few words (for reports): the genes, the projection and its gain."""
+        if self.components is None:
+            return f"{self.num_genes} z-scored genes"
+        return (f"{self.output_dim} whitened PCA axes of {self.num_genes} genes, out-of-sample gain "
+                f"{self.out_of_sample_gain:.2f}")
+
     def problems(self) -> list[str]:
         """What is inconsistent (empty when usable): shapes, finiteness, positivity, unique names."""
         found = []

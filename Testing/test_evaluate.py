@@ -111,6 +111,8 @@ def test_full_report_end_to_end(setup):
     for heading in ("## Gene control", "## Fig. 4", "## Realism", "## Fig. 3", "## Module → phenotype links"):
         assert heading in report, heading
     assert "`c2st_real_vs_real`" in report
+    assert metrics["inputs"]["gene_inputs"] == {"baseline": "16 z-scored genes", "proposed": "16 z-scored genes"}
+    assert "(genes: 16 z-scored genes)" in report
 
 
 class DiscOracle(torch.nn.Module):

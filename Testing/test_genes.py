@@ -177,6 +177,7 @@ def test_out_of_sample_gain_puts_a_new_patient_on_the_training_scale() -> None:
     assert GenePreprocessing.fit(train, names, components=8, out_of_sample_gain=False).out_of_sample_gain == 1.0
     assert GenePreprocessing.fit(train[:3], names, components=2).out_of_sample_gain == 1.0
     assert GenePreprocessing.fit(train, names).out_of_sample_gain == 1.0  # no projection, no gain
+    assert pca.describe() == f"8 whitened PCA axes of 1500 genes, out-of-sample gain {pca.out_of_sample_gain:.2f}"
     # a large cohort is left out in groups (50 refits, not one per patient): about the same gain
     big = patients(120)
     z = GenePreprocessing.fit(big, names).transform_log(big).astype(np.float64)

@@ -171,6 +171,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         inputs = {"data": str(args.data), "split": args.split, "donors": [str(ctx.data.patient_ids[p])
                                                                           for p in ctx.donors],
                   "models": {role: m.path for role, m in ctx.models.items()}, "seed": args.seed,
+                  "gene_inputs": {role: m.metadata.genes.describe() for role, m in ctx.models.items()
+                                  if m.genes is not None},
                   "ground_truth": str(args.ground_truth) if args.ground_truth else None,
                   "negative_controls": bool(ctx.controls), "options": ctx.options, "device": str(ctx.device),
                   "seconds": seconds}
@@ -188,7 +190,9 @@ def write_report(ctx: Context, metrics: dict, section_lines: list[str]) -> Path:
     inputs = metrics["inputs"]
     lines = ["# RadiogenomicGAN evaluation (protocol v2)", "",
              f"Dataset `{inputs['data']}`, split **{summary['split']}**: {summary['donors']} held-out donors. "
-             + "Models: " + ", ".join(f"{ROLE_TITLES[r]} `{p}`" for r, p in inputs["models"].items()) + ". "
+             + "Models: " + ", ".join(f"{ROLE_TITLES[r]} `{p}`" + (f" (genes: {inputs['gene_inputs'][r]})"
+                                                                   if r in inputs["gene_inputs"] else "")
+                                      for r, p in inputs["models"].items()) + ". "
              + (f"Ground truth `{inputs['ground_truth']}`. " if inputs["ground_truth"] else "No ground truth given. ")
              + f"Seed {inputs['seed']}; {inputs['seconds']:.0f} s on {inputs['device']}.", "",
              "## Summary", "", "| key | value |", "|---|---|"]
