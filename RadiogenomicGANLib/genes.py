@@ -346,9 +346,9 @@ class GenePreprocessing:
                 found.append(f"gene components have shape {self.components.shape}, expected (K, {count})")
             elif not np.all(np.isfinite(self.components)):
                 found.append("gene components hold NaN or Inf")
-        if not (math.isfinite(self.out_of_sample_gain) and 0 < self.out_of_sample_gain <= MAX_OUT_OF_SAMPLE_GAIN):
-            found.append(f"the out-of-sample gain must lie in (0, {MAX_OUT_OF_SAMPLE_GAIN:g}], "
-                         f"got {self.out_of_sample_gain}")
+        gain_problem = out_of_sample_gain_problem(self.out_of_sample_gain)
+        if gain_problem:
+            found.append(f"the out-of-sample gain {gain_problem}")
         elif self.components is None and self.out_of_sample_gain != 1.0:
             found.append("an out-of-sample gain other than 1 needs a projection (gene components)")
         return found
@@ -425,6 +425,13 @@ class GenePreprocessing:
             if out_of_sample_gain:
                 result.out_of_sample_gain = out_of_sample_gain_loo(z, k)
         return result
+
+
+def out_of_sample_gain_problem(gain: float) -> str:
+    """What is wrong with an out-of-sample gain (the end of a sentence naming it), '' when it is usable."""
+    if math.isfinite(gain) and 0 < gain <= MAX_OUT_OF_SAMPLE_GAIN:
+        return ""
+    return f"must lie in (0, {MAX_OUT_OF_SAMPLE_GAIN:g}], got {gain}"
 
 
 def out_of_sample_gain_loo(z: np.ndarray, components: int, max_refits: int = MAX_GAIN_REFITS) -> float:

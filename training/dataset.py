@@ -27,7 +27,6 @@ of DataLoader workers.
 from __future__ import annotations
 
 import json
-import math
 import os
 import zipfile
 from collections.abc import Sequence
@@ -40,7 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from RadiogenomicGANLib.atomic import atomic_path
-from RadiogenomicGANLib.genes import MAX_OUT_OF_SAMPLE_GAIN, GenePreprocessing
+from RadiogenomicGANLib.genes import GenePreprocessing, out_of_sample_gain_problem
 from RadiogenomicGANLib.intensity import HU_WINDOW
 
 if TYPE_CHECKING:
@@ -296,8 +295,8 @@ def _validate(arrays: dict[str, np.ndarray], source: str) -> RadiogenomicDataset
     if not np.all(np.isfinite(a["genes"])):
         fail("'genes' holds NaN or infinite values")
     gain = float(np.asarray(arrays.get("gene_out_of_sample_gain", 1.0)))
-    if not (math.isfinite(gain) and 0 < gain <= MAX_OUT_OF_SAMPLE_GAIN):
-        fail(f"'gene_out_of_sample_gain' must lie in (0, {MAX_OUT_OF_SAMPLE_GAIN:g}], got {gain}")
+    if problem := out_of_sample_gain_problem(gain):
+        fail(f"'gene_out_of_sample_gain' {problem}")
 
     for key, dtype in _DTYPES.items():
         a[key] = a[key].astype(dtype, copy=False)
