@@ -334,7 +334,7 @@ def code_axes(ctx: Context) -> Section:
     each follow the held-out donors' true phenotype, and does the generator read it? Each axis is moved by
     −2, 0 and +2 sd with everything else fixed (up to 16 donors on the gene-control backgrounds, one noise
     each), and the generated feature's median reported beside the real donors' spread. A generator that
-    ignores an axis gives the same number three times; last round's model did so for the margin."""
+    ignores an axis gives the same number three times; the anchor-only model of round 3 did so for the margin."""
     model = next((m for m in ctx.gene_models() if m.role == "proposed"), None)
     trained_with = (model.metadata.provenance.get("loss_weights") or {}) if model is not None else {}
     title = ["## Anchored gene-code axes", ""]
