@@ -65,6 +65,12 @@ class GeneratorConfig(StrictDict):
     # With the edge: keep the change only inside the generator's own mask before the blur, so σ alone (not
     # a soft edge the decoder draws) sets the margin, and nothing outside the nodule ± a few σ changes.
     edge_inside_mask: bool = False
+    # The sd, in code units, that training's code-phenotype anchor gives the first F coordinates of φ(g)
+    # (their target is anchor_sd × the donor's z-scored phenotype); the edge reads its coordinate per sd.
+    # Why above 1: the 125 free coordinates hold ~40 units of variance, mostly along size and density, so
+    # at sd 1 the three named axes were ~7 % of the code and its k-means clusters followed size alone.
+    # 1 here, so weights files written without the key load as they were trained.
+    anchor_sd: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -87,6 +93,8 @@ class GeneratorConfig(StrictDict):
             raise ValueError("edge_inside_mask needs the code-driven edge (edge_blur_per_sd > 0)")
         if self.edge_blur_per_sd and self.kind != "proposed":
             raise ValueError(f"edge_blur_per_sd is a setting of the proposed generator, not of {self.kind!r}")
+        if not (math.isfinite(self.anchor_sd) and self.anchor_sd > 0):
+            raise ValueError(f"anchor_sd must be a finite number > 0, got {self.anchor_sd}")
 
     @property
     def resolutions(self) -> list[int]:
@@ -285,22 +293,23 @@ def _check_inputs(config: GeneratorConfig, background: Tensor, genes: Tensor | N
 class CodeDrivenEdge(nn.Module):
     """Blur the generated change by a per-sample Gaussian whose width one gene-code coordinate sets.
 
-    image = background + G_σ * (image − background), σ = σ₀·exp(−k·code[:, index]) px, clamped to
-    [MIN_SIGMA, MAX_SIGMA]; σ₀ (learned, starts at 1 px) sets the cohort's typical edge, k (fixed) how far the
-    coordinate moves it. Why blur the change and not the image: the background's own texture stays as it was.
+    image = background + G_σ * (image − background), σ = σ₀·exp(−k·code[:, index] / anchor_sd) px, clamped to
+    [MIN_SIGMA, MAX_SIGMA]; σ₀ (learned, starts at 1 px) sets the cohort's typical edge, k (fixed) how far one
+    sd of the coordinate moves it. Why blur the change and not the image: the background's own texture stays as it was.
     """
 
     MIN_SIGMA, MAX_SIGMA = 0.05, 3.0
     RADIUS = 9                     # 3 × MAX_SIGMA: the kernel's tail beyond is < 1 %
 
-    def __init__(self, per_sd: float, index: int, inside_mask: bool = False) -> None:
+    def __init__(self, per_sd: float, index: int, inside_mask: bool = False, anchor_sd: float = 1.0) -> None:
         super().__init__()
         self.per_sd, self.index, self.inside_mask = float(per_sd), int(index), bool(inside_mask)
+        self.per_unit = self.per_sd / float(anchor_sd)
         self.log_sigma0 = nn.Parameter(torch.zeros(()))
 
     def sigma(self, code: Tensor) -> Tensor:
         """(B,) edge widths in pixels for gene codes (B, code_dim)."""
-        log_sigma = self.log_sigma0 - self.per_sd * code[:, self.index].float()
+        log_sigma = self.log_sigma0 - self.per_unit * code[:, self.index].float()
         return log_sigma.exp().clamp(self.MIN_SIGMA, self.MAX_SIGMA)
 
     def blur(self, x: Tensor, code: Tensor) -> Tensor:
@@ -350,8 +359,8 @@ class ProposedGenerator(nn.Module):
             previous = config.channels(res)
         self.image_head = ImageHead(previous)
         self.mask_head = MaskHead(previous)
-        self.edge = (CodeDrivenEdge(config.edge_blur_per_sd, config.edge_code_index, config.edge_inside_mask)
-                     if config.edge_blur_per_sd else None)
+        self.edge = (CodeDrivenEdge(config.edge_blur_per_sd, config.edge_code_index, config.edge_inside_mask,
+                                    config.anchor_sd) if config.edge_blur_per_sd else None)
 
     def encode_genes(self, genes: Tensor) -> Tensor:
         """φ(g) for a batch of z-scored gene vectors (B,G) → (B, code_dim); the radiogenomic map uses it."""

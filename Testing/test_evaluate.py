@@ -178,16 +178,26 @@ def test_each_metric_fails_the_negative_controls_and_passes_an_oracle(setup, tmp
     assert real["lung_only"]["proposed"]["median"] < real["lung_only"]["copy"]["median"] - 0.2
 
 
-class EdgeOracle(DiscOracle):
-    """DiscOracle whose edge is blurred by σ = exp(−0.6·φ[2]) px inside its disc — a generator that reads its
-    anchored margin axis (φ = the genes, through an identity mapping the sweep's hook can move)."""
+class Scaled(torch.nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
 
-    def __init__(self, size: int) -> None:
+    def forward(self, x):
+        return self.factor * x
+
+
+class EdgeOracle(DiscOracle):
+    """DiscOracle whose edge is blurred by σ = exp(−0.6·φ[2]/anchor_sd) px inside its disc — a generator that
+    reads its anchored margin axis (φ = anchor_sd × the genes, through a mapping the sweep's hook can move)."""
+
+    def __init__(self, size: int, anchor_sd: float = 1.0) -> None:
         super().__init__(size)
         from RadiogenomicGANLib.networks import CodeDrivenEdge
 
-        self.mapping = torch.nn.Identity()
-        self.edge = CodeDrivenEdge(0.6, 2, inside_mask=True)
+        self.config.anchor_sd = anchor_sd
+        self.mapping = Scaled(anchor_sd) if anchor_sd != 1.0 else torch.nn.Identity()
+        self.edge = CodeDrivenEdge(0.6, 2, inside_mask=True, anchor_sd=anchor_sd)
 
     def forward(self, background, genes, noise=None, hole=None):
         out = super().forward(background, genes, noise, hole)
@@ -229,6 +239,12 @@ def test_code_axes_sweep_sees_an_axis_the_generator_reads_and_skips_an_unanchore
     size = list(section.metrics["axes"]["diameter_mm"]["sweep"].values())
     assert size[0] == size[1] == size[2], size                # the oracle's size follows gene 0, not the code
     assert "| 2: margin_sharpness | margin |" in "\n".join(section.markdown)
+    # a code anchored at sd 3 is swept by ±2 sd = ±6 units: the same images as the sd-1 oracle's
+    wide = EdgeOracle(data.patch_size, anchor_sd=3.0)
+    wide_ctx = Context(data, {"proposed": Model("proposed", wide, anchored, data.genes, "oracle")}, truth,
+                       torch.device("cpu"), 0, tmp_path, "all", options)
+    wide_margin = list(code_axes(wide_ctx).metrics["axes"]["margin_sharpness"]["sweep"].values())
+    np.testing.assert_allclose(wide_margin, margin, rtol=1e-5)
 
     unanchored = SimpleNamespace(provenance={"loss_weights": {"code_phenotype": 0.0}})
     plain = Context(data, {"proposed": Model("proposed", oracle, unanchored, data.genes, "oracle")}, truth,

@@ -47,10 +47,11 @@ class StubDiscriminator(Discriminator):
 class StubGenerator(nn.Module):
     """Only what GANLoss reads: `.config` and `encode_genes` (φ(g) = the first gene, repeated)."""
 
-    def __init__(self, kind: str = "proposed") -> None:
+    def __init__(self, kind: str = "proposed", anchor_sd: float = 1.0) -> None:
         super().__init__()
         self.config = GeneratorConfig(
-            kind=kind, num_genes=3, patch_size=8, code_dim=4, base_channels=2, max_channels=2, gene_hidden=2
+            kind=kind, num_genes=3, patch_size=8, code_dim=4, base_channels=2, max_channels=2, gene_hidden=2,
+            anchor_sd=anchor_sd,
         )
 
     def encode_genes(self, genes: torch.Tensor) -> torch.Tensor:
@@ -261,6 +262,22 @@ def test_code_phenotype_term_by_hand() -> None:
     torch.testing.assert_close(fake.gene_code.grad, torch.tensor([[-3.0, 3.0, 0.0, 0.0]]))
     with pytest.raises(KeyError, match="phenotype"):
         loss_fn.generator_loss(_hand_batch(), _hand_fake())
+
+
+def test_code_phenotype_term_targets_anchor_sd_times_the_phenotype() -> None:
+    """With the generator's `anchor_sd` = 2 the anchored coordinates are pulled to 2 × the z-scored phenotype:
+    a code at exactly that costs nothing, and the one at 1 × costs what the distance says."""
+    weights = LossWeights(d_i=0.0, d_is=0.0, d_isg=0.0, background_l1=0.0, consistency_area=0.0,
+                          consistency_intensity=0.0, code_phenotype=1.0)
+    loss_fn = GANLoss(StubGenerator(anchor_sd=2.0), StubDiscriminator(), weights)
+    batch = _hand_batch() | {"phenotype": torch.tensor([[0.1, -0.4]])}
+    fake = _hand_fake()
+    with torch.no_grad():
+        fake.gene_code.copy_(torch.tensor([[0.2, -0.8, 5.0, 5.0]]))       # 2 × the phenotype; the rest free
+    assert loss_fn.generator_loss(batch, fake)[1]["g_code_phenotype"] == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad():
+        fake.gene_code.copy_(torch.tensor([[0.1, -0.4, 0.0, 0.0]]))       # 1 × the phenotype
+    assert loss_fn.generator_loss(batch, fake)[1]["g_code_phenotype"] == pytest.approx((0.1**2 + 0.4**2) / 2)
 
 
 def _disc_slice(radius: float, blur_px: float, density: float = 1.0, size: int = 32

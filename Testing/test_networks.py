@@ -264,6 +264,24 @@ def test_edge_settings_are_refused_where_they_cannot_work() -> None:
         GeneratorConfig(kind="mcgan", edge_blur_per_sd=0.5)
     with pytest.raises(ValueError, match="edge_inside_mask needs the code-driven edge"):
         GeneratorConfig(edge_inside_mask=True)
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="anchor_sd must be a finite number > 0"):
+            GeneratorConfig(anchor_sd=bad)
+
+
+def test_code_driven_edge_reads_its_coordinate_in_anchor_sd_units() -> None:
+    """An edge for codes anchored at sd 3 gives the code 3·z the width the sd-1 edge gives z, and the
+    generator builds its edge with the config's anchor_sd (a file without the key: sd 1)."""
+    code = torch.zeros(3, 8)
+    code[:, 2] = torch.tensor([-2.0, 0.5, 2.0])
+    with torch.no_grad():
+        torch.testing.assert_close(CodeDrivenEdge(0.6, 2, anchor_sd=3.0).sigma(3.0 * code),
+                                   CodeDrivenEdge(0.6, 2).sigma(code))
+    config = GeneratorConfig(num_genes=4, patch_size=16, code_dim=8, base_channels=2, max_channels=4,
+                             gene_hidden=4, edge_blur_per_sd=0.6, anchor_sd=3.0)
+    assert build_generator(config).edge.per_unit == pytest.approx(0.2)
+    old = {k: v for k, v in config.to_dict().items() if k != "anchor_sd"}
+    assert GeneratorConfig.from_dict(old).anchor_sd == 1.0
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -204,20 +204,24 @@ def test_bad_override_key(data: Path, tmp_path: Path) -> None:
 
 def test_code_driven_edge_needs_the_anchor_and_trains_with_it(data: Path, tmp_path: Path) -> None:
     """The edge width reads the anchored margin coordinate: refused without the anchor or on another
-    coordinate; with it, a run learns σ₀ and exports a generator that rebuilds the edge."""
+    coordinate, and so is an anchor sd without the anchor; with it, a run learns σ₀ and exports a generator
+    that rebuilds the edge in the anchor's units."""
     edge = {"edge_blur_per_sd": 0.6}
     with pytest.raises(ConfigError, match="add --loss-weight code_phenotype=1"):
         build_configs(TrainConfig(data="x", out="y", generator=edge), 64, 32)
+    with pytest.raises(ConfigError, match="anchor_sd=3 sets the sd of the code-phenotype anchor"):
+        build_configs(TrainConfig(data="x", out="y", generator={"anchor_sd": 3.0}), 64, 32)
     with pytest.raises(ConfigError, match=r"edge_code_index=0 is not the anchored margin coordinate; use .*=2"):
         build_configs(TrainConfig(data="x", out="y", generator={**edge, "edge_code_index": 0},
                                   loss_weights={"code_phenotype": 1.0}), 64, 32)
     torch.set_num_threads(1)
     result = run(data, tmp_path / "edge", "proposed", 2, "--generator", "edge_blur_per_sd=0.6",
-                 "--loss-weight", "code_phenotype=1")
+                 "--generator", "anchor_sd=3", "--loss-weight", "code_phenotype=1")
     tensors, _ = ckpt.load_checkpoint(result["checkpoint"])
     assert float(tensors["model/G/edge.log_sigma0"]) != 0.0
     generator, _ = load_weights(result["weights"], expected_kind="proposed", expected_num_genes=64)
     assert generator.config.edge_blur_per_sd == 0.6 and generator.edge is not None
+    assert generator.config.anchor_sd == 3.0 and generator.edge.per_unit == pytest.approx(0.2)
 
 
 def test_tensorboard_and_progress_bar(data: Path, tmp_path: Path, capsys) -> None:

@@ -97,6 +97,9 @@ def build_configs(
         weights = LossWeights.from_dict(cfg.loss_weights)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"loss weights {cfg.loss_weights}: {error}") from None
+    if g_cfg.anchor_sd != 1.0 and not weights.code_phenotype:
+        raise ConfigError(f"--generator anchor_sd={g_cfg.anchor_sd:g} sets the sd of the code-phenotype anchor's "
+                          "coordinates, which is off: add --loss-weight code_phenotype=1 or drop anchor_sd")
     if g_cfg.edge_blur_per_sd:   # the edge width reads a code coordinate that only the anchor gives a meaning
         margin = CODE_PHENOTYPE_FEATURES.index("margin_sharpness")
         if g_cfg.edge_code_index != margin:

@@ -10,7 +10,7 @@ Least-squares GAN (Mao et al. 2017) with the paper's equations and targets (DESI
              + λ·mean(M ⊙ |Gx − b|),   M = erode₅ₓ₅(1 − [Gm > 0.5])  (no gradient through M)
              + c_A·|area(Gm) − area(m)| + c_I·|mean(Gx | Gm) − mean(x | m)|   (beyond the paper)
              + c_M·‖edge(Gx, Gm) − edge(x, m)‖₁ + c_S·|compact(Gm) − compact(m)|  (beyond the paper)
-             + c_P·mean((φ(g)[:F] − z(donor))²)                                   (beyond the paper)
+             + c_P·mean((φ(g)[:F] − s·z(donor))²)                                 (beyond the paper)
 
 The consistency terms tie the generated nodule to the donor's real one: the (soft) mask area as a fraction
 of the patch, and the mean intensity inside the (soft) mask, each against the paired real slice (x, m) whose
@@ -263,13 +263,13 @@ def r1_penalty(real_scores: list[Tensor], real_image: Tensor) -> Tensor:
     return grad.float().square().sum(dim=(1, 2, 3)).mean()
 
 
-def code_phenotype_term(code: Tensor | None, batch: Mapping[str, Tensor]) -> Tensor:
-    """mean over the batch and the F anchored coordinates of (φ(g)[:, :F] − phenotype)²."""
+def code_phenotype_term(code: Tensor | None, batch: Mapping[str, Tensor], anchor_sd: float = 1.0) -> Tensor:
+    """mean over the batch and the F anchored coordinates of (φ(g)[:, :F] − anchor_sd · phenotype)²."""
     _require(batch, ("phenotype",))
     target = batch["phenotype"]
     if code is None or code.shape[1] < target.shape[1]:
         raise ValueError(f"the code-phenotype term needs a gene code of at least {target.shape[1]} coordinates")
-    return (code[:, : target.shape[1]] - target.to(code.dtype)).square().mean()
+    return (code[:, : target.shape[1]] - anchor_sd * target.to(code.dtype)).square().mean()
 
 
 @contextmanager
@@ -315,6 +315,7 @@ class GANLoss:
         self.weights = weights or LossWeights()
         gcfg, dcfg = generator.config, discriminator.config
         self.kind: str = gcfg.kind
+        self.anchor_sd = float(gcfg.anchor_sd)
         if self.kind not in KINDS:
             raise ValueError(f"unknown generator kind {self.kind!r}; expected one of {KINDS}")
         if gcfg.patch_size != dcfg.patch_size:
@@ -472,7 +473,7 @@ class GANLoss:
             t["g_consistency_margin"], t["g_consistency_shape"] = margin, shape
             loss = loss + w.consistency_margin * margin + w.consistency_shape * shape
         if self.uses_genes and w.code_phenotype:
-            t["g_code_phenotype"] = code_phenotype_term(fake.gene_code, batch)
+            t["g_code_phenotype"] = code_phenotype_term(fake.gene_code, batch, self.anchor_sd)
             loss = loss + w.code_phenotype * t["g_code_phenotype"]
         logs = {
             "g_total": loss,

@@ -325,7 +325,7 @@ def gene_control(ctx: Context) -> Section:
     return Section(metrics, lines, summary)
 
 
-CODE_SHIFTS: tuple[float, ...] = (-2.0, 0.0, 2.0)   # in training-donor sd: the anchor's targets are z-scores
+CODE_SHIFTS: tuple[float, ...] = (-2.0, 0.0, 2.0)   # in training-donor sd (anchor_sd code units each)
 CODE_SWEEP_DONORS = 16
 
 
@@ -343,6 +343,7 @@ def code_axes(ctx: Context) -> Section:
                                              "anchor: its gene code has no named axes.", ""])
     data, donors = ctx.data, ctx.donors
     codes = encode(model, donors)
+    anchor_sd = float(getattr(model.generator.config, "anchor_sd", 1.0))  # code units per training-donor sd
     swept = donors[np.linspace(0, donors.size - 1, min(CODE_SWEEP_DONORS, donors.size)).astype(int)]
     n_bg = int(ctx.option("backgrounds"))
     chosen = np.resize(ctx.backgrounds[ctx.rng(7).permutation(ctx.backgrounds.size)[:n_bg]], n_bg)
@@ -358,7 +359,7 @@ def code_axes(ctx: Context) -> Section:
         sweep = []
         for shift in CODE_SHIFTS:
             per_donor = np.full(swept.size, np.nan)
-            with shifted_code(model.generator, index, shift):
+            with shifted_code(model.generator, index, shift * anchor_sd):
                 for row, donor in enumerate(swept):
                     genes = np.repeat(model.genes[donor][None], n_bg, axis=0)
                     images, masks = generate(model, data.background_images[chosen], genes, noise, device=ctx.device,
