@@ -47,7 +47,9 @@ DEMO_ARCH := --generator base_channels=16 --generator max_channels=128 \
 DEMO_GENES := --gene-components 16
 # The margin follows the genes through the code: the anchor ties φ(g)'s margin coordinate to the donor's
 # real margin sharpness, and the generator's edge width is set by that coordinate (README, Evaluation).
-DEMO_EDGE := --loss-weight code_phenotype=1 --generator edge_blur_per_sd=0.6 --generator edge_inside_mask=true
+# anchor_sd=3: the named axes carry a share of the code's variance, so its clusters follow all three (README).
+DEMO_EDGE := --loss-weight code_phenotype=1 --generator edge_blur_per_sd=0.6 --generator edge_inside_mask=true \
+	--generator anchor_sd=3
 demo-weights: $(STAMP)
 	$(PY) -m RadiogenomicGANLib.phantom --out $(DEMO_WORK)/cohort --patients $(DEMO_PATIENTS) --seed $(DEMO_SEED) --quiet
 	$(PY) -m training.prepare --cohort $(DEMO_WORK)/cohort \
