@@ -103,12 +103,13 @@ class LossWeights(StrictDict):
       −0.71) and their compactness the spiculation (−0.65), so the terms measure the right thing.
     * ``code_phenotype = 0`` in the bare defaults; the recommended setting (README, `make demo-weights`) is 1,
       with the generator's code-driven edge (`GeneratorConfig.edge_blur_per_sd`), which reads the anchored
-      margin coordinate and is refused without it. Alone (weight 1, three seeds, README "Evaluation on the
-      phantom") the anchor did not help: its coordinates predict held-out donors' phenotypes (Spearman with
-      the truth on the unseen cohort: diameter 0.94, solid fraction 0.81–0.85, margin blur −0.60 to −0.63),
-      but the generator barely read them (±2 sd of the margin coordinate moved the generated sharpness by
-      < 0.01) and gene control fell (margin ρ 0.25 against 0.33). With the edge inside the mask margin ρ
-      rose to 0.63 ± 0.05.
+      margin coordinate and is refused without it, and the anchored coordinates at sd 3
+      (`GeneratorConfig.anchor_sd`: k-means ARI of φ(g) on the unseen cohort 0.64 → 0.76 over three seeds).
+      Alone (weight 1, three seeds, README "Evaluation on the phantom") the anchor did not help: its coordinates
+      predict held-out donors' phenotypes (Spearman with the truth on the unseen cohort: diameter 0.94, solid
+      fraction 0.81–0.85, margin blur −0.60 to −0.63), but the generator barely read them (±2 sd of the margin
+      coordinate moved the generated sharpness by < 0.01) and gene control fell (margin ρ 0.25 against 0.33). With
+      the edge inside the mask margin ρ rose to 0.63 ± 0.05.
     * ``r1 = 0``: no R1 penalty. At γ = 1 (three seeds) it made the patches more realistic (lung-only C2ST
       0.77 against 0.81 on the unseen cohort, 0.67 against 0.75 on the validation donors) but cost gene
       control (margin ρ 0.23 against 0.33; on the validation donors 0.31 against 0.59, ARI 0.57 against
