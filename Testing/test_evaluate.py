@@ -243,8 +243,10 @@ def test_code_axes_sweep_sees_an_axis_the_generator_reads_and_skips_an_unanchore
     wide = EdgeOracle(data.patch_size, anchor_sd=3.0)
     wide_ctx = Context(data, {"proposed": Model("proposed", wide, anchored, data.genes, "oracle")}, truth,
                        torch.device("cpu"), 0, tmp_path, "all", options)
-    wide_margin = list(code_axes(wide_ctx).metrics["axes"]["margin_sharpness"]["sweep"].values())
+    wide_section = code_axes(wide_ctx)
+    wide_margin = list(wide_section.metrics["axes"]["margin_sharpness"]["sweep"].values())
     np.testing.assert_allclose(wide_margin, margin, rtol=1e-5)
+    assert wide_section.metrics["anchor_sd"] == 3.0 and "(× 3, the anchor's sd" in "\n".join(wide_section.markdown)
 
     unanchored = SimpleNamespace(provenance={"loss_weights": {"code_phenotype": 0.0}})
     plain = Context(data, {"proposed": Model("proposed", oracle, unanchored, data.genes, "oracle")}, truth,

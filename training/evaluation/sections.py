@@ -371,8 +371,9 @@ def code_axes(ctx: Context) -> Section:
         entry["real_p10_p90"] = [float(v) for v in np.nanpercentile(real[:, CONTROL_FEATURES.index(feature)], [10, 90])]
         axes[feature] = entry
     lines = [*title, f"φ(g)[i] for i = 0…{len(CODE_PHENOTYPE_FEATURES) - 1} was pulled towards the donor's real nodule "
-             "feature, z-scored over the training donors. *ρ with the truth*: Spearman of the coordinate with the "
-             f"held-out donors' true phenotype × its expected sign. *Sweep*: the coordinate moved by "
+             f"feature, z-scored over the training donors (× {anchor_sd:g}, the anchor's sd in code units). "
+             "*ρ with the truth*: Spearman of the coordinate with the held-out donors' true phenotype × its "
+             "expected sign. *Sweep*: the coordinate moved by "
              f"{', '.join(f'{v:+g}' for v in CODE_SHIFTS)} sd, all else fixed ({swept.size} donors × {n_bg} "
              "backgrounds), the generated feature's median; beside it the 10th–90th percentiles of the real donors' "
              "nodules as the gene-control table measures them (size: the largest slice; the rest area-weighted).", "",
@@ -384,8 +385,8 @@ def code_axes(ctx: Context) -> Section:
         lines.append(f"| {entry['index']}: {feature} | {entry['measure']} | {fmt(entry['aligned_rho_with_truth'], 2)} "
                      f"| {sweep} | {fmt(low, 3)}–{fmt(high, 3)} |")
     lines.append("")
-    return Section({"anchored": True, "shifts_sd": list(CODE_SHIFTS), "donors": int(swept.size),
-                    "backgrounds": n_bg, "axes": axes}, lines)
+    return Section({"anchored": True, "anchor_sd": anchor_sd, "shifts_sd": list(CODE_SHIFTS),
+                    "donors": int(swept.size), "backgrounds": n_bg, "axes": axes}, lines)
 
 
 def _gene_control_figure(ctx: Context, per_donor: np.ndarray) -> str:
