@@ -50,12 +50,14 @@ DEMO_GENES := --gene-components 16
 # anchor_sd=3: the named axes carry a share of the code's variance, so its clusters follow all three (README).
 DEMO_EDGE := --loss-weight code_phenotype=1 --generator edge_blur_per_sd=0.6 --generator edge_inside_mask=true \
 	--generator anchor_sd=3
+# The intensity consistency term at 4 (bare default 2): density then follows the genes for every seed (README).
+DEMO_LOSS := --loss-weight consistency_intensity=4
 demo-weights: $(STAMP)
 	$(PY) -m RadiogenomicGANLib.phantom --out $(DEMO_WORK)/cohort --patients $(DEMO_PATIENTS) --seed $(DEMO_SEED) --quiet
 	$(PY) -m training.prepare --cohort $(DEMO_WORK)/cohort \
 		--rnaseq $(DEMO_WORK)/cohort/GSE103584_R01_NSCLC_RNAseq.txt.gz --out $(DEMO_WORK)/phantom.npz --seed $(DEMO_SEED)
 	OMP_NUM_THREADS=1 $(PY) -m training.train --data $(DEMO_WORK)/phantom.npz --model proposed --out $(DEMO_WORK)/run \
-		--steps $(DEMO_STEPS) --batch-size 16 --seed $(DEMO_TRAIN_SEED) $(DEMO_ARCH) $(DEMO_GENES) $(DEMO_EDGE) \
+		--steps $(DEMO_STEPS) --batch-size 16 --seed $(DEMO_TRAIN_SEED) $(DEMO_ARCH) $(DEMO_GENES) $(DEMO_EDGE) $(DEMO_LOSS) \
 		--log-every 100 --sample-every 500 --checkpoint-every 250 --keep-checkpoints 2 \
 		--export-name demo_model --provenance phantom_seed=$(DEMO_SEED) --provenance phantom_biology=1
 	cp $(DEMO_WORK)/run/demo_model.safetensors $(DEMO_WORK)/run/demo_model.json Resources/

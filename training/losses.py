@@ -95,7 +95,9 @@ class LossWeights(StrictDict):
     * ``hole_scale = 1.5``: disc radius as a multiple of the nodule's equivalent radius (decision 9).
     * ``consistency_area = 10``, ``consistency_intensity = 2``: the consistency terms (module docstring); an
       area error of 5 % of the patch or an intensity error of 0.25 (≈ 190 HU) then costs about as much as
-      one adversarial term. Used by the gene-conditioned kinds only.
+      one adversarial term. Used by the gene-conditioned kinds only. The recommended setting raises the
+      intensity weight to 4: with the anchor at sd 3 (`GeneratorConfig.anchor_sd`) density then followed the
+      genes for every seed (ρ 0.81–0.87 on the unseen cohort, against 0.55–0.84 at 2; README round 6).
     * ``consistency_margin = 0``, ``consistency_shape = 0``: the edge terms are off. Measured at weight 1
       each (three training seeds, protocol v2, README "Evaluation on the phantom") they did not help: on the
       validation donors margin ρ 0.25 with them against 0.59 without, ARI 0.46 against 0.82, and no gain on
