@@ -416,15 +416,21 @@ class GenePreprocessing:
                                 "kept": int(kept.size)})
         if components:
             z = result.transform_log(x[:, kept]).astype(np.float64)
-            centred = z - z.mean(axis=0)
-            _, singular, axes = np.linalg.svd(centred, full_matrices=False)
-            k = min(int(components), axes.shape[0])
-            scale = singular[:k] / math.sqrt(max(1, x.shape[0] - 1))
-            result.components = axes[:k] / np.maximum(scale, 1e-8)[:, None]
+            k = min(int(components), *z.shape)
+            _, result.components = whitened_principal_axes(z, k)
             result.fitted_on["components"] = k
             if out_of_sample_gain:
                 result.out_of_sample_gain = out_of_sample_gain_loo(z, k)
         return result
+
+
+def whitened_principal_axes(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row mean (G,), (k, G) principal axes of z's centred rows, each divided by its sd over the rows):
+    a centred row projected on them has unit variance per axis over the fitted rows."""
+    mean = z.mean(axis=0)
+    _, singular, axes = np.linalg.svd(z - mean, full_matrices=False)
+    scale = singular[:k] / math.sqrt(max(1, z.shape[0] - 1))
+    return mean, axes[:k] / np.maximum(scale, 1e-8)[:, None]
 
 
 def out_of_sample_gain_problem(gain: float) -> str:
@@ -454,10 +460,7 @@ def out_of_sample_gain_loo(z: np.ndarray, components: int, max_refits: int = MAX
     squares = np.empty(n)
     for group in np.unique(groups):
         held = groups == group
-        rest = z[~held]
-        mean = rest.mean(axis=0)
-        _, singular, axes = np.linalg.svd(rest - mean, full_matrices=False)
-        whitened = axes[:k] / np.maximum(singular[:k] / math.sqrt(rest.shape[0] - 1), 1e-8)[:, None]
+        mean, whitened = whitened_principal_axes(z[~held], k)
         squares[held] = np.mean((whitened @ (z[held] - mean).T) ** 2, axis=0)
     rms = math.sqrt(float(squares.mean()))
     return float(np.clip(1.0 / max(rms, 1e-8), 1.0, MAX_OUT_OF_SAMPLE_GAIN))

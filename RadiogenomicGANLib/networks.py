@@ -303,8 +303,8 @@ class CodeDrivenEdge(nn.Module):
 
     def __init__(self, per_sd: float, index: int, inside_mask: bool = False, anchor_sd: float = 1.0) -> None:
         super().__init__()
-        self.per_sd, self.index, self.inside_mask = float(per_sd), int(index), bool(inside_mask)
-        self.per_unit = self.per_sd / float(anchor_sd)
+        self.index, self.inside_mask = int(index), bool(inside_mask)
+        self.per_unit = float(per_sd) / float(anchor_sd)   # the code's units are anchor_sd per sd
         self.log_sigma0 = nn.Parameter(torch.zeros(()))
 
     def sigma(self, code: Tensor) -> Tensor:
