@@ -7,7 +7,16 @@ from torch import nn
 
 from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_generator
 from training.discriminator import Discriminator, DiscriminatorConfig
-from training.losses import GANLoss, LossWeights, eroded_background_mask, frozen, ls_term, masked_l1
+from training.iteration import generate_with_second_draw
+from training.losses import (
+    GANLoss,
+    LossWeights,
+    eroded_background_mask,
+    frozen,
+    ls_term,
+    masked_l1,
+    mode_seeking_term,
+)
 
 # -- stubs with known scores -----------------------------------------------------------------------------
 
@@ -433,6 +442,59 @@ def _real_batch(batch: int = 3, size: int = 16, genes: int = 40) -> dict[str, to
         "wrong_genes": torch.randn(batch, genes, generator=gen),
         "patient": torch.arange(batch),
     }
+
+
+def test_mode_seeking_term_by_hand() -> None:
+    """A 4×4 nodule that differs by 0.4 (0.2 in [0, 1] units) between two draws; the region is the union
+    dilated by 3 px (10×10); noise distance one typical unit, then two."""
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 6:10, 6:10] = 1.0
+    image = torch.zeros(1, 1, 16, 16, requires_grad=True)
+    other = (0.4 * mask).requires_grad_()
+    z = torch.zeros(1, 4)
+    typical = torch.full((1, 4), 2 / torch.pi ** 0.5)      # E|z − z′| for independent standard normals
+    difference = 0.2 * 16 / (100 + 1e-3)
+    term = mode_seeking_term(image, mask, other, mask, z, typical, target=0.045)
+    assert term.item() == pytest.approx(1 - difference / 0.045, rel=1e-4)
+    term.backward()
+    assert other.grad[mask.bool()].lt(0).all() and other.grad[~mask.bool()].abs().sum() < 0.3 * other.grad.abs().sum()
+    # twice the noise distance asks for twice the difference; beyond the target nothing is asked
+    assert mode_seeking_term(image, mask, other, mask, z, 2 * typical, 0.045).item() == pytest.approx(
+        1 - difference / 2 / 0.045, rel=1e-4)
+    assert mode_seeking_term(image, mask, other, mask, z, typical, target=0.03).item() == 0.0
+    # identical draws score 1; two empty masks score 1 and pull on nothing
+    assert mode_seeking_term(image, mask, image, mask, z, typical, 0.045).item() == pytest.approx(1.0)
+    empty = torch.zeros_like(mask)
+    flat = torch.zeros(1, 1, 16, 16, requires_grad=True)
+    mode_seeking_term(flat, empty, other, empty, z, typical, 0.045).backward()
+    assert not flat.grad.any()
+
+
+def test_mode_seeking_g_step_compares_two_noises_for_the_same_inputs() -> None:
+    """The second draw is G on the first half of the batch with the noise of the row before; its term enters
+    L_G with its weight and reaches G; the inpainting baseline (no noise) is refused by the config."""
+    torch.manual_seed(0)
+    g = build_generator(GeneratorConfig(kind="proposed", **SMALL_G)).eval()   # eval: no batch statistics
+    with torch.no_grad():
+        g.mask_head.conv.bias.fill_(3.0)   # a drawn mask: the term compares the draws inside it
+    d = Discriminator(DiscriminatorConfig.for_generator(g.config, base_channels=4))
+    weights = LossWeights(mode_seeking=2.0)
+    loss_fn = GANLoss(g, d, weights)
+    assert loss_fn.seeks_modes and not GANLoss(g, d).seeks_modes
+    batch, noise = _real_batch(4), torch.randn(4, 4)
+    fake, second = generate_with_second_draw(loss_fn.run_generator, batch, noise)
+    torch.testing.assert_close(fake.image, loss_fn.run_generator(batch, noise).image)
+    first_rows = {k: v[:2] for k, v in batch.items()}
+    torch.testing.assert_close(second.output.image, loss_fn.run_generator(first_rows, noise[[3, 0]]).image)
+    torch.testing.assert_close(second.other_noise, noise[[3, 0]])
+    with_term, logs = loss_fn.generator_loss(batch, fake, second)
+    without, plain = loss_fn.generator_loss(batch, fake)
+    assert "g_mode_seeking" not in plain and 0.0 <= logs["g_mode_seeking"] <= 1.0
+    assert with_term.item() == pytest.approx(without.item() + 2.0 * logs["g_mode_seeking"], rel=1e-5)
+    g.zero_grad()
+    mode_seeking_term(fake.image[:2], fake.mask[:2], second.output.image, second.output.mask, second.noise,
+                      second.other_noise, 10.0).backward()    # a high target: the hinge is active
+    assert any(_nonzero(p) for p in g.parameters())
 
 
 def _nonzero(p: torch.nn.Parameter) -> bool:

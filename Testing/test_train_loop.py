@@ -93,11 +93,13 @@ def test_each_model_trains(data: Path, tmp_path: Path, model: str, capsys) -> No
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
 
 
-def test_resume_is_bit_identical(data: Path, tmp_path: Path) -> None:
-    """Stopped mid-epoch (step 3 of 6 per epoch) and resumed past the epoch boundary to step 8."""
+@pytest.mark.parametrize("extra", [(), ("--loss-weight", "mode_seeking=1")])
+def test_resume_is_bit_identical(data: Path, tmp_path: Path, extra: tuple[str, ...]) -> None:
+    """Stopped mid-epoch (step 3 of 6 per epoch) and resumed past the epoch boundary to step 8; also with the
+    mode-seeking term, whose second draw takes its noise from the batch."""
     whole, split = tmp_path / "whole", tmp_path / "split"
-    run(data, whole, "proposed", 8)
-    run(data, split, "proposed", 3)
+    run(data, whole, "proposed", 8, *extra)
+    run(data, split, "proposed", 3, *extra)
     resumed = main(["--out", str(split), "--resume", "--steps", "8", "--no-progress"])   # options from config.json
     a, state_a = ckpt.load_checkpoint(ckpt.latest_checkpoint(whole / "checkpoints"))
     b, state_b = ckpt.load_checkpoint(resumed["checkpoint"])
@@ -107,6 +109,7 @@ def test_resume_is_bit_identical(data: Path, tmp_path: Path) -> None:
     assert not different, f"resumed run differs in {different[:5]}"
     assert state_a["optimizers"] == state_b["optimizers"] and state_a["rng"] == state_b["rng"]
     assert [r["g_total"] for r in read_log(whole)] == [r["g_total"] for r in read_log(split)]
+    assert all(("g_mode_seeking" in r) == bool(extra) for r in read_log(whole))
 
 
 def test_resolved_config_is_saved_and_reused(data: Path, tmp_path: Path) -> None:
@@ -222,6 +225,13 @@ def test_code_driven_edge_needs_the_anchor_and_trains_with_it(data: Path, tmp_pa
     generator, _ = load_weights(result["weights"], expected_kind="proposed", expected_num_genes=64)
     assert generator.config.edge_blur_per_sd == 0.6 and generator.edge is not None
     assert generator.config.anchor_sd == 3.0 and generator.edge.per_unit == pytest.approx(0.2)
+
+
+def test_mode_seeking_needs_noise() -> None:
+    for kind, generator in (("inpainting", {}), ("proposed", {"noise_dim": 0})):
+        with pytest.raises(ConfigError, match=r"takes no noise .* drop mode_seeking"):
+            build_configs(TrainConfig(data="x", out="y", model=kind, generator=generator,
+                                      loss_weights={"mode_seeking": 1.0}), 64, 32)
 
 
 def test_tensorboard_and_progress_bar(data: Path, tmp_path: Path, capsys) -> None:

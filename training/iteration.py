@@ -26,7 +26,7 @@ from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_
 from .config import ConfigError, TrainConfig
 from .discriminator import DiscriminatorConfig, build_discriminator
 from .distributed import DistContext, convert_batchnorm
-from .losses import CODE_PHENOTYPE_FEATURES, GANLoss, LossWeights
+from .losses import CODE_PHENOTYPE_FEATURES, GANLoss, LossWeights, SecondDraw
 
 # ----------------------------------------------------------------------------------------------------
 # Networks and optimisers
@@ -97,6 +97,10 @@ def build_configs(
         weights = LossWeights.from_dict(cfg.loss_weights)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"loss weights {cfg.loss_weights}: {error}") from None
+    if weights.mode_seeking and (g_cfg.kind == "inpainting" or g_cfg.noise_dim == 0):
+        raise ConfigError(f"--loss-weight mode_seeking={weights.mode_seeking:g} asks noise to change the nodule, but "
+                          f"this generator takes no noise (kind {g_cfg.kind!r}, noise_dim {g_cfg.noise_dim}): "
+                          "drop mode_seeking")
     if g_cfg.anchor_sd != 1.0 and not weights.code_phenotype:
         raise ConfigError(f"--generator anchor_sd={g_cfg.anchor_sd:g} sets the sd of the code-phenotype anchor's "
                           "coordinates, which is off: add --loss-weight code_phenotype=1 or drop anchor_sd")
@@ -208,14 +212,38 @@ def _detached(fake: GeneratorOutput) -> GeneratorOutput:
     )
 
 
+def _rows(output: GeneratorOutput, rows: slice) -> GeneratorOutput:
+    return output._replace(
+        image=output.image[rows], mask=output.mask[rows], weight_maps=[w[rows] for w in output.weight_maps],
+        gene_code=None if output.gene_code is None else output.gene_code[rows],
+    )
+
+
+def generate_with_second_draw(g_phase: Callable[..., GeneratorOutput], batch: Mapping[str, Tensor], noise: Tensor
+                              ) -> tuple[GeneratorOutput, SecondDraw]:
+    """G's output for the batch, and for its first half again with the noise of the row before (a valid
+    independent draw, no extra random numbers, so resume stays bit-exact). One forward of the stacked rows:
+    DDP allows one forward per backward."""
+    n = noise.shape[0]
+    rows = max(1, n // 2)
+    other_noise = noise.roll(1, dims=0)[:rows]
+    stacked = {key: torch.cat([batch[key], batch[key][:rows]]) for key in ("background", "genes")}
+    both = g_phase(stacked, torch.cat([noise, other_noise]))
+    return _rows(both, slice(0, n)), SecondDraw(_rows(both, slice(n, None)), noise[:rows], other_noise)
+
+
 def train_iteration(nets: Networks, batch: dict[str, Tensor], autocast: Callable[[], AbstractContextManager]
                     ) -> dict[str, float]:
     """One iteration: G forward; D step on the detached fake; G step re-scoring the fake with the updated D."""
     noise = batch.pop("noise", None)
     if nets.generator_config.kind == "inpainting":
         noise = None
+    second = None
     with autocast():
-        fake = nets.g_phase(batch, noise)
+        if nets.loss.seeks_modes and noise is not None:
+            fake, second = generate_with_second_draw(nets.g_phase, batch, noise)
+        else:
+            fake = nets.g_phase(batch, noise)
 
     # D step.
     nets.opt_d.zero_grad(set_to_none=True)
@@ -227,7 +255,7 @@ def train_iteration(nets: Networks, batch: dict[str, Tensor], autocast: Callable
     # G step (D frozen inside generator_loss).
     nets.opt_g.zero_grad(set_to_none=True)
     with autocast():
-        g_loss, g_logs = nets.loss.generator_loss(batch, fake)
+        g_loss, g_logs = nets.loss.generator_loss(batch, fake, second)
     g_loss.backward()
     nets.opt_g.step()
     return {**d_logs, **g_logs}
