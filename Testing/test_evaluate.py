@@ -298,6 +298,45 @@ class CopyBackgroundLike(DiscOracle):
         return GeneratorOutput(image=background, mask=empty, weight_maps=[empty], gene_code=genes)
 
 
+class TissueMarker(DiscOracle):
+    """Marks as its nodule the tissue its background already has in the patch's left quarter and draws
+    nothing: the mask follows the genes in size (cropped to that tissue) yet lies over existing wall."""
+
+    def forward(self, background, genes, noise=None, hole=None):
+        out = super().forward(background, genes, noise, hole)
+        size = background.shape[-1]
+        shifted = torch.roll(out.mask, shifts=-(size // 2 - size // 8), dims=-1)     # the disc, moved left
+        mask = shifted * (background > -0.3).float()
+        return out._replace(image=background, mask=mask, weight_maps=[mask])
+
+
+def test_placement_fails_a_mask_laid_over_existing_tissue(setup, tmp_path):
+    """Backgrounds with a wall in their left quarter: the centred oracle draws in lung, near the centre; a
+    generator that labels the wall as its nodule is caught by its offset and by its share on tissue."""
+    import dataclasses
+
+    from training.evaluation.context import Context, Model
+    from training.evaluation.sections import gene_control
+
+    data = setup["data"]
+    walled = data.background_images.copy()
+    walled[:, :, : data.patch_size // 4] = 0.8                # soft tissue in the window's units
+    data = dataclasses.replace(data, background_images=walled)
+    options = {"backgrounds": 4, "noises": 2, "bootstrap": 20, "dilation_px": 3, "batch_size": 64,
+               "progress": False}
+    results = {}
+    for name, generator in (("oracle", DiscOracle(data.patch_size)), ("marker", TissueMarker(data.patch_size))):
+        ctx = Context(data, {"proposed": Model("proposed", generator, None, data.genes, name)}, None,
+                      torch.device("cpu"), 0, tmp_path / name, "all", options)
+        results[name] = gene_control(ctx)
+    oracle, marker = results["oracle"].summary, results["marker"].summary
+    assert oracle["mask_offset_mm"] < 4 and oracle["mask_on_tissue_fraction"] == 0.0
+    assert marker["empty_mask_fraction"] == 0.0 and marker["mask_on_tissue_fraction"] == 1.0
+    assert marker["mask_offset_mm"] > 15 and marker["mask_on_tissue_centred"] == 0.0
+    real_offset = results["oracle"].metrics["real_nodule_offset_mm"]
+    assert 0 <= real_offset < 4 and "on existing tissue" in "\n".join(results["marker"].markdown)
+
+
 def test_jsonable_makes_strict_json():
     value = {"a": np.float32(1.5), "b": float("nan"), "c": np.arange(3), "d": (np.int64(2), np.inf),
              "e": Path("x.png"), "f": np.bool_(True)}

@@ -289,3 +289,20 @@ def test_classifier_two_sample_test_splits_by_group():
     halves = M._grouped_halves(real, groups, 96, np.random.default_rng(0))
     first_levels = {round(float(x[0, 0]), 1) for x in halves[0]}
     assert len(halves[0]) + len(halves[1]) == 96 and first_levels
+
+
+def test_placement_by_hand():
+    """A 4×4 mask at rows 2–5, cols 2–5 of a 16² patch whose left 8 columns are wall: centroid (3.5, 3.5),
+    centre (7.5, 7.5) → 4·√2 px; all of it on the wall; the centred disc of the same area (r = √(16/π))
+    straddles the wall's edge."""
+    mask = np.zeros((16, 16), dtype=bool)
+    mask[2:6, 2:6] = True
+    background = np.full((16, 16), -800.0)
+    background[:, :8] = 40.0
+    offset, on_tissue, centred = M.placement(mask, background, spacing_mm=0.5)
+    assert offset == pytest.approx(4 * math.sqrt(2) * 0.5)
+    assert on_tissue == 1.0
+    rows, cols = np.mgrid[0:16, 0:16]
+    disc = np.hypot(rows - 7.5, cols - 7.5) <= math.sqrt(16 / math.pi)
+    assert centred == pytest.approx(disc[:, :8].sum() / disc.sum()) and 0.3 < centred < 0.7
+    assert all(math.isnan(v) for v in M.placement(np.zeros((16, 16), bool), background, 0.5))

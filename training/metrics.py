@@ -143,6 +143,32 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == (1 + int(np.argmax(sizes)))
 
 
+#: Above this the background already holds tissue (vessel, chest wall, mediastinum), not aerated lung.
+TISSUE_HU = -500.0
+
+
+def placement(mask: np.ndarray, background_hu: np.ndarray, spacing_mm: float) -> tuple[float, float, float]:
+    """Where a generated nodule (a binary mask, its largest component) lies in its patch: (distance of its
+    centroid from the patch centre in mm, share of it on tissue the background already had (> TISSUE_HU),
+    the same share for a disc of its area at the centre). NaNs for an empty mask.
+
+    Why: the generator is asked for a nodule at the patch centre (the point a user clicks), in lung. A mask
+    drawn off centre over existing wall or vessel satisfies the size and density measures without drawing
+    a nodule; the centred disc says how much tissue a nodule at the point itself would cover.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return float("nan"), float("nan"), float("nan")
+    size = mask.shape[-1]
+    centre = (size - 1) / 2.0
+    rows, cols = np.nonzero(mask)
+    offset_mm = float(np.hypot(rows.mean() - centre, cols.mean() - centre)) * float(spacing_mm)
+    tissue = np.asarray(background_hu) > TISSUE_HU
+    grid_rows, grid_cols = np.mgrid[0:size, 0:size]
+    disc = np.hypot(grid_rows - centre, grid_cols - centre) <= np.sqrt(mask.sum() / np.pi)
+    return offset_mm, float(tissue[mask].mean()), float(tissue[disc].mean())
+
+
 def equivalent_diameter_mm(mask: np.ndarray, spacing_mm: float) -> float:
     """Diameter of the disc with the mask's area: 2·sqrt(area / π), area in mm² (pixel count · spacing²)."""
     area_mm2 = float(np.count_nonzero(mask)) * float(spacing_mm) ** 2

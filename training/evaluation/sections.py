@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from RadiogenomicGANLib.intensity import unit_to_hu
 from RadiogenomicGANLib.radiogenomic_map import embed_2d
 
 from .. import figures
@@ -28,14 +29,17 @@ from ..conventional import real_nodule_features as _real_features
 from ..losses import CODE_PHENOTYPE_FEATURES
 from ..metrics import (
     NODULE_FEATURES,
+    TISSUE_HU,
     adjusted_rand,
     classifier_two_sample_test,
     cross_validated_r2,
     dilate,
     image_scores,
     kmeans_labels,
+    largest_component,
     mean_pairwise_l1,
     normalized_mutual_info,
+    placement,
     spearman,
     to_unit_range,
 )
@@ -203,6 +207,8 @@ def gene_control_generations(ctx: Context, model: Model) -> dict[str, Any]:
     inputs_bg = np.repeat(data.background_images[chosen], n_noise, axis=0)       # (bg·noise, S, S)
     inputs_noise = np.tile(noise, (n_bg, 1))
     features = np.full((donors.size, n_bg * n_noise, len(CONTROL_FEATURES)), np.nan)
+    where = np.full((donors.size, n_bg * n_noise, 3), np.nan)     # metrics.placement of every draw
+    background_hu = np.repeat(unit_to_hu(data.background_images[chosen], ctx.window), n_noise, axis=0)
     diversity = np.full(donors.size, np.nan)
     for row, donor in enumerate(tqdm(donors, desc=f"gene control {model.role}", leave=False, file=sys.stderr,
                                      disable=not ctx.progress)):
@@ -211,6 +217,8 @@ def gene_control_generations(ctx: Context, model: Model) -> dict[str, Any]:
                                  batch_size=max(ctx.batch_size, inputs_bg.shape[0]), progress=False)
         feats = generated_features(images, masks, data.patch_spacing_mm, ctx.window)
         features[row] = [[f[name] for name in CONTROL_FEATURES] for f in feats]
+        where[row] = [placement(largest_component(m > 0.5), bg, data.patch_spacing_mm)
+                      for m, bg in zip(masks, background_hu)]
         spreads = []
         for b in range(n_bg):
             group = slice(b * n_noise, (b + 1) * n_noise)
@@ -222,7 +230,29 @@ def gene_control_generations(ctx: Context, model: Model) -> dict[str, Any]:
     per_donor = _nanmedian(np.where(diameter[:, :, None] > 0, features, np.nan), axis=1)
     per_donor[:, CONTROL_FEATURES.index("diameter_mm")] = np.median(diameter, axis=1)  # empty draws count as 0
     return {"features": features, "per_donor": per_donor, "empty": diameter == 0, "diversity": diversity,
-            "backgrounds": int(n_bg), "noises": int(n_noise)}
+            "placement": where, "backgrounds": int(n_bg), "noises": int(n_noise)}
+
+
+def placement_summary(where: np.ndarray) -> dict[str, float]:
+    """Of the drawn (non-empty) nodules: median centroid distance from the patch centre (mm), and the share
+    lying mostly (> 50 %) on tissue the background already had — for the draws and for centred discs of the
+    same areas (where a nodule at the point would lie)."""
+    drawn = where[np.isfinite(where[..., 0])]
+    if drawn.size == 0:
+        return {"mask_offset_mm": float("nan"), "mask_on_tissue_fraction": float("nan"),
+                "mask_on_tissue_centred": float("nan")}
+    return {"mask_offset_mm": float(np.median(drawn[:, 0])),
+            "mask_on_tissue_fraction": float(np.mean(drawn[:, 1] > 0.5)),
+            "mask_on_tissue_centred": float(np.mean(drawn[:, 2] > 0.5))}
+
+
+def real_nodule_offset_mm(ctx: Context) -> float:
+    """Median centroid distance of the donors' real nodule slices from their patch centre (mm): the natural
+    spread of where a nodule's slice sits when the patch is centred on the nodule."""
+    empty = np.zeros(ctx.data.nodule_masks.shape[1:])
+    offsets = [placement(m > 0, empty, ctx.data.patch_spacing_mm)[0]
+               for m in ctx.data.nodule_masks[np.isin(ctx.data.nodule_patient, ctx.donors)]]
+    return float(np.nanmedian(offsets)) if offsets else float("nan")
 
 
 def real_within_nodule_variation(ctx: Context) -> float:
@@ -252,7 +282,8 @@ def gene_control(ctx: Context) -> Section:
         gens = gene_control_generations(ctx, model)
         ctx.cache[f"gene_control/{model.role}"] = gens
         entry: dict[str, Any] = {"empty_mask_fraction": float(gens["empty"].mean()),
-                                 "noise_diversity": _mean(gens["diversity"]), "rho": {}}
+                                 "noise_diversity": _mean(gens["diversity"]),
+                                 **placement_summary(gens["placement"]), "rho": {}}
         for label, feature, phenotype, sign, _key in GENE_CONTROL:
             column = CONTROL_FEATURES.index(feature)
             generated = gens["per_donor"][:, column]
@@ -276,9 +307,11 @@ def gene_control(ctx: Context) -> Section:
                 measured = real[:, CONTROL_FEATURES.index(feature)]
                 ceiling[label] = sign * spearman(measured, truth.phenotypes[phenotype][donors])[0]
     real_variation = real_within_nodule_variation(ctx)
+    real_offset = real_nodule_offset_mm(ctx)
     metrics = {"donors": int(donors.size), "backgrounds": int(ctx.option("backgrounds")),
                "noises": int(ctx.option("noises")), "models": results,
-               "real_within_nodule_l1": real_variation, "real_nodules_aligned_rho": ceiling}
+               "real_within_nodule_l1": real_variation, "real_nodule_offset_mm": real_offset,
+               "real_nodules_aligned_rho": ceiling}
     lines = ["## Gene control (held-out donors)", "",
              f"{donors.size} held-out donors ({ctx.split} split); each donor's genes on the same "
              f"{ctx.option('backgrounds')} held-out backgrounds × {ctx.option('noises')} noises; the generated nodule "
@@ -306,6 +339,15 @@ def gene_control(ctx: Context) -> Section:
               f"real counterpart, a real nodule's neighbouring slices: {fmt(real_variation, 4)}.", "",
               "| model | noise diversity |", "|---|---|"]
     lines += [f"| {ROLE_TITLES[r]} | {fmt(e['noise_diversity'], 4)} |" for r, e in results.items()]
+    lines += ["", "**Where the nodule is drawn** (the drawn masks' largest components): the median distance of its "
+              "centroid from the patch centre, where it was asked for; and the share of nodules lying mostly (> 50 %) "
+              f"on tissue the background already had (> {TISSUE_HU:.0f} HU: vessel, chest wall, mediastinum) — a mask "
+              "laid over existing tissue passes the size and density measures without drawing a nodule. *Centred*: "
+              "the same share for discs of the same areas at the centre, where a nodule at the point would lie. The "
+              f"donors' real nodule slices lie {fmt(real_offset, 2)} mm from their patch centre (median).", "",
+              "| model | centroid offset (mm) | on existing tissue | centred discs on tissue |", "|---|---|---|---|"]
+    lines += [f"| {ROLE_TITLES[r]} | {fmt(e['mask_offset_mm'], 2)} | {fmt(e['mask_on_tissue_fraction'], 3)} | "
+              f"{fmt(e['mask_on_tissue_centred'], 3)} |" for r, e in results.items()]
     lines.append("")
     if truth is not None and "proposed" in results:
         path = _gene_control_figure(ctx, ctx.cache["gene_control/proposed"]["per_donor"])
@@ -322,6 +364,8 @@ def gene_control(ctx: Context) -> Section:
                     summary["size_rho_ci95"] = row.get("aligned_ci95", [None, None])
         summary["empty_mask_fraction"] = proposed["empty_mask_fraction"]
         summary["noise_diversity"] = proposed["noise_diversity"]
+        for key in ("mask_offset_mm", "mask_on_tissue_fraction", "mask_on_tissue_centred"):
+            summary[key] = proposed[key]
     return Section(metrics, lines, summary)
 
 
