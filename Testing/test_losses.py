@@ -16,6 +16,7 @@ from training.losses import (
     ls_term,
     masked_l1,
     mode_seeking_term,
+    position_term,
 )
 
 # -- stubs with known scores -----------------------------------------------------------------------------
@@ -442,6 +443,26 @@ def _real_batch(batch: int = 3, size: int = 16, genes: int = 40) -> dict[str, to
         "wrong_genes": torch.randn(batch, genes, generator=gen),
         "patient": torch.arange(batch),
     }
+
+
+def test_position_term_by_hand() -> None:
+    """Real nodule at the centre (rows/cols 6–9 of 16); row 0 draws it there, row 1 in the corner (0–3) with a
+    faint speck at the centre that must not count: (6/16)·√2 patch widths off, averaged over the 2 rows.
+    Gradient moves weight within the corner blob towards the real nodule, nothing reaches the faint speck."""
+    real = torch.zeros(2, 1, 16, 16)
+    real[:, :, 6:10, 6:10] = 1.0
+    drawn = torch.zeros(2, 1, 16, 16)
+    drawn[0, 0, 6:10, 6:10] = 0.9
+    drawn[1, 0, 0:4, 0:4] = 0.9
+    drawn[1, 0, 8, 8] = 0.3
+    drawn.requires_grad_()
+    term = position_term(drawn, real)
+    assert term.item() == pytest.approx((6 / 16) * 2 ** 0.5 / 2, rel=1e-5)
+    term.backward()
+    corner = drawn.grad[1, 0, 0:4, 0:4]
+    assert corner[3, 3] < 0 < corner[0, 0] and drawn.grad[1, 0, 8, 8] == 0
+    # nothing drawn: no term (the area term handles empty masks)
+    assert position_term(torch.zeros(1, 1, 16, 16), real[:1]).item() == 0.0
 
 
 def test_mode_seeking_term_by_hand() -> None:
