@@ -306,3 +306,6 @@ def test_placement_by_hand():
     disc = np.hypot(rows - 7.5, cols - 7.5) <= math.sqrt(16 / math.pi)
     assert centred == pytest.approx(disc[:, :8].sum() / disc.sum()) and 0.3 < centred < 0.7
     assert all(math.isnan(v) for v in M.placement(np.zeros((16, 16), bool), background, 0.5))
+    speck = np.zeros((16, 16), dtype=bool)
+    speck[7, 7] = True
+    assert M.placement(speck, background, 0.5)[2] == 0.5     # the 4 central pixels, two on the wall

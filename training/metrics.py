@@ -165,7 +165,9 @@ def placement(mask: np.ndarray, background_hu: np.ndarray, spacing_mm: float) ->
     offset_mm = float(np.hypot(rows.mean() - centre, cols.mean() - centre)) * float(spacing_mm)
     tissue = np.asarray(background_hu) > TISSUE_HU
     grid_rows, grid_cols = np.mgrid[0:size, 0:size]
-    disc = np.hypot(grid_rows - centre, grid_cols - centre) <= np.sqrt(mask.sum() / np.pi)
+    # at least the 4 central pixels (an even patch has no centre pixel), so a one-pixel mask has a disc too
+    radius = max(np.sqrt(mask.sum() / np.pi), np.sqrt(0.5))
+    disc = np.hypot(grid_rows - centre, grid_cols - centre) <= radius
     return offset_mm, float(tissue[mask].mean()), float(tissue[disc].mean())
 
 
