@@ -1,6 +1,8 @@
 """Every loss term against hand-computed values, the eroded background mask against a hand-drawn example,
 and one D step + one G step with the real generators: gradient everywhere it should go and nowhere else."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from training.losses import (
     LossWeights,
     eroded_background_mask,
     frozen,
+    log_area_term,
     ls_term,
     masked_l1,
     mode_seeking_term,
@@ -443,6 +446,23 @@ def _real_batch(batch: int = 3, size: int = 16, genes: int = 40) -> dict[str, to
         "wrong_genes": torch.randn(batch, genes, generator=gen),
         "patient": torch.arange(batch),
     }
+
+
+def test_log_area_term_by_hand() -> None:
+    """Areas as patch fractions plus the floor 0.005: a 4×4 real nodule in 16² (0.0625) against half its area
+    and against nothing; half the area of a large nodule costs about what half of a small one does."""
+    real = torch.zeros(1, 1, 16, 16)
+    real[..., 4:8, 4:8] = 1.0
+    half = torch.zeros(1, 1, 16, 16)
+    half[..., 4:8, 4:6] = 1.0
+    expected = abs(math.log((0.03125 + 0.005) / (0.0625 + 0.005)))
+    assert log_area_term(half, real).item() == pytest.approx(expected, rel=1e-5)
+    assert log_area_term(torch.zeros_like(real), real).item() == pytest.approx(math.log(0.0675 / 0.005), rel=1e-5)
+    big_real = torch.zeros(1, 1, 16, 16)
+    big_real[..., 0:16, 0:8] = 1.0
+    big_half = torch.zeros(1, 1, 16, 16)
+    big_half[..., 0:8, 0:8] = 1.0
+    assert log_area_term(big_half, big_real).item() == pytest.approx(expected, rel=0.15)
 
 
 def test_position_term_by_hand() -> None:
