@@ -203,20 +203,22 @@ def precision_context(cfg: TrainConfig, ctx: DistContext) -> Callable[[], Abstra
 # One iteration
 
 
-def _detached(fake: GeneratorOutput) -> GeneratorOutput:
-    return fake._replace(
-        image=fake.image.detach(),
-        mask=fake.mask.detach(),
-        weight_maps=[w.detach() for w in fake.weight_maps],
-        gene_code=None if fake.gene_code is None else fake.gene_code.detach(),
+def _each_tensor(output: GeneratorOutput, function: Callable[[Tensor], Tensor]) -> GeneratorOutput:
+    """`output` with `function` applied to every tensor it holds (the gene code may be None)."""
+    return output._replace(
+        image=function(output.image),
+        mask=function(output.mask),
+        weight_maps=[function(w) for w in output.weight_maps],
+        gene_code=None if output.gene_code is None else function(output.gene_code),
     )
+
+
+def _detached(fake: GeneratorOutput) -> GeneratorOutput:
+    return _each_tensor(fake, Tensor.detach)
 
 
 def _rows(output: GeneratorOutput, rows: slice) -> GeneratorOutput:
-    return output._replace(
-        image=output.image[rows], mask=output.mask[rows], weight_maps=[w[rows] for w in output.weight_maps],
-        gene_code=None if output.gene_code is None else output.gene_code[rows],
-    )
+    return _each_tensor(output, lambda tensor: tensor[rows])
 
 
 def generate_with_second_draw(g_phase: Callable[..., GeneratorOutput], batch: Mapping[str, Tensor], noise: Tensor
