@@ -47,6 +47,16 @@ CT_SEED_OFFSET = 1000
 CT_GENES = 64
 DISPLAY_WINDOW = (-1350.0, 150.0)  # lung window W1500 / L−600
 CROP_MM = 70.0
+KEEP_OUT_MM = 15.0  # automatic points stay this far from the phantom CT's own nodule
+
+
+def lung_away_from_own_nodule(lung: np.ndarray, patient: Any) -> np.ndarray:
+    """The lung mask minus the phantom patient's own nodule dilated by about KEEP_OUT_MM: where automatic
+    points may go, so a synthetic nodule is never placed on (or read as) the real one."""
+    from scipy import ndimage
+
+    reach = max(1, round(KEEP_OUT_MM / float(patient.geometry.spacing[0])))
+    return lung & ~ndimage.binary_dilation(patient.nodule_mask, iterations=reach)
 
 
 class DemoError(ValueError):
@@ -228,7 +238,6 @@ def run(out: Path, *, weights: Path | None = None, random_model: bool = False, c
         device: str = "auto") -> dict[str, Path]:
     """Run the demo into `out`; returns the written files by role."""
     import torch
-    from scipy import ndimage
 
     from RadiogenomicGANLib import genes as gene_io
     from RadiogenomicGANLib import volume_io
@@ -285,8 +294,7 @@ def run(out: Path, *, weights: Path | None = None, random_model: bool = False, c
 
     # 3. placement: automatic, in the lung, away from the phantom's own nodule; the same for every donor
     lung = inserter.lung_mask(volume, geometry)
-    keep_out = ndimage.binary_dilation(patient.nodule_mask, iterations=max(1, round(15 / geometry.spacing[0])))
-    placement_lung = lung & ~keep_out
+    placement_lung = lung_away_from_own_nodule(lung, patient)
     first = inserter.insert(volume, geometry, donors[0].profile, auto_count=nodules, half_slices=half_slices,
                             seed=seed, lung_mask=placement_lung, return_weight_map=True,
                             gene_sample=donors[0].sample_id)

@@ -33,8 +33,6 @@ from tqdm import tqdm
 
 from .metrics import TISSUE_HU
 
-KEEP_OUT_MM = 15.0    # points this far from the phantom's own nodule, as the demo places them
-
 
 def label_placement(label: np.ndarray, volume_hu: np.ndarray, lung: np.ndarray, centre_kji: np.ndarray,
                     slices: list[int], spacing_kji: tuple[float, float, float]) -> dict[str, float]:
@@ -80,7 +78,7 @@ def check(inserter: Any, *, cohort_seed: int, cts: int, points: int, donors: int
     """Insert `donors` donors at `points` automatic points in each of `cts` phantom CTs; per-nodule rows and
     summaries overall and by true class."""
     from RadiogenomicGANLib import genes as gene_io
-    from RadiogenomicGANLib.demo import cohort_genes
+    from RadiogenomicGANLib.demo import cohort_genes, lung_away_from_own_nodule
     from RadiogenomicGANLib.phantom import generate_patient
     from RadiogenomicGANLib.phantom.writers import write_geo_table
 
@@ -98,13 +96,12 @@ def check(inserter: Any, *, cohort_seed: int, cts: int, points: int, donors: int
         patient = generate_patient(1000 + ct, cohort_seed + 2000, size_ij=size, n_genes=64)
         volume, geometry = patient.volume_hu, patient.geometry
         lung = inserter.lung_mask(volume, geometry)
-        keep_out = ndimage.binary_dilation(patient.nodule_mask,
-                                           iterations=max(1, round(KEEP_OUT_MM / geometry.spacing[0])))
         first = None
         for d, profile in enumerate(profiles):
             if first is None:
                 result = first = inserter.insert(volume, geometry, profile, auto_count=points, seed=ct,
-                                                 half_slices=half_slices, lung_mask=lung & ~keep_out)
+                                                 half_slices=half_slices,
+                                                 lung_mask=lung_away_from_own_nodule(lung, patient))
             else:
                 result = inserter.insert(volume, geometry, profile, first.centres_ras, slices=first.slices, seed=ct,
                                          lung_mask=lung)
