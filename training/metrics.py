@@ -161,14 +161,21 @@ def placement(mask: np.ndarray, background_hu: np.ndarray, spacing_mm: float) ->
         return float("nan"), float("nan"), float("nan")
     size = mask.shape[-1]
     centre = (size - 1) / 2.0
-    rows, cols = np.nonzero(mask)
-    offset_mm = float(np.hypot(rows.mean() - centre, cols.mean() - centre)) * float(spacing_mm)
     tissue = np.asarray(background_hu) > TISSUE_HU
     grid_rows, grid_cols = np.mgrid[0:size, 0:size]
     # at least the 4 central pixels (an even patch has no centre pixel), so a one-pixel mask has a disc too
     radius = max(np.sqrt(mask.sum() / np.pi), np.sqrt(0.5))
     disc = np.hypot(grid_rows - centre, grid_cols - centre) <= radius
-    return offset_mm, float(tissue[mask].mean()), float(tissue[disc].mean())
+    return centroid_offset_mm(mask, spacing_mm), float(tissue[mask].mean()), float(tissue[disc].mean())
+
+
+def centroid_offset_mm(mask: np.ndarray, spacing_mm: float) -> float:
+    """Distance (mm) of a binary mask's centroid from its square patch's centre; NaN for an empty mask."""
+    rows, cols = np.nonzero(np.asarray(mask, dtype=bool))
+    if rows.size == 0:
+        return float("nan")
+    centre = (np.asarray(mask).shape[-1] - 1) / 2.0
+    return float(np.hypot(rows.mean() - centre, cols.mean() - centre)) * float(spacing_mm)
 
 
 def equivalent_diameter_mm(mask: np.ndarray, spacing_mm: float) -> float:

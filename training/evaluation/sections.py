@@ -31,6 +31,7 @@ from ..metrics import (
     NODULE_FEATURES,
     TISSUE_HU,
     adjusted_rand,
+    centroid_offset_mm,
     classifier_two_sample_test,
     cross_validated_r2,
     dilate,
@@ -249,8 +250,7 @@ def placement_summary(where: np.ndarray) -> dict[str, float]:
 def real_nodule_offset_mm(ctx: Context) -> float:
     """Median centroid distance of the donors' real nodule slices from their patch centre (mm): the natural
     spread of where a nodule's slice sits when the patch is centred on the nodule."""
-    empty = np.zeros(ctx.data.nodule_masks.shape[1:])
-    offsets = [placement(m > 0, empty, ctx.data.patch_spacing_mm)[0]
+    offsets = [centroid_offset_mm(m > 0, ctx.data.patch_spacing_mm)
                for m in ctx.data.nodule_masks[np.isin(ctx.data.nodule_patient, ctx.donors)]]
     return float(np.nanmedian(offsets)) if offsets else float("nan")
 
