@@ -30,9 +30,10 @@ The position term asks the drawn nodule to sit where the paired real slice's nod
 (about the centre: patches are centred on the nodule), in patch widths S. Why: without it the trained model
 laid its smaller nodules over tissue the background already had — chest wall, mediastinum, vessels 8–19 mm
 from the centre — so the size and density terms were met without drawing anything in the lung, and the
-insertion's lung clip then left no nodule at the clicked point (the evaluation's "where the nodule is drawn":
-median centroid 8.4 mm from the centre, 39 % of drawn nodules mostly on existing tissue, against 8 % for a
-disc at the centre). Only pixels above 0.5 weigh, so faint mask mass elsewhere cannot move the centroid.
+insertion's lung clip then left no nodule at the clicked point (the evaluation's "where the nodule is drawn",
+three seeds on the unseen cohort: median centroid 9.6 ± 3.5 mm from the centre, 33 ± 9 % of drawn nodules
+mostly on existing tissue, against 8 % for discs at the centre; 25 % of inserted nodules without a label).
+Only pixels above 0.5 weigh, so faint mask mass elsewhere cannot move the centroid.
 
 The code-phenotype term anchors the first F coordinates of the gene code φ(g) to the donor's real nodule,
 measured (diameter, mean HU, margin sharpness by default) and z-scored over the training donors
@@ -150,8 +151,8 @@ class LossWeights(StrictDict):
       donors drawn too small or not at all (README round 7).
     * ``mode_seeking = 0``, ``mode_seeking_target = 0.045``: the mode-seeking term (module docstring) is off;
       τ is about the real nodules' slice-to-slice variation on the unseen cohort (0.043 in the evaluation's
-      noise-diversity units). At weight 1 (README round 7) noise diversity rose from 0.024 to 0.07, past the
-      real 0.043, while the map's clusters became seed-dependent and realism fell a little.
+      noise-diversity units). At weight 1 (three seeds, README round 7) noise diversity rose from 0.024 to
+      0.068, past the real 0.043, while the map's clusters became seed-dependent and realism fell a little.
     * ``r1 = 0``: no R1 penalty. At γ = 1 (three seeds) it made the patches more realistic (lung-only C2ST
       0.77 against 0.81 on the unseen cohort, 0.67 against 0.75 on the validation donors) but cost gene
       control (margin ρ 0.23 against 0.33; on the validation donors 0.31 against 0.59, ARI 0.57 against
