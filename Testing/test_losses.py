@@ -13,6 +13,7 @@ from training.iteration import generate_with_second_draw
 from training.losses import (
     GANLoss,
     LossWeights,
+    drawn_mask,
     eroded_background_mask,
     frozen,
     log_area_term,
@@ -463,6 +464,27 @@ def test_log_area_term_by_hand() -> None:
     big_half = torch.zeros(1, 1, 16, 16)
     big_half[..., 0:8, 0:8] = 1.0
     assert log_area_term(big_half, big_real).item() == pytest.approx(expected, rel=0.15)
+
+
+def test_drawn_area_term_counts_only_what_is_drawn() -> None:
+    """A faint fill whose soft area equals the real nodule's meets the log-area term but not the drawn-area
+    term, which charges it as a missing nodule and pushes the fill up; a drawn copy of the real nodule costs
+    nothing either way. In the G loss the term enters at its weight."""
+    real = torch.zeros(1, 1, 16, 16)
+    real[..., 4:8, 4:8] = 1.0
+    faint = torch.full((1, 1, 16, 16), 0.0625 * 0.99, requires_grad=True)   # soft area ≈ 16 px, nothing > 0.5
+    assert log_area_term(faint, real).item() < 0.02
+    term = log_area_term(drawn_mask(faint), real)
+    assert term.item() > 0.8 * math.log(0.0675 / 0.005)
+    term.backward()
+    assert (faint.grad < 0).all()    # raising the mask lowers the term
+    assert log_area_term(drawn_mask(real * 0.99), real).item() < 0.01
+    weights = LossWeights(d_i=0.0, d_is=0.0, d_isg=0.0, background_l1=0.0, consistency_area=0.0,
+                          consistency_intensity=0.0, consistency_drawn_area=2.0)
+    _, logs = GANLoss(StubGenerator(), StubDiscriminator(), weights).generator_loss(_hand_batch(), _hand_fake())
+    expected = log_area_term(drawn_mask(_hand_fake().mask), _hand_batch()["mask"]).item()
+    assert logs["g_consistency_drawn_area"] == pytest.approx(expected)
+    assert logs["g_total"] == pytest.approx(2 * expected)
 
 
 def test_position_term_by_hand() -> None:

@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-weight", action="append", metavar="NAME=VALUE",
                    help="override a LossWeights term (d_i, d_is, d_isg, background_l1, hole_l1, erosion_kernel, "
                    "hole_scale, consistency_area, consistency_intensity, consistency_margin, consistency_shape, "
-                   "consistency_position, consistency_log_area, code_phenotype, mode_seeking, mode_seeking_target, "
-                   "r1); repeatable")
+                   "consistency_position, consistency_log_area, consistency_drawn_area, code_phenotype, mode_seeking, "
+                   "mode_seeking_target, r1); repeatable")
     g.add_argument("--generator", action="append", metavar="KEY=VALUE",
                    help="override a GeneratorConfig field (code_dim, noise_dim, base_channels, max_channels, "
                    "gene_hidden); repeatable")
