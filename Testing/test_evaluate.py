@@ -290,12 +290,27 @@ def test_validation_score_needs_no_truth_and_rewards_gene_control(setup):
     assert good["donors"] == 8 and good["size_rho_vs_real"] > 0.8 and good["score"] > 0.5
     empty = E.validation_score(CopyBackgroundLike(data.patch_size), val_data, backgrounds=3, noises=2)
     assert empty["empty_mask_fraction"] == 1.0 and empty["score"] < good["score"] - 1.0
+    assert good["misplaced_fraction"] == 0.0
+    # the same gene control drawn a quarter patch (15 mm) from the point: every draw misplaced
+    aside = E.validation_score(OffCentre(data.patch_size), val_data, backgrounds=3, noises=2)
+    assert aside["size_rho_vs_real"] == pytest.approx(good["size_rho_vs_real"], abs=0.1)
+    assert aside["misplaced_fraction"] == 1.0 and aside["score"] < good["score"] - 0.8
 
 
 class CopyBackgroundLike(DiscOracle):
     def forward(self, background, genes, noise=None, hole=None):
         empty = torch.zeros_like(background)
         return GeneratorOutput(image=background, mask=empty, weight_maps=[empty], gene_code=genes)
+
+
+class OffCentre(DiscOracle):
+    """DiscOracle's nodule drawn a quarter patch to the left of the centre, in the same lung."""
+
+    def forward(self, background, genes, noise=None, hole=None):
+        out = super().forward(background, genes, noise, hole)
+        disc = torch.roll(out.mask, shifts=-(background.shape[-1] // 4), dims=-1)
+        image = torch.where(disc > 0, torch.roll(out.image, shifts=-(background.shape[-1] // 4), dims=-1), background)
+        return out._replace(image=image, mask=disc, weight_maps=[disc])
 
 
 class TissueMarker(DiscOracle):
