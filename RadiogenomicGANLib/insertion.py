@@ -348,14 +348,20 @@ class NoduleInserter:
         backgrounds = np.stack(
             [extract_patch(volume, geometry, centres[job.nodule], job.slice_k, size, spacing_mm) for job in jobs]
         )
+        backgrounds_unit = hu_to_unit(backgrounds, window)
+        nodule_of_job = [job.nodule for job in jobs]
+        centre_k = geometry.ras_to_kji(centres)[:, 0]
+        positions = None
+        if getattr(self.metadata.config, "slice_position", False):
+            positions = self._slice_positions(backgrounds_unit, genes, jobs, len(centres), centre_k,
+                                              float(geometry.spacing_kji[0]), seed)
         images, masks, weights = self._run_generator(
-            hu_to_unit(backgrounds, window), genes, [job.nodule for job in jobs], len(centres), seed, report
+            backgrounds_unit, genes, nodule_of_job, len(centres), seed, report, positions
         )
 
         if shape_3d:
-            masks = sphere_profile_masks(masks, [job.nodule for job in jobs], [job.slice_k for job in jobs],
-                                         geometry.ras_to_kji(centres)[:, 0], float(geometry.spacing_kji[0]),
-                                         spacing_mm)
+            masks = sphere_profile_masks(masks, nodule_of_job, [job.slice_k for job in jobs], centre_k,
+                                         float(geometry.spacing_kji[0]), spacing_mm)
         report(0.85, "Pasting the nodules")
         output = volume.copy()
         label = np.zeros(volume.shape, dtype=np.uint8)
@@ -371,6 +377,8 @@ class NoduleInserter:
         provenance = self._provenance(centres, nodule_slices, seed, auto_count, allow_outside_lung, gene_sample)
         provenance["imputed_genes"] = None if imputed_genes is None else int(imputed_genes)
         provenance["shape_3d"] = "sphere profile" if shape_3d else "independent slices"
+        if positions is not None:
+            provenance["shape_3d"] += ", slice position given to the generator"
         patches = {"background_hu": backgrounds, "generated_hu": generated_hu, "mask": masks, "alpha": alphas}
         if weights is not None:
             patches["weight_map"] = weights
@@ -482,6 +490,26 @@ class NoduleInserter:
         return geometry.kji_to_ras(kji)
 
     # --- generator ------------------------------------------------------------------------------------
+    def _slice_positions(self, backgrounds_unit: np.ndarray, genes: np.ndarray | None, jobs: list[_SliceJob],
+                         num_nodules: int, centre_k: np.ndarray, slice_spacing_mm: float, seed: int) -> np.ndarray:
+        """For a `slice_position` model: each slice's place t within its nodule. The slice nearest each centre is
+        drawn first at t = 0 (the nodule's widest cross-section); its equivalent radius R (mm) is the nodule's
+        half extent, so t = offset from the centre (mm) / R and the nodule ends where its size says — the same
+        R as `sphere_profile_masks`. A nodule drawn empty at its centre gets t = 0 throughout."""
+        nodule_of_job = np.array([job.nodule for job in jobs])
+        offsets_mm = (np.array([job.slice_k for job in jobs], dtype=np.float64) - centre_k[nodule_of_job]) \
+            * slice_spacing_mm
+        nearest = [int(np.flatnonzero(nodule_of_job == n)[np.argmin(np.abs(offsets_mm[nodule_of_job == n]))])
+                   for n in range(num_nodules)]
+        _, centre_masks, _ = self._run_generator(backgrounds_unit[nearest], genes, list(range(num_nodules)),
+                                                 num_nodules, seed, _Progress(None),
+                                                 np.zeros(num_nodules, dtype=np.float32))
+        pixel_mm = float(self.metadata.patch_spacing_mm)
+        radius_mm = np.sqrt((centre_masks > 0.5).sum(axis=(1, 2)) / np.pi) * pixel_mm
+        radius_of_job = radius_mm[nodule_of_job]
+        safe = np.where(radius_of_job > 0, radius_of_job, 1.0)
+        return np.where(radius_of_job > 0, np.clip(offsets_mm / safe, -1.0, 1.0), 0.0).astype(np.float32)
+
     def _run_generator(
         self,
         backgrounds_unit: np.ndarray,
@@ -490,8 +518,10 @@ class NoduleInserter:
         num_nodules: int,
         seed: int,
         report: _Progress,
+        positions: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """All patches through G in batches; one noise vector per nodule, drawn on the CPU from the seed."""
+        """All patches through G in batches; one noise vector per nodule, drawn on the CPU from the seed;
+        `positions` (one t per patch) for a `slice_position` model."""
         config = self.metadata.config
         draw = torch.Generator().manual_seed(int(seed))
         noise_all = torch.randn(num_nodules, int(config.noise_dim), generator=draw)
@@ -512,7 +542,11 @@ class NoduleInserter:
                 else:
                     gene_batch = torch.from_numpy(genes).to(self.device).expand(batch, -1)
                     noise = noise_all[index[start:stop]].to(self.device)
-                    out = self.generator(background, gene_batch, noise)
+                    if positions is None:
+                        out = self.generator(background, gene_batch, noise)
+                    else:
+                        position = torch.from_numpy(positions[start:stop]).to(self.device)
+                        out = self.generator(background, gene_batch, noise, position=position)
                 images.append(out.image[:, 0].float().cpu().numpy())
                 masks.append(out.mask[:, 0].float().cpu().numpy())
                 if out.weight_maps:

@@ -71,6 +71,12 @@ class GeneratorConfig(StrictDict):
     # at sd 1 the three named axes were ~7 % of the code and its k-means clusters followed size alone.
     # 1 here, so weights files written without the key load as they were trained.
     anchor_sd: float = 1.0
+    # Slice position (issue 10's 3-D coherence): the style also holds where the slice lies within its nodule,
+    # t = offset from the nodule's centre / its half extent (0 centre, ±1 where it ends), as (t, √(1 − t²)) —
+    # the second a sphere's relative cross-section. Training gives each real slice's own t, so the area term
+    # stops asking one size of every slice of a donor; insertion gives each chosen slice its t. False here,
+    # so weights files written without the key load as they were trained.
+    slice_position: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -95,6 +101,8 @@ class GeneratorConfig(StrictDict):
             raise ValueError(f"edge_blur_per_sd is a setting of the proposed generator, not of {self.kind!r}")
         if not (math.isfinite(self.anchor_sd) and self.anchor_sd > 0):
             raise ValueError(f"anchor_sd must be a finite number > 0, got {self.anchor_sd}")
+        if self.slice_position and self.kind == "inpainting":
+            raise ValueError("slice_position is a setting of the gene-conditioned generators, not of 'inpainting'")
 
     @property
     def resolutions(self) -> list[int]:
@@ -108,7 +116,7 @@ class GeneratorConfig(StrictDict):
 
     @property
     def style_dim(self) -> int:
-        return self.code_dim + self.noise_dim
+        return self.code_dim + self.noise_dim + (POSITION_FEATURES if self.slice_position else 0)
 
 
 class GeneratorOutput(NamedTuple):
@@ -335,13 +343,31 @@ class CodeDrivenEdge(nn.Module):
         return (background + self.blur(change, code)).clamp(-1.0, 1.0)
 
 
-def _style(config: GeneratorConfig, code: Tensor, noise: Tensor | None) -> Tensor:
-    """style = [φ(g), n]; n ~ N(0, I) when not given."""
+POSITION_FEATURES = 2  # (t, √(1 − t²)) of the slice position t
+
+
+def position_features(position: Tensor) -> Tensor:
+    """(B,) slice positions t (clamped to [−1, 1]) → (B, 2) (t, √(1 − t²))."""
+    t = position.clamp(-1.0, 1.0)
+    return torch.stack([t, (1.0 - t.square()).clamp_min(0.0).sqrt()], dim=1)
+
+
+def _style(config: GeneratorConfig, code: Tensor, noise: Tensor | None, position: Tensor | None = None) -> Tensor:
+    """style = [φ(g), n] (+ the slice position's features with `slice_position`; the centre, t = 0, when not
+    given); n ~ N(0, I) when not given."""
+    batch = code.shape[0]
     if noise is None:
-        noise = torch.randn(code.shape[0], config.noise_dim, device=code.device, dtype=code.dtype)
-    if noise.shape != (code.shape[0], config.noise_dim):
-        raise ValueError(f"noise must be (B={code.shape[0]}, {config.noise_dim}), got {tuple(noise.shape)}")
-    return torch.cat([code, noise.to(code.dtype)], dim=1)
+        noise = torch.randn(batch, config.noise_dim, device=code.device, dtype=code.dtype)
+    if noise.shape != (batch, config.noise_dim):
+        raise ValueError(f"noise must be (B={batch}, {config.noise_dim}), got {tuple(noise.shape)}")
+    parts = [code, noise.to(code.dtype)]
+    if config.slice_position:
+        if position is None:
+            position = torch.zeros(batch, device=code.device, dtype=code.dtype)
+        if position.shape != (batch,):
+            raise ValueError(f"position must be (B={batch},), got {tuple(position.shape)}")
+        parts.append(position_features(position.to(code.dtype)))
+    return torch.cat(parts, dim=1)
 
 
 class ProposedGenerator(nn.Module):
@@ -367,10 +393,10 @@ class ProposedGenerator(nn.Module):
         return self.mapping(genes)
 
     def forward(self, background: Tensor, genes: Tensor | None, noise: Tensor | None = None,
-                hole: Tensor | None = None) -> GeneratorOutput:
+                hole: Tensor | None = None, position: Tensor | None = None) -> GeneratorOutput:
         _check_inputs(self.config, background, genes, need_genes=True)
         code = self.encode_genes(genes)
-        style = _style(self.config, code, noise)
+        style = _style(self.config, code, noise, position)
         features = self.encoder(background)[::-1]               # coarse → fine
         x = features[0]
         weight_maps = []
@@ -434,10 +460,10 @@ class MCGANGenerator(nn.Module):
         return self.mapping(genes)
 
     def forward(self, background: Tensor, genes: Tensor | None, noise: Tensor | None = None,
-                hole: Tensor | None = None) -> GeneratorOutput:
+                hole: Tensor | None = None, position: Tensor | None = None) -> GeneratorOutput:
         _check_inputs(self.config, background, genes, need_genes=True)
         code = self.encode_genes(genes)
-        style = _style(self.config, code, noise)
+        style = _style(self.config, code, noise, position)
         features = self.encoder(background)[::-1]
         base = self.base(style).view(style.shape[0], -1, BOTTLENECK, BOTTLENECK)
         x = self.combine(torch.cat([self.base_norm(base), features[0]], dim=1))
@@ -493,7 +519,8 @@ class InpaintingGenerator(nn.Module):
         self.mask_head = MaskHead(config.channels(config.patch_size))
 
     def forward(self, background: Tensor, genes: Tensor | None = None, noise: Tensor | None = None,
-                hole: Tensor | None = None) -> GeneratorOutput:
+                hole: Tensor | None = None, position: Tensor | None = None) -> GeneratorOutput:
+        """`position` is accepted for a common signature and ignored: the hole sits on a real slice."""
         _check_inputs(self.config, background, genes, need_genes=False)
         if hole is None:
             raise ValueError("the inpainting generator needs `hole` (B,1,H,W), 1 = erased disc; "

@@ -110,6 +110,29 @@ def test_batches_follow_the_contract(synthetic: Path) -> None:
         assert matches
 
 
+def test_slice_position_within_the_nodule_by_hand(synthetic: Path) -> None:
+    """t = (k − centre) / half extent over a patient's nodule slices: four slices → ±0.25, ±0.75; slices
+    10, 11, 13 (centre 11.5, half extent 2) → −0.75, −0.25, 0.75; one slice → 0. Batches carry each slice's t."""
+    import dataclasses
+
+    data = load_dataset(synthetic)
+    first = data.nodule_patient == data.nodule_patient[0]
+    order = np.argsort(data.nodule_slice[first])
+    np.testing.assert_allclose(data.nodule_position()[first][order], [-0.75, -0.25, 0.25, 0.75])
+    slices = data.nodule_slice.copy()
+    rows = np.flatnonzero(first)
+    slices[rows[:3]], slices[rows[3]] = [10, 11, 13], 10
+    patient = data.nodule_patient.copy()
+    patient[rows[3]] = -1  # the fourth slice becomes the only one of a patient of its own
+    lone = dataclasses.replace(data, nodule_slice=slices, nodule_patient=patient)
+    np.testing.assert_allclose(lone.nodule_position()[rows], [-0.75, -0.25, 0.75, 0.0])
+    dataset = NoduleBatchDataset(data, "train", seed=3)
+    for index in range(4):
+        item = dataset[index]
+        sample = int(dataset.nodules[index])
+        assert item["position"].item() == pytest.approx(float(data.nodule_position()[sample]))
+
+
 def test_pairings_are_reproducible_per_seed_and_epoch(synthetic: Path) -> None:
     data = load_dataset(synthetic)
     a, b = NoduleBatchDataset(data, seed=1), NoduleBatchDataset(data, seed=1)

@@ -352,6 +352,49 @@ def test_placement_fails_a_mask_laid_over_existing_tissue(setup, tmp_path):
     assert 0 <= real_offset < 4 and "on existing tissue" in "\n".join(results["marker"].markdown)
 
 
+class SphereOracle(DiscOracle):
+    """DiscOracle that reads the slice position: its disc is a sphere's cross-section, radius × √(1 − t²)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.config.slice_position = True
+
+    def forward(self, background, genes, noise=None, hole=None, position=None):
+        out = super().forward(background, genes, noise, hole)
+        size = background.shape[-1]
+        rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        distance = (((rows - (size - 1) / 2) ** 2 + (cols - (size - 1) / 2) ** 2) ** 0.5)[None, None]
+        radius = (8.0 + 3.0 * torch.tanh(genes[:, 0])) / (60.0 / size) * (1 - position.clamp(-1, 1) ** 2).sqrt()
+        disc = (distance <= radius[:, None, None, None]).float()
+        return out._replace(mask=disc, weight_maps=[disc])
+
+
+def test_slice_profile_fails_a_position_blind_model_and_passes_a_sphere(setup, tmp_path):
+    """Real nodules made spheres (each slice a disc of √(1 − t²) × 10 px): a model that draws every slice alike
+    misses their taper (gap ≈ 0.27), one that reads t and draws the sphere's cross-section matches it."""
+    import dataclasses
+
+    from training.evaluation.context import Context, Model
+    from training.evaluation.sections import slice_profile
+
+    data = setup["data"]
+    size = data.patch_size
+    rows, cols = np.mgrid[0:size, 0:size]
+    distance = np.hypot(rows - (size - 1) / 2, cols - (size - 1) / 2)
+    radius = 10 * np.sqrt(1 - data.nodule_position() ** 2)
+    data = dataclasses.replace(data, nodule_masks=(distance[None] <= radius[:, None, None]).astype(np.uint8))
+    options = {"batch_size": 64, "progress": False}
+    gaps = {}
+    for name, generator in (("blind", DiscOracle(size)), ("sphere", SphereOracle(size))):
+        ctx = Context(data, {"proposed": Model("proposed", generator, None, data.genes, name)}, None,
+                      torch.device("cpu"), 0, tmp_path / name, "all", options)
+        section = slice_profile(ctx)
+        gaps[name] = section.summary["slice_profile_error"]
+        assert section.metrics["models"]["proposed"]["reads_position"] == (name == "sphere")
+    assert gaps["blind"] > 0.2 and gaps["sphere"] < 0.08
+    assert "## 3-D coherence: the slice profile" in "\n".join(section.markdown)
+
+
 def test_jsonable_makes_strict_json():
     value = {"a": np.float32(1.5), "b": float("nan"), "c": np.arange(3), "d": (np.int64(2), np.inf),
              "e": Path("x.png"), "f": np.bool_(True)}

@@ -151,6 +151,52 @@ def test_a_nodule_is_a_solid_not_a_cylinder(inserter, phantom, genes) -> None:  
     assert min(flat) > 0.8 * max(flat)
 
 
+class PositionDiscGenerator(DiscMaskGenerator):
+    """A `slice_position` generator whose disc is a sphere's cross-section, r₀·√(1 − t²); records every t."""
+
+    def __init__(self) -> None:
+        import dataclasses
+
+        from test_insertion_support import small_config
+
+        from RadiogenomicGANLib.networks import build_generator
+
+        torch.manual_seed(0)
+        inner = build_generator(dataclasses.replace(small_config(), slice_position=True)).eval()
+        super().__init__(inner)
+        self.seen_positions: list[np.ndarray] = []
+
+    def forward(self, background, genes, noise=None, hole=None, position=None) -> GeneratorOutput:  # type: ignore[no-untyped-def]
+        self.seen_positions.append(position.numpy().copy())
+        out = super().forward(background, genes, noise, hole)
+        size = background.shape[-1]
+        yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        distance = (((yy - (size - 1) / 2) ** 2 + (xx - (size - 1) / 2) ** 2) ** 0.5)[None, None]
+        radius = (self.radius_px * (1 - position.clamp(-1, 1) ** 2).sqrt())[:, None, None, None]
+        disc = (distance <= radius).to(background)
+        return out._replace(mask=disc)
+
+
+def test_a_slice_position_model_is_told_where_each_slice_lies(phantom, genes) -> None:  # type: ignore[no-untyped-def]
+    """The centre slice is drawn first at t = 0; its radius R sets t = offset / R for every chosen slice, so
+    the model's own cross-section shrinks towards the ends and slices beyond R get t = ±1 (nothing drawn)."""
+    generator = PositionDiscGenerator()
+    inserter = NoduleInserter(generator, make_metadata(generator.config), device="cpu")
+    centre = _lung_centre(phantom)
+    result = inserter.insert(phantom.volume_hu, phantom.geometry, genes, [centre], half_slices=3,
+                             lung_mask=phantom.lung_mask, seed=0, shape_3d=False)
+    first, given = generator.seen_positions[0], generator.seen_positions[-1]
+    assert first.tolist() == [0.0]
+    radius_mm = np.sqrt((generator(torch.zeros(1, 1, 64, 64), torch.zeros(1, NUM_GENES), torch.zeros(1, 4),
+                                   position=torch.zeros(1)).mask > 0.5).sum().item() / np.pi) * 60 / 64
+    offsets_mm = (np.array(result.slices[0]) - phantom.geometry.ras_to_kji([centre])[0, 0]) \
+        * phantom.geometry.spacing_kji[0]
+    np.testing.assert_allclose(given, np.clip(offsets_mm / radius_mm, -1, 1), rtol=1e-5)
+    area = [int((result.label[k] > 0).sum()) for k in result.slices[0]]
+    assert area[3] == max(area) and area[0] == area[-1] == 0 and 0 < area[2] < area[3]   # not a cylinder
+    assert "slice position" in result.provenance["shape_3d"]
+
+
 def test_no_seam_at_the_footprint_border(inserter, phantom, genes) -> None:  # type: ignore[no-untyped-def]
     """The composite is feathered to zero inside the patch: its outer rim of voxels is unchanged."""
     centre = _lung_centre(phantom)

@@ -631,6 +631,25 @@ def test_noise_is_passed_through() -> None:
     assert not torch.allclose(a, c)
 
 
+def test_slice_position_reaches_the_generator_in_both_draws() -> None:
+    """A `slice_position` generator draws each row at its real slice's place (the batch's `position`), in the
+    main draw and in the mode-seeking second draw; a batch without positions is refused by name."""
+    torch.manual_seed(0)
+    g = build_generator(GeneratorConfig(kind="proposed", slice_position=True, **SMALL_G)).eval()
+    loss_fn = GANLoss(g, Discriminator(DiscriminatorConfig.for_generator(g.config, base_channels=4)))
+    batch = {**_real_batch(batch=4), "position": torch.tensor([0.0, 0.5, -0.5, 0.9])}
+    noise = torch.randn(4, 4)
+    expected = g(batch["background"], batch["genes"], noise, position=batch["position"]).image
+    torch.testing.assert_close(loss_fn.run_generator(batch, noise).image, expected)
+    assert not torch.allclose(g(batch["background"], batch["genes"], noise).image, expected)
+    _, second = generate_with_second_draw(loss_fn.run_generator, batch, noise)
+    again = g(batch["background"][:2], batch["genes"][:2], noise[[3, 0]], position=batch["position"][:2]).image
+    torch.testing.assert_close(second.output.image, again)
+    del batch["position"]
+    with pytest.raises(KeyError, match="position"):
+        loss_fn.run_generator(batch, noise)
+
+
 @pytest.mark.parametrize("kind", ["proposed", "inpainting"])
 def test_g_step_scores_the_fake_with_the_d_steps_batch_statistics(kind: str) -> None:
     """D's batch norm (train mode) must see the same batch in both steps: the G step's fake scores equal the

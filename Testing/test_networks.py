@@ -18,6 +18,7 @@ from RadiogenomicGANLib.networks import (
     build_generator,
     count_parameters,
     hole_from_mask,
+    position_features,
 )
 
 GENES = 50
@@ -253,6 +254,28 @@ def test_config_round_trip_and_refusals() -> None:
         GeneratorConfig(kind="stylegan")
     with pytest.raises(ValueError, match="power of two"):
         GeneratorConfig(patch_size=96)
+
+
+def test_slice_position_enters_the_style_and_changes_the_slice() -> None:
+    """With `slice_position` the style holds (t, √(1 − t²)): another t gives another slice, no t is the centre,
+    a wrong shape is refused; weights files written before the key load without it."""
+    config = GeneratorConfig(kind="proposed", num_genes=10, patch_size=16, code_dim=4, noise_dim=2,
+                             base_channels=4, max_channels=8, gene_hidden=8, slice_position=True)
+    assert config.style_dim == 4 + 2 + 2
+    g = build_generator(config).eval()
+    background, genes, noise = torch.rand(2, 1, 16, 16) * 2 - 1, torch.randn(2, 10), torch.randn(2, 2)
+    centre = g(background, genes, noise, position=torch.zeros(2))
+    end = g(background, genes, noise, position=torch.full((2,), 0.9))
+    assert not torch.allclose(centre.image, end.image)
+    torch.testing.assert_close(g(background, genes, noise).image, centre.image)
+    with pytest.raises(ValueError, match="position must be"):
+        g(background, genes, noise, position=torch.zeros(2, 1))
+    torch.testing.assert_close(position_features(torch.tensor([0.0, 0.6, -1.5])),
+                               torch.tensor([[0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]]))
+    written_before = {k: v for k, v in config.to_dict().items() if k != "slice_position"}
+    assert GeneratorConfig.from_dict(written_before).slice_position is False
+    with pytest.raises(ValueError, match="slice_position"):
+        GeneratorConfig(kind="inpainting", slice_position=True)
 
 
 def test_edge_settings_are_refused_where_they_cannot_work() -> None:

@@ -170,6 +170,20 @@ class RadiogenomicDataset:
     def num_backgrounds(self) -> int:
         return int(self.background_images.shape[0])
 
+    def nodule_position(self) -> np.ndarray:
+        """(N,) float32: where each nodule slice lies within its patient's nodule, t = (k − centre) / half
+        extent, the centre the middle of the patient's nodule slices and the half extent half their count —
+        so ±1 lies just beyond the outer slices, where the nodule ends, and a one-slice nodule is at 0. What a
+        `slice_position` generator is given with each real slice. (One extent per patient: the cohorts hold
+        one nodule each.)"""
+        position = np.zeros(self.num_nodules, dtype=np.float32)
+        slices = self.nodule_slice.astype(np.float64)
+        for patient in np.unique(self.nodule_patient):
+            rows = self.nodule_patient == patient
+            low, high = slices[rows].min(), slices[rows].max()
+            position[rows] = (slices[rows] - (low + high) / 2) / ((high - low + 1) / 2)
+        return position
+
     # --- split look-ups ------------------------------------------------------------------------------------
     def patients_in(self, split: str | Sequence[str]) -> np.ndarray:
         """Patient indices of one split (or several), ascending."""
@@ -387,7 +401,8 @@ class NoduleBatchDataset(Dataset):
     Item `index` is the `index`-th nodule slice of the split; the default collate stacks items into a batch
     of `image` (1,S,S), `mask` (1,S,S) {0,1}, `genes` (G,), `background` (1,S,S) — a random background patch of
     the SAME split, `wrong_genes` (G,) — genes of another patient, `wrong_mask` (1,S,S) — the mask of a nodule
-    slice of another patient (of the same split when it has one), `patient` int64. The random choices come from
+    slice of another patient (of the same split when it has one), `patient` int64, `position` () float32 — the
+slice's place within its nodule (`RadiogenomicDataset.nodule_position`). The random choices come from
     `numpy.random.default_rng((seed, epoch, index))`, so they are reproducible and worker-independent.
 
     `uniform_donors`: item `index` is instead a slice of a donor drawn uniformly (then one of its slices), so a
@@ -442,6 +457,7 @@ class NoduleBatchDataset(Dataset):
         self._masks = torch.from_numpy(np.ascontiguousarray(data.nodule_masks[:, None].astype(np.float32)))
         self._backgrounds = torch.from_numpy(np.ascontiguousarray(data.background_images[:, None]))
         self._genes = torch.from_numpy(np.ascontiguousarray(data.genes))
+        self._positions = torch.from_numpy(data.nodule_position())
         self._phenotypes = donor_phenotypes(data, self._patients_with_nodules, phenotype_features) \
             if phenotype_features else None
 
@@ -479,6 +495,7 @@ class NoduleBatchDataset(Dataset):
             "wrong_genes": self._genes[wrong_patient],
             "wrong_mask": self._masks[wrong_mask],
             "patient": torch.tensor(patient, dtype=torch.int64),
+            "position": self._positions[sample],
         }
         if self._phenotypes is not None:
             item["phenotype"] = self._phenotypes[patient]

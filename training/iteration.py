@@ -229,7 +229,8 @@ def generate_with_second_draw(g_phase: Callable[..., GeneratorOutput], batch: Ma
     n = noise.shape[0]
     rows = max(1, n // 2)
     other_noise = noise.roll(1, dims=0)[:rows]
-    stacked = {key: torch.cat([batch[key], batch[key][:rows]]) for key in ("background", "genes")}
+    stacked = {key: torch.cat([batch[key], batch[key][:rows]]) for key in ("background", "genes", "position")
+               if key in batch}
     both = g_phase(stacked, torch.cat([noise, other_noise]))
     return _rows(both, slice(0, n)), SecondDraw(_rows(both, slice(n, None)), noise[:rows], other_noise)
 

@@ -456,6 +456,9 @@ class GANLoss:
             _require(batch, ("image", "mask"))
             return self.generator(batch["image"], None, None, hole=self.hole(batch))
         _require(batch, ("background", "genes"))
+        if self.generator.config.slice_position:   # G draws the slice of the paired real one's place
+            _require(batch, ("position",))
+            return self.generator(batch["background"], batch["genes"], noise, position=batch["position"])
         return self.generator(batch["background"], batch["genes"], noise)
 
     # -- D's scores of every tuple of the paper's equations ---------------------------------------------

@@ -118,8 +118,12 @@ def seeded_noise(n: int, dim: int, seed: int, tag: int) -> np.ndarray:
 @torch.no_grad()
 def generate(model: Model, backgrounds: np.ndarray, genes: np.ndarray | None = None,
              noise: np.ndarray | None = None, holes: np.ndarray | None = None, device: torch.device | None = None,
-             batch_size: int = 64, desc: str = "", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Run a generator over (n,S,S) inputs in batches → (images (n,S,S) in [-1,1], masks (n,S,S) in [0,1])."""
+             batch_size: int = 64, desc: str = "", progress: bool = True, positions: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Run a generator over (n,S,S) inputs in batches → (images (n,S,S) in [-1,1], masks (n,S,S) in [0,1]);
+    `positions` (n,) slice positions, given only to a generator that reads them (others draw the same slice
+    wherever it lies)."""
+    reads_position = positions is not None and bool(getattr(model.generator.config, "slice_position", False))
     device = device or torch.device("cpu")
     n = backgrounds.shape[0]
     images, masks = [], []
@@ -133,8 +137,10 @@ def generate(model: Model, backgrounds: np.ndarray, genes: np.ndarray | None = N
     for start in tqdm(range(0, n, batch_size), desc=desc or model.role, disable=not progress or n <= batch_size,
                       leave=False, file=sys.stderr):
         stop = min(n, start + batch_size)
-        out = model.generator(tensor(backgrounds, start, stop, True), tensor(genes, start, stop),
-                              tensor(noise, start, stop), tensor(holes, start, stop, True))
+        inputs = (tensor(backgrounds, start, stop, True), tensor(genes, start, stop), tensor(noise, start, stop),
+                  tensor(holes, start, stop, True))
+        out = (model.generator(*inputs, position=tensor(positions, start, stop)) if reads_position
+               else model.generator(*inputs))
         images.append(out.image[:, 0].float().cpu().numpy())
         masks.append(out.mask[:, 0].float().cpu().numpy())
     return np.concatenate(images), np.concatenate(masks)
