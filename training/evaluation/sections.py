@@ -406,7 +406,8 @@ def slice_profile(ctx: Context) -> Section:
              "what insertion gives each chosen slice to a model that reads it). Area (mask > 0.5) as a fraction "
              "of the donor's largest slice, mean per |t| bin; *gap*: mean |generated − real| fraction over "
              f"{all_rows.size} slices of {len(slices)} donors. A model that does not read the position draws every "
-             "slice alike (1 throughout).", "",
+             "slice alike (1 throughout). This is the generator alone: insertion also clips each slice to a "
+             "sphere's cross-section (`shape_3d`).", "",
              f"| model | reads the position | {header} | gap |",
              "|---|---|" + "---|" * (len(PROFILE_BINS)),
              "| real nodules | | " + " | ".join(fmt(v, 2) for v in _binned(position[all_rows], real)) + " | |"]
