@@ -198,7 +198,8 @@ def table1(ctx: Context) -> Section:
 
 def gene_control_generations(ctx: Context, model: Model) -> dict[str, Any]:
     """Every donor's genes on the same `backgrounds` × `noises` inputs; per-image features and per-donor
-    diversity across noises (computed donor by donor, so memory stays one donor's images)."""
+    diversity across noises (computed donor by donor, so memory stays one donor's images). A model that reads
+    the slice position draws the nodule's centre slice (t = 0)."""
     data, donors = ctx.data, ctx.donors
     n_bg, n_noise = int(ctx.option("backgrounds")), int(ctx.option("noises"))
     pool = ctx.backgrounds
@@ -622,7 +623,8 @@ def radiogenomic_map(ctx: Context) -> Section:
 def realism(ctx: Context) -> Section:
     """C2ST of real held-out nodule slices against each model's images, over `c2st_runs` critic seeds, with
     the real-vs-real floor and the copy-background control; then again with both sides restricted to patches
-    whose central crop is all lung (`surroundings.wall_fraction`), which takes the chest wall out of the test."""
+    whose central crop is all lung (`surroundings.wall_fraction`), which takes the chest wall out of the test.
+    A model that reads the slice position draws each image at the place t of one of the sampled real slices."""
     data = ctx.data
     crop = int(ctx.option("c2st_crop"))
     samples = int(ctx.option("c2st_samples"))
@@ -653,12 +655,13 @@ def realism(ctx: Context) -> Section:
             fakes[model.role] = (central_crop(images, crop), real_groups + 1_000_000)
             continue
         noise = seeded_noise(samples, model.noise_dim, ctx.seed, 7)
+        positions = data.nodule_position()[real_idx]   # slices from the same places in their nodules as the real
         for chosen, into in ((bg_idx, fakes), (matched_bg, matched)):
             if chosen.size == 0:
                 continue
             images, _ = generate(model, data.background_images[chosen], model.genes[donors], noise,
                                  device=ctx.device, batch_size=ctx.batch_size, desc=f"C2ST {model.role}",
-                                 progress=ctx.progress)
+                                 progress=ctx.progress, positions=positions)
             into[model.role] = (central_crop(images, crop), data.background_patient[chosen] + 1_000_000)
 
     def repeated(first: np.ndarray, first_groups: np.ndarray, second: np.ndarray, second_groups: np.ndarray,
