@@ -352,6 +352,38 @@ def test_placement_fails_a_mask_laid_over_existing_tissue(setup, tmp_path):
     assert 0 <= real_offset < 4 and "on existing tissue" in "\n".join(results["marker"].markdown)
 
 
+class HalfAreaOracle(DiscOracle):
+    """DiscOracle's nodule at half its area (radius / √2): the same ranks, every nodule too small."""
+
+    def forward(self, background, genes, noise=None, hole=None):
+        out = super().forward(background, genes, noise, hole)
+        size = background.shape[-1]
+        rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        radius = (8.0 + 3.0 * torch.tanh(genes[:, 0])) / (60.0 / size) / 2**0.5
+        disc = ((rows - (size - 1) / 2) ** 2 + (cols - (size - 1) / 2) ** 2 <= radius[:, None, None] ** 2).float()
+        return out._replace(mask=disc[:, None], weight_maps=[disc[:, None]])
+
+
+def test_size_calibration_sees_nodules_drawn_too_small_that_rho_does_not(setup, tmp_path):
+    """Half the area: ρ with the real nodules is unchanged, the diameter ratio falls by √2."""
+    from training.evaluation.context import Context, Model
+    from training.evaluation.sections import gene_control
+
+    data = setup["data"]
+    options = {"backgrounds": 3, "noises": 1, "bootstrap": 20, "dilation_px": 3, "batch_size": 64,
+               "progress": False}
+    entries = {}
+    for name, generator in (("oracle", DiscOracle(data.patch_size)), ("half", HalfAreaOracle(data.patch_size))):
+        ctx = Context(data, {"proposed": Model("proposed", generator, None, data.genes, name)}, None,
+                      torch.device("cpu"), 0, tmp_path / name, "all", options)
+        entries[name] = gene_control(ctx).metrics["models"]["proposed"]
+    oracle, half = entries["oracle"], entries["half"]
+    assert half["rho"]["size"]["rho_vs_real_nodule"] == pytest.approx(oracle["rho"]["size"]["rho_vs_real_nodule"],
+                                                                      abs=0.1)
+    assert half["size_ratio"] / oracle["size_ratio"] == pytest.approx(2**-0.5, abs=0.06)
+    assert 0 < half["size_ratio_small"] < oracle["size_ratio_small"]
+
+
 class SphereOracle(DiscOracle):
     """DiscOracle that reads the slice position: its disc is a sphere's cross-section, radius × √(1 − t²)."""
 
