@@ -10,6 +10,7 @@ from torch import nn
 
 from RadiogenomicGANLib.networks import (
     KINDS,
+    POSITION_GAIN,
     CodeDrivenEdge,
     FusionBlock,
     GeneMappingNetwork,
@@ -271,7 +272,7 @@ def test_slice_position_enters_the_style_and_changes_the_slice() -> None:
     with pytest.raises(ValueError, match="position must be"):
         g(background, genes, noise, position=torch.zeros(2, 1))
     torch.testing.assert_close(position_features(torch.tensor([0.0, 0.6, -1.5])),
-                               torch.tensor([[0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]]))
+                               POSITION_GAIN * torch.tensor([[0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]]))
     written_before = {k: v for k, v in config.to_dict().items() if k != "slice_position"}
     assert GeneratorConfig.from_dict(written_before).slice_position is False
     with pytest.raises(ValueError, match="slice_position"):
