@@ -425,6 +425,15 @@ def test_slice_profile_fails_a_position_blind_model_and_passes_a_sphere(setup, t
         assert section.metrics["models"]["proposed"]["reads_position"] == (name == "sphere")
     assert gaps["blind"] > 0.2 and gaps["sphere"] < 0.08
     assert "## 3-D coherence: the slice profile" in "\n".join(section.markdown)
+    # realism draws a position-reading model at the real sample's places, also when it asks for more images
+    # than the split has nodule slices (here 96 against 48), and the copy control takes the position too
+    from training.evaluation.context import negative_controls
+    from training.evaluation.sections import realism
+
+    ctx.options.update(c2st_crop=24, c2st_samples=2 * data.num_nodules, c2st_runs=1, c2st_epochs=1)
+    ctx.controls = negative_controls(ctx.models["proposed"], ctx.donors, 0)
+    accuracies = realism(ctx).metrics["models"]["proposed"]["accuracies"]
+    assert len(accuracies) == 1 and 0.0 <= accuracies[0] <= 1.0
 
 
 def test_jsonable_makes_strict_json():

@@ -676,10 +676,11 @@ def realism(ctx: Context) -> Section:
             fakes[model.role] = (central_crop(images, crop), real_groups + 1_000_000)
             continue
         noise = seeded_noise(samples, model.noise_dim, ctx.seed, 7)
-        positions = data.nodule_position()[real_idx]   # slices from the same places in their nodules as the real
         for chosen, into in ((bg_idx, fakes), (matched_bg, matched)):
             if chosen.size == 0:
                 continue
+            # slices from the places in their nodules of the real sample (cycled: it may hold fewer slices)
+            positions = np.resize(data.nodule_position()[real_idx], chosen.size)
             images, _ = generate(model, data.background_images[chosen], model.genes[donors], noise,
                                  device=ctx.device, batch_size=ctx.batch_size, desc=f"C2ST {model.role}",
                                  progress=ctx.progress, positions=positions)
