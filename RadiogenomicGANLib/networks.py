@@ -74,8 +74,10 @@ class GeneratorConfig(StrictDict):
     # Slice position (issue 10's 3-D coherence): the style also holds where the slice lies within its nodule,
     # t = offset from the nodule's centre / its half extent (0 centre, ±1 where it ends), as (t, √(1 − t²)) —
     # the second a sphere's relative cross-section. Training gives each real slice's own t, so the area term
-    # stops asking one size of every slice of a donor; insertion gives each chosen slice its t. False here,
-    # so weights files written without the key load as they were trained.
+    # stops asking one size of every slice of a donor; insertion gives each chosen slice its t. Trained with
+    # the drawn-area term (README round 8) the slice profile's gap to the real nodules fell from 0.41 to
+    # 0.20 ± 0.12 and nodules were drawn at 0.85 of their real diameter against 0.74. False here, so weights
+    # files written without the key load as they were trained; the recommended setting turns it on.
     slice_position: bool = False
 
     def __post_init__(self) -> None:
