@@ -313,6 +313,17 @@ class OffCentre(DiscOracle):
         return out._replace(image=image, mask=disc, weight_maps=[disc])
 
 
+def _gene_control_of(data, generators, tmp_path, **options):
+    """The gene-control section of each named generator, as the proposed model on `data` (split all)."""
+    from training.evaluation.context import Context, Model
+    from training.evaluation.sections import gene_control
+
+    options = {"bootstrap": 20, "dilation_px": 3, "batch_size": 64, "progress": False, **options}
+    return {name: gene_control(Context(data, {"proposed": Model("proposed", generator, None, data.genes, name)},
+                                       None, torch.device("cpu"), 0, tmp_path / name, "all", options))
+            for name, generator in generators.items()}
+
+
 class TissueMarker(DiscOracle):
     """Marks as its nodule the tissue its background already has in the patch's left quarter and draws
     nothing: the mask follows the genes in size (cropped to that tissue) yet lies over existing wall."""
@@ -330,20 +341,12 @@ def test_placement_fails_a_mask_laid_over_existing_tissue(setup, tmp_path):
     generator that labels the wall as its nodule is caught by its offset and by its share on tissue."""
     import dataclasses
 
-    from training.evaluation.context import Context, Model
-    from training.evaluation.sections import gene_control
-
     data = setup["data"]
     walled = data.background_images.copy()
     walled[:, :, : data.patch_size // 4] = 0.8                # soft tissue in the window's units
     data = dataclasses.replace(data, background_images=walled)
-    options = {"backgrounds": 4, "noises": 2, "bootstrap": 20, "dilation_px": 3, "batch_size": 64,
-               "progress": False}
-    results = {}
-    for name, generator in (("oracle", DiscOracle(data.patch_size)), ("marker", TissueMarker(data.patch_size))):
-        ctx = Context(data, {"proposed": Model("proposed", generator, None, data.genes, name)}, None,
-                      torch.device("cpu"), 0, tmp_path / name, "all", options)
-        results[name] = gene_control(ctx)
+    results = _gene_control_of(data, {"oracle": DiscOracle(data.patch_size),
+                                      "marker": TissueMarker(data.patch_size)}, tmp_path, backgrounds=4, noises=2)
     oracle, marker = results["oracle"].summary, results["marker"].summary
     assert oracle["mask_offset_mm"] < 4 and oracle["mask_on_tissue_fraction"] == 0.0
     assert marker["empty_mask_fraction"] == 0.0 and marker["mask_on_tissue_fraction"] == 1.0
@@ -366,18 +369,10 @@ class HalfAreaOracle(DiscOracle):
 
 def test_size_calibration_sees_nodules_drawn_too_small_that_rho_does_not(setup, tmp_path):
     """Half the area: ρ with the real nodules is unchanged, the diameter ratio falls by √2."""
-    from training.evaluation.context import Context, Model
-    from training.evaluation.sections import gene_control
-
     data = setup["data"]
-    options = {"backgrounds": 3, "noises": 1, "bootstrap": 20, "dilation_px": 3, "batch_size": 64,
-               "progress": False}
-    entries = {}
-    for name, generator in (("oracle", DiscOracle(data.patch_size)), ("half", HalfAreaOracle(data.patch_size))):
-        ctx = Context(data, {"proposed": Model("proposed", generator, None, data.genes, name)}, None,
-                      torch.device("cpu"), 0, tmp_path / name, "all", options)
-        entries[name] = gene_control(ctx).metrics["models"]["proposed"]
-    oracle, half = entries["oracle"], entries["half"]
+    sections = _gene_control_of(data, {"oracle": DiscOracle(data.patch_size),
+                                       "half": HalfAreaOracle(data.patch_size)}, tmp_path, backgrounds=3, noises=1)
+    oracle, half = (sections[name].metrics["models"]["proposed"] for name in ("oracle", "half"))
     assert half["rho"]["size"]["rho_vs_real_nodule"] == pytest.approx(oracle["rho"]["size"]["rho_vs_real_nodule"],
                                                                       abs=0.1)
     assert half["size_ratio"] / oracle["size_ratio"] == pytest.approx(2**-0.5, abs=0.06)
