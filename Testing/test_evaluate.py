@@ -420,6 +420,8 @@ def test_slice_profile_fails_a_position_blind_model_and_passes_a_sphere(setup, t
         assert section.metrics["models"]["proposed"]["reads_position"] == (name == "sphere")
     assert gaps["blind"] > 0.2 and gaps["sphere"] < 0.08
     assert "## 3-D coherence: the slice profile" in "\n".join(section.markdown)
+    table = [line.replace("\\|", "") for line in section.markdown if line.startswith("|")]
+    assert {line.count("|") for line in table} == {8}   # 7 cells per row: |t| in a header must be escaped
     # realism draws a position-reading model at the real sample's places, also when it asks for more images
     # than the split has nodule slices (here 96 against 48), and the copy control takes the position too
     from training.evaluation.context import negative_controls

@@ -421,7 +421,7 @@ def slice_profile(ctx: Context) -> Section:
     slices = [rows for rows in slices if rows.size and area[rows].max() > 0]
     all_rows = np.concatenate(slices) if slices else np.zeros(0, dtype=int)
     real = np.concatenate([area[rows] / area[rows].max() for rows in slices]) if slices else np.zeros(0)
-    header = " | ".join(f"|t| {a:g}–{b:g}" for a, b in itertools.pairwise(PROFILE_BINS))
+    header = " | ".join(f"\\|t\\| {a:g}–{b:g}" for a, b in itertools.pairwise(PROFILE_BINS))  # escaped: a table
     lines = ["## 3-D coherence: the slice profile", "",
              f"Each held-out donor's genes on {chosen.size} held-out backgrounds, one noise, a slice drawn at the "
              "place t of each of the donor's real nodule slices (t: 0 at the nodule's centre, ±1 where it ends; "
