@@ -666,6 +666,8 @@ def realism(ctx: Context) -> Section:
     matched_bg = (open_backgrounds[rng.integers(open_backgrounds.size, size=samples)] if open_backgrounds.size
                   else np.zeros(0, dtype=np.int64))
     real_open = real_wall <= LUNG_ONLY
+    # each generated image at the place in its nodule of one real slice (cycled: the split may hold fewer)
+    fake_positions = np.resize(data.nodule_position()[real_idx], samples)
     fakes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     matched: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for model in [*ctx.models.values(), *[c for c in ctx.controls if c.role == "copy"]]:
@@ -679,11 +681,9 @@ def realism(ctx: Context) -> Section:
         for chosen, into in ((bg_idx, fakes), (matched_bg, matched)):
             if chosen.size == 0:
                 continue
-            # slices from the places in their nodules of the real sample (cycled: it may hold fewer slices)
-            positions = np.resize(data.nodule_position()[real_idx], chosen.size)
             images, _ = generate(model, data.background_images[chosen], model.genes[donors], noise,
                                  device=ctx.device, batch_size=ctx.batch_size, desc=f"C2ST {model.role}",
-                                 progress=ctx.progress, positions=positions)
+                                 progress=ctx.progress, positions=fake_positions)
             into[model.role] = (central_crop(images, crop), data.background_patient[chosen] + 1_000_000)
 
     def repeated(first: np.ndarray, first_groups: np.ndarray, second: np.ndarray, second_groups: np.ndarray,
