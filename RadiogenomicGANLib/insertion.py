@@ -147,6 +147,25 @@ class _SliceJob:
     slice_k: int
 
 
+def slice_offsets(nodules: Sequence[int], slices_k: Sequence[int], centre_k: np.ndarray,
+                  slice_spacing_mm: float) -> tuple[np.ndarray, dict[int, int]]:
+    """Each slice's offset (mm) from its nodule's centre, and for each nodule the index of its slice nearest
+    the centre: where both the sphere clip and a slice-position model read the nodule's radius."""
+    nodules = np.asarray(nodules)
+    offsets = (np.asarray(slices_k, dtype=np.float64) - np.asarray(centre_k, dtype=np.float64)[nodules]) \
+        * float(slice_spacing_mm)
+    nearest = {}
+    for nodule in np.unique(nodules):
+        members = np.flatnonzero(nodules == nodule)
+        nearest[int(nodule)] = int(members[np.argmin(np.abs(offsets[members]))])
+    return offsets, nearest
+
+
+def equivalent_radius_mm(mask: np.ndarray, pixel_mm: float) -> float:
+    """√(area / π) of a binary mask, in mm."""
+    return float(np.sqrt(np.count_nonzero(mask) / np.pi)) * float(pixel_mm)
+
+
 def sphere_profile_masks(masks: np.ndarray, nodules: Sequence[int], slices_k: Sequence[int],
                          centre_k: np.ndarray, slice_spacing_mm: float, pixel_mm: float) -> np.ndarray:
     """3-D coherence (beyond the paper's 2-D synthesis): every slice's generated mask clipped to the
@@ -163,17 +182,16 @@ def sphere_profile_masks(masks: np.ndarray, nodules: Sequence[int], slices_k: Se
     size = masks.shape[-1]
     rows, cols = np.mgrid[0:size, 0:size].astype(np.float64)
     nodules = np.asarray(nodules)
-    slices_k = np.asarray(slices_k, dtype=np.float64)
-    for nodule in np.unique(nodules):
-        members = np.flatnonzero(nodules == nodule)
-        offsets = (slices_k[members] - float(centre_k[nodule])) * float(slice_spacing_mm)
-        reference = masks[members[int(np.argmin(np.abs(offsets)))]] > 0.5
+    offsets, nearest = slice_offsets(nodules, slices_k, centre_k, slice_spacing_mm)
+    for nodule, centre in nearest.items():
+        reference = masks[centre] > 0.5
         if not reference.any():
             continue
-        radius = float(np.sqrt(reference.sum() / np.pi)) * pixel_mm  # equivalent radius (mm)
+        radius = equivalent_radius_mm(reference, pixel_mm)
         cy, cx = (float(v.mean()) for v in np.nonzero(reference))
         distance_px = np.hypot(rows - cy, cols - cx)
-        for index, z in zip(members, offsets):
+        for index in np.flatnonzero(nodules == nodule):
+            z = offsets[index]
             section_px = np.sqrt(max(radius**2 - z**2, 0.0)) / pixel_mm
             disc = np.clip(section_px + 0.5 - distance_px, 0.0, 1.0)  # 1 inside, one-pixel ramp
             masks[index] *= disc.astype(np.float32)
@@ -352,7 +370,7 @@ class NoduleInserter:
         nodule_of_job = [job.nodule for job in jobs]
         centre_k = geometry.ras_to_kji(centres)[:, 0]
         positions = None
-        if getattr(self.metadata.config, "slice_position", False):
+        if self.metadata.config.slice_position:
             positions = self._slice_positions(backgrounds_unit, genes, jobs, len(centres), centre_k,
                                               float(geometry.spacing_kji[0]), seed)
         images, masks, weights = self._run_generator(
@@ -497,15 +515,13 @@ class NoduleInserter:
         half extent, so t = offset from the centre (mm) / R and the nodule ends where its size says — the same
         R as `sphere_profile_masks`. A nodule drawn empty at its centre gets t = 0 throughout."""
         nodule_of_job = np.array([job.nodule for job in jobs])
-        offsets_mm = (np.array([job.slice_k for job in jobs], dtype=np.float64) - centre_k[nodule_of_job]) \
-            * slice_spacing_mm
-        nearest = [int(np.flatnonzero(nodule_of_job == n)[np.argmin(np.abs(offsets_mm[nodule_of_job == n]))])
-                   for n in range(num_nodules)]
-        _, centre_masks, _ = self._run_generator(backgrounds_unit[nearest], genes, list(range(num_nodules)),
+        offsets_mm, nearest = slice_offsets(nodule_of_job, [job.slice_k for job in jobs], centre_k, slice_spacing_mm)
+        centre_jobs = [nearest[n] for n in range(num_nodules)]
+        _, centre_masks, _ = self._run_generator(backgrounds_unit[centre_jobs], genes, list(range(num_nodules)),
                                                  num_nodules, seed, _Progress(None),
                                                  np.zeros(num_nodules, dtype=np.float32))
         pixel_mm = float(self.metadata.patch_spacing_mm)
-        radius_mm = np.sqrt((centre_masks > 0.5).sum(axis=(1, 2)) / np.pi) * pixel_mm
+        radius_mm = np.array([equivalent_radius_mm(mask > 0.5, pixel_mm) for mask in centre_masks])
         radius_of_job = radius_mm[nodule_of_job]
         safe = np.where(radius_of_job > 0, radius_of_job, 1.0)
         return np.where(radius_of_job > 0, np.clip(offsets_mm / safe, -1.0, 1.0), 0.0).astype(np.float32)
