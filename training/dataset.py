@@ -402,7 +402,7 @@ class NoduleBatchDataset(Dataset):
     of `image` (1,S,S), `mask` (1,S,S) {0,1}, `genes` (G,), `background` (1,S,S) — a random background patch of
     the SAME split, `wrong_genes` (G,) — genes of another patient, `wrong_mask` (1,S,S) — the mask of a nodule
     slice of another patient (of the same split when it has one), `patient` int64, `position` () float32 — the
-slice's place within its nodule (`RadiogenomicDataset.nodule_position`). The random choices come from
+    slice's place within its nodule (`RadiogenomicDataset.nodule_position`). The random choices come from
     `numpy.random.default_rng((seed, epoch, index))`, so they are reproducible and worker-independent.
 
     `uniform_donors`: item `index` is instead a slice of a donor drawn uniformly (then one of its slices), so a
