@@ -347,8 +347,9 @@ class CodeDrivenEdge(nn.Module):
 
 POSITION_FEATURES = 2  # (t, √(1 − t²)) of the slice position t
 # The features' scale in the style, where the anchored code coordinates have sd 3 (`anchor_sd`) and the free
-# ones more: at 1 a trained generator drew the same area at every t (slice profile gap 0.40 against 0.41
-# for a generator without the input, one seed), as if it could not hear the position among the code.
+# ones more: at 1 the trained generators drew the same area at every t (slice profile gap 0.40 against 0.41
+# for generators without the input; three seeds on the unseen cohort, README round 8), as if they could not
+# hear the position among the code. 3 was set after seeing that, on the same cohort.
 POSITION_GAIN = 3.0
 
 
