@@ -124,10 +124,10 @@ class DiscOracle(torch.nn.Module):
         self.config = SimpleNamespace(noise_dim=2, patch_size=size)
         self.scale = torch.nn.Parameter(torch.ones(()))  # so that .parameters() has a device
 
-    def forward(self, background, genes, noise=None, hole=None):
+    def forward(self, background, genes, noise=None, hole=None, radius_scale=1.0):
         size = background.shape[-1]
         rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-        radius = (8.0 + 3.0 * torch.tanh(genes[:, 0])) / (60.0 / size)
+        radius = (8.0 + 3.0 * torch.tanh(genes[:, 0])) / (60.0 / size) * radius_scale
         shift = 1.5 * noise if noise is not None else torch.zeros(genes.shape[0], 2)
         cy, cx = (size - 1) / 2 + shift[:, 0], (size - 1) / 2 + shift[:, 1]
         disc = ((rows[None] - cy[:, None, None]) ** 2 + (cols[None] - cx[:, None, None]) ** 2
@@ -297,6 +297,30 @@ def test_validation_score_needs_no_truth_and_rewards_gene_control(setup):
     assert aside["misplaced_fraction"] == 1.0 and aside["score"] < good["score"] - 0.8
 
 
+def test_validation_score_charges_the_slice_profile_gap(setup):
+    """Real nodules made spheres: a model that draws the sphere's cross-section at each slice's t outscores one
+    that draws every slice alike by the difference of their profile gaps (their centre slices are the same)."""
+    import dataclasses
+
+    from training.dataset import _validate
+
+    data = setup["data"]
+    arrays = data.arrays()
+    arrays["split"] = np.array(["train"] * 4 + ["val"] * 8)
+    val_data = _validate(arrays, "")
+    size = data.patch_size
+    rows, cols = np.mgrid[0:size, 0:size]
+    distance = np.hypot(rows - (size - 1) / 2, cols - (size - 1) / 2)
+    radius = 10 * np.sqrt(1 - val_data.nodule_position() ** 2)
+    spheres = dataclasses.replace(val_data, nodule_masks=(distance[None] <= radius[:, None, None]).astype(np.uint8))
+    blind = E.validation_score(DiscOracle(size), spheres, backgrounds=3, noises=2)
+    sphere = E.validation_score(SphereOracle(size), spheres, backgrounds=3, noises=2)
+    assert blind["slice_profile_gap"] > 0.2 and sphere["slice_profile_gap"] < 0.08
+    for key in ("density_rho_vs_real", "margin_rho_vs_real", "empty_mask_fraction", "misplaced_fraction"):
+        assert sphere[key] == blind[key], key   # at the centre, where gene control draws, the same images
+    assert sphere["score"] - blind["score"] == pytest.approx(blind["slice_profile_gap"] - sphere["slice_profile_gap"])
+
+
 class CopyBackgroundLike(DiscOracle):
     def forward(self, background, genes, noise=None, hole=None):
         empty = torch.zeros_like(background)
@@ -387,13 +411,9 @@ class SphereOracle(DiscOracle):
         self.config.slice_position = True
 
     def forward(self, background, genes, noise=None, hole=None, position=None):
-        out = super().forward(background, genes, noise, hole)
-        size = background.shape[-1]
-        rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-        distance = (((rows - (size - 1) / 2) ** 2 + (cols - (size - 1) / 2) ** 2) ** 0.5)[None, None]
-        radius = (8.0 + 3.0 * torch.tanh(genes[:, 0])) / (60.0 / size) * (1 - position.clamp(-1, 1) ** 2).sqrt()
-        disc = (distance <= radius[:, None, None, None]).float()
-        return out._replace(mask=disc, weight_maps=[disc])
+        if position is None:   # the centre, as the real generators take it: DiscOracle's images
+            position = torch.zeros(background.shape[0])
+        return super().forward(background, genes, noise, hole, radius_scale=(1 - position.clamp(-1, 1) ** 2).sqrt())
 
 
 def test_slice_profile_fails_a_position_blind_model_and_passes_a_sphere(setup, tmp_path):

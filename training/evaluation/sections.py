@@ -404,6 +404,61 @@ def _binned(position: np.ndarray, values: np.ndarray) -> list[float]:
             for b in range(len(PROFILE_BINS) - 1)]
 
 
+@dataclass(frozen=True)
+class ProfileDraw:
+    """What the slice profile draws: the real slices of each held-out donor (rows into the nodule arrays, donors
+    without a drawn real nodule left out), their places t, their real area fractions, and the backgrounds."""
+
+    slices: list[np.ndarray]
+    position: np.ndarray       # t of every row in `rows`
+    real: np.ndarray           # real area / the donor's largest real area, per row
+    backgrounds: np.ndarray    # indices of the held-out backgrounds drawn on
+
+    @property
+    def rows(self) -> np.ndarray:
+        return np.concatenate(self.slices) if self.slices else np.zeros(0, dtype=int)
+
+
+def profile_draw(ctx: Context, backgrounds: int = PROFILE_BACKGROUNDS) -> ProfileDraw:
+    """The donors' real slices and `backgrounds` held-out backgrounds for `profile_gap`."""
+    data = ctx.data
+    area = data.nodule_masks.reshape(data.num_nodules, -1).astype(bool).sum(axis=1).astype(np.float64)
+    pool = ctx.backgrounds
+    chosen = pool[ctx.rng(7).permutation(pool.size)[:backgrounds]]
+    slices = [np.flatnonzero(data.nodule_patient == donor) for donor in ctx.donors]
+    slices = [rows for rows in slices if rows.size and area[rows].max() > 0]
+    real = np.concatenate([area[rows] / area[rows].max() for rows in slices]) if slices else np.zeros(0)
+    rows = np.concatenate(slices) if slices else np.zeros(0, dtype=int)
+    return ProfileDraw(slices, data.nodule_position()[rows], real, chosen)
+
+
+def profile_gap(ctx: Context, model: Model, draw: ProfileDraw) -> dict[str, Any]:
+    """`model` draws each donor's slices at their places t (one noise): each slice's area (mask > 0.5, mean over
+    the backgrounds) as a fraction of the donor's largest; `gap` = mean |generated − real| fraction over the
+    slices of donors it drew at all, `profile` = the fractions per |t| bin."""
+    data = ctx.data
+    backgrounds = data.background_images[draw.backgrounds]
+    n_bg = backgrounds.shape[0]
+    noise = seeded_noise(1, model.noise_dim, ctx.seed, 7)
+    all_position = data.nodule_position()
+    generated = []
+    for rows in draw.slices:
+        donor = int(data.nodule_patient[rows[0]])
+        inputs = np.tile(backgrounds, (rows.size, 1, 1))
+        genes = np.repeat(model.genes[donor][None], inputs.shape[0], axis=0)
+        _, masks = generate(model, inputs, genes, np.repeat(noise, inputs.shape[0], axis=0), device=ctx.device,
+                            batch_size=max(ctx.batch_size, inputs.shape[0]), progress=False,
+                            positions=np.repeat(all_position[rows], n_bg).astype(np.float32))
+        drawn = (masks > 0.5).reshape(rows.size, n_bg, -1).sum(axis=2).mean(axis=1)
+        generated.append(drawn / drawn.max() if drawn.max() > 0 else np.full(rows.size, np.nan))
+    fraction = np.concatenate(generated) if generated else np.zeros(0)
+    finite = np.isfinite(fraction)
+    gap = float(np.mean(np.abs(fraction[finite] - draw.real[finite]))) if finite.any() else float("nan")
+    return {"reads_position": bool(getattr(model.generator.config, "slice_position", False)),
+            "profile": _binned(draw.position[finite], fraction[finite]) if finite.any() else [], "gap": gap,
+            "donors_drawn_empty": int(sum(np.isnan(g).all() for g in generated))}
+
+
 def slice_profile(ctx: Context) -> Section:
     """3-D coherence at the patch level: each held-out donor's genes, one noise, a few backgrounds, a slice
     drawn at the place t of each of the donor's real nodule slices (0 at the nodule's centre, ±1 where it
@@ -411,53 +466,27 @@ def slice_profile(ctx: Context) -> Section:
     against the same fraction of the real slice at that t: `slice_profile_error` is the mean absolute gap over
     all slices. A generator that does not read the position draws every slice alike (fraction 1) and fails
     by the real nodules' taper."""
-    data, donors = ctx.data, ctx.donors
-    position = data.nodule_position()
-    area = data.nodule_masks.reshape(data.num_nodules, -1).astype(bool).sum(axis=1).astype(np.float64)
-    pool = ctx.backgrounds
-    chosen = pool[ctx.rng(7).permutation(pool.size)[:PROFILE_BACKGROUNDS]]
-    backgrounds = data.background_images[chosen]
-    slices = [np.flatnonzero(data.nodule_patient == donor) for donor in donors]
-    slices = [rows for rows in slices if rows.size and area[rows].max() > 0]
-    all_rows = np.concatenate(slices) if slices else np.zeros(0, dtype=int)
-    real = np.concatenate([area[rows] / area[rows].max() for rows in slices]) if slices else np.zeros(0)
+    draw = profile_draw(ctx)
+    real_profile = _binned(draw.position, draw.real)
     header = " | ".join(f"\\|t\\| {a:g}–{b:g}" for a, b in itertools.pairwise(PROFILE_BINS))  # escaped: a table
     lines = ["## 3-D coherence: the slice profile", "",
-             f"Each held-out donor's genes on {chosen.size} held-out backgrounds, one noise, a slice drawn at the "
-             "place t of each of the donor's real nodule slices (t: 0 at the nodule's centre, ±1 where it ends; "
-             "what insertion gives each chosen slice to a model that reads it). Area (mask > 0.5) as a fraction "
-             "of the donor's largest slice, mean per |t| bin; *gap*: mean |generated − real| fraction over "
-             f"{all_rows.size} slices of {len(slices)} donors. A model that does not read the position draws every "
-             "slice alike (1 throughout). This is the generator alone: insertion also clips each slice to a "
-             "sphere's cross-section (`shape_3d`).", "",
+             f"Each held-out donor's genes on {draw.backgrounds.size} held-out backgrounds, one noise, a slice drawn "
+             "at the place t of each of the donor's real nodule slices (t: 0 at the nodule's centre, ±1 where it "
+             "ends; what insertion gives each chosen slice to a model that reads it). Area (mask > 0.5) as a "
+             "fraction of the donor's largest slice, mean per |t| bin; *gap*: mean |generated − real| fraction "
+             f"over {draw.rows.size} slices of {len(draw.slices)} donors. A model that does not read the position "
+             "draws every slice alike (1 throughout). This is the generator alone: insertion also clips each slice "
+             "to a sphere's cross-section (`shape_3d`).", "",
              f"| model | reads the position | {header} | gap |",
              "|---|---|" + "---|" * (len(PROFILE_BINS)),
-             "| real nodules | | " + " | ".join(fmt(v, 2) for v in _binned(position[all_rows], real)) + " | |"]
+             "| real nodules | | " + " | ".join(fmt(v, 2) for v in real_profile) + " | |"]
     results: dict[str, Any] = {}
-    n_bg = backgrounds.shape[0]
     for model in ctx.gene_models():
-        reads = bool(getattr(model.generator.config, "slice_position", False))
-        noise = seeded_noise(1, model.noise_dim, ctx.seed, 7)
-        generated = []
-        for rows in slices:
-            donor = int(data.nodule_patient[rows[0]])
-            inputs = np.tile(backgrounds, (rows.size, 1, 1))
-            genes = np.repeat(model.genes[donor][None], inputs.shape[0], axis=0)
-            _, masks = generate(model, inputs, genes, np.repeat(noise, inputs.shape[0], axis=0), device=ctx.device,
-                                batch_size=max(ctx.batch_size, inputs.shape[0]), progress=False,
-                                positions=np.repeat(position[rows], n_bg).astype(np.float32))
-            drawn = (masks > 0.5).reshape(rows.size, n_bg, -1).sum(axis=2).mean(axis=1)
-            generated.append(drawn / drawn.max() if drawn.max() > 0 else np.full(rows.size, np.nan))
-        fraction = np.concatenate(generated) if generated else np.zeros(0)
-        finite = np.isfinite(fraction)
-        gap = float(np.mean(np.abs(fraction[finite] - real[finite]))) if finite.any() else float("nan")
-        binned = _binned(position[all_rows][finite], fraction[finite]) if finite.any() else []
-        results[model.role] = {"reads_position": reads, "profile": binned, "gap": gap,
-                               "donors_drawn_empty": int(sum(np.isnan(g).all() for g in generated))}
-        lines.append(f"| {ROLE_TITLES[model.role]} | {'yes' if reads else 'no'} | "
-                     + " | ".join(fmt(v, 2) for v in binned) + f" | {fmt(gap, 3)} |")
+        result = results[model.role] = profile_gap(ctx, model, draw)
+        lines.append(f"| {ROLE_TITLES[model.role]} | {'yes' if result['reads_position'] else 'no'} | "
+                     + " | ".join(fmt(v, 2) for v in result["profile"]) + f" | {fmt(result['gap'], 3)} |")
     lines.append("")
-    metrics = {"bins": list(PROFILE_BINS), "real_profile": _binned(position[all_rows], real), "models": results}
+    metrics = {"bins": list(PROFILE_BINS), "real_profile": real_profile, "models": results}
     summary = {"slice_profile_error": results["proposed"]["gap"]} if "proposed" in results else {}
     return Section(metrics, lines, summary)
 
