@@ -166,7 +166,8 @@ in the lung (or let the module choose them), choose the slices, and press Apply:
 <b>new</b> volume, a <b>new</b> segmentation ("Synthetic nodule N", tagged as synthetic with the model,
 sample and seed) and, on request, the generator's fusion weight map. Apply runs in a background process
 that Cancel stops. "Show radiogenomic map" plots the t-SNE of the learned gene codes of every sample.
-Slices: "±K" around each centre, or indices such as "40, 41, 45-48"; one group per centre separated by ";".
+Slices: fitted to each nodule's size (its centre slice is drawn first; the default), "±K" around each centre,
+or indices such as "40, 41, 45-48"; one group per centre separated by ";" ("auto" in a group fits that one).
 From the Python console: <code>slicer.util.getModuleLogic("RadiogenomicGAN").insertNodules(volumeNode,
 "genes.txt", "R01-001", autoCount=2)</code>.
 Needs Slicer {minimum} or later and the PyTorch extension.
@@ -322,11 +323,13 @@ class Placement(enum.Enum):
 class SliceMode(enum.Enum):
     """Which slices receive each nodule."""
 
+    FIT_TO_SIZE = "fitToSize"
     AROUND_CENTRE = "aroundCentre"
     LIST = "list"
 
     def label(self) -> str:
-        return {"aroundCentre": _("± k slices around the centre"), "list": _("Explicit slice list")}[self.value]
+        return {"fitToSize": _("Fitted to the nodule's size"), "aroundCentre": _("± k slices around the centre"),
+                "list": _("Explicit slice list")}[self.value]
 
 
 #: Parameters the Widget syncs by hand; every other field has a SlicerParameterName widget. The samples' combo
@@ -362,7 +365,8 @@ class RadiogenomicGANParameterNode:
     pointList: vtkMRMLMarkupsFiducialNode
     autoCount: Annotated[int, WithinRange(1, 20)] = 1
     allowOutsideLung: bool = False
-    sliceMode: SliceMode = SliceMode.AROUND_CENTRE
+    # Fitted by default: a clicked point gets a whole nodule, not one cut flat by too short a range.
+    sliceMode: SliceMode = SliceMode.FIT_TO_SIZE
     halfSlices: Annotated[int, WithinRange(0, 50)] = 2
     sliceList: str = ""
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
@@ -866,8 +870,8 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
     ) -> Any:
         """The InsertionRequest (RadiogenomicGANLib.request) for these nodes and settings.
 
-        `sliceList`: a slice spec string ("±2", "40-44", "40-44; 50-52"), a list of indices for every centre,
-        or one list per centre.
+        `sliceList`: a slice spec string ("±2", "auto", "40-44", "40-44; 50-52"), a list of indices for every
+        centre, or one list per centre.
         """
         self._requireSupported()  # first: on Python 3.9 even the Lib's imports fail
         from RadiogenomicGANLib import mrml_adapter
@@ -1053,6 +1057,9 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
     # --- the parameter node (the Widget's state) ----------------------------------------------------------
     def requestFromParameterNode(self, parameterNode: Any) -> Any:
         """The InsertionRequest the module's parameters describe."""
+        self._requireSupported()  # before the Lib's import, which fails on Python 3.9
+        from RadiogenomicGANLib.request import FIT_TO_SIZE
+
         p = parameterNode
         if not p.useBundledWeights and not p.weightsPath:
             raise ValueError("choose a weights file, or check 'Bundled demo model'")
@@ -1062,7 +1069,8 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
         return self.buildRequest(
             p.inputVolume, p.geneTablePath or None, p.sampleId,
             pointListNode=p.pointList if byPoints else None, autoCount=0 if byPoints else p.autoCount,
-            halfSlices=p.halfSlices, sliceList=p.sliceList if p.sliceMode == SliceMode.LIST else None,
+            halfSlices=p.halfSlices, sliceList={SliceMode.LIST: p.sliceList, SliceMode.FIT_TO_SIZE: FIT_TO_SIZE}.get(
+                p.sliceMode),
             seed=p.seed, weightsPath=None if p.useBundledWeights else p.weightsPath, device=p.device.value,
             blendSampleId=p.blendSampleId if p.blendEnabled else None,
             blendWeight=p.blendWeight if p.blendEnabled else 0.0, outputWeightMap=p.outputWeightMapEnabled,

@@ -59,6 +59,10 @@ def insertion_files(folder: str | Path, input_name: str, weight_map: bool) -> In
 
 
 def _slice_argument(spec: Any) -> str:
+    from RadiogenomicGANLib.request import FIT_TO_SIZE
+
+    if spec is None:
+        return FIT_TO_SIZE
     if isinstance(spec, str):
         return spec
     if isinstance(spec, int):

@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="nodule centre in RAS mm (repeat for several nodules)")
     placement.add_argument("--auto", type=int, metavar="N", help="place N nodules automatically in the lung")
     where.add_argument("--slices", action="append", metavar="SPEC",
-                       help="slices of a centre: '±K' (or '+-K') around its slice, or a list like '10,11,12' or "
-                       "'10-14'; once for all centres or once per --center-ras")
+                       help="slices of a centre: '±K' (or '+-K') around its slice, 'auto' (every slice the "
+                       "nodule's size spans), or a list like '10,11,12' or '10-14'; once for all centres or once "
+                       "per --center-ras")
     where.add_argument("--half-slices", type=int, default=2, help="±K slices around each centre (default 2)")
     where.add_argument("--allow-outside-lung", action="store_true", help="accept centres outside the lung mask")
 
@@ -328,9 +329,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(f"Inserted {len(result.centres_ras)} synthetic nodule(s) for {summary['sample']} "
           f"(seed {result.provenance['seed']}, {result.provenance['model_kind']} model, "
           f"{result.provenance['device']}):")
+    fitted = result.provenance.get("slices_fitted_to_size", [False] * len(result.slices))
     for n, (centre, ks, voxels) in enumerate(zip(result.centres_ras, result.slices, summary["voxels"]), start=1):
         print(f"  nodule {n}: RAS ({centre[0]:.1f}, {centre[1]:.1f}, {centre[2]:.1f}) mm, "
-              f"slices {ks[0]}–{ks[-1]}, {voxels} labelled voxels")
+              f"slices {ks[0]}–{ks[-1]}{' (fitted to its size)' if fitted[n - 1] else ''}, {voxels} labelled voxels")
     note = empty_nodule_note([n for n, voxels in enumerate(summary["voxels"], start=1) if voxels == 0])
     if note:
         print(f"warning: {note}", file=sys.stderr)

@@ -148,9 +148,22 @@ def _crop(volume: np.ndarray, geometry: Any, centre: np.ndarray, k: int, size_px
                          fill=0.0)
 
 
+def _coronal_crop(volume: np.ndarray, geometry: Any, centre: np.ndarray) -> np.ndarray:
+    """The CROP_MM-wide coronal section through `centre` (rows: slices k, superior up with origin='lower';
+    columns: i), in voxels — shown with aspect spacing_k / spacing_i."""
+    kji = np.rint(geometry.ras_to_kji([centre])[0]).astype(int)
+    spacing = np.asarray(geometry.spacing_kji, dtype=np.float64)
+    half_k, half_i = (int(CROP_MM / 2 / spacing[axis]) for axis in (0, 2))
+    j = int(np.clip(kji[1], 0, volume.shape[1] - 1))
+    ks = slice(max(0, kji[0] - half_k), min(volume.shape[0], kji[0] + half_k + 1))
+    columns = slice(max(0, kji[2] - half_i), min(volume.shape[2], kji[2] + half_i + 1))
+    return volume[ks, j, columns].astype(np.float32)
+
+
 def draw_panel(path: Path, background: np.ndarray, geometry: Any, lung: np.ndarray, centre: np.ndarray, k: int,
                results: list[Any], donors: list[Donor], title: str) -> None:
-    """Rows: CT crops (background, three donors), nodule masks, fusion weight maps; plus the full slice."""
+    """Rows: CT crops (background, three donors), nodule masks, fusion weight maps, a coronal section through
+    the centre (the nodule's extent across slices); plus the full slice."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,7 +171,7 @@ def draw_panel(path: Path, background: np.ndarray, geometry: Any, lung: np.ndarr
     from matplotlib.patches import Rectangle
 
     columns = 1 + len(results)
-    figure, axes = plt.subplots(3, columns + 1, figsize=(3.0 * (columns + 1), 9.6), layout="constrained")
+    figure, axes = plt.subplots(4, columns + 1, figsize=(3.0 * (columns + 1), 12.8), layout="constrained")
     low, high = DISPLAY_WINDOW
     full = axes[0, 0]
     full.imshow(background[k], cmap="gray", vmin=low, vmax=high)
@@ -171,6 +184,8 @@ def draw_panel(path: Path, background: np.ndarray, geometry: Any, lung: np.ndarr
     axes[1, 0].set_title("lung mask (placement region)", fontsize=9)
     axes[2, 0].axis("off")
     axes[2, 0].text(0.0, 0.5, title, fontsize=8, va="center", transform=axes[2, 0].transAxes)
+    axes[3, 0].axis("off")
+    aspect = float(geometry.spacing_kji[0] / geometry.spacing_kji[2])
     crops = [_crop(background, geometry, centre, k)] + [_crop(r.volume_hu, geometry, centre, k) for r in results]
     labels = [None] + [_crop((r.label > 0).astype(np.float32), geometry, centre, k) for r in results]
     weights = [None] + [_crop(r.weight_map, geometry, centre, k) if r.weight_map is not None else None
@@ -192,6 +207,15 @@ def draw_panel(path: Path, background: np.ndarray, geometry: Any, lung: np.ndarr
         else:
             ax_w.imshow(np.zeros_like(crops[column]), cmap="magma", vmin=0.0, vmax=1.0)
             ax_w.set_title("(no weight map)", fontsize=9)
+        ax_cor = axes[3, column + 1]
+        volume = background if column == 0 else results[column - 1].volume_hu
+        ax_cor.imshow(_coronal_crop(volume, geometry, centre), cmap="gray", vmin=low, vmax=high, aspect=aspect,
+                      origin="lower")
+        if column:
+            coronal_label = _coronal_crop((results[column - 1].label > 0).astype(np.float32), geometry, centre)
+            if coronal_label.any():
+                ax_cor.contour(coronal_label, levels=[0.5], colors=["orange"], linewidths=1.0)
+        ax_cor.set_title("coronal, through the centre", fontsize=9)
     for axis in axes.ravel():
         axis.set_xticks([])
         axis.set_yticks([])
@@ -234,9 +258,10 @@ def draw_map(path: Path, codes: np.ndarray, classes: np.ndarray, ids: list[str],
 
 # --- the job --------------------------------------------------------------------------------------------
 def run(out: Path, *, weights: Path | None = None, random_model: bool = False, cohort_seed: int | None = None,
-        cohort_size: int = 48, nodules: int = 1, half_slices: int = 2, seed: int = 0, size: int = 256,
+        cohort_size: int = 48, nodules: int = 1, half_slices: int | None = None, seed: int = 0, size: int = 256,
         device: str = "auto") -> dict[str, Path]:
-    """Run the demo into `out`; returns the written files by role."""
+    """Run the demo into `out`; returns the written files by role. `half_slices` None (default): each nodule
+    gets the slices its size spans."""
     import torch
 
     from RadiogenomicGANLib import genes as gene_io
@@ -303,7 +328,9 @@ def run(out: Path, *, weights: Path | None = None, random_model: bool = False, c
     # 4. one result per donor
     results = [first]
     for donor in donors[1:]:
-        results.append(inserter.insert(volume, geometry, donor.profile, centres, slices=slices, seed=seed,
+        # the same centres; the slices fitted to this donor's own nodule, or the first donor's ±K
+        donor_slices = [None] * len(centres) if half_slices is None else slices
+        results.append(inserter.insert(volume, geometry, donor.profile, centres, slices=donor_slices, seed=seed,
                                        lung_mask=lung, return_weight_map=True,
                                        gene_sample=donor.sample_id))
     for donor, result in zip(donors, results):
@@ -319,9 +346,11 @@ def run(out: Path, *, weights: Path | None = None, random_model: bool = False, c
                 out / f"{stem}_weightmap.nrrd", result.weight_map, geometry)
 
     # 5. figures
-    k = slices[0][len(slices[0]) // 2]
+    k = int(np.rint(geometry.ras_to_kji(centres[:1])[0, 0]))
+    spans = "slices fitted to each nodule: " + ", ".join(str(len(r.slices[0])) for r in results) \
+        if half_slices is None else f"{len(slices[0])} slices per nodule"
     title = "\n".join([
-        "model:", *textwrap.wrap(model_text, 34), f"seed {seed}, {len(slices[0])} slices per nodule",
+        "model:", *textwrap.wrap(model_text, 34), f"seed {seed}", *textwrap.wrap(spans, 34),
         f"centre RAS ({centres[0][0]:.0f}, {centres[0][1]:.0f}, {centres[0][2]:.0f}) mm",
         *textwrap.wrap(warning, 34),
     ])
@@ -359,6 +388,16 @@ def _gene_codes(inserter: Any, table: Any, ids: list[str], metadata: Any) -> np.
         return encode(torch.from_numpy(profiles).to(inserter.device)).float().cpu().numpy()
 
 
+def _half_slices(text: str) -> int | None:
+    """'auto' → None (fitted to each nodule's size), else an integer K."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer K or 'auto', got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m RadiogenomicGANLib.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (demo_output)")
@@ -369,14 +408,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="phantom cohort seed of the donors (default: the training cohort's seed + 1, a cohort the "
                         "model never saw)")
     parser.add_argument("--nodules", type=int, default=1, help="nodules per CT (default 1)")
-    parser.add_argument("--half-slices", type=int, default=2, help="±K slices per nodule (default 2)")
+    parser.add_argument("--half-slices", type=_half_slices, default=None, metavar="K|auto",
+                        help="±K slices per nodule; default 'auto': the slices each nodule's size spans")
     parser.add_argument("--seed", type=int, default=0, help="placement and noise seed (default 0)")
     parser.add_argument("--size", type=int, default=256, help="phantom in-plane matrix (default 256)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
     if not 1 <= args.nodules <= MAX_NODULES:
         parser.error(f"--nodules must be between 1 and {MAX_NODULES}")
-    if not 0 <= args.half_slices <= MAX_HALF_SLICES:
+    if args.half_slices is not None and not 0 <= args.half_slices <= MAX_HALF_SLICES:
         parser.error(f"--half-slices must be between 0 and {MAX_HALF_SLICES}")
     if not SIZE_RANGE[0] <= args.size <= SIZE_RANGE[1]:
         parser.error(f"--size must be between {SIZE_RANGE[0]} and {SIZE_RANGE[1]}")

@@ -64,6 +64,9 @@ MAX_TRAINING_PROVENANCE_KEYS = 20
 _FINITE_CHECK_SLICES = 16
 AUTO_MIN_MM = 5.0
 AUTO_MAX_MM = 25.0
+#: Automatic centres of nodules whose slices are fitted to their size keep this far from the volume's first and
+#: last slice, so that a nodule up to 20 mm across is not cut by the volume's end.
+FIT_MARGIN_MM = 10.0
 
 
 class InsertionError(ValueError):
@@ -164,6 +167,17 @@ def slice_offsets(nodules: Sequence[int], slices_k: Sequence[int], centre_k: np.
 def equivalent_radius_mm(mask: np.ndarray, pixel_mm: float) -> float:
     """√(area / π) of a binary mask, in mm."""
     return float(np.sqrt(np.count_nonzero(mask) / np.pi)) * float(pixel_mm)
+
+
+def fitted_slices(centre_k: float, radius_mm: float, slice_spacing_mm: float, num_slices: int) -> list[int]:
+    """The slices a nodule of equivalent radius `radius_mm` centred at (fractional) slice `centre_k` spans: those
+    less than R from the centre, where `sphere_profile_masks` leaves it a cross-section — at least the centre's
+    own slice, within the volume."""
+    centre = int(np.rint(centre_k))
+    reach = int(np.ceil(radius_mm / slice_spacing_mm)) + 1
+    spanned = {k for k in range(centre - reach, centre + reach + 1)
+               if abs(k - centre_k) * slice_spacing_mm < radius_mm} | {centre}
+    return sorted(k for k in spanned if 0 <= k < num_slices)
 
 
 def sphere_profile_masks(masks: np.ndarray, nodules: Sequence[int], slices_k: Sequence[int],
@@ -291,8 +305,8 @@ class NoduleInserter:
         centres_ras: np.ndarray | Sequence[Sequence[float]] | None = None,
         *,
         auto_count: int = 0,
-        slices: Sequence[Sequence[int]] | None = None,
-        half_slices: int = 2,
+        slices: Sequence[Sequence[int] | None] | None = None,
+        half_slices: int | None = 2,
         seed: int = 0,
         allow_outside_lung: bool = False,
         return_weight_map: bool = False,
@@ -305,8 +319,11 @@ class NoduleInserter:
         """Insert one nodule per centre (or `auto_count` automatically placed ones) into a copy of the CT.
 
         `slices[n]` lists the slice indices k of nodule n; without it every nodule spans ±`half_slices`
-        around its centre's slice. `gene_sample` and `imputed_genes` (how many of the model's genes were set
-        to the training mean because the table lacked them) only document the profile in the provenance.
+        around its centre's slice. None (for one nodule in `slices`, or as `half_slices` for all) fits the
+        slices to the nodule: its centre slice is drawn first, and it gets every slice its size spans
+        (`fitted_slices`), so that it is not cut flat by too short a range. `gene_sample` and `imputed_genes`
+        (how many of the model's genes were set to the training mean because the table lacked them) only
+        document the profile in the provenance.
         `shape_3d` (default): the nodule is a solid, not a cylinder — see `sphere_profile_masks`; False keeps
         the paper's independent 2-D slices.
         Raises InsertionError on bad input (before any heavy work where possible) and InsertionCancelled
@@ -317,8 +334,8 @@ class NoduleInserter:
         report = _Progress(progress)
         check_hu_volume(volume)
         genes = self._check_profile(gene_profile)
-        if half_slices < 0:
-            raise InsertionError(f"half_slices must be ≥ 0, got {half_slices}")
+        if half_slices is not None and half_slices < 0:
+            raise InsertionError(f"half_slices must be ≥ 0 (or None: fitted to each nodule), got {half_slices}")
         if not 0 <= int(seed) < MAX_SEED:
             raise InsertionError(f"seed must be an integer in 0…2**63 − 1, got {seed}")
         explicit = centres_ras is not None and np.size(centres_ras) > 0
@@ -358,17 +375,15 @@ class NoduleInserter:
             centres = self._auto_centres(lung, geometry, auto_count, half_slices, seed)
             nodule_slices = self._plan_slices(volume.shape[0], geometry, centres, None, half_slices)
         report(0.25, "Extracting patches")
+        centre_k = geometry.ras_to_kji(centres)[:, 0]
+        fitted = [ks is None for ks in nodule_slices]
+        if any(fitted):
+            nodule_slices = self._fit_slices(volume, geometry, centres, centre_k, nodule_slices, genes, seed)
 
         jobs = [_SliceJob(n, k) for n, ks in enumerate(nodule_slices) for k in ks]
-        size = int(self.metadata.patch_size)
-        spacing_mm = float(self.metadata.patch_spacing_mm)
-        window = tuple(float(v) for v in self.metadata.hu_window)
-        backgrounds = np.stack(
-            [extract_patch(volume, geometry, centres[job.nodule], job.slice_k, size, spacing_mm) for job in jobs]
-        )
-        backgrounds_unit = hu_to_unit(backgrounds, window)
+        backgrounds = self._patches(volume, geometry, centres, jobs)
+        backgrounds_unit = hu_to_unit(backgrounds, self.metadata.hu_window)
         nodule_of_job = [job.nodule for job in jobs]
-        centre_k = geometry.ras_to_kji(centres)[:, 0]
         positions = None
         if self.metadata.config.slice_position:
             positions = self._slice_positions(backgrounds_unit, genes, jobs, len(centres), centre_k,
@@ -379,12 +394,12 @@ class NoduleInserter:
 
         if shape_3d:
             masks = sphere_profile_masks(masks, nodule_of_job, [job.slice_k for job in jobs], centre_k,
-                                         float(geometry.spacing_kji[0]), spacing_mm)
+                                         float(geometry.spacing_kji[0]), float(self.metadata.patch_spacing_mm))
         report(0.85, "Pasting the nodules")
         output = volume.copy()
         label = np.zeros(volume.shape, dtype=np.uint8)
         weight_map = np.zeros(volume.shape, dtype=np.float32) if return_weight_map else None
-        generated_hu = unit_to_hu(images, window)
+        generated_hu = unit_to_hu(images, self.metadata.hu_window)
         alphas = np.stack([feather_alpha(mask) for mask in masks])
         for index, job in enumerate(jobs):
             self._paste(
@@ -394,6 +409,7 @@ class NoduleInserter:
         report(1.0, "Done")
         provenance = self._provenance(centres, nodule_slices, seed, auto_count, allow_outside_lung, gene_sample)
         provenance["imputed_genes"] = None if imputed_genes is None else int(imputed_genes)
+        provenance["slices_fitted_to_size"] = fitted
         provenance["shape_3d"] = "sphere profile" if shape_3d else "independent slices"
         if positions is not None:
             provenance["shape_3d"] += ", slice position given to the generator"
@@ -443,25 +459,27 @@ class NoduleInserter:
         num_slices: int,
         geometry: VolumeGeometry,
         centres: np.ndarray,
-        slices: Sequence[Sequence[int]] | None,
-        half_slices: int,
-    ) -> list[list[int]]:
+        slices: Sequence[Sequence[int] | None] | None,
+        half_slices: int | None,
+    ) -> list[list[int] | None]:
+        """Each centre's slice list; None where the slices are to be fitted to the nodule's size."""
         centre_k = np.rint(geometry.ras_to_kji(centres)[:, 0]).astype(int)
-        if slices is None and half_slices >= num_slices:
+        if slices is None and half_slices is not None and half_slices >= num_slices:
             raise InsertionError(f"±{half_slices} slices per nodule do not fit in a volume of {num_slices} slices")
+        planned: list[list[int] | None] = []
         if slices is None:
-            planned = [list(range(k - half_slices, k + half_slices + 1)) for k in centre_k]
+            planned = [None if half_slices is None else list(range(k - half_slices, k + half_slices + 1))
+                       for k in centre_k]
         else:
             if len(slices) != len(centres):
                 raise InsertionError(f"{len(slices)} slice lists given for {len(centres)} centres")
-            planned = []
             for n, ks in enumerate(slices):
-                values = sorted({int(k) for k in ks})
-                if not values:
+                values = None if ks is None else sorted({int(k) for k in ks})
+                if values == []:
                     raise InsertionError(f"centre {n + 1} has an empty slice list")
                 planned.append(values)
         for n, ks in enumerate(planned):
-            bad = [k for k in ks if not 0 <= k < num_slices]
+            bad = [k for k in ks or () if not 0 <= k < num_slices]
             if bad:
                 raise InsertionError(
                     f"{describe_indices(bad)} of centre {n + 1} out of range: the volume has slices "
@@ -483,18 +501,23 @@ class NoduleInserter:
 
     @staticmethod
     def _auto_centres(
-        lung: np.ndarray, geometry: VolumeGeometry, count: int, half_slices: int, seed: int
+        lung: np.ndarray, geometry: VolumeGeometry, count: int, half_slices: int | None, seed: int
     ) -> np.ndarray:
-        """`count` lung centres 5–25 mm from the boundary, on slices where ±half_slices stays in the volume."""
+        """`count` lung centres 5–25 mm from the boundary, on slices where ±half_slices (fitted slices:
+        ±`FIT_MARGIN_MM`) stays in the volume."""
         from RadiogenomicGANLib.placement import sample_lung_centres
 
+        margin = half_slices
+        if half_slices is None:
+            margin = int(np.ceil(FIT_MARGIN_MM / float(geometry.spacing_kji[0])))
         allowed = lung
-        if half_slices > 0:
+        if margin > 0:
             allowed = lung.copy()
-            allowed[:half_slices] = False
-            allowed[lung.shape[0] - half_slices :] = False
+            allowed[:margin] = False
+            allowed[lung.shape[0] - margin :] = False
         if not allowed.any():
-            raise InsertionError(f"the volume has too few lung slices for ±{half_slices} slices per nodule")
+            wanted = f"±{half_slices} slices" if half_slices is not None else f"a {FIT_MARGIN_MM:g} mm margin"
+            raise InsertionError(f"the volume has too few lung slices for {wanted} per nodule")
         rng = np.random.default_rng(seed)
         try:
             kji = sample_lung_centres(
@@ -516,15 +539,39 @@ class NoduleInserter:
         R as `sphere_profile_masks`. A nodule drawn empty at its centre gets t = 0 throughout."""
         nodule_of_job = np.array([job.nodule for job in jobs])
         offsets_mm, nearest = slice_offsets(nodule_of_job, [job.slice_k for job in jobs], centre_k, slice_spacing_mm)
-        centre_jobs = [nearest[n] for n in range(num_nodules)]
-        _, centre_masks, _ = self._run_generator(backgrounds_unit[centre_jobs], genes, list(range(num_nodules)),
-                                                 num_nodules, seed, _Progress(None),
-                                                 np.zeros(num_nodules, dtype=np.float32))
-        pixel_mm = float(self.metadata.patch_spacing_mm)
-        radius_mm = np.array([equivalent_radius_mm(mask > 0.5, pixel_mm) for mask in centre_masks])
+        radius_mm = self._centre_radii_mm(backgrounds_unit[[nearest[n] for n in range(num_nodules)]], genes, seed)
         radius_of_job = radius_mm[nodule_of_job]
         safe = np.where(radius_of_job > 0, radius_of_job, 1.0)
         return np.where(radius_of_job > 0, np.clip(offsets_mm / safe, -1.0, 1.0), 0.0).astype(np.float32)
+
+    def _centre_radii_mm(self, centre_backgrounds_unit: np.ndarray, genes: np.ndarray | None,
+                         seed: int) -> np.ndarray:
+        """Each nodule's equivalent radius (mm) as drawn on its centre slice (one background per nodule, the
+        nodule's own noise; t = 0 for a `slice_position` model): its half extent."""
+        count = centre_backgrounds_unit.shape[0]
+        positions = np.zeros(count, dtype=np.float32) if self.metadata.config.slice_position else None
+        _, masks, _ = self._run_generator(centre_backgrounds_unit, genes, list(range(count)), count, seed,
+                                          _Progress(None), positions)
+        pixel_mm = float(self.metadata.patch_spacing_mm)
+        return np.array([equivalent_radius_mm(mask > 0.5, pixel_mm) for mask in masks])
+
+    def _fit_slices(self, volume: np.ndarray, geometry: VolumeGeometry, centres: np.ndarray, centre_k: np.ndarray,
+                    planned: list[list[int] | None], genes: np.ndarray | None, seed: int) -> list[list[int]]:
+        """Fill the nodules planned None with `fitted_slices` of the radius their centre slice is drawn at."""
+        centre_jobs = [_SliceJob(n, int(np.rint(k))) for n, k in enumerate(centre_k)]
+        centre_unit = hu_to_unit(self._patches(volume, geometry, centres, centre_jobs), self.metadata.hu_window)
+        radius_mm = self._centre_radii_mm(centre_unit, genes, seed)
+        spacing_k = float(geometry.spacing_kji[0])
+        return [fitted_slices(centre_k[n], radius_mm[n], spacing_k, volume.shape[0]) if ks is None else ks
+                for n, ks in enumerate(planned)]
+
+    def _patches(self, volume: np.ndarray, geometry: VolumeGeometry, centres: np.ndarray,
+                 jobs: list[_SliceJob]) -> np.ndarray:
+        """The HU background patch of every job, in the model's patch grid."""
+        size = int(self.metadata.patch_size)
+        spacing_mm = float(self.metadata.patch_spacing_mm)
+        return np.stack([extract_patch(volume, geometry, centres[job.nodule], job.slice_k, size, spacing_mm)
+                         for job in jobs])
 
     def _run_generator(
         self,

@@ -8,12 +8,14 @@ front ends only differ in where the volume comes from and where the result goes 
 
 Slice syntax (`parse_slice_spec`, `split_slice_specs`), one spec per nodule or one for all:
   "±K" / "+-K"            K slices either side of the centre's slice;
+  "auto"                  the slices the nodule's size spans (its centre slice is drawn first; see
+                          `insertion.fitted_slices`), so that a short range does not cut it flat;
   "40, 41, 45-48"         explicit indices (ranges with "-", ".." or ":", separators "," or spaces);
   "40-44; 50-52"          one spec per centre, separated by ";" (the module's field; the CLI repeats --slices).
 
 Decisions:
 - The gene table is optional for the inpainting baseline (it fills from context only, no genes).
-- With automatic placement the only slice spec allowed is one "±K" (the centres are not known yet).
+- With automatic placement the only slice spec allowed is one "±K" or "auto" (the centres are not known yet).
 - Device "auto" that runs out of GPU memory is retried once on the CPU (with a warning); an explicit "cuda"
   fails with the error instead, since the user asked for the GPU.
 - `ResourceCache` keeps one generator and one gene table (the module's repeated Apply is quick) and
@@ -36,7 +38,8 @@ import numpy as np
 # process, where the generator never runs (the background CLI runs it), so torch is never loaded there.
 #: No CT holds more slices than this: bigger requests are typos (and would exhaust memory), refused early.
 MAX_SLICES = 10_000
-SliceSpec = str | int | Sequence[int]
+SliceSpec = str | int | Sequence[int] | None   # None, like "auto": fitted to the nodule's size
+FIT_TO_SIZE = "auto"
 ProgressCallback = Callable[[float, str], "bool | None"]
 
 
@@ -48,8 +51,9 @@ class RequestError(ValueError):
 class InsertionRequest:
     """What the user asked for, as the CLI's options and the module's parameters both say it.
 
-    `slices`: specs (see the module docstring; an int is a half width, a list explicit indices), one for
-    every centre or one per centre; empty → ±`half_slices`. `weights` None → the bundled demo model.
+    `slices`: specs (see the module docstring; an int is a half width, a list explicit indices, None or
+    "auto" fitted to the nodule's size), one for every centre or one per centre; empty → ±`half_slices`.
+    `weights` None → the bundled demo model.
     """
 
     sample: str | None
@@ -78,8 +82,8 @@ class InsertionPlan:
     profile: np.ndarray | None
     gene_sample: str | None
     centres: np.ndarray | None
-    slices: list[list[int]] | None
-    half_slices: int
+    slices: list[list[int] | None] | None   # None for a nodule: fitted to its size
+    half_slices: int | None                 # for automatic centres; None: fitted to each nodule's size
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
@@ -88,9 +92,12 @@ _HALF_WIDTH = re.compile(r"(?:±|\+-|\+/-)(\d+)")
 _RANGE = re.compile(r"(-?\d+)(?:-|\.\.|:)(-?\d+)")
 
 
-def parse_slice_spec(text: str) -> int | list[int]:
-    """'±K' → K (a half width); '40, 41, 45-48' → [40, 41, 45, 46, 47, 48]."""
+def parse_slice_spec(text: str) -> int | list[int] | None:
+    """'±K' → K (a half width); '40, 41, 45-48' → [40, 41, 45, 46, 47, 48]; 'auto' → None (fitted to the
+    nodule's size)."""
     spec = str(text).strip()
+    if spec.lower() == FIT_TO_SIZE:
+        return None
     match = _HALF_WIDTH.fullmatch(spec.replace(" ", ""))
     if match:
         half = int(match.group(1))
@@ -112,7 +119,7 @@ def parse_slice_spec(text: str) -> int | list[int]:
         elif re.fullmatch(r"-?\d+", part):
             values.append(int(part))
         else:
-            raise RequestError(f"slices {text!r}: expected '±K' or slice indices such as '40, 41, 45-48'")
+            raise RequestError(f"slices {text!r}: expected '±K', 'auto' or slice indices such as '40, 41, 45-48'")
         if len(values) > MAX_SLICES:
             raise RequestError(f"slices {text!r}: more than {MAX_SLICES} slices")
     if not values:
@@ -130,7 +137,9 @@ def split_slice_specs(text: str) -> list[str]:
     return groups
 
 
-def _as_spec(spec: SliceSpec) -> int | list[int]:
+def _as_spec(spec: SliceSpec) -> int | list[int] | None:
+    if spec is None:
+        return None
     if isinstance(spec, str):
         return parse_slice_spec(spec)
     if isinstance(spec, (int, np.integer)):
@@ -145,8 +154,9 @@ def _as_spec(spec: SliceSpec) -> int | list[int]:
 
 def plan_slices(
     specs: Sequence[SliceSpec] | None, centres: np.ndarray, geometry: Any, half_slices: int
-) -> list[list[int]]:
-    """Explicit slice lists for every centre from the specs (one for all, or one per centre)."""
+) -> list[list[int] | None]:
+    """Explicit slice lists for every centre from the specs (one for all, or one per centre); None for a
+    centre whose slices are fitted to its nodule's size."""
     specs = list(specs or ())
     k_float = geometry.ras_to_kji(np.asarray(centres, dtype=np.float64).reshape(-1, 3))[:, 0]
     if not np.all(np.abs(k_float) < 10 * MAX_SLICES):  # the insertion names the volume's range for nearer ones
@@ -254,13 +264,13 @@ def make_plan(request: InsertionRequest, geometry: Any, cache: ResourceCache | N
 
     _check_request(request)
     cache = cache or ResourceCache()
-    half = int(request.half_slices)
+    half: int | None = int(request.half_slices)
     specs = [_as_spec(s) for s in request.slices]
     centres = None
     slices = None
     if request.auto_count:
-        if specs and (len(specs) != 1 or not isinstance(specs[0], int)):
-            raise RequestError("with automatic placement the slices can only be one '±K'")
+        if specs and (len(specs) != 1 or isinstance(specs[0], list)):
+            raise RequestError("with automatic placement the slices can only be one '±K' or 'auto'")
         half = specs[0] if specs else half
     else:
         try:

@@ -73,3 +73,5 @@ def test_cli_arguments_say_the_request(tmp_path) -> None:
 
     parsed = cli.build_parser().parse_args(arguments)  # the CLI accepts exactly what the module sends
     assert parsed.sample == "S1" and parsed.center_ras == ["1.5,-2.0,3.25"] and parsed.slices == ["±2", "4,5"]
+    fitted = background.cli_arguments(InsertionRequest(sample="S1", auto_count=1, slices=(None,)), files)
+    assert cli.build_parser().parse_args(fitted).slices == ["auto"]   # None: fitted to the nodule's size

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import nrrd
+import numpy as np
 import pytest
 import torch
 from test_insertion_support import make_metadata
@@ -53,6 +54,18 @@ def test_demo_writes_every_output(tmp_path, tiny_weights) -> None:  # type: igno
     new, _ = nrrd.read(str(volumes[0]), index_order="C")
     assert ct.shape == new.shape and ct.dtype == new.dtype
     assert (tmp_path / "demo_panel.png").read_bytes()[:4] == b"\x89PNG"
+    for path in segmentations:   # the untrained model may draw nothing; what it draws is one run of slices
+        label, _ = nrrd.read(str(path), index_order="C")
+        spanned = np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1))
+        assert spanned.tolist() == list(range(spanned[0], spanned[-1] + 1)) if spanned.size else True
+
+
+def test_half_slices_option() -> None:
+    import argparse
+
+    assert demo._half_slices("auto") is None and demo._half_slices(" AUTO ") is None and demo._half_slices("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match="an integer K or 'auto'"):
+        demo._half_slices("three")
 
 
 def test_random_model_mode_warns_loudly(tmp_path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]

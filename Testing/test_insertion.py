@@ -151,6 +151,51 @@ def test_a_nodule_is_a_solid_not_a_cylinder(inserter, phantom, genes) -> None:  
     assert min(flat) > 0.8 * max(flat)
 
 
+def test_fitted_slices_by_hand() -> None:
+    from RadiogenomicGANLib.insertion import fitted_slices
+
+    # |k − 10.3| · 2 mm < 5 mm: k = 7.8 … 12.8
+    assert fitted_slices(10.3, 5.0, 2.0, 40) == [8, 9, 10, 11, 12]
+    assert fitted_slices(10.3, 0.0, 2.0, 40) == [10]           # drawn empty: its centre slice only
+    assert fitted_slices(1.0, 5.0, 2.0, 40) == [0, 1, 2, 3]    # within the volume
+    assert fitted_slices(10.0, 4.0, 2.0, 40) == [9, 10, 11]    # a slice exactly R away has no cross-section
+
+
+def test_slices_fitted_to_the_nodule_hold_all_of_it(inserter, phantom, genes) -> None:  # type: ignore[no-untyped-def]
+    """half_slices=None: the nodule gets every slice its size spans — its label tapers to both ends and
+    stops where its radius says — where ±0 cuts the same nodule flat at its centre slice."""
+    from RadiogenomicGANLib.insertion import fitted_slices
+
+    centre = _lung_centre(phantom)
+    k_float = phantom.geometry.ras_to_kji([centre])[0, 0]
+    spacing_k = float(phantom.geometry.spacing_kji[0])
+    fitted = inserter.insert(phantom.volume_hu, phantom.geometry, genes, [centre], half_slices=None,
+                             lung_mask=phantom.lung_mask, seed=0)
+    radius_mm = 6 * 60 / 64   # DiscMaskGenerator's disc
+    expected = fitted_slices(k_float, radius_mm, spacing_k, phantom.volume_hu.shape[0])
+    assert fitted.slices[0] == expected and len(expected) >= 3
+    area = [int((fitted.label[k] > 0).sum()) for k in expected]
+    assert all(a > 0 for a in area) and area[0] < max(area) and area[-1] < max(area)
+    labelled = np.flatnonzero((fitted.label > 0).any(axis=(1, 2)))
+    assert labelled.tolist() == expected
+    assert fitted.provenance["slices_fitted_to_size"] == [True]
+    # the same nodule on ±0: one slice — and an explicit list beside a fitted nodule keeps its own slices
+    flat = inserter.insert(phantom.volume_hu, phantom.geometry, genes, [centre], half_slices=0,
+                           lung_mask=phantom.lung_mask, seed=0)
+    assert np.flatnonzero((flat.label > 0).any(axis=(1, 2))).tolist() == [int(np.rint(k_float))]
+    other = _lung_centre(phantom, (0.0, 12.0, 0.0))
+    mixed = inserter.insert(phantom.volume_hu, phantom.geometry, genes, [centre, other],
+                            slices=[None, [int(np.rint(k_float))]], lung_mask=phantom.lung_mask, seed=0)
+    assert mixed.slices == [expected, [int(np.rint(k_float))]]
+    assert mixed.provenance["slices_fitted_to_size"] == [True, False]
+    automatic = inserter.insert(phantom.volume_hu, phantom.geometry, genes, auto_count=2, half_slices=None,
+                                lung_mask=phantom.lung_mask, seed=4)
+    margin = int(np.ceil(10.0 / spacing_k))   # FIT_MARGIN_MM from either end of the volume
+    centre_k = np.rint(phantom.geometry.ras_to_kji(automatic.centres_ras)[:, 0])
+    assert ((centre_k >= margin) & (centre_k < phantom.volume_hu.shape[0] - margin)).all()
+    assert all(len(ks) in (len(expected) - 1, len(expected), len(expected) + 1) for ks in automatic.slices)
+
+
 class PositionDiscGenerator(DiscMaskGenerator):
     """A `slice_position` generator whose disc is a sphere's cross-section, r₀·√(1 − t²); records every t."""
 
@@ -195,6 +240,12 @@ def test_a_slice_position_model_is_told_where_each_slice_lies(phantom, genes) ->
     area = [int((result.label[k] > 0).sum()) for k in result.slices[0]]
     assert area[3] == max(area) and area[0] == area[-1] == 0 and 0 < area[2] < area[3]   # not a cylinder
     assert "slice position" in result.provenance["shape_3d"]
+    # slices fitted to its size: the same R (drawn at t = 0) picks them, and none lies beyond it
+    generator.seen_positions.clear()
+    fitted = inserter.insert(phantom.volume_hu, phantom.geometry, genes, [centre], half_slices=None,
+                             lung_mask=phantom.lung_mask, seed=0, shape_3d=False)
+    assert generator.seen_positions[0].tolist() == [0.0]
+    assert [k for k, t in zip(result.slices[0], given) if abs(t) < 1] == fitted.slices[0]
 
 
 def test_no_seam_at_the_footprint_border(inserter, phantom, genes) -> None:  # type: ignore[no-untyped-def]

@@ -241,7 +241,7 @@ def test_parameter_node_automatic_placement(module, logic, scene, ct, patient, w
     p = module.RadiogenomicGANParameterNode(
         inputVolume=ct, useBundledWeights=False, weightsPath=str(weights), device=module.Device.CPU,
         geneTablePath=str(gene_table), sampleId="S3", placement=module.Placement.AUTOMATIC, autoCount=2,
-        halfSlices=0, seed=4)
+        sliceMode=module.SliceMode.AROUND_CENTRE, halfSlices=0, seed=4)
     volume, segmentation, weight_map = logic.processParameterNode(p, scene=scene)
     assert weight_map is None
     assert p.outputVolume is volume and p.outputSegmentation is segmentation
@@ -253,6 +253,22 @@ def test_parameter_node_automatic_placement(module, logic, scene, ct, patient, w
     # A second Apply refills the same output nodes (the template's behaviour), never the input.
     again = logic.processParameterNode(p, scene=scene)
     assert again[0] is volume and again[1] is segmentation
+
+
+def test_parameter_node_fits_the_slices_by_default(module, logic, scene, ct, patient, weights, gene_table) -> None:
+    """A clicked point gets its whole nodule: the default slice mode asks for the slices its size spans."""
+    k = _middle_lung_slice(patient)
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    points.AddControlPoint(*_deep_lung_point(patient, k))
+    p = module.RadiogenomicGANParameterNode(
+        inputVolume=ct, useBundledWeights=False, weightsPath=str(weights), device=module.Device.CPU,
+        geneTablePath=str(gene_table), sampleId="S1", pointList=points, halfSlices=0)
+    assert p.sliceMode == module.SliceMode.FIT_TO_SIZE
+    assert logic.requestFromParameterNode(p).slices == ("auto",)
+    _, segmentation, _ = logic.processParameterNode(p, scene=scene)
+    spanned = np.flatnonzero(_segment_masks(segmentation, ct)["Synthetic nodule 1"].any(axis=(1, 2)))
+    assert spanned.size > 1   # not the ±0 of halfSlices: that spin box is off in this mode
+    assert spanned.tolist() == list(range(spanned[0], spanned[-1] + 1)) and spanned[0] <= k <= spanned[-1]
 
 
 def test_parameter_node_slice_list(module, logic, scene, ct, patient, weights, gene_table) -> None:

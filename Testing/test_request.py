@@ -56,6 +56,7 @@ def test_one_slice_syntax() -> None:
     assert parse("±2") == 2 and parse("+-3") == 3 and parse("+/-1") == 1 and parse(" ± 4 ") == 4
     assert parse("40, 41, 45-47") == [40, 41, 45, 46, 47] == parse("40 41 45..47") == parse("40,41,45:47")
     assert parse("45 - 47") == [45, 46, 47]
+    assert parse("auto") is None and parse(" Auto ") is None   # fitted to the nodule's size
     for bad in ("4-x", "7-3", "a", "", "±", "1;2"):
         with pytest.raises(rq.RequestError):
             parse(bad)
@@ -70,6 +71,8 @@ def test_plan_slices_per_centre_or_for_all() -> None:
     assert rq.plan_slices(["±1", "7,8"], centres, geometry, 2) == [[4, 5, 6], [7, 8]]
     assert rq.plan_slices([[3, 4]], centres, geometry, 2) == [[3, 4], [3, 4]]
     assert rq.plan_slices(None, centres[:1], geometry, 1) == [[4, 5, 6]]
+    assert rq.plan_slices(["auto", "7,8"], centres, geometry, 2) == [None, [7, 8]]
+    assert rq.plan_slices([None], centres, geometry, 2) == [None, None]
     with pytest.raises(rq.RequestError, match="3 slice specs for 2 centres"):
         rq.plan_slices(["1", "2", "3"], centres, geometry, 2)
 
@@ -102,6 +105,10 @@ def test_plan_validates_before_running(files) -> None:  # type: ignore[no-untype
     assert plan.gene_sample == "S2 (0.75) + S3 (0.25)"
     assert plan.provenance == {"gene_table": "genes.txt", "impute_missing_genes": False, "imputed_genes": 0,
                                "input_volume": "chest"}
+    assert rq.make_plan(rq.InsertionRequest(**base, auto_count=1, slices=("auto",)), geometry).half_slices is None
+    fitted = rq.run(rq.InsertionRequest(**base, centres_ras=[centre], slices=("auto",)), files["patient"].volume_hu,
+                    geometry)
+    assert fitted.provenance["slices_fitted_to_size"] == [True]
 
 
 def test_gene_table_is_needed_by_gene_models_only(files) -> None:  # type: ignore[no-untyped-def]
