@@ -13,6 +13,8 @@ from training.iteration import generate_with_second_draw
 from training.losses import (
     GANLoss,
     LossWeights,
+    core_contrast,
+    core_term,
     drawn_mask,
     eroded_background_mask,
     frozen,
@@ -485,6 +487,43 @@ def test_drawn_area_term_counts_only_what_is_drawn() -> None:
     expected = log_area_term(drawn_mask(_hand_fake().mask), _hand_batch()["mask"]).item()
     assert logs["g_consistency_drawn_area"] == pytest.approx(expected)
     assert logs["g_total"] == pytest.approx(2 * expected)
+
+
+def _disc(size: int, radius: float, core_radius: float = 0.0, core: float = 0.0) -> torch.Tensor:
+    """(1,1,S,S) image: 0.2 inside a centred disc of `radius` px, `core` inside `core_radius` px, 0 outside."""
+    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    distance = ((rows - (size - 1) / 2) ** 2 + (cols - (size - 1) / 2) ** 2).sqrt()
+    image = 0.2 * (distance <= radius).float() + (core - 0.2) * (distance < core_radius).float()
+    return image[None, None]
+
+
+def test_core_contrast_by_hand() -> None:
+    """A 10 px disc at 0.2 with a 1.0 core inside its inner half (r < 5): contrast 0.8; flat, 0; a 3 px disc
+    (29 px) is below CORE_MIN_PX and does not count. The term pulls a flat nodule's middle up towards a cored
+    real one's, and only through the image."""
+    mask = (_disc(32, 10) > 0).float()
+    cored, flat = _disc(32, 10, 5, 1.0), _disc(32, 10)
+    contrast, valid = core_contrast(cored, mask)
+    assert contrast.item() == pytest.approx(0.8, abs=0.02) and valid.item()
+    assert core_contrast(flat, mask)[0].item() == pytest.approx(0.0, abs=1e-4)
+    small = (_disc(32, 3) > 0).float()
+    assert not core_contrast(_disc(32, 3), small)[1].item()
+    generated = flat.clone().requires_grad_()
+    soft_mask = (mask * 0.9).requires_grad_()
+    term = core_term(generated, soft_mask, cored, mask)
+    assert term.item() == pytest.approx(0.8, abs=0.02)
+    term.backward()
+    centre = generated.grad[0, 0, 15, 15]
+    rim = generated.grad[0, 0, 15, 15 + 8]
+    assert centre < 0 < rim
+    assert soft_mask.grad is None or not soft_mask.grad.any()   # the geometry is not pushed
+    assert core_term(flat, mask, _disc(32, 3, 1.5, 1.0), small).item() == 0.0   # the real one too small
+    weights = LossWeights(d_i=0.0, d_is=0.0, d_isg=0.0, background_l1=0.0, consistency_area=0.0,
+                          consistency_intensity=0.0, consistency_core=3.0)
+    _, logs = GANLoss(StubGenerator(), StubDiscriminator(), weights).generator_loss(_hand_batch(), _hand_fake())
+    expected = core_term(_hand_fake().image, _hand_fake().mask, _hand_batch()["image"], _hand_batch()["mask"])
+    assert logs["g_consistency_core"] == pytest.approx(expected.item())
+    assert logs["g_total"] == pytest.approx(3 * expected.item())
 
 
 def test_position_term_by_hand() -> None:
