@@ -988,10 +988,11 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
 
         Centres are the control points of `pointListNode` (one nodule each) or, with `autoCount` > 0, that
         many valid lung locations. Each nodule spans ±`halfSlices` slices around its centre, or `sliceList`
-        (see `buildRequest`; "auto": the slices its size spans, the Widget's default). The gene profile is `sampleId` of the table, optionally blended with
-        `blendSampleId` at `blendWeight`. Output nodes are created (or the given ones refilled) only once the
-        insertion has succeeded; the input is never modified. `progress(fraction, message)` returning False
-        cancels (InsertionCancelled). Runs in this process: the Widget's Apply uses `startInsertion` instead.
+        (see `buildRequest`; "auto": the slices its size spans, the Widget's default). The gene profile is
+        `sampleId` of the table, optionally blended with `blendSampleId` at `blendWeight`. Output nodes are
+        created (or the given ones refilled) only once the insertion has succeeded; the input is never modified.
+        `progress(fraction, message)` returning False cancels (InsertionCancelled). Runs in this process: the
+        Widget's Apply uses `startInsertion` instead.
         """
         from RadiogenomicGANLib import mrml_adapter
         from RadiogenomicGANLib.request import run

@@ -403,6 +403,34 @@ def test_size_calibration_sees_nodules_drawn_too_small_that_rho_does_not(setup, 
     assert 0 < half["size_ratio_small"] < oracle["size_ratio_small"]
 
 
+class CoredOracle(DiscOracle):
+    """DiscOracle with a brighter core (+0.4 in [−1, 1] units) over its inner half: a part-solid look."""
+
+    def forward(self, background, genes, noise=None, hole=None):
+        out = super().forward(background, genes, noise, hole)
+        size = background.shape[-1]
+        rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        radius = (8.0 + 3.0 * torch.tanh(genes[:, 0])) / (60.0 / size)
+        shift = 1.5 * noise if noise is not None else torch.zeros(genes.shape[0], 2)
+        cy, cx = (size - 1) / 2 + shift[:, 0], (size - 1) / 2 + shift[:, 1]
+        core = ((rows[None] - cy[:, None, None]) ** 2 + (cols[None] - cx[:, None, None]) ** 2
+                <= (radius[:, None, None] / 2.5) ** 2).float()[:, None]
+        return out._replace(image=out.image + 0.4 * core)
+
+
+def test_core_calibration_sees_a_cored_nodule(setup, tmp_path):
+    """The fixture's real nodules are flat discs (core ≈ 0 HU); a flat oracle draws ≈ 0, a cored one
+    ≈ +0.4 × 750 HU = 300 HU (inner half partly core: lower)."""
+    data = setup["data"]
+    sections = _gene_control_of(data, {"flat": DiscOracle(data.patch_size), "cored": CoredOracle(data.patch_size)},
+                                tmp_path, backgrounds=3, noises=1)
+    flat, cored = (sections[name].metrics["models"]["proposed"] for name in ("flat", "cored"))
+    assert abs(flat["core_contrast_real_hu"]) < 20 and abs(flat["core_contrast_hu"]) < 20
+    assert 150 < cored["core_contrast_hu"] < 320
+    assert sections["cored"].summary["core_contrast_hu"] == cored["core_contrast_hu"]
+    assert "**The nodule's core**" in "\n".join(sections["cored"].markdown)
+
+
 class SphereOracle(DiscOracle):
     """DiscOracle that reads the slice position: its disc is a sphere's cross-section, radius × √(1 − t²)."""
 

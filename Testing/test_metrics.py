@@ -119,6 +119,25 @@ def test_margin_gradient_of_a_square_step_by_hand():
     assert M.margin_sharpness(half, mask) == pytest.approx(0.5 / 1.5)
 
 
+def test_core_contrast_by_hand():
+    """A 10 px ground-glass disc (−700 HU) with a solid core (40 HU) filling its inner half (r < 5): the inner
+    half's mean minus the outer half's is 740 HU; flat, 0; under CORE_MIN_PX pixels, NaN. The HU image's
+    core contrast equals the losses' differentiable one on the same image (in [−1, 1] units × 750 HU)."""
+    import torch
+
+    from training.losses import core_contrast
+
+    mask = _disc_mask(48, 10.0)
+    faint = np.where(mask, -700.0, -850.0)
+    cored = np.where(_disc_mask(48, 5.0), 40.0, faint)
+    assert M.core_contrast_hu(cored, mask) == pytest.approx(740.0)
+    assert M.core_contrast_hu(faint, mask) == pytest.approx(0.0)
+    assert math.isnan(M.core_contrast_hu(faint, _disc_mask(48, 3.0)))       # 29 px
+    unit = torch.from_numpy((cored + 600.0) / 750.0).float()[None, None]    # the training window (−1350, 150)
+    differentiable = core_contrast(unit, torch.from_numpy(mask).float()[None, None])[0].item() * 750.0
+    assert differentiable == pytest.approx(740.0, rel=0.01)
+
+
 def test_margin_sharpness_of_a_step_beats_a_blurred_step():
     mask = _disc_mask(48, 10.0)
     step = np.where(mask, 40.0, -850.0)

@@ -102,6 +102,7 @@ from RadiogenomicGANLib.networks import KINDS, GeneratorOutput, hole_from_mask
 from RadiogenomicGANLib.strict_dict import StrictDict
 
 from .discriminator import Discriminator
+from .metrics import CORE_MIN_PX
 
 
 class SecondDraw(NamedTuple):
@@ -310,13 +311,11 @@ def drawn_mask(mask: Tensor) -> Tensor:
     return torch.sigmoid((mask - MASK_THRESHOLD) / DRAWN_TEMPERATURE)
 
 
-CORE_MIN_PX = 40   # drawn pixels (a 6.7 mm disc at 0.94 mm/px): below this the inner half is a few pixels
-
-
 def core_contrast(image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """(B,) mean of `image` over the mask's inner half (within R/2 of the drawn mask's centroid, R = √(drawn
     area / π)) minus its mean over the outer half, the halves weighted by the soft mask; and (B,) whether the
-    row has at least CORE_MIN_PX drawn pixels. The geometry carries no gradient: the term shapes the inside."""
+    row has at least CORE_MIN_PX drawn pixels. The geometry carries no gradient: the term shapes the inside.
+    `metrics.core_contrast_hu` is the evaluation's measure of the same."""
     size = mask.shape[-1]
     with torch.no_grad():
         drawn = (mask > MASK_THRESHOLD).to(mask.dtype)
