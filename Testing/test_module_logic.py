@@ -255,14 +255,20 @@ def test_parameter_node_automatic_placement(module, logic, scene, ct, patient, w
     assert again[0] is volume and again[1] is segmentation
 
 
-def test_parameter_node_fits_the_slices_by_default(module, logic, scene, ct, patient, weights, gene_table) -> None:
-    """A clicked point gets its whole nodule: the default slice mode asks for the slices its size spans."""
+def _one_point_parameters(module, scene, ct, patient, weights, gene_table, **settings):  # type: ignore[no-untyped-def]
+    """A parameter node with one point deep in the lung on the middle lung slice k (returned with it), the
+    weights file, the CPU and sample S1."""
     k = _middle_lung_slice(patient)
     points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
     points.AddControlPoint(*_deep_lung_point(patient, k))
-    p = module.RadiogenomicGANParameterNode(
+    return module.RadiogenomicGANParameterNode(
         inputVolume=ct, useBundledWeights=False, weightsPath=str(weights), device=module.Device.CPU,
-        geneTablePath=str(gene_table), sampleId="S1", pointList=points, halfSlices=0)
+        geneTablePath=str(gene_table), sampleId="S1", pointList=points, **settings), k
+
+
+def test_parameter_node_fits_the_slices_by_default(module, logic, scene, ct, patient, weights, gene_table) -> None:
+    """A clicked point gets its whole nodule: the default slice mode asks for the slices its size spans."""
+    p, k = _one_point_parameters(module, scene, ct, patient, weights, gene_table, halfSlices=0)
     assert p.sliceMode == module.SliceMode.FIT_TO_SIZE
     assert logic.requestFromParameterNode(p).slices == ("auto",)
     _, segmentation, _ = logic.processParameterNode(p, scene=scene)
@@ -273,12 +279,8 @@ def test_parameter_node_fits_the_slices_by_default(module, logic, scene, ct, pat
 
 def test_parameter_node_slice_list(module, logic, scene, ct, patient, weights, gene_table) -> None:
     k = _middle_lung_slice(patient)
-    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
-    points.AddControlPoint(*_deep_lung_point(patient, k))
-    p = module.RadiogenomicGANParameterNode(
-        inputVolume=ct, useBundledWeights=False, weightsPath=str(weights), device=module.Device.CPU,
-        geneTablePath=str(gene_table), sampleId="S1", pointList=points, sliceMode=module.SliceMode.LIST,
-        sliceList=f"{k - 2}, {k}", outputWeightMapEnabled=True)
+    p, _ = _one_point_parameters(module, scene, ct, patient, weights, gene_table, sliceMode=module.SliceMode.LIST,
+                                 sliceList=f"{k - 2}, {k}", outputWeightMapEnabled=True)
     before = adapter.array_from_volume_node(ct)
     volume, segmentation, weight_map = logic.processParameterNode(p, scene=scene)
     changed = set(np.flatnonzero((adapter.array_from_volume_node(volume) != before).any(axis=(1, 2))))
