@@ -49,6 +49,13 @@ def test_command_on_the_bundled_model(tmp_path: Path, capsys) -> None:
     assert len(result["rows"]) == 4 and result["overall"]["nodules"] == 4
     assert {r["module_class"] for r in result["rows"]} == {int(c) for c in result["by_class"]}
     assert "| all | 4 |" in (out / "report.md").read_text() and "4 nodules in" in capsys.readouterr().out
+    assert result["slices"] == "±2"
+    fitted = tmp_path / "fitted"
+    assert main(["--out", str(fitted), "--cts", "1", "--points", "2", "--donors", "2", "--size", "128",
+                 "--fit-slices", "--no-progress"]) == 0
+    result = json.loads((fitted / "metrics.json").read_text())
+    assert result["slices"] == "fitted to each nodule" and result["overall"]["nodules"] == 4
+    assert "slices fitted to each nodule" in (fitted / "report.md").read_text()
 
 
 def test_bad_counts_are_refused(tmp_path: Path, capsys) -> None:

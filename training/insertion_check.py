@@ -74,9 +74,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def check(inserter: Any, *, cohort_seed: int, cts: int, points: int, donors: int, size: int = 256,
-          half_slices: int = 2, progress: bool = True) -> dict[str, Any]:
+          half_slices: int | None = 2, progress: bool = True) -> dict[str, Any]:
     """Insert `donors` donors at `points` automatic points in each of `cts` phantom CTs; per-nodule rows and
-    summaries overall and by true class."""
+    summaries overall and by true class. Every donor takes the first donor's ±`half_slices` slices; with
+    `half_slices` None each donor's nodules get the slices their own size spans (the module's default)."""
     from RadiogenomicGANLib import genes as gene_io
     from RadiogenomicGANLib.demo import cohort_genes, lung_away_from_own_nodule
     from RadiogenomicGANLib.phantom import generate_patient
@@ -103,11 +104,12 @@ def check(inserter: Any, *, cohort_seed: int, cts: int, points: int, donors: int
                                                  half_slices=half_slices,
                                                  lung_mask=lung_away_from_own_nodule(lung, patient))
             else:
-                result = inserter.insert(volume, geometry, profile, first.centres_ras, slices=first.slices, seed=ct,
+                slices = first.slices if half_slices is not None else [None] * len(first.slices)
+                result = inserter.insert(volume, geometry, profile, first.centres_ras, slices=slices, seed=ct,
                                          lung_mask=lung)
             centres_kji = np.asarray(geometry.ras_to_kji(first.centres_ras)).reshape(-1, 3)
             for n, centre in enumerate(centres_kji):
-                measured = label_placement(result.label == n + 1, volume, lung, centre, first.slices[n],
+                measured = label_placement(result.label == n + 1, volume, lung, centre, result.slices[n],
                                            geometry.spacing_kji)
                 rows.append({"ct": ct, "donor": ids[d], "module_class": int(classes[d]), "nodule": n, **measured})
             bar.update()
@@ -115,6 +117,7 @@ def check(inserter: Any, *, cohort_seed: int, cts: int, points: int, donors: int
     by_class = {int(c): summarise([r for r in rows if r["module_class"] == c])
                 for c in sorted({r["module_class"] for r in rows})}
     return {"cohort_seed": cohort_seed, "cts": cts, "points": points, "donors": donors,
+            "slices": "fitted to each nodule" if half_slices is None else f"±{half_slices}",
             "overall": summarise(rows), "by_class": by_class, "rows": rows}
 
 
@@ -124,7 +127,8 @@ def report(result: dict[str, Any], model_text: str) -> list[str]:
 
     lines = [f"# Insertion check: {model_text}", "",
              f"{result['cts']} phantom CTs × {result['points']} automatic points × {result['donors']} donors of the "
-             f"unseen cohort of seed {result['cohort_seed']}. *Empty*: no label reached the CT. Of the drawn ones: "
+             f"unseen cohort of seed {result['cohort_seed']}, slices {result['slices']}. *Empty*: no label reached the "
+             "CT. Of the drawn ones: "
              "the label centroid's distance from the requested point (mm, in-plane; median and 90th percentile), "
              f"the share lying mostly (> 50 %) on tissue the CT already had (> {TISSUE_HU:.0f} HU), and that share "
              "for a ball of the same volume at the point.", "",
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", type=int, default=8, help="automatic points per CT (default 8)")
     parser.add_argument("--donors", type=int, default=8, help="donors, the cohort's first ones (default 8)")
     parser.add_argument("--size", type=int, default=256, help="phantom in-plane matrix (default 256)")
+    parser.add_argument("--fit-slices", action="store_true",
+                        help="each nodule on the slices its size spans (the module's default) instead of ±2")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     for name in ("cts", "points", "donors"):
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if seed is None:
             seed = int(inserter.metadata.provenance.get("phantom_seed", 0)) + 1
         result = check(inserter, cohort_seed=seed, cts=args.cts, points=args.points, donors=args.donors,
-                       size=args.size, progress=not args.no_progress)
+                       size=args.size, half_slices=None if args.fit_slices else 2, progress=not args.no_progress)
         lines = report(result, model_text)
         (args.out / "report.md").write_text("\n".join(lines))
         (args.out / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
