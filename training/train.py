@@ -18,6 +18,7 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from .config import MODELS, ConfigError, TrainConfig, parse_override
 from .dataset import DatasetError, training_data
 from .export import export_generator
 from .iteration import build_configs, ema_decay
+from .losses import LossWeights
 from .sampling import ResumableDistributedSampler, item_noise
 from .training_loop import TrainingError, training_loop
 
@@ -78,10 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, help=f"EMA decay of the exported generator (default {d.ema_decay})")
     g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, help="ramp the EMA decay up early")
     g.add_argument("--loss-weight", action="append", metavar="NAME=VALUE",
-                   help="override a LossWeights term (d_i, d_is, d_isg, background_l1, hole_l1, erosion_kernel, "
-                   "hole_scale, consistency_area, consistency_intensity, consistency_margin, consistency_shape, "
-                   "consistency_position, consistency_log_area, consistency_drawn_area, code_phenotype, mode_seeking, "
-                   "mode_seeking_target, r1); repeatable")
+                   help=f"override a LossWeights term ({', '.join(f.name for f in fields(LossWeights))}); "
+                   "repeatable")
     g.add_argument("--generator", action="append", metavar="KEY=VALUE",
                    help="override a GeneratorConfig field (code_dim, noise_dim, base_channels, max_channels, "
                    "gene_hidden); repeatable")
