@@ -461,15 +461,15 @@ def profile_gap(ctx: Context, model: Model, draw: ProfileDraw) -> dict[str, Any]
     backgrounds = data.background_images[draw.backgrounds]
     n_bg = backgrounds.shape[0]
     noise = seeded_noise(1, model.noise_dim, ctx.seed, 7)
-    all_position = data.nodule_position()
+    positions = np.split(draw.position, np.cumsum([rows.size for rows in draw.slices])[:-1])  # per donor
     generated = []
-    for rows in draw.slices:
+    for rows, position in zip(draw.slices, positions):
         donor = int(data.nodule_patient[rows[0]])
         inputs = np.tile(backgrounds, (rows.size, 1, 1))
         genes = np.repeat(model.genes[donor][None], inputs.shape[0], axis=0)
         _, masks = generate(model, inputs, genes, np.repeat(noise, inputs.shape[0], axis=0), device=ctx.device,
                             batch_size=max(ctx.batch_size, inputs.shape[0]), progress=False,
-                            positions=np.repeat(all_position[rows], n_bg).astype(np.float32))
+                            positions=np.repeat(position, n_bg).astype(np.float32))
         drawn = (masks > 0.5).reshape(rows.size, n_bg, -1).sum(axis=2).mean(axis=1)
         generated.append(drawn / drawn.max() if drawn.max() > 0 else np.full(rows.size, np.nan))
     fraction = np.concatenate(generated) if generated else np.zeros(0)
