@@ -377,8 +377,10 @@ class NoduleInserter:
         report(0.25, "Extracting patches")
         centre_k = geometry.ras_to_kji(centres)[:, 0]
         fitted = [ks is None for ks in nodule_slices]
+        centre_radius_mm = None   # each nodule's radius as drawn on its centre slice, when fitting drew it
         if any(fitted):
-            nodule_slices = self._fit_slices(volume, geometry, centres, centre_k, nodule_slices, genes, seed)
+            nodule_slices, centre_radius_mm = self._fit_slices(volume, geometry, centres, centre_k, nodule_slices,
+                                                               genes, seed)
 
         jobs = [_SliceJob(n, k) for n, ks in enumerate(nodule_slices) for k in ks]
         backgrounds = self._patches(volume, geometry, centres, jobs)
@@ -387,7 +389,7 @@ class NoduleInserter:
         positions = None
         if self.metadata.config.slice_position:
             positions = self._slice_positions(backgrounds_unit, genes, jobs, len(centres), centre_k,
-                                              float(geometry.spacing_kji[0]), seed)
+                                              float(geometry.spacing_kji[0]), seed, centre_radius_mm)
         images, masks, weights = self._run_generator(
             backgrounds_unit, genes, nodule_of_job, len(centres), seed, report, positions
         )
@@ -532,14 +534,20 @@ class NoduleInserter:
 
     # --- generator ------------------------------------------------------------------------------------
     def _slice_positions(self, backgrounds_unit: np.ndarray, genes: np.ndarray | None, jobs: list[_SliceJob],
-                         num_nodules: int, centre_k: np.ndarray, slice_spacing_mm: float, seed: int) -> np.ndarray:
+                         num_nodules: int, centre_k: np.ndarray, slice_spacing_mm: float, seed: int,
+                         radius_mm: np.ndarray | None = None) -> np.ndarray:
         """For a `slice_position` model: each slice's place t within its nodule. The slice nearest each centre is
         drawn first at t = 0 (the nodule's widest cross-section); its equivalent radius R (mm) is the nodule's
         half extent, so t = offset from the centre (mm) / R and the nodule ends where its size says — the same
-        R as `sphere_profile_masks`. A nodule drawn empty at its centre gets t = 0 throughout."""
+        R as `sphere_profile_masks`. A nodule drawn empty at its centre gets t = 0 throughout. `radius_mm`: R as
+        `_fit_slices` drew it on each centre's own slice, used when that is the nearest slice of every nodule."""
         nodule_of_job = np.array([job.nodule for job in jobs])
         offsets_mm, nearest = slice_offsets(nodule_of_job, [job.slice_k for job in jobs], centre_k, slice_spacing_mm)
-        radius_mm = self._centre_radii_mm(backgrounds_unit[[nearest[n] for n in range(num_nodules)]], genes, seed)
+        centre_jobs = [nearest[n] for n in range(num_nodules)]
+        drawn = radius_mm is not None and all(jobs[j].slice_k == int(np.rint(centre_k[n]))
+                                              for n, j in enumerate(centre_jobs))
+        if not drawn:
+            radius_mm = self._centre_radii_mm(backgrounds_unit[centre_jobs], genes, seed)
         radius_of_job = radius_mm[nodule_of_job]
         safe = np.where(radius_of_job > 0, radius_of_job, 1.0)
         return np.where(radius_of_job > 0, np.clip(offsets_mm / safe, -1.0, 1.0), 0.0).astype(np.float32)
@@ -556,14 +564,16 @@ class NoduleInserter:
         return np.array([equivalent_radius_mm(mask > 0.5, pixel_mm) for mask in masks])
 
     def _fit_slices(self, volume: np.ndarray, geometry: VolumeGeometry, centres: np.ndarray, centre_k: np.ndarray,
-                    planned: list[list[int] | None], genes: np.ndarray | None, seed: int) -> list[list[int]]:
-        """Fill the nodules planned None with `fitted_slices` of the radius their centre slice is drawn at."""
+                    planned: list[list[int] | None], genes: np.ndarray | None, seed: int
+                    ) -> tuple[list[list[int]], np.ndarray]:
+        """Fill the nodules planned None with `fitted_slices` of the radius their centre slice is drawn at; and
+        every nodule's radius (mm) so drawn."""
         centre_jobs = [_SliceJob(n, int(np.rint(k))) for n, k in enumerate(centre_k)]
         centre_unit = hu_to_unit(self._patches(volume, geometry, centres, centre_jobs), self.metadata.hu_window)
         radius_mm = self._centre_radii_mm(centre_unit, genes, seed)
         spacing_k = float(geometry.spacing_kji[0])
         return [fitted_slices(centre_k[n], radius_mm[n], spacing_k, volume.shape[0]) if ks is None else ks
-                for n, ks in enumerate(planned)]
+                for n, ks in enumerate(planned)], radius_mm
 
     def _patches(self, volume: np.ndarray, geometry: VolumeGeometry, centres: np.ndarray,
                  jobs: list[_SliceJob]) -> np.ndarray:

@@ -245,6 +245,7 @@ def test_a_slice_position_model_is_told_where_each_slice_lies(phantom, genes) ->
     fitted = inserter.insert(phantom.volume_hu, phantom.geometry, genes, [centre], half_slices=None,
                              lung_mask=phantom.lung_mask, seed=0, shape_3d=False)
     assert generator.seen_positions[0].tolist() == [0.0]
+    assert len(generator.seen_positions) == 2   # the centre once (it fits the slices and sets t), then every slice
     assert [k for k, t in zip(result.slices[0], given) if abs(t) < 1] == fitted.slices[0]
 
 
