@@ -329,7 +329,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(f"Inserted {len(result.centres_ras)} synthetic nodule(s) for {summary['sample']} "
           f"(seed {result.provenance['seed']}, {result.provenance['model_kind']} model, "
           f"{result.provenance['device']}):")
-    fitted = result.provenance.get("slices_fitted_to_size", [False] * len(result.slices))
+    fitted = result.provenance["slices_fitted_to_size"]
     for n, (centre, ks, voxels) in enumerate(zip(result.centres_ras, result.slices, summary["voxels"]), start=1):
         print(f"  nodule {n}: RAS ({centre[0]:.1f}, {centre[1]:.1f}, {centre[2]:.1f}) mm, "
               f"slices {ks[0]}–{ks[-1]}{' (fitted to its size)' if fitted[n - 1] else ''}, {voxels} labelled voxels")

@@ -389,8 +389,10 @@ def _gene_codes(inserter: Any, table: Any, ids: list[str], metadata: Any) -> np.
 
 
 def _half_slices(text: str) -> int | None:
-    """'auto' → None (fitted to each nodule's size), else an integer K."""
-    if text.strip().lower() == "auto":
+    """'auto' (the slice syntax's FIT_TO_SIZE) → None (fitted to each nodule's size), else an integer K."""
+    from RadiogenomicGANLib.request import FIT_TO_SIZE
+
+    if text.strip().lower() == FIT_TO_SIZE:
         return None
     try:
         return int(text)
