@@ -41,8 +41,9 @@ The core term asks the drawn nodule's inside to be shaped like the real one's: `
 intensity of the mask's inner half (within R/2 of its centroid, R the drawn equivalent radius) minus that of
 its outer half — a part-solid or solid-cored ground-glass nodule is brighter in the middle. Why: the real
 nodule slices of the unseen cohort have a core contrast of 0.17 (median, [0.08, 0.34] interquartile; ≈ 130
-HU), the round-8 models drew 0.06 ([−0.02, 0.18]) with a per-slice Spearman 0.16 against the paired real
-slice: flat nodules whose inside did not follow the genes, which the intensity term (a mean) cannot see.
+HU); one round-8 model (seed 11, 600 slices, one diagnostic draw) drew 0.06 ([−0.02, 0.18]) with a per-slice
+Spearman 0.16 against the paired real slice: flat nodules whose inside did not follow the genes, which the
+intensity term (a mean) cannot see. Over three seeds the evaluation's measure agrees (README round 9).
 Nodules smaller than `CORE_MIN_PX` drawn pixels, on either side, add 0.
 
 The code-phenotype term anchors the first F coordinates of the gene code φ(g) to the donor's real nodule,
