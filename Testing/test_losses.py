@@ -23,6 +23,7 @@ from training.losses import (
     masked_l1,
     mode_seeking_term,
     position_term,
+    quantile_term,
 )
 
 # -- stubs with known scores -----------------------------------------------------------------------------
@@ -524,6 +525,33 @@ def test_core_contrast_by_hand() -> None:
     expected = core_term(_hand_fake().image, _hand_fake().mask, _hand_batch()["image"], _hand_batch()["mask"])
     assert logs["g_consistency_core"] == pytest.approx(expected.item())
     assert logs["g_total"] == pytest.approx(3 * expected.item())
+
+
+def test_quantile_term_by_hand() -> None:
+    """A flat 0.6 disc against a real one of the same mean that is half 0.2, half 1.0 (a cored nodule): the
+    soft-mask mean sees little, every decile is 0.2 or 1.0 against 0.6: 0.4 (the median may interpolate
+    between the halves, so within 0.03). The gradient spreads the flat values apart; the mask is not
+    pushed; identical nodules cost 0 and a real nodule below CORE_MIN_PX adds nothing."""
+    mask = (_disc(32, 10) > 0).float()
+    cored = _disc(32, 10, 7.07, 1.0)   # the inner disc holds about half of the pixels
+    flat = 0.6 * mask
+    generated = flat.clone().requires_grad_()
+    soft_mask = (mask * 0.9).requires_grad_()
+    term = quantile_term(generated, soft_mask, cored, mask)
+    assert term.item() == pytest.approx(0.4, abs=0.03)
+    term.backward()
+    grad = generated.grad[0, 0][mask[0, 0] > 0]
+    assert (grad > 0).any() and (grad < 0).any()              # some values pushed down, others up
+    assert soft_mask.grad is None or not soft_mask.grad.any()
+    assert quantile_term(cored, mask, cored, mask).item() == pytest.approx(0.0, abs=1e-6)
+    small = (_disc(32, 3) > 0).float()
+    assert quantile_term(flat, mask, _disc(32, 3), small).item() == 0.0
+    weights = LossWeights(d_i=0.0, d_is=0.0, d_isg=0.0, background_l1=0.0, consistency_area=0.0,
+                          consistency_intensity=0.0, consistency_quantiles=2.0)
+    _, logs = GANLoss(StubGenerator(), StubDiscriminator(), weights).generator_loss(_hand_batch(), _hand_fake())
+    expected = quantile_term(_hand_fake().image, _hand_fake().mask, _hand_batch()["image"], _hand_batch()["mask"])
+    assert logs["g_consistency_quantiles"] == pytest.approx(expected.item())
+    assert logs["g_total"] == pytest.approx(2 * expected.item())
 
 
 def test_position_term_by_hand() -> None:
