@@ -481,6 +481,45 @@ def test_slice_profile_fails_a_position_blind_model_and_passes_a_sphere(setup, t
     assert len(accuracies) == 1 and 0.0 <= accuracies[0] <= 1.0
 
 
+class RecordingOracle(DiscOracle):
+    """DiscOracle that keeps every gene row it was given, in call order."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, background, genes, noise=None, hole=None, radius_scale=1.0):
+        self.seen.append(genes.detach().clone())
+        return super().forward(background, genes, noise, hole, radius_scale)
+
+
+def test_realism_draws_each_image_with_a_real_slices_donor(setup, tmp_path):
+    """The real side of the C2ST is slice-weighted (a large nodule has many slices), so the synthetic side
+    takes its donors from the sampled real slices: with donors that keep 1 to 4 slices each, every donor's
+    genes are drawn exactly as often as it has slices."""
+    from collections import Counter
+    from dataclasses import replace
+
+    from training.evaluation.context import Context, Model
+    from training.evaluation.sections import realism
+
+    data = setup["data"]
+    keep = np.concatenate([np.flatnonzero(data.nodule_patient == p)[: 1 + p % 4] for p in range(data.num_patients)])
+    data = replace(data, **{name: getattr(data, name)[keep] for name in
+                            ("nodule_images", "nodule_masks", "nodule_patient", "nodule_slice", "nodule_centre_ras")})
+    oracle = RecordingOracle(data.patch_size)
+    options = {"batch_size": 512, "progress": False, "c2st_runs": 1, "c2st_samples": data.num_nodules,
+               "c2st_epochs": 1, "c2st_crop": 24}
+    ctx = Context(data, {"proposed": Model("proposed", oracle, None, data.genes, "oracle")}, None,
+                  torch.device("cpu"), 0, tmp_path, "all", options)
+    realism(ctx)
+    first = oracle.seen[0].numpy()     # the images on random backgrounds, one batch
+    assert first.shape[0] == data.num_nodules
+    donors = [int(np.flatnonzero((data.genes == row).all(axis=1))[0]) for row in first]
+    assert Counter(donors) == Counter(data.nodule_patient.tolist())
+    assert len(set(Counter(donors).values())) == 4     # the donors do differ in slice count
+
+
 def test_jsonable_makes_strict_json():
     value = {"a": np.float32(1.5), "b": float("nan"), "c": np.arange(3), "d": (np.int64(2), np.inf),
              "e": Path("x.png"), "f": np.bool_(True)}

@@ -695,7 +695,8 @@ def realism(ctx: Context) -> Section:
     """C2ST of real held-out nodule slices against each model's images, over `c2st_runs` critic seeds, with
     the real-vs-real floor and the copy-background control; then again with both sides restricted to patches
     whose central crop is all lung (`surroundings.wall_fraction`), which takes the chest wall out of the test.
-    A model that reads the slice position draws each image at the place t of one of the sampled real slices."""
+    Each generated image is drawn with the genes of one sampled real slice's donor and, for a model that reads
+    the slice position, at that slice's place t in its nodule."""
     data = ctx.data
     crop = int(ctx.option("c2st_crop"))
     samples = int(ctx.option("c2st_samples"))
@@ -709,15 +710,17 @@ def realism(ctx: Context) -> Section:
     real_groups = data.nodule_patient[real_idx]
     backgrounds = ctx.backgrounds
     bg_idx = backgrounds[rng.integers(backgrounds.size, size=samples)]
-    donors = rng.choice(ctx.donors, size=samples)
     real_wall = wall_fraction(data.nodule_images[real_idx], window, data.nodule_masks[real_idx], crop)
     background_wall = wall_fraction(data.background_images[backgrounds], window, crop=crop)
     open_backgrounds = backgrounds[background_wall <= LUNG_ONLY]
     matched_bg = (open_backgrounds[rng.integers(open_backgrounds.size, size=samples)] if open_backgrounds.size
                   else np.zeros(0, dtype=np.int64))
     real_open = real_wall <= LUNG_ONLY
-    # each generated image at the place in its nodule of one real slice (cycled: the split may hold fewer)
+    # each generated image is the counterpart of one real slice (cycled: the split may hold fewer): that slice's
+    # donor's genes, at its place in the nodule. Donors drawn uniformly instead gave the synthetic side more
+    # small nodules than the slice-weighted real side, where a large nodule has many slices.
     fake_positions = np.resize(data.nodule_position()[real_idx], samples)
+    donors = np.resize(real_groups, samples)
     fakes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     matched: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for model in [*ctx.models.values(), *[c for c in ctx.controls if c.role == "copy"]]:
@@ -764,7 +767,8 @@ def realism(ctx: Context) -> Section:
                         "lung_only_backgrounds": int(open_backgrounds.size)}}
     lines = ["## Realism: classifier two-sample test", "",
              f"A small CNN learns real held-out nodule slices against each model's images ({real.shape[0]} per class, "
-             f"central {crop}×{crop} px), {epochs} epochs, "
+             f"central {crop}×{crop} px; each image drawn with the genes of one real slice's donor, at its place in "
+             f"the nodule), {epochs} epochs, "
              f"{runs} critics (seeds); each critic's train and test halves are split by donor (real) and by "
              "background patient (synthetic), so memorising a patient does not help. Balanced accuracy on the test "
              "half: 0.5 = indistinguishable. *Real vs real*: the donors split in two halves — the floor a critic "
