@@ -857,7 +857,7 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
         sampleId: str | None,
         pointListNode: Any = None,
         autoCount: int = 0,
-        halfSlices: int = 2,
+        halfSlices: int | None = None,
         sliceList: Any = None,
         seed: int = 0,
         weightsPath: str | None = None,
@@ -901,7 +901,8 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
             sample=sampleId or None, gene_table=geneTablePath or None, blend_with=blend,
             blend_weight=float(blendWeight) if blend else 0.0, impute_missing_genes=bool(imputeMissingGenes),
             weights=self._weights(weightsPath), device=str(device), centres_ras=centres,
-            auto_count=int(autoCount) if centres is None else 0, slices=slices, half_slices=int(halfSlices),
+            auto_count=int(autoCount) if centres is None else 0, slices=slices,
+            half_slices=None if halfSlices is None else int(halfSlices),
             seed=int(seed), allow_outside_lung=bool(allowOutsideLung), weight_map=bool(outputWeightMap),
             input_name=inputVolumeNode.GetName())
 
@@ -968,7 +969,7 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
         sampleId: str | None,
         pointListNode: Any = None,
         autoCount: int = 0,
-        halfSlices: int = 2,
+        halfSlices: int | None = None,
         sliceList: Any = None,
         seed: int = 0,
         weightsPath: str | None = None,
@@ -987,9 +988,9 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
         """Insert synthetic nodules into a copy of `inputVolumeNode`; returns (volume, segmentation, weight map).
 
         Centres are the control points of `pointListNode` (one nodule each) or, with `autoCount` > 0, that
-        many valid lung locations. Each nodule spans ±`halfSlices` slices around its centre, or `sliceList`
-        (see `buildRequest`; "auto": the slices its size spans, the Widget's default). The gene profile is
-        `sampleId` of the table, optionally blended with `blendSampleId` at `blendWeight`. Output nodes are
+        many valid lung locations. Each nodule spans `sliceList` (see `buildRequest`) or ±`halfSlices` slices
+        around its centre; with neither, the slices its size spans ("auto", the Widget's default). The gene
+        profile is `sampleId` of the table, optionally blended with `blendSampleId` at `blendWeight`. Output nodes are
         created (or the given ones refilled) only once the insertion has succeeded; the input is never modified.
         `progress(fraction, message)` returning False cancels (InsertionCancelled). Runs in this process: the
         Widget's Apply uses `startInsertion` instead.

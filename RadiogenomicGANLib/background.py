@@ -78,7 +78,6 @@ def cli_arguments(request: InsertionRequest, files: InsertionFiles, threads: int
 
     arguments = ["insert", "--ct", str(files.ct), "--weights", str(request.weights or default_weights()),
                  "--device", str(request.device), "--seed", str(int(request.seed)),
-                 "--half-slices", str(int(request.half_slices)),
                  "--out-volume", str(files.volume), "--out-segmentation", str(files.segmentation), "--progress-lines"]
     # --genes and --sample are required by the CLI even for the inpainting model, which ignores them.
     arguments += ["--genes", str(request.gene_table or files.ct), "--sample", str(request.sample or "-")]
@@ -86,6 +85,8 @@ def cli_arguments(request: InsertionRequest, files: InsertionFiles, threads: int
         arguments += ["--blend-with", request.blend_with, "--blend-weight", repr(float(request.blend_weight))]
     if request.impute_missing_genes:
         arguments.append("--impute-missing-genes")
+    if request.half_slices is not None:
+        arguments += ["--half-slices", str(int(request.half_slices))]
     if request.auto_count:
         arguments += ["--auto", str(int(request.auto_count))]
     else:

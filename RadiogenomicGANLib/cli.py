@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="slices of a centre: '±K' (or '+-K') around its slice, 'auto' (every slice the "
                        "nodule's size spans), or a list like '10,11,12' or '10-14'; once for all centres or once "
                        "per --center-ras")
-    where.add_argument("--half-slices", type=int, default=2, help="±K slices around each centre (default 2)")
+    where.add_argument("--half-slices", type=int, default=None,
+                       help="±K slices around each centre (default: every slice the nodule's size spans, as "
+                       "'--slices auto')")
     where.add_argument("--allow-outside-lung", action="store_true", help="accept centres outside the lung mask")
 
     run = insert.add_argument_group("run")
@@ -141,7 +143,7 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
         check_writable(folder)  # a read-only folder fails now, not after the generator has run
     if args.auto is not None and args.auto < 1:
         raise CLIError("--auto N needs N ≥ 1")
-    if not 0 <= args.half_slices <= MAX_SLICES // 2:
+    if args.half_slices is not None and not 0 <= args.half_slices <= MAX_SLICES // 2:
         raise CLIError(f"--half-slices must be between 0 and {MAX_SLICES // 2}, got {args.half_slices}")
     centres = np.stack([parse_centre(c) for c in args.center_ras]) if args.center_ras else None
 

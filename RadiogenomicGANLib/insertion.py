@@ -306,7 +306,7 @@ class NoduleInserter:
         *,
         auto_count: int = 0,
         slices: Sequence[Sequence[int] | None] | None = None,
-        half_slices: int | None = 2,
+        half_slices: int | None = None,
         seed: int = 0,
         allow_outside_lung: bool = False,
         return_weight_map: bool = False,
@@ -319,8 +319,8 @@ class NoduleInserter:
         """Insert one nodule per centre (or `auto_count` automatically placed ones) into a copy of the CT.
 
         `slices[n]` lists the slice indices k of nodule n; without it every nodule spans ±`half_slices`
-        around its centre's slice. None (for one nodule in `slices`, or as `half_slices` for all) fits the
-        slices to the nodule: its centre slice is drawn first, and it gets every slice its size spans
+        around its centre's slice. None (for one nodule in `slices`, or as `half_slices` for all: the default) fits
+        the slices to the nodule: its centre slice is drawn first, and it gets every slice its size spans
         (`fitted_slices`), so that it is not cut flat by too short a range. `gene_sample` and `imputed_genes`
         (how many of the model's genes were set to the training mean because the table lacked them) only
         document the profile in the provenance.

@@ -52,7 +52,8 @@ class InsertionRequest:
     """What the user asked for, as the CLI's options and the module's parameters both say it.
 
     `slices`: specs (see the module docstring; an int is a half width, a list explicit indices, None or
-    "auto" fitted to the nodule's size), one for every centre or one per centre; empty → ±`half_slices`.
+    "auto" fitted to the nodule's size), one for every centre or one per centre; empty → ±`half_slices`, and
+    with `half_slices` None too (the default, as in the module) every nodule is fitted to its size.
     `weights` None → the bundled demo model.
     """
 
@@ -66,7 +67,7 @@ class InsertionRequest:
     centres_ras: Any = None
     auto_count: int = 0
     slices: Sequence[SliceSpec] = ()
-    half_slices: int = 2
+    half_slices: int | None = None
     seed: int = 0
     allow_outside_lung: bool = False
     weight_map: bool = False
@@ -153,7 +154,7 @@ def _as_spec(spec: SliceSpec) -> int | list[int] | None:
 
 
 def plan_slices(
-    specs: Sequence[SliceSpec] | None, centres: np.ndarray, geometry: Any, half_slices: int
+    specs: Sequence[SliceSpec] | None, centres: np.ndarray, geometry: Any, half_slices: int | None
 ) -> list[list[int] | None]:
     """Explicit slice lists for every centre from the specs (one for all, or one per centre); None for a
     centre whose slices are fitted to its nodule's size."""
@@ -162,7 +163,7 @@ def plan_slices(
     if not np.all(np.abs(k_float) < 10 * MAX_SLICES):  # the insertion names the volume's range for nearer ones
         raise RequestError(f"a centre lies outside the volume (slice index {k_float[np.argmax(np.abs(k_float))]:.3g})")
     centre_k = np.rint(k_float).astype(int)
-    parsed = [_as_spec(s) for s in specs] if len(specs) else [int(half_slices)]
+    parsed = [_as_spec(s) for s in specs] if len(specs) else [None if half_slices is None else int(half_slices)]
     if len(parsed) == 1:
         parsed = parsed * len(centre_k)
     if len(parsed) != len(centre_k):
@@ -251,7 +252,7 @@ def _check_request(request: InsertionRequest) -> None:
         raise RequestError("give nodule centres or an automatic count, not both")
     if not explicit and request.auto_count < 1:
         raise RequestError("give nodule centres (points in the lung) or an automatic count ≥ 1")
-    if not 0 <= request.half_slices <= MAX_SLICES // 2:
+    if request.half_slices is not None and not 0 <= request.half_slices <= MAX_SLICES // 2:
         raise RequestError(f"±{request.half_slices} slices: the half width must be between 0 and {MAX_SLICES // 2}")
     if request.blend_with and not 0.0 <= float(request.blend_weight) <= 1.0:
         raise RequestError(f"blend weight {request.blend_weight} is not in [0, 1]")
@@ -264,7 +265,7 @@ def make_plan(request: InsertionRequest, geometry: Any, cache: ResourceCache | N
 
     _check_request(request)
     cache = cache or ResourceCache()
-    half: int | None = int(request.half_slices)
+    half = None if request.half_slices is None else int(request.half_slices)
     specs = [_as_spec(s) for s in request.slices]
     centres = None
     slices = None

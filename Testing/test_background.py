@@ -75,3 +75,8 @@ def test_cli_arguments_say_the_request(tmp_path) -> None:
     assert parsed.sample == "S1" and parsed.center_ras == ["1.5,-2.0,3.25"] and parsed.slices == ["±2", "4,5"]
     fitted = background.cli_arguments(InsertionRequest(sample="S1", auto_count=1, slices=(None,)), files)
     assert cli.build_parser().parse_args(fitted).slices == ["auto"]   # None: fitted to the nodule's size
+    default = cli.build_parser().parse_args(background.cli_arguments(InsertionRequest(sample="S1", auto_count=1),
+                                                                     files))
+    assert default.slices is None and default.half_slices is None   # the CLI's default: fitted as well
+    explicit = background.cli_arguments(InsertionRequest(sample="S1", auto_count=1, half_slices=3), files)
+    assert cli.build_parser().parse_args(explicit).half_slices == 3

@@ -425,8 +425,9 @@ def test_impute_missing_genes(data, tmp_path, capsys) -> None:  # type: ignore[n
     assert provenance["imputed_genes"] == 3
 
 
-def test_a_killed_runs_partial_files_are_removed(data, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A killed insert leaves hidden .partial files; the next run into the same outputs removes them."""
+def test_a_killed_runs_partial_files_are_removed(data, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A killed insert leaves hidden .partial files; the next run into the same outputs removes them. Without a
+    slice option the nodule is fitted to its size, as in the module."""
     import os
     import time
 
@@ -437,6 +438,7 @@ def test_a_killed_runs_partial_files_are_removed(data, tmp_path) -> None:  # typ
     os.utime(leftover, (an_hour_ago, an_hour_ago))
     centre = _lung_centre_ras(data["ras_lung"], data["ras_geometry"])
     assert cli.main([*_base_args(data, tmp_path), "--center-ras", _csv(centre)]) == 0
+    assert "(fitted to its size)" in capsys.readouterr().out
     assert not leftover.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.nrrd", "new.seg.nrrd"]
 

@@ -301,6 +301,9 @@ def test_slice_field_uses_the_request_syntax(module, logic, scene, ct, patient, 
     assert logic.buildRequest(ct, "t.txt", "S1", sliceList=[3, 4], **build).slices == ([3, 4],)
     assert logic.buildRequest(ct, "t.txt", "S1", sliceList=[[3], [4, 5]], **build).slices == ([3], [4, 5])
     assert logic.buildRequest(ct, "t.txt", "S1", sliceList="  ", **build).slices == ()
+    # from the console, with neither a list nor ±K, the nodules are fitted to their size as in the Widget
+    assert logic.buildRequest(ct, "t.txt", "S1", **build).half_slices is None
+    assert logic.buildRequest(ct, "t.txt", "S1", halfSlices=3, **build).half_slices == 3
     with pytest.raises(RequestError):
         logic.buildRequest(ct, "t.txt", "S1", sliceList="1;;2", **build)
 

@@ -73,6 +73,7 @@ def test_plan_slices_per_centre_or_for_all() -> None:
     assert rq.plan_slices(None, centres[:1], geometry, 1) == [[4, 5, 6]]
     assert rq.plan_slices(["auto", "7,8"], centres, geometry, 2) == [None, [7, 8]]
     assert rq.plan_slices([None], centres, geometry, 2) == [None, None]
+    assert rq.plan_slices(None, centres, geometry, None) == [None, None]   # no spec, no half width: fitted
     with pytest.raises(rq.RequestError, match="3 slice specs for 2 centres"):
         rq.plan_slices(["1", "2", "3"], centres, geometry, 2)
 
@@ -106,6 +107,8 @@ def test_plan_validates_before_running(files) -> None:  # type: ignore[no-untype
     assert plan.provenance == {"gene_table": "genes.txt", "impute_missing_genes": False, "imputed_genes": 0,
                                "input_volume": "chest"}
     assert rq.make_plan(rq.InsertionRequest(**base, auto_count=1, slices=("auto",)), geometry).half_slices is None
+    assert rq.make_plan(rq.InsertionRequest(**base, auto_count=1), geometry).half_slices is None   # the default
+    assert rq.make_plan(rq.InsertionRequest(**base, centres_ras=[centre]), geometry).slices == [None]
     fitted = rq.run(rq.InsertionRequest(**base, centres_ras=[centre], slices=("auto",)), files["patient"].volume_hu,
                     geometry)
     assert fitted.provenance["slices_fitted_to_size"] == [True]
