@@ -107,6 +107,33 @@ def test_projection_head_adds_the_code_as_an_inner_product() -> None:
     assert d.gene_joint[0].in_channels == 16
 
 
+def test_nodule_view_hides_the_background_from_d_i_only() -> None:
+    """image_view_px = 3: D_I's score does not move when pixels beyond the mask's 3-px square rim change (a chest
+    wall in the background), does move with a change inside it, and no gradient reaches the image outside the
+    rim or the mask; D_IS still sees the whole patch. With 0 (the paper) D_I sees everything."""
+    torch.manual_seed(0)
+    d = Discriminator(DiscriminatorConfig(patch_size=16, image_view_px=3, **SMALL)).eval()
+    image = torch.full((1, 1, 16, 16), -0.75)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 6:9, 6:9] = 0.9
+    walled, near = image.clone(), image.clone()
+    walled[..., :, 13:] = 0.1          # tissue beyond the rim (columns 6−3 … 8+3 are inside)
+    near[..., 7, 11] = 0.1             # inside the rim
+    with torch.no_grad():
+        base, wall_out, near_out = (d(x, mask, torch.zeros(1, 8)) for x in (image, walled, near))
+    assert torch.equal(base.d_i, wall_out.d_i) and not torch.equal(base.d_i, near_out.d_i)
+    assert not torch.equal(base.d_is, wall_out.d_is)
+    x, m = image.clone().requires_grad_(), mask.clone().requires_grad_()
+    d(x, m, torch.zeros(1, 8)).d_i.sum().backward()
+    assert x.grad[..., :, 12:].abs().max() == 0 and x.grad[..., 6:9, 6:9].abs().max() > 0
+    assert m.grad is None or not m.grad.any()
+    whole = Discriminator(DiscriminatorConfig(patch_size=16, **SMALL)).eval()
+    with torch.no_grad():
+        assert not torch.equal(whole(image, mask, torch.zeros(1, 8)).d_i, whole(walled, mask, torch.zeros(1, 8)).d_i)
+    with pytest.raises(ValueError, match="image_view_px"):
+        DiscriminatorConfig(patch_size=16, image_view_px=16)
+
+
 def test_config_round_trip_and_refusals() -> None:
     config = DiscriminatorConfig(patch_size=128, independent_mapping=True)
     assert DiscriminatorConfig.from_dict(config.to_dict()) == config

@@ -570,7 +570,7 @@ class GANLoss:
         x, m, wrong_mask = batch["image"], batch["mask"], batch["wrong_mask"]
         gx, gm = (fake.image, fake.mask) if g_step else (fake.image.detach(), fake.mask.detach())
         n = x.shape[0]
-        d_i = d.score_image(d.image_features(torch.cat([x, gx])))
+        d_i = d.score_image(d.image_features(d.image_view(torch.cat([x, gx]), torch.cat([m, gm]))))
         pair = d.pair_features(torch.cat([x, x, gx]), torch.cat([m, wrong_mask, gm]))
         d_is = d.score_pair(pair)
         scores = {
