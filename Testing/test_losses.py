@@ -13,6 +13,7 @@ from training.iteration import generate_with_second_draw
 from training.losses import (
     GANLoss,
     LossWeights,
+    augment_alike,
     core_contrast,
     core_term,
     drawn_mask,
@@ -552,6 +553,27 @@ def test_quantile_term_by_hand() -> None:
     expected = quantile_term(_hand_fake().image, _hand_fake().mask, _hand_batch()["image"], _hand_batch()["mask"])
     assert logs["g_consistency_quantiles"] == pytest.approx(expected.item())
     assert logs["g_total"] == pytest.approx(2 * expected.item())
+
+
+def test_augment_alike_by_hand() -> None:
+    """Row 0 is augmented (draw 0 < p): shifted one row down on an 8² patch (S/8 = 1, the top row replicated),
+    its 4² cutout at the corner zeroed, image and mask alike; row 1 (draw 0.9 ≥ p) is untouched. Gradient
+    reaches the image where the augmented copy still shows it. With p = 0 nothing changes. The loss refuses a
+    batch without the draws when the augmentation is on."""
+    image = torch.arange(64.0).reshape(1, 1, 8, 8).repeat(2, 1, 1, 1).requires_grad_()
+    mask = (image.detach() > 30).float()
+    draws = torch.tensor([[0.0, 1.0, 0.5, 0.0, 0.0], [0.9, 1.0, 0.5, 0.5, 0.5]])
+    moved, moved_mask = augment_alike((image, mask), draws, 0.5)
+    expected = torch.cat([image[0, 0, :1], image[0, 0, :-1]]).detach()
+    expected[:2, :2] = 0
+    assert torch.equal(moved[0, 0], expected) and torch.equal(moved[1], image[1].detach())
+    assert torch.equal(moved_mask[0, 0, 2:], mask[0, 0, 1:-1]) and moved_mask[0, 0, :2, :2].sum() == 0
+    moved.sum().backward()
+    assert image.grad[1].eq(1).all() and image.grad[0, 0, 7].eq(0).all() and image.grad[0, 0, 3, 3] == 1
+    assert all(torch.equal(a, b) for a, b in zip(augment_alike((image, mask), draws, 0.0), (image, mask)))
+    weights = LossWeights(d_augment=0.5)
+    with pytest.raises(KeyError, match="augment"):
+        GANLoss(StubGenerator(), StubDiscriminator(), weights).discriminator_loss(_hand_batch(), _hand_fake())
 
 
 def test_position_term_by_hand() -> None:

@@ -191,6 +191,11 @@ def test_item_noise_depends_only_on_its_key() -> None:
     assert not torch.equal(item_noise(0, 1, 2, 16), item_noise(0, 2, 2, 16))
     assert not torch.equal(item_noise(0, 1, 2, 16), item_noise(1, 1, 2, 16))
     assert item_noise(0, 0, 0, 0).shape == (0,)
+    from training.sampling import item_augment
+
+    assert torch.equal(item_augment(0, 1, 2), item_augment(0, 1, 2)) and item_augment(0, 1, 2).shape == (2, 5)
+    assert not torch.equal(item_augment(0, 1, 2), item_augment(0, 1, 3))
+    assert not torch.equal(item_augment(0, 1, 2)[0, :4], item_noise(0, 1, 2, 4))   # a stream of its own
 
 
 # -- batch norm ---------------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ masks as real in the G step while rejecting them in the D step, and the masks ne
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -187,6 +187,10 @@ class LossWeights(StrictDict):
       τ is about the real nodules' slice-to-slice variation on the unseen cohort (0.043 in the evaluation's
       noise-diversity units). At weight 1 (three seeds, README round 7) noise diversity rose from 0.024 to
       0.068, past the real 0.043, while the map's clusters became seed-dependent and realism fell a little.
+    * ``d_augment = 0``: the probability that each tuple the discriminator scores is augmented
+      (`augment_alike`: DiffAugment's translation and cutout, Zhao et al. 2020), off. Why it was tried: D_I
+      told real from generated patches from the first hundred steps on, also when it saw the nodule alone
+      (`DiscriminatorConfig.image_view_px`): with about 900 real slices it can learn them by heart.
     * ``r1 = 0``: no R1 penalty. At γ = 1 (three seeds) it made the patches more realistic (lung-only C2ST
       0.77 against 0.81 on the unseen cohort, 0.67 against 0.75 on the validation donors) but cost gene
       control (margin ρ 0.23 against 0.33; on the validation donors 0.31 against 0.59, ARI 0.57 against
@@ -214,6 +218,7 @@ class LossWeights(StrictDict):
     mode_seeking: float = 0.0
     mode_seeking_target: float = 0.045
     r1: float = 0.0
+    d_augment: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.erosion_kernel, float) and self.erosion_kernel.is_integer():
@@ -353,6 +358,34 @@ def core_term(image: Tensor, mask: Tensor, real_image: Tensor, real_mask: Tensor
     real, real_drawn = core_contrast(real_image, real_mask.to(image.dtype))
     both = (drawn & real_drawn).to(image.dtype)
     return ((generated - real).abs() * both).sum() / image.shape[0]
+
+
+def augment_alike(tensors: Sequence[Tensor], draws: Tensor, probability: float) -> tuple[Tensor, ...]:
+    """DiffAugment's translation and cutout (Zhao et al. 2020), the same for every tensor of one tuple (an image
+    and its masks) and differentiable in them. `draws` (B, 5) uniform [0, 1): row b is augmented when
+    draws[b, 0] < `probability`, then shifted by up to S/8 px in each axis (edges replicated) and a S/2 square
+    centred at (draws[b, 3], draws[b, 4])·S is set to 0."""
+    first = tensors[0]
+    rows, size = first.shape[0], first.shape[-1]
+    pad = size // 8
+    draws = draws.to(first.device, torch.float32)
+    on = draws[:, 0] < probability
+    shift = torch.round((2 * draws[:, 1:3] - 1) * pad).long() * on[:, None]
+    axis = torch.arange(size, device=first.device)
+    index_r = axis[None, :] + pad - shift[:, :1]                      # (B, S): source row of each output row
+    index_c = axis[None, :] + pad - shift[:, 1:]
+    centre = (draws[:, 3:5] * size).long()
+    half = size // 4
+    inside_r = (axis[None, :] - centre[:, :1]).abs() < half
+    inside_c = (axis[None, :] - centre[:, 1:]).abs() < half
+    cut = (inside_r[:, :, None] & inside_c[:, None, :] & on[:, None, None])[:, None]
+    batch_index = torch.arange(rows, device=first.device)[:, None, None]
+    out = []
+    for tensor in tensors:
+        padded = F.pad(tensor, (pad, pad, pad, pad), mode="replicate")
+        moved = padded[batch_index, :, index_r[:, :, None], index_c[:, None, :]].permute(0, 3, 1, 2)
+        out.append(moved.masked_fill(cut, 0.0))
+    return tuple(out)
 
 
 QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -569,6 +602,10 @@ class GANLoss:
         d = self.discriminator
         x, m, wrong_mask = batch["image"], batch["mask"], batch["wrong_mask"]
         gx, gm = (fake.image, fake.mask) if g_step else (fake.image.detach(), fake.mask.detach())
+        if self.weights.d_augment:
+            _require(batch, ("augment",))
+            x, m, wrong_mask = augment_alike((x, m, wrong_mask), batch["augment"][:, 0], self.weights.d_augment)
+            gx, gm = augment_alike((gx, gm), batch["augment"][:, 1], self.weights.d_augment)
         n = x.shape[0]
         d_i = d.score_image(d.image_features(d.image_view(torch.cat([x, gx]), torch.cat([m, gm]))))
         pair = d.pair_features(torch.cat([x, x, gx]), torch.cat([m, wrong_mask, gm]))

@@ -21,6 +21,7 @@ from .dataset import NoduleBatchDataset, epoch_permutation
 from .distributed import DistContext
 
 _NOISE_SALT = 0x4E015E      # keeps the noise stream apart from the dataset's pairing stream
+_AUGMENT_SALT = 0xA06E47    # and the discriminator's augmentation draws apart from both
 
 
 class ResumableDistributedSampler(Sampler[tuple[int, int]]):
@@ -68,8 +69,16 @@ def item_noise(seed: int, epoch: int, index: int, dim: int) -> Tensor:
     return torch.randn(dim, generator=generator)
 
 
+def item_augment(seed: int, epoch: int, index: int) -> Tensor:
+    """(2, 5) uniform [0, 1) draws of one item for the discriminator's augmentation (`losses.augment_alike`),
+    row 0 for the real tuple and row 1 for the generated one; a function of (seed, epoch, index) only."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, index, _AUGMENT_SALT]).generate_state(2)
+    generator = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+    return torch.rand(2, 5, generator=generator)
+
+
 class EpochItems(Dataset):
-    """`NoduleBatchDataset` addressed by (epoch, index), plus the item's noise.
+    """`NoduleBatchDataset` addressed by (epoch, index), plus the item's noise and augmentation draws.
 
     The epoch travels with the key, so DataLoader workers (which hold copies of the dataset) need no
     `set_epoch` call from the main process.
@@ -86,6 +95,7 @@ class EpochItems(Dataset):
         self.items.set_epoch(epoch)
         item = dict(self.items[index])
         item["noise"] = item_noise(self.seed, epoch, index, self.noise_dim)
+        item["augment"] = item_augment(self.seed, epoch, index)
         return item
 
 
