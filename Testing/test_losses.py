@@ -470,6 +470,16 @@ def test_log_area_term_by_hand() -> None:
     assert log_area_term(big_half, big_real).item() == pytest.approx(expected, rel=0.15)
 
 
+def _assert_alone_in_the_loss(name: str, weight: float, expected: float) -> None:
+    """With the adversarial, L1, area and intensity terms off, G's loss on the hand batch logs `g_<name>` =
+    `expected` and totals `weight` × it."""
+    weights = LossWeights(d_i=0.0, d_is=0.0, d_isg=0.0, background_l1=0.0, consistency_area=0.0,
+                          consistency_intensity=0.0, **{name: weight})
+    _, logs = GANLoss(StubGenerator(), StubDiscriminator(), weights).generator_loss(_hand_batch(), _hand_fake())
+    assert logs[f"g_{name}"] == pytest.approx(expected)
+    assert logs["g_total"] == pytest.approx(weight * expected)
+
+
 def test_drawn_area_term_counts_only_what_is_drawn() -> None:
     """A faint fill whose soft area equals the real nodule's meets the log-area term but not the drawn-area
     term, which charges it as a missing nodule and pushes the fill up; a drawn copy of the real nodule costs
@@ -483,12 +493,8 @@ def test_drawn_area_term_counts_only_what_is_drawn() -> None:
     term.backward()
     assert (faint.grad < 0).all()    # raising the mask lowers the term
     assert log_area_term(drawn_mask(real * 0.99), real).item() < 0.01
-    weights = LossWeights(d_i=0.0, d_is=0.0, d_isg=0.0, background_l1=0.0, consistency_area=0.0,
-                          consistency_intensity=0.0, consistency_drawn_area=2.0)
-    _, logs = GANLoss(StubGenerator(), StubDiscriminator(), weights).generator_loss(_hand_batch(), _hand_fake())
     expected = log_area_term(drawn_mask(_hand_fake().mask), _hand_batch()["mask"]).item()
-    assert logs["g_consistency_drawn_area"] == pytest.approx(expected)
-    assert logs["g_total"] == pytest.approx(2 * expected)
+    _assert_alone_in_the_loss("consistency_drawn_area", 2.0, expected)
 
 
 def _disc(size: int, radius: float, core_radius: float = 0.0, core: float = 0.0) -> torch.Tensor:
@@ -520,12 +526,8 @@ def test_core_contrast_by_hand() -> None:
     assert centre < 0 < rim
     assert soft_mask.grad is None or not soft_mask.grad.any()   # the geometry is not pushed
     assert core_term(flat, mask, _disc(32, 3, 1.5, 1.0), small).item() == 0.0   # the real one too small
-    weights = LossWeights(d_i=0.0, d_is=0.0, d_isg=0.0, background_l1=0.0, consistency_area=0.0,
-                          consistency_intensity=0.0, consistency_core=3.0)
-    _, logs = GANLoss(StubGenerator(), StubDiscriminator(), weights).generator_loss(_hand_batch(), _hand_fake())
     expected = core_term(_hand_fake().image, _hand_fake().mask, _hand_batch()["image"], _hand_batch()["mask"])
-    assert logs["g_consistency_core"] == pytest.approx(expected.item())
-    assert logs["g_total"] == pytest.approx(3 * expected.item())
+    _assert_alone_in_the_loss("consistency_core", 3.0, expected.item())
 
 
 def test_quantile_term_by_hand() -> None:
@@ -547,12 +549,8 @@ def test_quantile_term_by_hand() -> None:
     assert quantile_term(cored, mask, cored, mask).item() == pytest.approx(0.0, abs=1e-6)
     small = (_disc(32, 3) > 0).float()
     assert quantile_term(flat, mask, _disc(32, 3), small).item() == 0.0
-    weights = LossWeights(d_i=0.0, d_is=0.0, d_isg=0.0, background_l1=0.0, consistency_area=0.0,
-                          consistency_intensity=0.0, consistency_quantiles=2.0)
-    _, logs = GANLoss(StubGenerator(), StubDiscriminator(), weights).generator_loss(_hand_batch(), _hand_fake())
     expected = quantile_term(_hand_fake().image, _hand_fake().mask, _hand_batch()["image"], _hand_batch()["mask"])
-    assert logs["g_consistency_quantiles"] == pytest.approx(expected.item())
-    assert logs["g_total"] == pytest.approx(2 * expected.item())
+    _assert_alone_in_the_loss("consistency_quantiles", 2.0, expected.item())
 
 
 def test_augment_alike_by_hand() -> None:
