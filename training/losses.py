@@ -190,13 +190,16 @@ class LossWeights(StrictDict):
       τ is about the real nodules' slice-to-slice variation on the unseen cohort (0.043 in the evaluation's
       noise-diversity units). At weight 1 (three seeds, README round 7) noise diversity rose from 0.024 to
       0.068, past the real 0.043, while the map's clusters became seed-dependent and realism fell a little.
-    * ``d_augment = 0``: the probability that each tuple the discriminator scores is augmented
-      (`augment_alike`: DiffAugment's translation and cutout, Zhao et al. 2020), off. Why it was tried: D_I
+    * ``d_augment = 0`` in the bare defaults; the recommended setting is 0.5: the probability that each tuple
+      the discriminator scores is augmented (`augment_alike`: DiffAugment's translation and cutout, Zhao et al.
+      2020). Why it was tried: D_I
       told real from generated patches from the first hundred steps on, also when it saw the nodule alone
       (`DiscriminatorConfig.image_view_px`): with about 900 real slices it can learn them by heart. At 0.5 on
       top of the recommended setting (three seeds, README round 10) D_I's margin shrank (0.86 against 0.14
       instead of 0.97 against 0.03) but realism did not move (lung-only C2ST 0.74 ± 0.01 on the unseen
-      cohort, as without it) and noise diversity fell a little (0.020 against 0.023).
+      cohort, as without it) and noise diversity fell a little (0.020 against 0.023); it was kept because the
+      validation score, the selection's tie-break, preferred it narrowly (0.669 against 0.648), with no empty
+      mask on the validation donors (0.016 without).
     * ``r1 = 0``: no R1 penalty. At γ = 1 (three seeds) it made the patches more realistic (lung-only C2ST
       0.77 against 0.81 on the unseen cohort, 0.67 against 0.75 on the validation donors) but cost gene
       control (margin ρ 0.23 against 0.33; on the validation donors 0.31 against 0.59, ARI 0.57 against
