@@ -62,6 +62,7 @@ def synthetic_batch(batch: int, size: int, genes: int, noise_dim: int, seed: int
         "patient": torch.arange(batch),
         "phenotype": torch.randn(batch, 3, generator=g),
         "noise": torch.randn(batch, noise_dim, generator=g),
+        "augment": torch.rand(batch, 2, 5, generator=g),   # the discriminator's augmentation draws
     }
 
 
