@@ -93,10 +93,10 @@ def test_each_model_trains(data: Path, tmp_path: Path, model: str, capsys) -> No
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
 
 
-@pytest.mark.parametrize("extra", [(), ("--loss-weight", "mode_seeking=1")])
+@pytest.mark.parametrize("extra", [(), ("--loss-weight", "mode_seeking=1", "--loss-weight", "d_augment=0.5")])
 def test_resume_is_bit_identical(data: Path, tmp_path: Path, extra: tuple[str, ...]) -> None:
     """Stopped mid-epoch (step 3 of 6 per epoch) and resumed past the epoch boundary to step 8; also with the
-    mode-seeking term, whose second draw takes its noise from the batch."""
+    mode-seeking term, whose second draw takes its noise from the batch, and DiffAugment, whose draws do too."""
     whole, split = tmp_path / "whole", tmp_path / "split"
     run(data, whole, "proposed", 8, *extra)
     run(data, split, "proposed", 3, *extra)
