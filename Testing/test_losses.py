@@ -569,6 +569,8 @@ def test_augment_alike_by_hand() -> None:
     moved.sum().backward()
     assert image.grad[1].eq(1).all() and image.grad[0, 0, 7].eq(0).all() and image.grad[0, 0, 3, 3] == 1
     assert all(torch.equal(a, b) for a, b in zip(augment_alike((image, mask), draws, 0.0), (image, mask)))
+    with pytest.raises(ValueError, match="probability"):
+        LossWeights(d_augment=1.5)
     weights = LossWeights(d_augment=0.5)
     with pytest.raises(KeyError, match="augment"):
         GANLoss(StubGenerator(), StubDiscriminator(), weights).discriminator_loss(_hand_batch(), _hand_fake())

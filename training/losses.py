@@ -190,11 +190,11 @@ class LossWeights(StrictDict):
       τ is about the real nodules' slice-to-slice variation on the unseen cohort (0.043 in the evaluation's
       noise-diversity units). At weight 1 (three seeds, README round 7) noise diversity rose from 0.024 to
       0.068, past the real 0.043, while the map's clusters became seed-dependent and realism fell a little.
-    * ``d_augment = 0`` in the bare defaults; the recommended setting is 0.5: the probability that each tuple
-      the discriminator scores is augmented (`augment_alike`: DiffAugment's translation and cutout, Zhao et al.
-      2020). Why it was tried: D_I
-      told real from generated patches from the first hundred steps on, also when it saw the nodule alone
-      (`DiscriminatorConfig.image_view_px`): with about 900 real slices it can learn them by heart. At 0.5 on
+    * ``d_augment = 0`` in the bare defaults; the recommended setting is 0.5: the probability (≤ 1) that each
+      tuple the discriminator scores is augmented (`augment_alike`: DiffAugment's translation and cutout, Zhao
+      et al. 2020). Why it was tried: D_I told real from generated patches from the first hundred steps on,
+      also when it saw the nodule alone (`DiscriminatorConfig.image_view_px`): with about 900 real slices it
+      can learn them by heart. At 0.5 on
       top of the recommended setting (three seeds, README round 10) D_I's margin shrank (0.86 against 0.14
       instead of 0.97 against 0.03) but realism did not move (lung-only C2ST 0.74 ± 0.01 on the unseen
       cohort, as without it) and noise diversity fell a little (0.020 against 0.023); it was kept because the
@@ -237,6 +237,8 @@ class LossWeights(StrictDict):
         for f in fields(self):
             if float(getattr(self, f.name)) < 0:
                 raise ValueError(f"LossWeights.{f.name} must be >= 0, got {getattr(self, f.name)}")
+        if self.d_augment > 1:
+            raise ValueError(f"LossWeights.d_augment is a probability, at most 1, got {self.d_augment}")
         if self.erosion_kernel < 1 or self.erosion_kernel % 2 == 0:
             raise ValueError(f"erosion_kernel must be a positive odd number, got {self.erosion_kernel}")
         if self.hole_scale <= 0:
