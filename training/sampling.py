@@ -60,21 +60,23 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
             step += 1
 
 
+def _item_generator(seed: int, epoch: int, index: int, salt: int) -> torch.Generator:
+    """A torch generator keyed by (seed, epoch, index) and a stream's salt only (worker- and rank-free)."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, index, salt]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
 def item_noise(seed: int, epoch: int, index: int, dim: int) -> Tensor:
     """The generator noise n of one draw, a function of (seed, epoch, index) only (worker- and rank-free)."""
     if dim == 0:
         return torch.zeros(0)
-    state = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, index, _NOISE_SALT]).generate_state(2)
-    generator = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-    return torch.randn(dim, generator=generator)
+    return torch.randn(dim, generator=_item_generator(seed, epoch, index, _NOISE_SALT))
 
 
 def item_augment(seed: int, epoch: int, index: int) -> Tensor:
     """(2, 5) uniform [0, 1) draws of one item for the discriminator's augmentation (`losses.augment_alike`),
     row 0 for the real tuple and row 1 for the generated one; a function of (seed, epoch, index) only."""
-    state = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, index, _AUGMENT_SALT]).generate_state(2)
-    generator = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-    return torch.rand(2, 5, generator=generator)
+    return torch.rand(2, 5, generator=_item_generator(seed, epoch, index, _AUGMENT_SALT))
 
 
 class EpochItems(Dataset):
