@@ -110,6 +110,12 @@ class DiscriminatorOutput(NamedTuple):
     d_isg: Tensor | None
 
 
+def square_dilation(mask: Tensor, radius_px: int) -> Tensor:
+    """Grey dilation by a (2r+1)² square (max-pool; outside the image never counts as foreground). Here for
+    D_I's nodule view; the losses use it too (they import this module, not the other way round)."""
+    return nn.functional.max_pool2d(mask, 2 * radius_px + 1, stride=1, padding=radius_px)
+
+
 def _encoder(in_channels: int, config: DiscriminatorConfig) -> tuple[nn.Sequential, int]:
     """4×4 stride-2 convs from patch_size to 4×4; returns the module and its output channels."""
     layers: list[nn.Module] = []
@@ -180,7 +186,7 @@ class Discriminator(nn.Module):
         if k == 0:
             return image
         with torch.no_grad():
-            region = nn.functional.max_pool2d((mask > 0.5).to(image.dtype), 2 * k + 1, stride=1, padding=k)
+            region = square_dilation((mask > 0.5).to(image.dtype), k)
         return image * region + (region - 1)
 
     def image_features(self, image: Tensor) -> Tensor:

@@ -111,7 +111,7 @@ from torch import Tensor, nn
 from RadiogenomicGANLib.networks import KINDS, GeneratorOutput, hole_from_mask
 from RadiogenomicGANLib.strict_dict import StrictDict
 
-from .discriminator import Discriminator
+from .discriminator import Discriminator, square_dilation
 from .metrics import CORE_MIN_PX
 
 
@@ -261,11 +261,6 @@ def ls_term(scores: Tensor, target: float) -> Tensor:
     return (scores - target).square().mean()
 
 
-def _dilate(mask: Tensor, radius_px: int) -> Tensor:
-    """Grey dilation by a (2r+1)² square (max-pool; outside the image never counts as foreground)."""
-    return F.max_pool2d(mask, 2 * radius_px + 1, stride=1, padding=radius_px)
-
-
 def _masked_mean(image: Tensor, weight: Tensor) -> Tensor:
     """(B,) mean of `image` weighted by `weight` (B,1,H,W); ≈ 0 for an all-zero weight."""
     return (image * weight).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) + 1e-3)
@@ -286,7 +281,7 @@ def eroded_background_mask(mask_prob: Tensor, kernel_size: int = 5) -> Tensor:
         foreground = (mask_prob.detach() > MASK_THRESHOLD).to(mask_prob.dtype)
         if kernel_size > 1:
             # the max-pool pads with -inf, i.e. never foreground: the border-as-background rule above.
-            foreground = _dilate(foreground, kernel_size // 2)
+            foreground = square_dilation(foreground, kernel_size // 2)
         return 1.0 - foreground
 
 
@@ -439,9 +434,9 @@ def edge_profile(image: Tensor, mask: Tensor, far_px: tuple[int, int] = (3, 5)) 
     margin_sharpness`, (a − b)/(a + b − 2·lo)) is made of. Matching both matches the sharpness and the edge's
     height without dividing by a height that can be ≈ 0 (that ratio, tried as a loss, emptied the masks).
     Differentiable in the image and a soft mask; an empty mask gives (0, 0)."""
-    eroded = 1 - _dilate(1 - mask, 1)
-    inner, outer = mask - eroded, _dilate(mask, 1) - mask
-    far = (_dilate(mask, far_px[1]) - _dilate(mask, far_px[0] - 1)).clamp(0, 1)
+    eroded = 1 - square_dilation(1 - mask, 1)
+    inner, outer = mask - eroded, square_dilation(mask, 1) - mask
+    far = (square_dilation(mask, far_px[1]) - square_dilation(mask, far_px[0] - 1)).clamp(0, 1)
     lo = _masked_mean(image, far)
     return torch.stack([_masked_mean(image, inner) - lo, _masked_mean(image, outer) - lo], dim=1)
 
@@ -499,7 +494,7 @@ def mode_seeking_term(image: Tensor, mask: Tensor, other_image: Tensor, other_ma
     binarised masks, divided by |z − z′| / E|z − z′| (mean over noise coordinates). 0 once every pair differs
     by τ per typical noise distance; rows whose masks are both empty contribute 1 without gradient."""
     union = (torch.maximum(mask, other_mask) > MASK_THRESHOLD).to(image.dtype)
-    region = _dilate(union, MODE_SEEKING_DILATION_PX).detach()
+    region = square_dilation(union, MODE_SEEKING_DILATION_PX).detach()
     difference = _masked_mean((image - other_image).abs() * 0.5, region)
     noise_distance = (noise - other_noise).abs().mean(dim=1) / _MEAN_NORMAL_L1
     ratio = difference / noise_distance.clamp_min(1e-3).to(difference.dtype)
