@@ -408,13 +408,7 @@ class CoredOracle(DiscOracle):
 
     def forward(self, background, genes, noise=None, hole=None):
         out = super().forward(background, genes, noise, hole)
-        size = background.shape[-1]
-        rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-        radius = (8.0 + 3.0 * torch.tanh(genes[:, 0])) / (60.0 / size)
-        shift = 1.5 * noise if noise is not None else torch.zeros(genes.shape[0], 2)
-        cy, cx = (size - 1) / 2 + shift[:, 0], (size - 1) / 2 + shift[:, 1]
-        core = ((rows[None] - cy[:, None, None]) ** 2 + (cols[None] - cx[:, None, None]) ** 2
-                <= (radius[:, None, None] / 2.5) ** 2).float()[:, None]
+        core = super().forward(background, genes, noise, hole, radius_scale=1 / 2.5).mask   # the same disc, shrunk
         return out._replace(image=out.image + 0.4 * core)
 
 
