@@ -176,6 +176,34 @@ def test_each_metric_fails_the_negative_controls_and_passes_an_oracle(setup, tmp
     # with the chest wall taken out of both sides the control still fails and the oracle still passes
     assert real["lung_only"]["copy"]["median"] > 0.85
     assert real["lung_only"]["proposed"]["median"] < real["lung_only"]["copy"]["median"] - 0.2
+    # the oracle's discs replace the background inside them; the copy control draws none to measure
+    assert abs(real["interior_leak"]["proposed"]["median"]) < 0.1 and real["interior_leak"]["proposed"]["measured"] > 0
+    assert real["interior_leak"]["copy"]["measured"] == 0
+
+
+class GhostOracle(DiscOracle):
+    """DiscOracle whose disc is laid over the background at half opacity: the lung shows through it."""
+
+    def forward(self, background, genes, noise=None, hole=None, radius_scale=1.0):
+        out = super().forward(background, genes, noise, hole, radius_scale)
+        return out._replace(image=0.5 * (out.image + background))
+
+
+def test_interior_leak_sees_a_background_through_the_nodule(setup):
+    """β ≈ 0.5 for a half-transparent disc, ≈ 0 for an opaque one, 1 for the background stamped as a nodule."""
+    from training.evaluation.sections import interior_leak
+
+    data = setup["data"]
+    backgrounds = data.background_images[:32]
+    genes = torch.from_numpy(np.resize(data.genes, (32, data.genes.shape[1])))
+    tensor = torch.from_numpy(backgrounds)[:, None]
+    with torch.no_grad():
+        opaque = DiscOracle(data.patch_size)(tensor, genes)
+        ghost = GhostOracle(data.patch_size)(tensor, genes)
+    masks = opaque.mask[:, 0].numpy()
+    assert np.nanmedian(interior_leak(opaque.image[:, 0].numpy(), masks, backgrounds)) == pytest.approx(0.0, abs=0.05)
+    assert np.nanmedian(interior_leak(ghost.image[:, 0].numpy(), masks, backgrounds)) == pytest.approx(0.5, abs=0.05)
+    assert np.nanmedian(interior_leak(backgrounds, masks, backgrounds)) == pytest.approx(1.0, abs=1e-3)
 
 
 class Scaled(torch.nn.Module):

@@ -14,11 +14,13 @@ from training.losses import (
     GANLoss,
     LossWeights,
     augment_alike,
+    background_leak,
     core_contrast,
     core_term,
     drawn_mask,
     eroded_background_mask,
     frozen,
+    leak_term,
     log_area_term,
     ls_term,
     masked_l1,
@@ -551,6 +553,31 @@ def test_quantile_term_by_hand() -> None:
     assert quantile_term(flat, mask, _disc(32, 3), small).item() == 0.0
     expected = quantile_term(_hand_fake().image, _hand_fake().mask, _hand_batch()["image"], _hand_batch()["mask"])
     _assert_alone_in_the_loss("consistency_quantiles", 2.0, expected.item())
+
+
+def test_background_leak_by_hand() -> None:
+    """On a random textured background and a 10 px disc: an image that is 0.3 × the background + 0.1 shows it
+    at slope 0.3, a copy at 1, an independent texture at ≈ 0; the term is β² and pulls the leaking image away
+    from the background, never the mask. A disc below CORE_MIN_PX inside pixels adds nothing."""
+    gen = torch.Generator().manual_seed(3)
+    background = torch.rand(1, 1, 32, 32, generator=gen) * 2 - 1
+    other = torch.rand(1, 1, 32, 32, generator=gen) * 2 - 1
+    mask = (_disc(32, 10) > 0).float()
+    assert background_leak(0.3 * background + 0.1, mask, background)[0].item() == pytest.approx(0.3, abs=1e-4)
+    assert background_leak(background, mask, background)[0].item() == pytest.approx(1.0, abs=1e-4)
+    assert abs(background_leak(other, mask, background)[0].item()) < 0.15
+    leaking = (0.5 * background).requires_grad_()
+    soft_mask = (mask * 0.9).requires_grad_()
+    term = leak_term(leaking, soft_mask, background)
+    assert term.item() == pytest.approx(0.25, abs=1e-3)
+    term.backward()
+    step = leaking - 0.1 * leaking.grad
+    assert background_leak(step, mask, background)[0].item() < 0.5       # the gradient lowers the slope
+    assert soft_mask.grad is None or not soft_mask.grad.any()
+    small = (_disc(32, 3) > 0).float()
+    assert leak_term(background, small, background).item() == 0.0
+    expected = leak_term(_hand_fake().image, _hand_fake().mask, _hand_batch()["background"])
+    _assert_alone_in_the_loss("background_leak", 2.0, expected.item())
 
 
 def test_augment_alike_by_hand() -> None:
