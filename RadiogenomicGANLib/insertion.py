@@ -593,11 +593,15 @@ class NoduleInserter:
         report: _Progress,
         positions: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """All patches through G in batches; one noise vector per nodule, drawn on the CPU from the seed;
+        """All patches through G in batches; one noise vector per nodule (and, for a `pixel_noise` model, one
+        noise map per patch), drawn on the CPU from the seed;
         `positions` (one t per patch) for a `slice_position` model."""
         config = self.metadata.config
         draw = torch.Generator().manual_seed(int(seed))
         noise_all = torch.randn(num_nodules, int(config.noise_dim), generator=draw)
+        # after the style noise, so models without per-pixel noise draw exactly what they drew before
+        size = int(getattr(config, "pixel_noise_size", 0))
+        pixel_noise_all = (torch.randn(len(nodule_of_job), 1, size, size, generator=draw) if size else None)
         index = torch.as_tensor(nodule_of_job, dtype=torch.long)
         images, masks, weights = [], [], []
         total = len(nodule_of_job)
@@ -615,11 +619,12 @@ class NoduleInserter:
                 else:
                     gene_batch = torch.from_numpy(genes).to(self.device).expand(batch, -1)
                     noise = noise_all[index[start:stop]].to(self.device)
-                    if positions is None:
-                        out = self.generator(background, gene_batch, noise)
-                    else:
-                        position = torch.from_numpy(positions[start:stop]).to(self.device)
-                        out = self.generator(background, gene_batch, noise, position=position)
+                    extra = {}
+                    if positions is not None:
+                        extra["position"] = torch.from_numpy(positions[start:stop]).to(self.device)
+                    if pixel_noise_all is not None:
+                        extra["pixel_noise"] = pixel_noise_all[start:stop].to(self.device)
+                    out = self.generator(background, gene_batch, noise, **extra)
                 images.append(out.image[:, 0].float().cpu().numpy())
                 masks.append(out.mask[:, 0].float().cpu().numpy())
                 if out.weight_maps:

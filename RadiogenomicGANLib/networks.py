@@ -79,6 +79,12 @@ class GeneratorConfig(StrictDict):
     # 0.20 ± 0.12 and nodules were drawn at 0.85 of their real diameter against 0.74. False here, so weights
     # files written without the key load as they were trained; the recommended setting turns it on.
     slice_position: bool = False
+    # Per-pixel noise (StyleGAN's noise inputs): a standard-normal map (B,1,S,S), average-pooled to each level
+    # and scaled back to unit variance, is added to the fusion blocks' object features with a learned strength
+    # per channel (starting at 0). Why: the style noise is one vector per nodule, so the only pixel-level
+    # randomness G had was the background it was given; inside its nodules the background's vessels showed
+    # through (README round 11). False here, so weights files written without the key load as they were trained.
+    pixel_noise: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -103,6 +109,8 @@ class GeneratorConfig(StrictDict):
             raise ValueError(f"edge_blur_per_sd is a setting of the proposed generator, not of {self.kind!r}")
         if not (math.isfinite(self.anchor_sd) and self.anchor_sd > 0):
             raise ValueError(f"anchor_sd must be a finite number > 0, got {self.anchor_sd}")
+        if self.pixel_noise and self.kind != "proposed":
+            raise ValueError(f"pixel_noise is a setting of the proposed generator, not of {self.kind!r}")
         if self.slice_position and self.kind == "inpainting":
             raise ValueError("slice_position is a setting of the gene-conditioned generators, not of 'inpainting'")
 
@@ -115,6 +123,11 @@ class GeneratorConfig(StrictDict):
         """Channel width at a resolution level: doubles per halving from base_channels, capped."""
         halvings = int(math.log2(self.patch_size // resolution))
         return min(self.base_channels * 2**halvings, self.max_channels)
+
+    @property
+    def pixel_noise_size(self) -> int:
+        """Side of the per-pixel noise map the generator takes (0 when it takes none)."""
+        return self.patch_size if self.pixel_noise else 0
 
     @property
     def style_dim(self) -> int:
@@ -268,11 +281,14 @@ class FusionBlock(nn.Module):
       parameters at 64² with 5172 genes.
     - The first conv also changes the width from the previous level's (it is the "decoding" conv after
       the upsampling), so there is no separate upsampling conv.
+    With `pixel_noise`, strength ⊙ n (n the level's noise map, a learned strength per channel from 0) is added to
+    the object half before its activation, as StyleGAN adds its noise inputs; the weight half gets none.
     The returned weight map is the channel mean of W, (B,1,h,w) in [0,1], for visualisation.
     """
 
-    def __init__(self, in_channels: int, channels: int, style_dim: int) -> None:
+    def __init__(self, in_channels: int, channels: int, style_dim: int, pixel_noise: bool = False) -> None:
         super().__init__()
+        self.noise_strength = nn.Parameter(torch.zeros(channels)) if pixel_noise else None
         self.conv1 = ConvBNAct(in_channels, channels, 3)
         self.conv2 = nn.Conv2d(channels, 2 * channels, 1, bias=False)
         self.norm2 = nn.BatchNorm2d(2 * channels)
@@ -281,8 +297,13 @@ class FusionBlock(nn.Module):
         with torch.no_grad():
             self.norm2.bias[:channels].fill_(_WEIGHT_INIT_BIAS)
 
-    def forward(self, x: Tensor, background: Tensor, style: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, background: Tensor, style: Tensor, noise_map: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
         weight_logit, obj = self.norm2(self.conv2(self.conv1(x))).chunk(2, dim=1)
+        if self.noise_strength is not None:
+            if noise_map is None:
+                raise ValueError("this fusion block adds per-pixel noise: pass its noise map")
+            obj = obj + self.noise_strength.to(obj.dtype)[None, :, None, None] * noise_map.to(obj.dtype)
         weight = torch.sigmoid(weight_logit)
         out = weight * self.adain(weight * self.act(obj), style) + (1.0 - weight) * background
         return out, weight.mean(dim=1, keepdim=True)
@@ -377,6 +398,12 @@ def _style(config: GeneratorConfig, code: Tensor, noise: Tensor | None, position
     return torch.cat(parts, dim=1)
 
 
+def level_noise(pixel_noise: Tensor, resolution: int) -> Tensor:
+    """The (B,1,S,S) standard-normal map average-pooled to `resolution` and scaled back to unit variance."""
+    factor = pixel_noise.shape[-1] // resolution
+    return F.avg_pool2d(pixel_noise, factor) * factor if factor > 1 else pixel_noise
+
+
 class ProposedGenerator(nn.Module):
     """Fig. 1a: background encoder + gene mapping network + a fusion block at every level, 4×4 → full size."""
 
@@ -388,7 +415,7 @@ class ProposedGenerator(nn.Module):
         self.blocks = nn.ModuleDict()
         previous = config.channels(BOTTLENECK)                  # synthesis starts from the bottleneck feature
         for res in config.resolutions:
-            self.blocks[f"b{res}"] = FusionBlock(previous, config.channels(res), config.style_dim)
+            self.blocks[f"b{res}"] = FusionBlock(previous, config.channels(res), config.style_dim, config.pixel_noise)
             previous = config.channels(res)
         self.image_head = ImageHead(previous)
         self.mask_head = MaskHead(previous)
@@ -400,17 +427,25 @@ class ProposedGenerator(nn.Module):
         return self.mapping(genes)
 
     def forward(self, background: Tensor, genes: Tensor | None, noise: Tensor | None = None,
-                hole: Tensor | None = None, position: Tensor | None = None) -> GeneratorOutput:
+                hole: Tensor | None = None, position: Tensor | None = None, pixel_noise: Tensor | None = None
+                ) -> GeneratorOutput:
+        """`pixel_noise` (B,1,S,S) for a `pixel_noise` generator; drawn from the global RNG when not given."""
         _check_inputs(self.config, background, genes, need_genes=True)
         code = self.encode_genes(genes)
         style = _style(self.config, code, noise, position)
+        if self.config.pixel_noise:
+            if pixel_noise is None:
+                pixel_noise = torch.randn_like(background)
+            if pixel_noise.shape != background.shape:
+                raise ValueError(f"pixel_noise must be {tuple(background.shape)}, got {tuple(pixel_noise.shape)}")
         features = self.encoder(background)[::-1]               # coarse → fine
         x = features[0]
         weight_maps = []
-        for i, block in enumerate(self.blocks.values()):
+        for i, (res, block) in enumerate(zip(self.config.resolutions, self.blocks.values(), strict=True)):
             if i > 0:
                 x = _upsample(x)
-            x, weight = block(x, features[i], style)
+            x, weight = block(x, features[i], style,
+                              level_noise(pixel_noise, res) if self.config.pixel_noise else None)
             weight_maps.append(weight)
         image, mask = self.image_head(x), self.mask_head(x)
         if self.edge is not None:

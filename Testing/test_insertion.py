@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_insertion_support import NUM_GENES, DiscMaskGenerator, make_generator, make_metadata
+from test_insertion_support import NUM_GENES, DiscMaskGenerator, make_generator, make_metadata, small_config
 
 from RadiogenomicGANLib.geometry import VolumeGeometry
 from RadiogenomicGANLib.insertion import InsertionCancelled, InsertionError, NoduleInserter, check_hu_volume
-from RadiogenomicGANLib.networks import GeneratorOutput
+from RadiogenomicGANLib.networks import GeneratorOutput, build_generator
 from RadiogenomicGANLib.patches import patch_frame
 
 torch.set_num_threads(1)
@@ -523,3 +523,40 @@ def test_no_lung_at_all_with_allow_outside_lung(inserter, phantom, genes) -> Non
         inserter.insert(solid, phantom.geometry, genes, [centre], half_slices=0)
     result = inserter.insert(solid, phantom.geometry, genes, [centre], half_slices=0, allow_outside_lung=True)
     assert result.label.any()
+
+
+class PixelNoiseDisc(DiscMaskGenerator):
+    """DiscMaskGenerator over a per-pixel-noise generator (strengths on): the disc keeps the inner image, so
+    the noise maps it was given show in the output."""
+
+    def forward(self, background, genes, noise=None, hole=None, pixel_noise=None):  # type: ignore[no-untyped-def]
+        self.seen_maps = [*getattr(self, "seen_maps", []), pixel_noise.clone()]
+        out = self.inner(background, genes, noise, hole=hole, pixel_noise=pixel_noise)
+        disc = DiscMaskGenerator.forward(self, background, genes, None, hole).mask
+        return GeneratorOutput(out.image + 0.5 * disc, disc, out.weight_maps, out.gene_code)
+
+
+def test_pixel_noise_is_drawn_from_the_seed_per_patch(phantom, genes) -> None:  # type: ignore[no-untyped-def]
+    """A per-pixel-noise model gets its own map for every patch, from the insertion's seed: batched equals
+    per-slice (the same maps), the same seed gives the same volume."""
+    from dataclasses import replace
+
+    config = replace(small_config(), pixel_noise=True)
+    torch.manual_seed(2)
+    inner = build_generator(config).eval()
+    with torch.no_grad():
+        for block in inner.blocks.values():
+            block.noise_strength.fill_(2.0)
+    generator = PixelNoiseDisc(inner)
+    centre = [_lung_centre(phantom)]
+    kwargs = dict(slices=[[10, 11, 12]], lung_mask=phantom.lung_mask, seed=5)
+    batched = NoduleInserter(generator, make_metadata(config), "cpu", batch_size=64)
+    a = batched.insert(phantom.volume_hu, phantom.geometry, genes, centre, **kwargs)
+    maps, generator.seen_maps = torch.cat(generator.seen_maps), []
+    assert maps.shape[0] == 3 and not torch.equal(maps[0], maps[1]) and not torch.equal(maps[1], maps[2])
+    b = NoduleInserter(generator, make_metadata(config), "cpu", batch_size=1).insert(
+        phantom.volume_hu, phantom.geometry, genes, centre, **kwargs)
+    assert torch.equal(torch.cat(generator.seen_maps), maps)
+    assert np.abs(a.volume_hu.astype(np.int32) - b.volume_hu).max() <= 1
+    assert np.array_equal(a.volume_hu, batched.insert(phantom.volume_hu, phantom.geometry, genes, centre,
+                                                      **kwargs).volume_hu)

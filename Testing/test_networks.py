@@ -279,6 +279,42 @@ def test_slice_position_enters_the_style_and_changes_the_slice() -> None:
         GeneratorConfig(kind="inpainting", slice_position=True)
 
 
+def test_pixel_noise_starts_silent_then_varies_the_object_only() -> None:
+    """With `pixel_noise` every fusion block has a per-channel strength starting at 0, so at first the map
+    changes nothing; with strengths on, another map gives another image, while where W says background the
+    output is still the background. Each level's map keeps unit variance. A wrong shape is refused, no map
+    draws one, and weights files written before the key load without it."""
+    from RadiogenomicGANLib.networks import level_noise
+
+    config = GeneratorConfig(**{**small_config("proposed", 16).to_dict(), "pixel_noise": True})
+    assert config.pixel_noise_size == 16 and small_config("proposed").pixel_noise_size == 0
+    g = build_generator(config).eval()
+    x = inputs(config)
+    first, second = torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(g(**x, pixel_noise=first).image, g(**x, pixel_noise=second).image)
+        for block in g.blocks.values():
+            block.noise_strength.fill_(1.0)
+        assert not torch.allclose(g(**x, pixel_noise=first).image, g(**x, pixel_noise=second).image)
+        assert g(**x).image.shape == (2, 1, 16, 16)                       # drawn when not given
+        for block in g.blocks.values():
+            block.norm2.bias[: block.norm2.num_features // 2] = -40.0     # W ≈ 0: background everywhere
+        g.image_head.conv.weight.zero_()
+        g.image_head.conv.weight[0, 0, 1, 1] = 1.0
+        assert (g(**x, pixel_noise=first).image - x["background"]).abs().max() <= 1.01e-3
+    with pytest.raises(ValueError, match="pixel_noise must be"):
+        g(**x, pixel_noise=torch.randn(2, 1, 8, 8))
+    big = torch.randn(4, 1, 256, 256, generator=torch.Generator().manual_seed(0))
+    for res in (256, 64, 16):
+        level = level_noise(big, res)
+        assert level.shape[-1] == res and level.std().item() == pytest.approx(1, abs=0.05)
+    written_before = {k: v for k, v in config.to_dict().items() if k != "pixel_noise"}
+    assert GeneratorConfig.from_dict(written_before).pixel_noise is False
+    assert not any("noise_strength" in k for k in build_generator(small_config("proposed")).state_dict())
+    with pytest.raises(ValueError, match="pixel_noise"):
+        GeneratorConfig(kind="mcgan", pixel_noise=True)
+
+
 def test_edge_settings_are_refused_where_they_cannot_work() -> None:
     with pytest.raises(ValueError, match="edge_blur_per_sd must be a finite number ≥ 0"):
         GeneratorConfig(edge_blur_per_sd=-0.5)

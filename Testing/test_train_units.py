@@ -196,6 +196,12 @@ def test_item_noise_depends_only_on_its_key() -> None:
     assert torch.equal(item_augment(0, 1, 2), item_augment(0, 1, 2)) and item_augment(0, 1, 2).shape == (2, 5)
     assert not torch.equal(item_augment(0, 1, 2), item_augment(0, 1, 3))
     assert not torch.equal(item_augment(0, 1, 2)[0, :4], item_noise(0, 1, 2, 4))   # a stream of its own
+    from training.sampling import item_pixel_noise
+
+    assert torch.equal(item_pixel_noise(0, 1, 2, 8), item_pixel_noise(0, 1, 2, 8))
+    assert item_pixel_noise(0, 1, 2, 8).shape == (1, 8, 8)
+    assert not torch.equal(item_pixel_noise(0, 1, 2, 8), item_pixel_noise(0, 1, 3, 8))
+    assert not torch.equal(item_pixel_noise(0, 1, 2, 8).flatten()[:4], item_noise(0, 1, 2, 4))
 
 
 # -- batch norm ---------------------------------------------------------------------------------------

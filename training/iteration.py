@@ -223,7 +223,8 @@ def _rows(output: GeneratorOutput, rows: slice) -> GeneratorOutput:
 
 def generate_with_second_draw(g_phase: Callable[..., GeneratorOutput], batch: Mapping[str, Tensor], noise: Tensor
                               ) -> tuple[GeneratorOutput, SecondDraw]:
-    """G's output for the batch, and for its first half again with the noise of the row before (a valid
+    """G's output for the batch, and for its first half again with the noise (and per-pixel noise map) of the row
+    before (a valid
     independent draw, no extra random numbers, so resume stays bit-exact). One forward of the stacked rows:
     DDP allows one forward per backward."""
     n = noise.shape[0]
@@ -231,6 +232,8 @@ def generate_with_second_draw(g_phase: Callable[..., GeneratorOutput], batch: Ma
     other_noise = noise.roll(1, dims=0)[:rows]
     stacked = {key: torch.cat([batch[key], batch[key][:rows]]) for key in ("background", "genes", "position")
                if key in batch}
+    if "pixel_noise" in batch:   # the second draw takes the row before's noise map too: another whole draw
+        stacked["pixel_noise"] = torch.cat([batch["pixel_noise"], batch["pixel_noise"].roll(1, dims=0)[:rows]])
     both = g_phase(stacked, torch.cat([noise, other_noise]))
     return _rows(both, slice(0, n)), SecondDraw(_rows(both, slice(n, None)), noise[:rows], other_noise)
 

@@ -636,10 +636,14 @@ class GANLoss:
             _require(batch, ("image", "mask"))
             return self.generator(batch["image"], None, None, hole=self.hole(batch))
         _require(batch, ("background", "genes"))
+        extra: dict[str, Tensor] = {}
         if self.generator.config.slice_position:   # G draws the slice of the paired real one's place
             _require(batch, ("position",))
-            return self.generator(batch["background"], batch["genes"], noise, position=batch["position"])
-        return self.generator(batch["background"], batch["genes"], noise)
+            extra["position"] = batch["position"]
+        if getattr(self.generator.config, "pixel_noise", False):   # keyed per item: resume stays bit-exact
+            _require(batch, ("pixel_noise",))
+            extra["pixel_noise"] = batch["pixel_noise"]
+        return self.generator(batch["background"], batch["genes"], noise, **extra)
 
     # -- D's scores of every tuple of the paper's equations ---------------------------------------------
     def _codes(self, batch: Mapping[str, Tensor], fake: GeneratorOutput, *, g_step: bool) -> tuple[Tensor, ...]:

@@ -22,6 +22,7 @@ from .distributed import DistContext
 
 _NOISE_SALT = 0x4E015E      # keeps the noise stream apart from the dataset's pairing stream
 _AUGMENT_SALT = 0xA06E47    # and the discriminator's augmentation draws apart from both
+_PIXEL_NOISE_SALT = 0x91C5E1  # and the generator's per-pixel noise maps apart from all three
 
 
 class ResumableDistributedSampler(Sampler[tuple[int, int]]):
@@ -79,15 +80,21 @@ def item_augment(seed: int, epoch: int, index: int) -> Tensor:
     return torch.rand(2, 5, generator=_item_generator(seed, epoch, index, _AUGMENT_SALT))
 
 
+def item_pixel_noise(seed: int, epoch: int, index: int, size: int) -> Tensor:
+    """(1, size, size) standard-normal per-pixel noise map of one draw, a function of (seed, epoch, index) only."""
+    return torch.randn(1, size, size, generator=_item_generator(seed, epoch, index, _PIXEL_NOISE_SALT))
+
+
 class EpochItems(Dataset):
-    """`NoduleBatchDataset` addressed by (epoch, index), plus the item's noise and augmentation draws.
+    """`NoduleBatchDataset` addressed by (epoch, index), plus the item's noise and augmentation draws (and its
+    per-pixel noise map, "pixel_noise", when `pixel_noise_size` > 0).
 
     The epoch travels with the key, so DataLoader workers (which hold copies of the dataset) need no
     `set_epoch` call from the main process.
     """
 
-    def __init__(self, items: NoduleBatchDataset, noise_dim: int, seed: int) -> None:
-        self.items, self.noise_dim, self.seed = items, noise_dim, seed
+    def __init__(self, items: NoduleBatchDataset, noise_dim: int, seed: int, pixel_noise_size: int = 0) -> None:
+        self.items, self.noise_dim, self.seed, self.pixel_noise_size = items, noise_dim, seed, pixel_noise_size
 
     def __len__(self) -> int:
         return len(self.items)
@@ -98,16 +105,19 @@ class EpochItems(Dataset):
         item = dict(self.items[index])
         item["noise"] = item_noise(self.seed, epoch, index, self.noise_dim)
         item["augment"] = item_augment(self.seed, epoch, index)
+        if self.pixel_noise_size:
+            item["pixel_noise"] = item_pixel_noise(self.seed, epoch, index, self.pixel_noise_size)
         return item
 
 
 def training_batches(
-    items: NoduleBatchDataset, cfg: TrainConfig, ctx: DistContext, start_step: int, noise_dim: int
+    items: NoduleBatchDataset, cfg: TrainConfig, ctx: DistContext, start_step: int, noise_dim: int,
+    pixel_noise_size: int = 0,
 ) -> tuple[ResumableDistributedSampler, DataLoader]:
     """This rank's sampler (from `start_step` on) and the loader of its per-rank batches."""
     sampler = ResumableDistributedSampler(len(items), cfg.batch_size, cfg.seed, start_step, ctx.rank, ctx.world_size)
     loader = DataLoader(
-        EpochItems(items, noise_dim, cfg.seed),
+        EpochItems(items, noise_dim, cfg.seed, pixel_noise_size),
         batch_size=cfg.batch_size,
         sampler=sampler,
         num_workers=cfg.num_workers,

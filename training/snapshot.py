@@ -107,11 +107,12 @@ def network_summaries(nets: Networks, samples: dict[str, Tensor], device: torch.
 # Image grids
 
 
-def fixed_samples(data: RadiogenomicDataset, cfg: TrainConfig, noise_dim: int) -> dict[str, Tensor]:
+def fixed_samples(data: RadiogenomicDataset, cfg: TrainConfig, noise_dim: int, pixel_noise_size: int = 0
+                  ) -> dict[str, Tensor]:
     """`num_samples` evenly spaced validation items (training items when there is no val nodule) with fixed
     pairings and noise: the rows of every image grid, comparable across steps."""
     split = "val" if data.nodule_indices("val").size else "train"
-    items = EpochItems(NoduleBatchDataset(data, split, seed=cfg.seed), noise_dim, cfg.seed)
+    items = EpochItems(NoduleBatchDataset(data, split, seed=cfg.seed), noise_dim, cfg.seed, pixel_noise_size)
     picks = np.unique(np.linspace(0, len(items) - 1, cfg.num_samples).round().astype(int))
     return default_collate([items[(_SAMPLE_EPOCH, int(i))] for i in picks])
 

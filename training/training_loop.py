@@ -96,7 +96,7 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
         start_step = 0
         if resume_path is not None:
             start_step = restore(resume_path, nets, run["gene_names_sha256"], ctx, probe.global_batch)
-        samples = fixed_samples(data, cfg, g_cfg.noise_dim) if ctx.is_main else {}
+        samples = fixed_samples(data, cfg, g_cfg.noise_dim, g_cfg.pixel_noise_size) if ctx.is_main else {}
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
             cfg.save(out / "config.json")
@@ -110,7 +110,8 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
             print(network_summaries(nets, samples, ctx.device))
 
         # Distribute (the DDP wrappers were built with the networks); then the data loader for this rank.
-        sampler, loader = training_batches(train_items, cfg, ctx, start_step, g_cfg.noise_dim)
+        sampler, loader = training_batches(train_items, cfg, ctx, start_step, g_cfg.noise_dim,
+                                           g_cfg.pixel_noise_size)
         autocast = precision_context(cfg, ctx)
         provenance = run_provenance(cfg, ctx, run, g_cfg.kind, weights, command)
         validating = cfg.validation and g_cfg.kind != "inpainting" and data.patients_in("val").size >= 3

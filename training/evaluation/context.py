@@ -115,6 +115,13 @@ def seeded_noise(n: int, dim: int, seed: int, tag: int) -> np.ndarray:
     return np.random.default_rng([int(seed), 0x501E, int(tag)]).standard_normal((n, dim)).astype(np.float32)
 
 
+def row_pixel_noise(start: int, stop: int, size: int) -> torch.Tensor:
+    """(stop − start, 1, size, size) per-pixel noise maps keyed by the row's index alone, so an evaluation draws
+    the same maps whatever its batch size and whatever the global RNG did before."""
+    return torch.stack([torch.randn(1, size, size, generator=torch.Generator().manual_seed(0x91C5 * 1_000_003 + row))
+                        for row in range(start, stop)])
+
+
 @torch.no_grad()
 def generate(model: Model, backgrounds: np.ndarray, genes: np.ndarray | None = None,
              noise: np.ndarray | None = None, holes: np.ndarray | None = None, device: torch.device | None = None,
@@ -122,8 +129,9 @@ def generate(model: Model, backgrounds: np.ndarray, genes: np.ndarray | None = N
              ) -> tuple[np.ndarray, np.ndarray]:
     """Run a generator over (n,S,S) inputs in batches → (images (n,S,S) in [-1,1], masks (n,S,S) in [0,1]);
     `positions` (n,) slice positions, given only to a generator that reads them (others draw the same slice
-    wherever it lies)."""
+    wherever it lies); a `pixel_noise` generator gets `row_pixel_noise` maps."""
     reads_position = positions is not None and bool(getattr(model.generator.config, "slice_position", False))
+    pixel_size = int(getattr(model.generator.config, "pixel_noise_size", 0))
     device = device or torch.device("cpu")
     n = backgrounds.shape[0]
     images, masks = [], []
@@ -139,8 +147,10 @@ def generate(model: Model, backgrounds: np.ndarray, genes: np.ndarray | None = N
         stop = min(n, start + batch_size)
         inputs = (tensor(backgrounds, start, stop, True), tensor(genes, start, stop), tensor(noise, start, stop),
                   tensor(holes, start, stop, True))
-        out = (model.generator(*inputs, position=tensor(positions, start, stop)) if reads_position
-               else model.generator(*inputs))
+        extra = {"position": tensor(positions, start, stop)} if reads_position else {}
+        if pixel_size:
+            extra["pixel_noise"] = row_pixel_noise(start, stop, pixel_size).to(device)
+        out = model.generator(*inputs, **extra)
         images.append(out.image[:, 0].float().cpu().numpy())
         masks.append(out.mask[:, 0].float().cpu().numpy())
     return np.concatenate(images), np.concatenate(masks)
