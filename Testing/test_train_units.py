@@ -64,6 +64,20 @@ def test_cli_precedence(tmp_path: Path) -> None:
         parse_override("code_dim")
 
 
+def test_help_lists_every_option_from_the_configs_themselves() -> None:
+    """The help's lists of loss terms and architecture keys come from the dataclasses, so a new one shows up."""
+    from dataclasses import fields
+
+    from RadiogenomicGANLib.networks import GeneratorConfig
+    from training.discriminator import DiscriminatorConfig
+    from training.losses import LossWeights
+
+    text = " ".join(build_parser().format_help().split())
+    for config in (GeneratorConfig, DiscriminatorConfig, LossWeights):
+        for f in fields(config):
+            assert f.name in text or f.name in ("kind", "num_genes", "patch_size"), f.name
+
+
 def test_ema_warmup() -> None:
     cfg = TrainConfig()
     assert ema_decay(cfg, 0) == pytest.approx(0.1)

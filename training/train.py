@@ -24,10 +24,12 @@ from typing import Any
 
 from RadiogenomicGANLib.cli_common import check_output_folder, require_optional, run_cli
 from RadiogenomicGANLib.devices import DeviceError
+from RadiogenomicGANLib.networks import GeneratorConfig
 
 from . import checkpoint as ckpt
 from .config import MODELS, ConfigError, TrainConfig, parse_override
 from .dataset import DatasetError, training_data
+from .discriminator import DiscriminatorConfig
 from .export import export_generator
 from .iteration import build_configs, ema_decay
 from .losses import LossWeights
@@ -52,6 +54,10 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------------
 # Command line
+
+
+# Set from --model and the dataset (`iteration.build_configs`), so not offered as overrides in the help.
+_FROM_DATA = ("kind", "num_genes", "patch_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,11 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"override a LossWeights term ({', '.join(f.name for f in fields(LossWeights))}); "
                    "repeatable")
     g.add_argument("--generator", action="append", metavar="KEY=VALUE",
-                   help="override a GeneratorConfig field (code_dim, noise_dim, base_channels, max_channels, "
-                   "gene_hidden); repeatable")
+                   help="override a GeneratorConfig field ("
+                   f"{', '.join(f.name for f in fields(GeneratorConfig) if f.name not in _FROM_DATA)}); repeatable")
     g.add_argument("--discriminator", action="append", metavar="KEY=VALUE",
-                   help="override a DiscriminatorConfig field (base_channels, max_channels, "
-                   "independent_mapping, ...); repeatable")
+                   help="override a DiscriminatorConfig field ("
+                   f"{', '.join(f.name for f in fields(DiscriminatorConfig) if f.name not in _FROM_DATA)}); repeatable")
     g.add_argument("--seed", type=int, help=f"(default {d.seed})")
     g.add_argument("--gene-components", type=int, help="refit the gene preprocessing on the train patients with a "
                    "whitened PCA to this many axes (default 0: none)")
