@@ -551,7 +551,8 @@ def test_jsonable_makes_strict_json():
 
 def test_generate_gives_a_pixel_noise_model_the_same_maps_at_any_batch_size():
     """The evaluation's per-pixel noise is keyed by the row: batch size and the global RNG change nothing,
-    while the maps do reach the generator (another row's map gives another image)."""
+    while the maps do reach the generator (another row's map gives another image); the copy-background
+    control of such a model takes them and still copies."""
     from RadiogenomicGANLib.networks import GeneratorConfig, build_generator
     from training.evaluation.context import Model, generate
 
@@ -570,3 +571,7 @@ def test_generate_gives_a_pixel_noise_model_the_same_maps_at_any_batch_size():
     pieces, _ = generate(model, backgrounds, genes, noise, batch_size=2, progress=False)
     np.testing.assert_allclose(whole, pieces, atol=1e-5)   # batched convolutions may round differently
     assert not np.allclose(whole[0], whole[1])   # same inputs, another row's map
+    from training.evaluation.context import negative_controls
+
+    copy = negative_controls(model, np.arange(1), 0)[0]        # the controls take the maps too
+    np.testing.assert_array_equal(generate(copy, backgrounds, genes, noise, progress=False)[0], backgrounds)

@@ -63,6 +63,8 @@ def synthetic_batch(batch: int, size: int, genes: int, noise_dim: int, seed: int
         "phenotype": torch.randn(batch, 3, generator=g),
         "noise": torch.randn(batch, noise_dim, generator=g),
         "augment": torch.rand(batch, 2, 5, generator=g),   # the discriminator's augmentation draws
+        "position": torch.empty(batch).uniform_(-1, 1, generator=g),   # read by a slice_position generator
+        "pixel_noise": torch.randn(batch, 1, size, size, generator=g),  # read by a pixel_noise generator
     }
 
 

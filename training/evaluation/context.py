@@ -89,7 +89,8 @@ class CopyBackground(nn.Module):
         self.config = config
 
     def forward(self, background: torch.Tensor, genes: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                hole: torch.Tensor | None = None, position: torch.Tensor | None = None) -> GeneratorOutput:
+                hole: torch.Tensor | None = None, position: torch.Tensor | None = None,
+                pixel_noise: torch.Tensor | None = None) -> GeneratorOutput:
         empty = torch.zeros_like(background)
         return GeneratorOutput(image=background, mask=empty, weight_maps=[empty], gene_code=None)
 
