@@ -315,6 +315,33 @@ def test_pixel_noise_starts_silent_then_varies_the_object_only() -> None:
         GeneratorConfig(kind="mcgan", pixel_noise=True)
 
 
+@pytest.mark.parametrize("opaque", [False, True])
+def test_opaque_nodule_hides_the_raw_background_inside_the_mask_only(opaque: bool) -> None:
+    """With W → 0 and an image head that copies the raw background channel: where the mask is 1, an opaque
+    nodule's head no longer sees the background (image 0), a see-through one copies it; where the mask is 0
+    both copy it. The setting is the proposed generator's only, and older weights files load without it."""
+    config = GeneratorConfig(**{**small_config("proposed", 16).to_dict(), "opaque_nodule": opaque})
+    g = build_generator(config).eval()
+    x = inputs(config)
+    with torch.no_grad():
+        for block in g.blocks.values():
+            block.norm2.bias[: block.norm2.num_features // 2] = -40.0
+        g.image_head.conv.weight.zero_()
+        g.image_head.conv.weight[0, 0, 1, 1] = 1.0
+        g.mask_head.conv.weight.zero_()
+        for bias, inside in ((40.0, True), (-40.0, False)):
+            g.mask_head.conv.bias.fill_(bias)
+            image = run(g, x).image
+            if inside and opaque:
+                assert image.abs().max() <= 1e-6
+            else:
+                assert (image - x["background"]).abs().max() <= 1.01e-3
+    assert GeneratorConfig.from_dict({k: v for k, v in config.to_dict().items() if k != "opaque_nodule"}
+                                     ).opaque_nodule is False
+    with pytest.raises(ValueError, match="opaque_nodule"):
+        GeneratorConfig(kind="inpainting", opaque_nodule=True)
+
+
 def test_edge_settings_are_refused_where_they_cannot_work() -> None:
     with pytest.raises(ValueError, match="edge_blur_per_sd must be a finite number ≥ 0"):
         GeneratorConfig(edge_blur_per_sd=-0.5)
