@@ -199,7 +199,11 @@ class LossWeights(StrictDict):
       the exported checkpoints fell (0.55 against 0.65 on average), and the insertion check's 90th-percentile
       offset rose (2.8–5.4 mm against 2.0–2.4); realism level within the spread.
     * ``background_leak = 0``: the leak term (module docstring), off; a background showing through at half its
-      contrast (β = 0.5) costs its weight × 0.25.
+      contrast (β = 0.5) costs its weight × 0.25. On top of the recommended setting (three seeds, README round
+      11) it broke the placement from the first checkpoints on: at 4 the validation donors' nodules were drawn
+      off the point (misplaced 0.23–0.99 at step 1000, against 0.01–0.26 without; validation score −0.66 to
+      0.06), at 16 nearly nothing was drawn in the lung; the runs were stopped. `GeneratorConfig.opaque_nodule`
+      removes the leak's path instead.
     * ``mode_seeking = 0``, ``mode_seeking_target = 0.045``: the mode-seeking term (module docstring) is off;
       τ is about the real nodules' slice-to-slice variation on the unseen cohort (0.043 in the evaluation's
       noise-diversity units). At weight 1 (three seeds, README round 7) noise diversity rose from 0.024 to
