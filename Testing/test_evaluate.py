@@ -179,6 +179,19 @@ def test_each_metric_fails_the_negative_controls_and_passes_an_oracle(setup, tmp
     # the oracle's discs replace the background inside them; the copy control draws none to measure
     assert abs(real["interior_leak"]["proposed"]["median"]) < 0.1 and real["interior_leak"]["proposed"]["measured"] > 0
     assert real["interior_leak"]["copy"]["measured"] == 0
+    # the real discs pasted on the same backgrounds: the floor, below the copy control (no nodule)
+    assert real["lung_only"]["pasted"]["median"] < real["lung_only"]["copy"]["median"] - 0.2
+
+
+def test_pasted_nodules_keep_the_real_nodule_and_its_rim_only():
+    """Inside the real mask grown by 1 px the real image, elsewhere the background."""
+    from training.evaluation.sections import pasted_nodules
+
+    images, backgrounds = np.full((1, 8, 8), 0.5, np.float32), np.full((1, 8, 8), -0.8, np.float32)
+    masks = np.zeros((1, 8, 8), np.uint8)
+    masks[0, 3:5, 3:5] = 1
+    pasted = pasted_nodules(images, masks, backgrounds)[0]
+    assert (pasted[2:6, 2:6] == 0.5).all() and (pasted == 0.5).sum() == 16 and pasted[0, 0] == -0.8
 
 
 class GhostOracle(DiscOracle):

@@ -30,7 +30,8 @@ from ..metrics import largest_component, nodule_features
 MODEL_ROLES: dict[str, str] = {"inpainting": "inpainting", "baseline": "mcgan", "proposed": "proposed"}
 ROLE_TITLES: dict[str, str] = {"inpainting": "In-painting", "baseline": "Baseline (MC-GAN)", "proposed": "Proposed",
                                "copy": "Control: copies its background",
-                               "shuffled": "Control: proposed, another donor's genes"}
+                               "shuffled": "Control: proposed, another donor's genes",
+                               "pasted": "Control: the real nodules pasted on the backgrounds"}
 CONTROL_ROLES = ("copy", "shuffled")
 
 
