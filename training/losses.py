@@ -60,8 +60,8 @@ The leak term asks that the background's structures not show through the drawn n
 the generated image's band-pass (Gaussian σ 1 px minus σ 4 px: vessels, airway walls) regressed on the
 background's, over the drawn mask's inside (eroded `LEAK_ERODE_PX`), so β = 1 for a copied background, 0 where
 the nodule replaces it — as a real nodule does, which displaces the lung it grows in. Why: inside the round-10
-bundled model's drawn nodules (unseen cohort, lung-only backgrounds, 243 draws) that slope was 0.46 in the
-median (interquartile 0.05–0.92) and the band-passes correlated 0.29: vessels and airway walls show through at
+models' drawn nodules (unseen cohort, lung-only backgrounds; the evaluation's `interior_leak`) that slope is
+0.49 ± 0.19 in the median over three seeds (the bundled model 0.62): vessels and airway walls show through at
 half their contrast, which is the mottled look the C2ST critics flagged and the airway ring inside a
 ground-glass nodule in the demo. The band-passes are normalised convolutions over the inside only, so the
 lung around the nodule does not enter; rows with fewer than `CORE_MIN_PX` inside pixels, or a background
