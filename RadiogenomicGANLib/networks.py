@@ -90,9 +90,10 @@ class GeneratorConfig(StrictDict):
     # (channel 0 × (1 − mask), the mask detached), so the nodule cannot be the background shown through. Why:
     # the background's vessel-sized structure showed through the round-10 models' nodules at slope 0.26–0.62
     # (the evaluation's `interior_leak`), and zeroing that channel inside the mask of a trained model took
-    # the slope from 0.59 to −0.14. Trained with it (three seeds, README round 11) the slope fell from 0.49 to 0.20
-    # and noise diversity rose from 0.020 to 0.026, realism and gene control level; not the default (the
-    # validation score's tie-break). False here, so weights files written without the key load as they were trained.
+    # the slope from 0.59 to −0.14. Trained with it alone (three seeds, README round 11) the slope fell from 0.49
+    # to 0.14 and noise diversity rose from 0.020 to 0.024, realism and gene control level, and the validation
+    # score preferred it (0.710 against 0.669); not yet the default. False here, so weights files written
+    # without the key load as they were trained.
     opaque_nodule: bool = False
 
     def __post_init__(self) -> None:
