@@ -529,10 +529,14 @@ class PixelNoiseDisc(DiscMaskGenerator):
     """DiscMaskGenerator over a per-pixel-noise generator (strengths on): the disc keeps the inner image, so
     the noise maps it was given show in the output."""
 
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__(inner)
+        self.seen_maps: list[torch.Tensor] = []
+
     def forward(self, background, genes, noise=None, hole=None, pixel_noise=None):  # type: ignore[no-untyped-def]
-        self.seen_maps = [*getattr(self, "seen_maps", []), pixel_noise.clone()]
+        self.seen_maps.append(pixel_noise.clone())
         out = self.inner(background, genes, noise, hole=hole, pixel_noise=pixel_noise)
-        disc = DiscMaskGenerator.forward(self, background, genes, None, hole).mask
+        disc = self.disc(background)
         return GeneratorOutput(out.image + 0.5 * disc, disc, out.weight_maps, out.gene_code)
 
 

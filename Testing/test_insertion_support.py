@@ -37,13 +37,17 @@ class DiscMaskGenerator(nn.Module):
     def encode_genes(self, genes: torch.Tensor) -> torch.Tensor:
         return self.inner.encode_genes(genes)
 
-    def forward(self, background, genes, noise=None, hole=None) -> GeneratorOutput:  # type: ignore[no-untyped-def]
-        out = self.inner(background, genes, noise, hole=hole)
+    def disc(self, background: torch.Tensor) -> torch.Tensor:
+        """(B,1,S,S) the centred disc of `radius_px`, as the mask of every patch."""
         size = background.shape[-1]
         yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
         centre = (size - 1) / 2
         disc = (((yy - centre) ** 2 + (xx - centre) ** 2) <= self.radius_px**2).to(background)[None, None]
-        disc = disc.expand(background.shape[0], 1, size, size)
+        return disc.expand(background.shape[0], 1, size, size)
+
+    def forward(self, background, genes, noise=None, hole=None) -> GeneratorOutput:  # type: ignore[no-untyped-def]
+        out = self.inner(background, genes, noise, hole=hole)
+        disc = self.disc(background)
         lift = 0.33 if noise is None else 0.33 + 0.05 * noise[:, :1, None, None]
         if noise is not None:
             self.seen_noise.append(noise.detach().clone())
