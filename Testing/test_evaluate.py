@@ -181,6 +181,7 @@ def test_each_metric_fails_the_negative_controls_and_passes_an_oracle(setup, tmp
     assert real["interior_leak"]["copy"]["measured"] == 0
     # the real discs pasted on the same backgrounds: the floor, below the copy control (no nodule)
     assert real["lung_only"]["pasted"]["median"] < real["lung_only"]["copy"]["median"] - 0.2
+    assert real["models"]["pasted"]["median"] < real["models"]["copy"]["median"] - 0.2
 
 
 def test_pasted_nodules_keep_the_real_nodule_and_its_rim_only():

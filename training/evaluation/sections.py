@@ -724,8 +724,8 @@ def realism(ctx: Context) -> Section:
     whose central crop is all lung (`surroundings.wall_fraction`), which takes the chest wall out of the test.
     Each generated image is drawn with the genes of one sampled real slice's donor and, for a model that reads
     the slice position, at that slice's place t in its nodule. On the lung-only backgrounds it also measures
-    how much of the background's structure shows through each drawn nodule (`interior_leak`), and repeats the
-    lung-only test with the real nodules themselves pasted on those backgrounds (`pasted_nodules`): the floor a
+    how much of the background's structure shows through each drawn nodule (`interior_leak`). Both tests are
+    repeated with the real nodules themselves pasted on the same backgrounds (`pasted_nodules`): the floor a
     perfect nodule could reach there, which the backgrounds alone hold above 0.5."""
     data = ctx.data
     crop = int(ctx.option("c2st_crop"))
@@ -786,11 +786,12 @@ def realism(ctx: Context) -> Section:
                 "max": float(np.nanmax(values)), "runs": runs, "collapsed_critics": collapsed,
                 "accuracies": accuracies}
 
-    if matched_bg.size:
-        sources = np.resize(real_idx, samples)      # the real slices, cycled as the donors are
-        pasted = pasted_nodules(data.nodule_images[sources], data.nodule_masks[sources],
-                                data.background_images[matched_bg])
-        matched["pasted"] = (central_crop(pasted, crop), data.background_patient[matched_bg] + 1_000_000)
+    sources = np.resize(real_idx, samples)          # the real slices, cycled as the donors are
+    for chosen, into in ((bg_idx, fakes), (matched_bg, matched)):
+        if chosen.size:
+            pasted = pasted_nodules(data.nodule_images[sources], data.nodule_masks[sources],
+                                    data.background_images[chosen])
+            into["pasted"] = (central_crop(pasted, crop), data.background_patient[chosen] + 1_000_000)
     results = {role: repeated(real, real_groups, images, groups, role) for role, (images, groups) in fakes.items()}
     results_matched = {role: repeated(real[real_open], real_groups[real_open], images, groups, f"{role}, lung only")
                        for role, (images, groups) in matched.items()} if real_open.sum() >= 8 else {}
@@ -818,8 +819,9 @@ def realism(ctx: Context) -> Section:
              f"dense components), against {fmt(100 * np.mean(~real_open), 0)} % of the real nodule crops, so a "
              "critic can tell a generated patch by its surroundings alone. The *lung only* rows repeat the test "
              f"with both sides restricted to crops without wall ({open_backgrounds.size} backgrounds, "
-             f"{int(real_open.sum())} real crops): what is left is the nodule and the texture. The *pasted* row lays "
-             "the real nodules themselves on those backgrounds: the floor a perfect nodule could reach there.", "",
+             f"{int(real_open.sum())} real crops): what is left is the nodule and the texture. The *pasted* rows lay "
+             "the real nodules themselves on the same backgrounds, in both tests: the floor a perfect nodule could "
+             "reach there.", "",
              "| images | median | interquartile | min–max | collapsed critics |", "|---|---|---|---|---|"]
     rows = [*((ROLE_TITLES.get(role, role), e) for role, e in results.items()),
             *((f"{ROLE_TITLES.get(role, role)}, lung only", e) for role, e in results_matched.items()),
@@ -842,6 +844,7 @@ def realism(ctx: Context) -> Section:
     nan = float("nan")
     summary["c2st_lung_only"] = results_matched.get("proposed", {}).get("median", nan)
     summary["c2st_lung_only_copy"] = results_matched.get("copy", {}).get("median", nan)
+    summary["c2st_pasted"] = results.get("pasted", {}).get("median", nan)
     summary["c2st_lung_only_pasted"] = results_matched.get("pasted", {}).get("median", nan)
     summary["interior_leak"] = leak.get("proposed", {}).get("median", nan)
     return Section(metrics, lines, summary)
