@@ -92,8 +92,8 @@ class GeneratorConfig(StrictDict):
     # (the evaluation's `interior_leak`), and zeroing that channel inside the mask of a trained model took
     # the slope from 0.59 to −0.14. Trained with it alone (three seeds, README round 11) the slope fell from 0.49
     # to 0.14 and noise diversity rose from 0.020 to 0.024, realism and gene control level, and the validation
-    # score preferred it (0.710 against 0.669); not yet the default. False here, so weights files written
-    # without the key load as they were trained.
+    # score preferred it (0.710 against 0.669): part of the recommended setting and the bundled model since
+    # round 12. False here, so weights files written without the key load as they were trained.
     opaque_nodule: bool = False
 
     def __post_init__(self) -> None:

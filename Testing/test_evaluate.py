@@ -182,6 +182,12 @@ def test_each_metric_fails_the_negative_controls_and_passes_an_oracle(setup, tmp
     # the real discs pasted on the same backgrounds: the floor, below the copy control (no nodule)
     assert real["lung_only"]["pasted"]["median"] < real["lung_only"]["copy"]["median"] - 0.2
     assert real["models"]["pasted"]["median"] < real["models"]["copy"]["median"] - 0.2
+    # each real crop against the background most like its surroundings: the control fails, the discs pass
+    matched = real["surroundings_matched"]
+    assert matched["copy"]["median"] > 0.85
+    assert matched["proposed"]["median"] < matched["copy"]["median"] - 0.2
+    assert matched["pasted"]["median"] < matched["copy"]["median"] - 0.2
+    assert real["surroundings"]["distinct_backgrounds"] > 1
 
 
 def test_pasted_nodules_keep_the_real_nodule_and_its_rim_only():

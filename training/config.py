@@ -83,6 +83,7 @@ class TrainConfig:
     augment: bool = False              # flips and quarter turns of every drawn patch (NoduleBatchDataset)
     match_backgrounds: bool = False    # pair each nodule slice with a background of about its chest-wall share
     match_share: float = 0.1           # ... drawn among this fraction of the backgrounds nearest in wall share
+    match_texture: bool = False        # ... nearest in wall share and the surroundings' texture together
     validation: bool = True            # at every checkpoint, the cheap validation score on the val donors;
                                        # the export is the best-scoring checkpoint's EMA generator
     export_name: str = ""              # RUN/<export_name>.safetensors+json; empty = the model name
@@ -134,6 +135,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.match_share <= 1:
             raise ConfigError(f"match_share must be in (0, 1], got {self.match_share}")
+        if self.match_texture and not self.match_backgrounds:
+            raise ConfigError("match_texture refines match_backgrounds: give --match-backgrounds with --match-texture")
         if self.num_workers > MAX_WORKERS:
             raise ConfigError(f"num_workers must be <= {MAX_WORKERS} (4 × this machine's CPUs), got {self.num_workers}")
         if not 0 <= self.seed < 2**63:

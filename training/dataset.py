@@ -412,7 +412,11 @@ class NoduleBatchDataset(Dataset):
     `match_backgrounds`: the background paired with a nodule slice is drawn among the `match_share` (10 %) of
     the split's backgrounds whose share of chest wall (`surroundings.wall_fraction`) is nearest that slice's, instead of
     from all of them: the paper's backgrounds lie near the pleura and real nodules in open lung, so D_I could
-    reject every generated patch by its wall alone and push G to erase the wall.
+    reject every generated patch by its wall alone and push G to erase the wall. With `match_texture` the pool
+    is the backgrounds nearest in wall share and in the surroundings' texture together
+    (`surroundings.surroundings_texture`: dense share, high-passed sd; ranks, `surroundings.match_surroundings`):
+    without the wall the backgrounds' lung near the pleura still holds more vessels and texture than the lung
+    around the phantom's nodules, and D_I can tell the two by it.
     `augment`: each drawn patch — the nodule slice with its mask, the background, the wrong mask — is turned by
     one of the 8 flips and quarter turns of the square, drawn independently (image and mask together), so the
     discriminator of a small cohort sees 8× as many distinct real patches. Axial lung patches have no upright.
@@ -424,7 +428,7 @@ class NoduleBatchDataset(Dataset):
 
     def __init__(self, data: RadiogenomicDataset, split: str | Sequence[str] = "train", seed: int = 0, *,
                  uniform_donors: bool = False, distant_wrong_genes: bool = False, augment: bool = False,
-                 match_backgrounds: bool = False, match_share: float = 0.1,
+                 match_backgrounds: bool = False, match_share: float = 0.1, match_texture: bool = False,
                  phenotype_features: Sequence[str] = ()) -> None:
         self.data = data
         self.split = split
@@ -450,7 +454,7 @@ class NoduleBatchDataset(Dataset):
                 distance = np.linalg.norm(data.genes[others] - data.genes[patient], axis=1)
                 others = others[distance >= np.median(distance)]
             self._wrong_pool[int(patient)] = others
-        self._matched_pool = self._matched_backgrounds(match_share) if match_backgrounds else None
+        self._matched_pool = self._matched_backgrounds(match_share, match_texture) if match_backgrounds else None
         # Wrong masks: nodule slices of the split by patient, for "another patient" draws.
         self._patients_with_nodules = np.unique(data.nodule_patient[self.nodules])
         self._images = torch.from_numpy(np.ascontiguousarray(data.nodule_images[:, None]))
@@ -506,17 +510,28 @@ class NoduleBatchDataset(Dataset):
             item["wrong_mask"] = square_symmetry(item["wrong_mask"], wrong_turn)
         return item
 
-    def _matched_backgrounds(self, share: float) -> dict[int, np.ndarray]:
+    def _matched_backgrounds(self, share: float, texture: bool = False) -> dict[int, np.ndarray]:
         """For each nodule slice of the split, the backgrounds (indices) whose wall fraction is nearest its own:
-        a window of ⌈share × backgrounds⌉ (at least 16) around its rank among the sorted backgrounds."""
-        from .surroundings import wall_fraction
+        a window of ⌈share × backgrounds⌉ (at least 16) around its rank among the sorted backgrounds; with
+        `texture`, the as many backgrounds nearest in wall fraction and surroundings texture together."""
+        from .surroundings import central_disc, match_surroundings, surroundings_texture, wall_fraction
 
         window = tuple(float(v) for v in self.data.hu_window)
-        background_wall = wall_fraction(self.data.background_images[self.backgrounds], window)
-        nodule_wall = wall_fraction(self.data.nodule_images[self.nodules], window, self.data.nodule_masks[self.nodules])
+        background_images = self.data.background_images[self.backgrounds]
+        nodule_images, nodule_masks = self.data.nodule_images[self.nodules], self.data.nodule_masks[self.nodules]
+        background_wall = wall_fraction(background_images, window)
+        nodule_wall = wall_fraction(nodule_images, window, nodule_masks)
+        width = min(self.backgrounds.size, max(16, int(np.ceil(share * self.backgrounds.size))))
+        if texture:   # the backgrounds' footprint: a central disc of the nodule slices' median area
+            size = self.data.patch_size
+            area = float(np.median((nodule_masks > 0.5).sum(axis=(1, 2))))
+            wanted = np.c_[nodule_wall, surroundings_texture(nodule_images, window, nodule_masks, size)]
+            offered = np.c_[background_wall, surroundings_texture(
+                background_images, window, central_disc(self.backgrounds.size, size, area), size)]
+            nearest = match_surroundings(wanted, offered, np.random.default_rng([self.seed, 0x7E47]), width)
+            return {int(sample): self.backgrounds[row] for sample, row in zip(self.nodules, nearest)}
         order = np.argsort(background_wall, kind="stable")
         ranked, walls = self.backgrounds[order], background_wall[order]
-        width = min(ranked.size, max(16, int(np.ceil(share * ranked.size))))
         pools = {}
         for sample, wall in zip(self.nodules, nodule_wall):
             start = int(np.clip(np.searchsorted(walls, wall) - width // 2, 0, ranked.size - width))

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pair each nodule slice with a background holding about as much chest wall (default off)")
     g.add_argument("--match-share", type=float, help=f"... drawn among this fraction of the backgrounds nearest in "
                    f"chest wall (default {d.match_share})")
+    g.add_argument("--match-texture", action=argparse.BooleanOptionalAction,
+                   help="with --match-backgrounds: match the surroundings' texture (dense share, high-passed sd) "
+                   "too, as the evaluation's surroundings-matched test does (default off)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="turn and flip every drawn patch by one of the square's 8 symmetries (default off)")
     r = p.add_argument_group("runtime")

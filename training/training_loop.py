@@ -85,6 +85,7 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
         train_items = NoduleBatchDataset(data, "train", seed=cfg.seed, uniform_donors=cfg.uniform_donors,
                                          distant_wrong_genes=cfg.distant_wrong_genes, augment=cfg.augment,
                                          match_backgrounds=cfg.match_backgrounds, match_share=cfg.match_share,
+                                         match_texture=cfg.match_texture,
                                          phenotype_features=CODE_PHENOTYPE_FEATURES if weights.code_phenotype else ())
         probe = ResumableDistributedSampler(len(train_items), cfg.batch_size, cfg.seed, 0, ctx.rank, ctx.world_size)
 
