@@ -55,10 +55,12 @@ DEMO_EDGE := --loss-weight code_phenotype=1 --generator edge_blur_per_sd=0.6 --g
 # The slice position and the drawn-area term: each slice is drawn for its place in the nodule, and small
 # nodules are drawn rather than left empty or too small (README, round 8). The core term: the nodule's inside
 # is shaped like the donor's real one, a solid core in ground glass (README, round 9). DiffAugment on half of
-# what the discriminator scores: the selection's pick in round 10 (README).
+# what the discriminator scores: the selection's pick in round 10 (README). The opaque nodule: inside its own
+# mask the image head does not see the raw background, so vessels and airways do not show through the nodule
+# (round 11's pick on the validation score, README).
 DEMO_LOSS := --loss-weight consistency_intensity=4 --loss-weight consistency_position=10 \
 	--generator slice_position=true --loss-weight consistency_drawn_area=1 --loss-weight consistency_core=4 \
-	--loss-weight d_augment=0.5
+	--loss-weight d_augment=0.5 --generator opaque_nodule=true
 demo-weights: $(STAMP)
 	$(PY) -m RadiogenomicGANLib.phantom --out $(DEMO_WORK)/cohort --patients $(DEMO_PATIENTS) --seed $(DEMO_SEED) --quiet
 	$(PY) -m training.prepare --cohort $(DEMO_WORK)/cohort \
