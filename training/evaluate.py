@@ -13,7 +13,8 @@ The sections are a registry (`training.evaluation.sections.SECTIONS`): Table 1 (
 nodule, background only, empty-mask rate), gene control on held-out donors (backgrounds × noises per donor,
 Spearman ρ with a bootstrap interval, noise diversity), the radiogenomic map (Fig. 4; ARI of φ(g) beside a
 linear probe's ceiling and the prepared raw genes), realism (classifier two-sample tests over many critics
-with the real-vs-real floor), Fig. 3 and the module → phenotype links. Negative controls — a generator that
+with the real-vs-real floor, on the paper's backgrounds, lung-only ones and lung-only ones matched to each real
+crop's surroundings), Fig. 3 and the module → phenotype links. Negative controls — a generator that
 copies its background and the proposed model fed another donor's genes — run beside the models: the report
 shows every metric failing them.
 
@@ -228,7 +229,9 @@ def write_report(ctx: Context, metrics: dict, section_lines: list[str]) -> Path:
     lines += ["", "Every ρ is aligned (× the expected sign) and computed over the held-out donors; `c2st_median` is "
               "the median over the critics (0.5 = indistinguishable), beside the real-vs-real floor; "
               "`c2st_lung_only` the same with the chest wall taken out of both sides (Realism, below), beside the "
-              "copy-background control's.", ""]
+              "copy-background control's; `c2st_matched` the lung-only test with each real crop's background "
+              "matched to its surroundings, where the real nodules pasted (`c2st_matched_pasted`) should read "
+              "about 0.5.", ""]
     path = ctx.out / "report.md"
     path.write_text("\n".join(lines + section_lines) + "\n")
     return path
