@@ -170,6 +170,17 @@ def test_unknown_model(data: Path, tmp_path: Path, capsys) -> None:
         TrainConfig(data="x", out="y", model="stylegan").validate()
 
 
+def test_texture_matched_backgrounds_train_and_need_the_wall_match(data: Path, tmp_path: Path, capsys) -> None:
+    """--match-texture refines --match-backgrounds: refused alone; with it, a run trains and records both."""
+    message = fails(["--data", str(data), "--out", str(tmp_path / "alone"), *TINY, "--match-texture"], capsys)
+    assert "give --match-backgrounds with --match-texture" in message
+    out = tmp_path / "matched"
+    main(["--data", str(data), "--out", str(out), "--steps", "2", *TINY, "--match-backgrounds", "--match-texture",
+          "--no-validation"])
+    saved = TrainConfig.load(out / "config.json")
+    assert saved.match_backgrounds and saved.match_texture and (out / "proposed.safetensors").exists()
+
+
 @pytest.fixture(scope="module")
 def proposed_run(data: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("proposed_run")
