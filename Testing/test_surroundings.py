@@ -71,7 +71,7 @@ def test_surroundings_texture_leaves_the_nodule_out_and_sees_vessels_and_noise()
     assert central_disc(2, 64, 16 * 16).sum(axis=(1, 2)).tolist() == pytest.approx([256, 256], rel=0.05)
 
 
-def test_match_surroundings_picks_the_nearest_candidate_by_rank() -> None:
+def test_match_surroundings_picks_the_nearest_candidate_in_units_of_spread() -> None:
     candidates = np.array([[0.00, 0.01], [0.05, 0.03], [0.10, 0.09], [0.30, 0.20]])
     wanted = np.array([[0.01, 0.012], [0.28, 0.5], [0.06, 0.03]])
     assert match_surroundings(wanted, candidates, np.random.default_rng(0))[:, 0].tolist() == [0, 3, 1]

@@ -414,7 +414,8 @@ class NoduleBatchDataset(Dataset):
     from all of them: the paper's backgrounds lie near the pleura and real nodules in open lung, so D_I could
     reject every generated patch by its wall alone and push G to erase the wall. With `match_texture` the pool
     is the backgrounds nearest in wall share and in the surroundings' texture together
-    (`surroundings.surroundings_texture`: dense share, high-passed sd; ranks, `surroundings.match_surroundings`):
+    (`surroundings.texture_pair`: dense share, high-passed sd; each in units of its spread,
+    `surroundings.match_surroundings`):
     without the wall the backgrounds' lung near the pleura still holds more vessels and texture than the lung
     around the phantom's nodules, and D_I can tell the two by it.
     `augment`: each drawn patch — the nodule slice with its mask, the background, the wrong mask — is turned by
@@ -514,7 +515,7 @@ class NoduleBatchDataset(Dataset):
         """For each nodule slice of the split, the backgrounds (indices) whose wall fraction is nearest its own:
         a window of ⌈share × backgrounds⌉ (at least 16) around its rank among the sorted backgrounds; with
         `texture`, the as many backgrounds nearest in wall fraction and surroundings texture together."""
-        from .surroundings import central_disc, match_surroundings, surroundings_texture, wall_fraction
+        from .surroundings import match_surroundings, texture_pair, wall_fraction
 
         window = tuple(float(v) for v in self.data.hu_window)
         background_images = self.data.background_images[self.backgrounds]
@@ -522,12 +523,10 @@ class NoduleBatchDataset(Dataset):
         background_wall = wall_fraction(background_images, window)
         nodule_wall = wall_fraction(nodule_images, window, nodule_masks)
         width = min(self.backgrounds.size, max(16, int(np.ceil(share * self.backgrounds.size))))
-        if texture:   # the backgrounds' footprint: a central disc of the nodule slices' median area
-            size = self.data.patch_size
-            area = float(np.median((nodule_masks > 0.5).sum(axis=(1, 2))))
-            wanted = np.c_[nodule_wall, surroundings_texture(nodule_images, window, nodule_masks, size)]
-            offered = np.c_[background_wall, surroundings_texture(
-                background_images, window, central_disc(self.backgrounds.size, size, area), size)]
+        if texture:
+            nodule_texture, background_texture = texture_pair(nodule_images, nodule_masks, background_images,
+                                                              window, self.data.patch_size)
+            wanted, offered = np.c_[nodule_wall, nodule_texture], np.c_[background_wall, background_texture]
             nearest = match_surroundings(wanted, offered, np.random.default_rng([self.seed, 0x7E47]), width)
             return {int(sample): self.backgrounds[row] for sample, row in zip(self.nodules, nearest)}
         order = np.argsort(background_wall, kind="stable")

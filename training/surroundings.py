@@ -11,10 +11,11 @@ the nodule (with a margin) do not count.
 
 Without the wall the lung itself still differs: the background VOIs lie near the pleura, the phantom's nodules
 deep in the lung, and around them the real crops hold half the high-frequency texture and a third of the dense
-pixels (cohort 7: high-pass sd 0.047 against 0.087, dense share 0.023 against 0.077). `surroundings_texture`
-measures both and `match_surroundings` picks, for each real crop, the backgrounds whose surroundings are most
-alike, so the evaluation can test the nodule alone (its surroundings-matched C2ST) and training can pair each
-nodule slice with such backgrounds (`TrainConfig.match_texture`).
+pixels (cohort 7 of the README's protocol: high-pass sd 0.048 against 0.087, dense share 0.023 against
+0.074, outside the nodule in the central 40 px). `surroundings_texture` measures both, `texture_pair` for
+nodule slices and backgrounds alike, and `match_surroundings` picks, for each real crop, the backgrounds whose
+surroundings are most alike, so the evaluation can test the nodule alone (its surroundings-matched C2ST) and
+training can pair each nodule slice with such backgrounds (`TrainConfig.match_texture`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,16 @@ def central_disc(count: int, size: int, area_px: float) -> np.ndarray:
     offsets = np.arange(size) - (size - 1) / 2
     disc = np.hypot(*np.meshgrid(offsets, offsets, indexing="ij")) <= np.sqrt(area_px / np.pi)
     return np.broadcast_to(disc, (count, size, size))
+
+
+def texture_pair(nodule_images: np.ndarray, nodule_masks: np.ndarray, background_images: np.ndarray,
+                 window: tuple[float, float], crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """`surroundings_texture` of the nodule slices (outside their masks) and of the backgrounds (outside a
+    central disc of the nodule slices' median area: where a generated nodule will lie), in that order."""
+    area = float(np.median((np.asarray(nodule_masks) > 0.5).sum(axis=(1, 2))))
+    size = background_images.shape[-1]
+    return (surroundings_texture(nodule_images, window, nodule_masks, crop),
+            surroundings_texture(background_images, window, central_disc(len(background_images), size, area), crop))
 
 
 def match_surroundings(wanted: np.ndarray, candidates: np.ndarray, rng: np.random.Generator,

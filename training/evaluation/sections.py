@@ -48,14 +48,7 @@ from ..metrics import (
     spearman,
     to_unit_range,
 )
-from ..surroundings import (
-    LUNG_ONLY,
-    central_crop,
-    central_disc,
-    match_surroundings,
-    surroundings_texture,
-    wall_fraction,
-)
+from ..surroundings import LUNG_ONLY, central_crop, match_surroundings, texture_pair, wall_fraction
 from .context import (
     ROLE_TITLES,
     Context,
@@ -772,10 +765,8 @@ def realism(ctx: Context) -> Section:
     alike_bg = np.zeros(0, dtype=np.int64)
     texture: dict[str, Any] = {}
     if open_backgrounds.size and open_idx.size:
-        wanted = surroundings_texture(data.nodule_images[open_idx], window, data.nodule_masks[open_idx], crop)
-        area = float(np.median((data.nodule_masks[open_idx] > 0.5).sum(axis=(1, 2))))
-        offered = surroundings_texture(data.background_images[open_backgrounds], window,
-                                       central_disc(open_backgrounds.size, data.patch_size, area), crop)
+        wanted, offered = texture_pair(data.nodule_images[open_idx], data.nodule_masks[open_idx],
+                                       data.background_images[open_backgrounds], window, crop)
         chosen = match_surroundings(wanted, offered, ctx.rng(8))[:, 0]
         alike_bg = open_backgrounds[chosen]
         texture = {f"{name}_{stat}": float(np.nanmean(values[:, k])) for name, values in
@@ -785,13 +776,14 @@ def realism(ctx: Context) -> Section:
     # each generated image is the counterpart of one real slice (cycled: the split may hold fewer): that slice's
     # donor's genes, at its place in the nodule. Donors drawn uniformly instead gave the synthetic side more
     # small nodules than the slice-weighted real side, where a large nodule has many slices.
-    fake_positions = np.resize(data.nodule_position()[real_idx], samples)
+    positions = data.nodule_position()
+    fake_positions = np.resize(positions[real_idx], samples)
     donors = np.resize(real_groups, samples)
     fakes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     matched: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     alike: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     draws = ((bg_idx, donors, fake_positions, fakes), (matched_bg, donors, fake_positions, matched),
-             (alike_bg, real_groups[real_open], data.nodule_position()[open_idx], alike))
+             (alike_bg, real_groups[real_open], positions[open_idx], alike))
     leaks: dict[str, np.ndarray] = {}
     for model in [*ctx.models.values(), *[c for c in ctx.controls if c.role == "copy"]]:
         if model.role == "inpainting":
