@@ -342,6 +342,32 @@ def test_opaque_nodule_hides_the_raw_background_inside_the_mask_only(opaque: boo
         GeneratorConfig(kind="inpainting", opaque_nodule=True)
 
 
+def test_opaque_nodule_keeps_the_gradient_channels_last() -> None:
+    """The opaque nodule is a product: it leaves every channel but the raw background's bit-for-bit unchanged
+    and scales that one by 1 − mask; and in a channels-last generator the gradient reaching the finest block's
+    batch norm stays channels-last — batch norm's fast backward. The slicing-and-concatenation it replaced
+    handed that norm a plain-layout gradient, which made a 128² training step ~20 % slower."""
+    from RadiogenomicGANLib.networks import _opaque_keep
+
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 5, 8, 8, generator=gen)
+    mask = torch.rand(2, 1, 8, 8, generator=gen)
+    out = features * _opaque_keep(mask, 5)
+    assert torch.equal(out[:, 1:], features[:, 1:])
+    assert torch.equal(out[:, :1], features[:, :1] * (1.0 - mask))
+
+    config = GeneratorConfig(**{**small_config("proposed", 32).to_dict(), "opaque_nodule": True})
+    g = build_generator(config).to(memory_format=torch.channels_last)
+    layouts = []
+    finest_norm = list(g.blocks.values())[-1].norm2
+    finest_norm.register_full_backward_hook(
+        lambda module, grad_in, grad_out: layouts.append(grad_out[0].is_contiguous(memory_format=torch.channels_last)))
+    x = inputs(config)
+    output = run(g, {**x, "background": x["background"].contiguous(memory_format=torch.channels_last)})
+    (output.image.square().sum() + output.mask.sum()).backward()
+    assert layouts == [True]
+
+
 def test_edge_settings_are_refused_where_they_cannot_work() -> None:
     with pytest.raises(ValueError, match="edge_blur_per_sd must be a finite number ≥ 0"):
         GeneratorConfig(edge_blur_per_sd=-0.5)
