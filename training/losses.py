@@ -208,6 +208,8 @@ class LossWeights(StrictDict):
       τ is about the real nodules' slice-to-slice variation on the unseen cohort (0.043 in the evaluation's
       noise-diversity units). At weight 1 (three seeds, README round 7) noise diversity rose from 0.024 to
       0.068, past the real 0.043, while the map's clusters became seed-dependent and realism fell a little.
+      At τ = 0.025 (three seeds, README round 13) it reached 0.037 on every cohort with gene control level,
+      but the mean validation score (0.673) fell short of the default's 0.710, the bar set before the runs.
     * ``d_augment = 0`` in the bare defaults; the recommended setting is 0.5: the probability (≤ 1) that each
       tuple the discriminator scores is augmented (`augment_alike`: DiffAugment's translation and cutout, Zhao
       et al. 2020). Why it was tried: D_I told real from generated patches from the first hundred steps on,
