@@ -41,7 +41,7 @@ DEMO_PATIENTS ?= 64
 DEMO_STEPS ?= 2000
 # The training seed of the bundled model, chosen among the seeds tried on the validation score alone
 # (README, "The bundled demo model"); GAN results vary with the seed.
-DEMO_TRAIN_SEED ?= 3
+DEMO_TRAIN_SEED ?= 11
 DEMO_ARCH := --generator base_channels=16 --generator max_channels=128 \
 	--discriminator base_channels=16 --discriminator max_channels=128
 DEMO_GENES := --gene-components 16
@@ -57,10 +57,12 @@ DEMO_EDGE := --loss-weight code_phenotype=1 --generator edge_blur_per_sd=0.6 --g
 # is shaped like the donor's real one, a solid core in ground glass (README, round 9). DiffAugment on half of
 # what the discriminator scores: the selection's pick in round 10 (README). The opaque nodule: inside its own
 # mask the image head does not see the raw background, so vessels and airways do not show through the nodule
-# (round 11's pick on the validation score, README).
+# (round 11's pick on the validation score, README). Mode seeking at a cap of 0.025: noise changes the nodule
+# (diversity 0.037 against 0.024) and the validation score rose on every seed (round 14's pick, README).
 DEMO_LOSS := --loss-weight consistency_intensity=4 --loss-weight consistency_position=10 \
 	--generator slice_position=true --loss-weight consistency_drawn_area=1 --loss-weight consistency_core=4 \
-	--loss-weight d_augment=0.5 --generator opaque_nodule=true
+	--loss-weight d_augment=0.5 --generator opaque_nodule=true \
+	--loss-weight mode_seeking=1 --loss-weight mode_seeking_target=0.025
 demo-weights: $(STAMP)
 	$(PY) -m RadiogenomicGANLib.phantom --out $(DEMO_WORK)/cohort --patients $(DEMO_PATIENTS) --seed $(DEMO_SEED) --quiet
 	$(PY) -m training.prepare --cohort $(DEMO_WORK)/cohort \
