@@ -674,6 +674,19 @@ def test_mode_seeking_g_step_compares_two_noises_for_the_same_inputs() -> None:
     mode_seeking_term(fake.image[:2], fake.mask[:2], second.output.image, second.output.mask, second.noise,
                       second.other_noise, 10.0).backward()    # a high target: the hinge is active
     assert any(_nonzero(p) for p in g.parameters())
+    # lazy: every third step only, at three times the weight
+    lazy = GANLoss(g, d, LossWeights(mode_seeking=2.0, mode_seeking_every=3))
+    assert [lazy.seeks_modes_at(step) for step in range(7)] == [True, False, False, True, False, False, True]
+    assert all(loss_fn.seeks_modes_at(step) for step in range(3))
+    lazy_loss, lazy_logs = lazy.generator_loss(batch, fake, second)
+    assert lazy_loss.item() == pytest.approx(without.item() + 6.0 * lazy_logs["g_mode_seeking"], rel=1e-5)
+
+
+@pytest.mark.parametrize(("every", "message"), [(0, "at least 1"), (2.5, "must be an integer")])
+def test_mode_seeking_interval_is_a_positive_whole_number(every: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LossWeights(mode_seeking=1.0, mode_seeking_every=every)
+    assert LossWeights(mode_seeking_every=2.0).mode_seeking_every == 2   # from a JSON config of floats
 
 
 def _nonzero(p: torch.nn.Parameter) -> bool:

@@ -238,15 +238,16 @@ def generate_with_second_draw(g_phase: Callable[..., GeneratorOutput], batch: Ma
     return _rows(both, slice(0, n)), SecondDraw(_rows(both, slice(n, None)), noise[:rows], other_noise)
 
 
-def train_iteration(nets: Networks, batch: dict[str, Tensor], autocast: Callable[[], AbstractContextManager]
-                    ) -> dict[str, float]:
-    """One iteration: G forward; D step on the detached fake; G step re-scoring the fake with the updated D."""
+def train_iteration(nets: Networks, batch: dict[str, Tensor], autocast: Callable[[], AbstractContextManager],
+                    step: int = 0) -> dict[str, float]:
+    """One iteration (0-based `step`): G forward; D step on the detached fake; G step re-scoring the fake with the
+    updated D. The step only says whether the lazy mode-seeking term is due."""
     noise = batch.pop("noise", None)
     if nets.generator_config.kind == "inpainting":
         noise = None
     second = None
     with autocast():
-        if nets.loss.seeks_modes and noise is not None:
+        if nets.loss.seeks_modes_at(step) and noise is not None:
             fake, second = generate_with_second_draw(nets.g_phase, batch, noise)
         else:
             fake = nets.g_phase(batch, noise)

@@ -82,7 +82,8 @@ stops pushing once it reaches the target τ, so noise is not asked to vary the n
 nodule varies (which would take control from the genes). Why: noise changed the nodule less than a real
 nodule changes between neighbouring slices (0.024 against 0.043 on the unseen cohort), and issue 10 asks for
 noise that changes the nodule. G draws the second image for half of the batch with another row's noise
-(`train_iteration`), so it needs no extra random numbers and resume stays bit-exact.
+(`train_iteration`), so it needs no extra random numbers and resume stays bit-exact; with
+``mode_seeking_every`` = K only on every K-th step, at K times the weight (lazy, as StyleGAN2's R1).
 
 Every E[·] is a mean over the batch; the terms are summed as written in the paper (no ½ factors, no
 averaging of the negatives). The same head weights scale a head's terms in the D and the G loss, so a head
@@ -210,6 +211,9 @@ class LossWeights(StrictDict):
       0.068, past the real 0.043, while the map's clusters became seed-dependent and realism fell a little.
       At τ = 0.025 (three seeds, README round 13) it reached 0.037 on every cohort with gene control level,
       but the mean validation score (0.673) fell short of the default's 0.710, the bar set before the runs.
+    * ``mode_seeking_every = 1``: the term's interval in steps. Its second draw costs about a third of a
+      128² step (README, Benchmarks); at K > 1 it is computed on every K-th step only, at K times the weight,
+      as StyleGAN2's lazy regularisation (Karras et al. 2020): the same mean push for 1/K of the cost.
     * ``d_augment = 0`` in the bare defaults; the recommended setting is 0.5: the probability (≤ 1) that each
       tuple the discriminator scores is augmented (`augment_alike`: DiffAugment's translation and cutout, Zhao
       et al. 2020). Why it was tried: D_I told real from generated patches from the first hundred steps on,
@@ -247,14 +251,17 @@ class LossWeights(StrictDict):
     code_phenotype: float = 0.0
     mode_seeking: float = 0.0
     mode_seeking_target: float = 0.045
+    mode_seeking_every: int = 1
     r1: float = 0.0
     d_augment: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.erosion_kernel, float) and self.erosion_kernel.is_integer():
-            self.erosion_kernel = int(self.erosion_kernel)  # from a JSON/YAML config of floats
-        if not isinstance(self.erosion_kernel, int):
-            raise ValueError(f"erosion_kernel must be an integer, got {self.erosion_kernel!r}")
+        for name in ("erosion_kernel", "mode_seeking_every"):
+            value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():
+                setattr(self, name, int(value))  # from a JSON/YAML config of floats
+            elif not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         for f in fields(self):
             if float(getattr(self, f.name)) < 0:
                 raise ValueError(f"LossWeights.{f.name} must be >= 0, got {getattr(self, f.name)}")
@@ -266,6 +273,8 @@ class LossWeights(StrictDict):
             raise ValueError(f"hole_scale must be > 0, got {self.hole_scale}")
         if self.mode_seeking and self.mode_seeking_target <= 0:
             raise ValueError(f"mode_seeking_target must be > 0, got {self.mode_seeking_target}")
+        if self.mode_seeking_every < 1:
+            raise ValueError(f"mode_seeking_every is a number of steps, at least 1, got {self.mode_seeking_every}")
 
     @classmethod
     def monai_peer(cls) -> LossWeights:
@@ -754,6 +763,10 @@ class GANLoss:
         """Whether the G step wants a `SecondDraw` (the mode-seeking term is on and G takes noise)."""
         return bool(self.weights.mode_seeking) and self.uses_genes and self.generator.config.noise_dim > 0
 
+    def seeks_modes_at(self, step: int) -> bool:
+        """Whether the G step of 0-based `step` wants a `SecondDraw` (every `mode_seeking_every`-th step)."""
+        return self.seeks_modes and step % self.weights.mode_seeking_every == 0
+
     def generator_loss(self, batch: Mapping[str, Tensor], fake: GeneratorOutput, second: SecondDraw | None = None
                        ) -> tuple[Tensor, dict[str, float]]:
         """L_G: adversarial terms towards 1 + the L1 term (background L1, or hole L1 for inpainting); with
@@ -813,7 +826,7 @@ class GANLoss:
             rows = second.output.image.shape[0]
             t["g_mode_seeking"] = mode_seeking_term(gx[:rows], gm[:rows], second.output.image, second.output.mask,
                                                     second.noise, second.other_noise, w.mode_seeking_target)
-            loss = loss + w.mode_seeking * t["g_mode_seeking"]
+            loss = loss + w.mode_seeking * w.mode_seeking_every * t["g_mode_seeking"]
         logs = {
             "g_total": loss,
             "g_adv": adv,

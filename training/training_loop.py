@@ -124,7 +124,7 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
         try:
             while step < cfg.steps:
                 batch = to_device(next(iterator), ctx.device, cfg.channels_last, nets.dtype)
-                logs = train_iteration(nets, batch, autocast)
+                logs = train_iteration(nets, batch, autocast, step)
                 check_finite(logs, step, ckpt_dir)
                 update_ema(nets.generator_ema, nets.generator, ema_decay(cfg, step))
                 step += 1
@@ -208,7 +208,7 @@ class RunLog:
 
             self.progress = tqdm(total=cfg.steps, initial=start_step, desc=f"train {kind}", dynamic_ncols=True)
         self.sums: dict[str, float] = {}
-        self.count = 0
+        self.counts: dict[str, int] = {}   # per key: a lazy term is logged on its own steps only
         self.last: dict[str, float] = {}
         self.tick, self.tick_step = time.perf_counter(), start_step
 
@@ -216,15 +216,15 @@ class RunLog:
         """Count one finished step's losses; on a logging step (and the last) write their means."""
         for key, value in logs.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += 1
+            self.counts[key] = self.counts.get(key, 0) + 1
         if step % self.cfg.log_every == 0 or step == self.cfg.steps:
             self._write_means(step)
         if self.progress is not None:
             self.progress.update(1)
 
     def _write_means(self, step: int) -> None:
-        means = all_reduce_mean(self.ctx, {k: v / self.count for k, v in self.sums.items()})
-        self.sums, self.count = {}, 0
+        means = all_reduce_mean(self.ctx, {k: v / self.counts[k] for k, v in self.sums.items()})
+        self.sums, self.counts = {}, {}
         per_step = (time.perf_counter() - self.tick) / max(1, step - self.tick_step)
         self.tick, self.tick_step = time.perf_counter(), step
         self.last = means

@@ -26,6 +26,7 @@ ratio is smaller than the FLOP ratio.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import statistics
@@ -86,8 +87,10 @@ def our_step(model: str, size: int, batch: int, genes: int, device: torch.device
     def autocast() -> object:
         return autocast_for(device, uses_bf16(cfg, device))
 
+    count = itertools.count()   # the loop's step, so a lazy term is timed as often as training computes it
+
     def step() -> dict[str, float]:
-        logs = train_iteration(nets, dict(source), autocast)
+        logs = train_iteration(nets, dict(source), autocast, next(count))
         update_ema(nets.generator_ema, nets.generator, cfg.ema_decay)
         return logs
 
