@@ -205,15 +205,18 @@ class LossWeights(StrictDict):
       off the point (misplaced 0.23–0.99 at step 1000, against 0.01–0.26 without; validation score −0.66 to
       0.06), at 16 nearly nothing was drawn in the lung; the runs were stopped. `GeneratorConfig.opaque_nodule`
       removes the leak's path instead.
-    * ``mode_seeking = 0``, ``mode_seeking_target = 0.045``: the mode-seeking term (module docstring) is off;
-      τ is about the real nodules' slice-to-slice variation on the unseen cohort (0.043 in the evaluation's
-      noise-diversity units). At weight 1 (three seeds, README round 7) noise diversity rose from 0.024 to
-      0.068, past the real 0.043, while the map's clusters became seed-dependent and realism fell a little.
-      At τ = 0.025 (three seeds, README round 13) it reached 0.037 on every cohort with gene control level,
-      but the mean validation score (0.673) fell short of the default's 0.710, the bar set before the runs.
+    * ``mode_seeking = 0``, ``mode_seeking_target = 0.045`` in the bare defaults; the recommended setting is 1
+      at τ = 0.025: the mode-seeking term (module docstring). At τ = 0.045, about the real nodules'
+      slice-to-slice variation on the unseen cohort (0.043 in the evaluation's noise-diversity units), noise
+      diversity rose from 0.024 to 0.068, past the real 0.043, while the map's clusters became seed-dependent
+      and realism fell a little (three seeds, README round 7). At τ = 0.025 (three seeds, README rounds 13 and
+      14) it reached 0.037 on every cohort with gene control about level, and the validation score rose on
+      every seed against the same configuration without it (0.673 against 0.634 on average).
     * ``mode_seeking_every = 1``: the term's interval in steps. Its second draw costs about a third of a
       128² step (README, Benchmarks); at K > 1 it is computed on every K-th step only, at K times the weight,
-      as StyleGAN2's lazy regularisation (Karras et al. 2020): the same mean push for 1/K of the cost.
+      as StyleGAN2's lazy regularisation (Karras et al. 2020). At K = 2 (three seeds, README round 14) a step
+      cost 1.31× the bare default instead of 1.50×, but the validation score fell to 0.576 on average, below
+      both every step's and none's.
     * ``d_augment = 0`` in the bare defaults; the recommended setting is 0.5: the probability (≤ 1) that each
       tuple the discriminator scores is augmented (`augment_alike`: DiffAugment's translation and cutout, Zhao
       et al. 2020). Why it was tried: D_I told real from generated patches from the first hundred steps on,
