@@ -221,13 +221,14 @@ def _rows(output: GeneratorOutput, rows: slice) -> GeneratorOutput:
     return _each_tensor(output, lambda tensor: tensor[rows])
 
 
-def generate_with_second_draw(g_phase: Callable[..., GeneratorOutput], batch: Mapping[str, Tensor], noise: Tensor,
-                              share: float = 0.5) -> tuple[GeneratorOutput, SecondDraw]:
-    """G's output for the batch, and for its first `share` (half by default) again with the noise (and per-pixel
-    noise map) of the row before (a valid independent draw, no extra random numbers, so resume stays bit-exact).
-    One forward of the stacked rows: DDP allows one forward per backward."""
+def generate_with_second_draw(g_phase: Callable[..., GeneratorOutput], batch: Mapping[str, Tensor], noise: Tensor
+                              ) -> tuple[GeneratorOutput, SecondDraw]:
+    """G's output for the batch, and for its first half again with the noise (and per-pixel noise map) of the row
+    before (a valid
+    independent draw, no extra random numbers, so resume stays bit-exact). One forward of the stacked rows:
+    DDP allows one forward per backward."""
     n = noise.shape[0]
-    rows = max(1, int(n * share))
+    rows = max(1, n // 2)
     other_noise = noise.roll(1, dims=0)[:rows]
     stacked = {key: torch.cat([batch[key], batch[key][:rows]]) for key in ("background", "genes", "position")
                if key in batch}
@@ -247,7 +248,7 @@ def train_iteration(nets: Networks, batch: dict[str, Tensor], autocast: Callable
     second = None
     with autocast():
         if nets.loss.seeks_modes_at(step) and noise is not None:
-            fake, second = generate_with_second_draw(nets.g_phase, batch, noise, nets.loss.weights.mode_seeking_share)
+            fake, second = generate_with_second_draw(nets.g_phase, batch, noise)
         else:
             fake = nets.g_phase(batch, noise)
 

@@ -217,8 +217,6 @@ class LossWeights(StrictDict):
       as StyleGAN2's lazy regularisation (Karras et al. 2020). At K = 2 (three seeds, README round 14) a step
       cost 1.31× the bare default instead of 1.50×, but the validation score fell to 0.576 on average, below
       both every step's and none's.
-    * ``mode_seeking_share = 0.5``: the share of the batch G draws a second time for the term (at least one
-      row); a smaller share costs less on every step.
     * ``d_augment = 0`` in the bare defaults; the recommended setting is 0.5: the probability (≤ 1) that each
       tuple the discriminator scores is augmented (`augment_alike`: DiffAugment's translation and cutout, Zhao
       et al. 2020). Why it was tried: D_I told real from generated patches from the first hundred steps on,
@@ -257,7 +255,6 @@ class LossWeights(StrictDict):
     mode_seeking: float = 0.0
     mode_seeking_target: float = 0.045
     mode_seeking_every: int = 1
-    mode_seeking_share: float = 0.5
     r1: float = 0.0
     d_augment: float = 0.0
 
@@ -279,9 +276,6 @@ class LossWeights(StrictDict):
             raise ValueError(f"hole_scale must be > 0, got {self.hole_scale}")
         if self.mode_seeking and self.mode_seeking_target <= 0:
             raise ValueError(f"mode_seeking_target must be > 0, got {self.mode_seeking_target}")
-        if not 0 < self.mode_seeking_share <= 1:
-            raise ValueError(f"mode_seeking_share is the share of the batch drawn twice, in (0, 1], got "
-                             f"{self.mode_seeking_share}")
         if self.mode_seeking_every < 1:
             raise ValueError(f"mode_seeking_every is a number of steps, at least 1, got {self.mode_seeking_every}")
 
