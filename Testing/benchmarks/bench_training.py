@@ -13,6 +13,9 @@ then timed round-robin (one iteration of each per round), so a change of load on
 of them alike; medians of the rounds. Not collected by pytest; no timed assertions anywhere.
 `--loss-weight r1=1`, `--variant-generator KEY=VALUE` and `--variant-discriminator KEY=VALUE` also time each
 model with those changes together, round-robin beside the default (the cost of an optional term or layer).
+Each runner counts its own steps as the loop does, so a lazy term (``mode_seeking_every=K``) is computed on
+every K-th timed step; its median then lies between the two kinds of step, and the FLOP column counts the
+first step, one with the term.
 
 Columns: FLOPs per iteration (convolutions and matrix products, counted on the first, untimed iteration), wall
 seconds per iteration (what a user waits), CPU seconds per iteration summed over threads, achieved GFLOP/s,
