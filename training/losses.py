@@ -122,7 +122,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from RadiogenomicGANLib.networks import KINDS, GeneratorOutput, hole_from_mask
-from RadiogenomicGANLib.strict_dict import StrictDict
+from RadiogenomicGANLib.strict_dict import StrictDict, check_value
 
 from .discriminator import Discriminator, square_dilation
 from .metrics import CORE_MIN_PX
@@ -259,12 +259,8 @@ class LossWeights(StrictDict):
     d_augment: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("erosion_kernel", "mode_seeking_every"):
-            value = getattr(self, name)
-            if isinstance(value, float) and value.is_integer():
-                setattr(self, name, int(value))  # from a JSON/YAML config of floats
-            elif not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("erosion_kernel", "mode_seeking_every"):   # a config of floats may hold 3.0
+            setattr(self, name, check_value(name, getattr(self, name), 0, what="LossWeights field"))
         for f in fields(self):
             if float(getattr(self, f.name)) < 0:
                 raise ValueError(f"LossWeights.{f.name} must be >= 0, got {getattr(self, f.name)}")
