@@ -1,6 +1,7 @@
 """Every loss term against hand-computed values, the eroded background mask against a hand-drawn example,
 and one D step + one G step with the real generators: gradient everywhere it should go and nowhere else."""
 
+import copy
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 
 from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_generator
 from training.discriminator import Discriminator, DiscriminatorConfig
-from training.iteration import generate_with_second_draw
+from training.iteration import generate_with_detached_second_draw, generate_with_second_draw
 from training.losses import (
     GANLoss,
     LossWeights,
@@ -680,6 +681,37 @@ def test_mode_seeking_g_step_compares_two_noises_for_the_same_inputs() -> None:
     assert all(loss_fn.seeks_modes_at(step) for step in range(3))
     lazy_loss, lazy_logs = lazy.generator_loss(batch, fake, second)
     assert lazy_loss.item() == pytest.approx(without.item() + 6.0 * lazy_logs["g_mode_seeking"], rel=1e-5)
+
+
+def test_detached_second_draw_costs_no_graph_and_leaves_the_batch_statistics_alone() -> None:
+    """`mode_seeking_detached`: the main draw is G's plain training forward, the second one (first half, noise of
+    the row before) has no graph, G's running statistics end as after the main forward alone, and the term's
+    gradient still reaches G through the main draw."""
+    torch.manual_seed(0)
+    g = build_generator(GeneratorConfig(kind="proposed", **SMALL_G)).train()
+    with torch.no_grad():
+        g.mask_head.conv.bias.fill_(3.0)
+    d = Discriminator(DiscriminatorConfig.for_generator(g.config, base_channels=4))
+    loss_fn = GANLoss(g, d, LossWeights(mode_seeking=2.0, mode_seeking_detached=True))
+    batch, noise = _real_batch(4), torch.randn(4, 4)
+    plain_g = copy.deepcopy(g)
+    expected = GANLoss(plain_g, d).run_generator(batch, noise)
+    fake, second = generate_with_detached_second_draw(loss_fn.run_generator, g, loss_fn.run_generator, batch, noise)
+    torch.testing.assert_close(fake.image, expected.image)
+    torch.testing.assert_close(second.other_noise, noise[[3, 0]])
+    assert second.output.image.shape[0] == 2 and not second.output.image.requires_grad
+    assert all(torch.equal(a, b) for a, b in zip(g.buffers(), plain_g.buffers()))
+    assert not torch.allclose(second.output.image, fake.image[:2])   # other noise, another nodule
+    g.zero_grad()
+    loss, logs = loss_fn.generator_loss(batch, fake, second)
+    without, _ = loss_fn.generator_loss(batch, fake)
+    assert 0.0 <= logs["g_mode_seeking"] <= 1.0
+    assert loss.item() == pytest.approx(without.item() + 2.0 * logs["g_mode_seeking"], rel=1e-5)
+    mode_seeking_term(fake.image[:2], fake.mask[:2], second.output.image, second.output.mask, second.noise,
+                      second.other_noise, 10.0).backward()
+    assert any(_nonzero(p) for p in g.parameters())
+    with pytest.raises(ValueError, match="true or false"):
+        LossWeights(mode_seeking_detached=1)
 
 
 @pytest.mark.parametrize(("every", "message"), [(0, "at least 1"), (2.5, "must be an integer")])

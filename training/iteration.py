@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_generator
 
+from .batch_statistics import BatchStatistics
 from .config import ConfigError, TrainConfig
 from .discriminator import DiscriminatorConfig, build_discriminator
 from .distributed import DistContext, convert_batchnorm
@@ -221,21 +222,41 @@ def _rows(output: GeneratorOutput, rows: slice) -> GeneratorOutput:
     return _each_tensor(output, lambda tensor: tensor[rows])
 
 
+def _second_draw_inputs(batch: Mapping[str, Tensor], noise: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """The inputs of the batch's first half again, with the noise (and per-pixel noise map) of the row before:
+    a valid independent draw from no extra random numbers, so resume stays bit-exact."""
+    rows = max(1, noise.shape[0] // 2)
+    inputs = {key: batch[key][:rows] for key in ("background", "genes", "position") if key in batch}
+    if "pixel_noise" in batch:   # the second draw takes the row before's noise map too: another whole draw
+        inputs["pixel_noise"] = batch["pixel_noise"].roll(1, dims=0)[:rows]
+    return inputs, noise.roll(1, dims=0)[:rows]
+
+
 def generate_with_second_draw(g_phase: Callable[..., GeneratorOutput], batch: Mapping[str, Tensor], noise: Tensor
                               ) -> tuple[GeneratorOutput, SecondDraw]:
-    """G's output for the batch, and for its first half again with the noise (and per-pixel noise map) of the row
-    before (a valid
-    independent draw, no extra random numbers, so resume stays bit-exact). One forward of the stacked rows:
-    DDP allows one forward per backward."""
+    """G's output for the batch and, in the same forward of the stacked rows (DDP allows one forward per
+    backward), the second draw of `_second_draw_inputs`; the mode-seeking gradient reaches both draws."""
     n = noise.shape[0]
-    rows = max(1, n // 2)
-    other_noise = noise.roll(1, dims=0)[:rows]
-    stacked = {key: torch.cat([batch[key], batch[key][:rows]]) for key in ("background", "genes", "position")
-               if key in batch}
-    if "pixel_noise" in batch:   # the second draw takes the row before's noise map too: another whole draw
-        stacked["pixel_noise"] = torch.cat([batch["pixel_noise"], batch["pixel_noise"].roll(1, dims=0)[:rows]])
+    inputs, other_noise = _second_draw_inputs(batch, noise)
+    stacked = {key: torch.cat([batch[key], value]) for key, value in inputs.items()}
     both = g_phase(stacked, torch.cat([noise, other_noise]))
-    return _rows(both, slice(0, n)), SecondDraw(_rows(both, slice(n, None)), noise[:rows], other_noise)
+    return _rows(both, slice(0, n)), SecondDraw(_rows(both, slice(n, None)), noise[: len(other_noise)], other_noise)
+
+
+def generate_with_detached_second_draw(g_phase: Callable[..., GeneratorOutput], generator: nn.Module,
+                                       run_generator: Callable[..., GeneratorOutput], batch: Mapping[str, Tensor],
+                                       noise: Tensor) -> tuple[GeneratorOutput, SecondDraw]:
+    """G's output for the batch, then the second draw of `_second_draw_inputs` in a forward without a graph,
+    normalised with the main forward's batch statistics (`BatchStatistics`): it costs a forward of half the
+    rows instead of a forward and backward, and the mode-seeking gradient reaches the main draw only (half the
+    stacked form's, in expectation)."""
+    statistics = BatchStatistics(generator)
+    with statistics.record():
+        fake = g_phase(batch, noise)
+    inputs, other_noise = _second_draw_inputs(batch, noise)
+    with torch.no_grad(), statistics.reuse():
+        other = run_generator(inputs, other_noise)
+    return fake, SecondDraw(other, noise[: len(other_noise)], other_noise)
 
 
 def train_iteration(nets: Networks, batch: dict[str, Tensor], autocast: Callable[[], AbstractContextManager],
@@ -247,7 +268,10 @@ def train_iteration(nets: Networks, batch: dict[str, Tensor], autocast: Callable
         noise = None
     second = None
     with autocast():
-        if nets.loss.seeks_modes_at(step) and noise is not None:
+        if nets.loss.seeks_modes_at(step) and noise is not None and nets.loss.weights.mode_seeking_detached:
+            fake, second = generate_with_detached_second_draw(nets.g_phase, nets.generator,
+                                                              nets.loss.run_generator, batch, noise)
+        elif nets.loss.seeks_modes_at(step) and noise is not None:
             fake, second = generate_with_second_draw(nets.g_phase, batch, noise)
         else:
             fake = nets.g_phase(batch, noise)

@@ -217,6 +217,11 @@ class LossWeights(StrictDict):
       as StyleGAN2's lazy regularisation (Karras et al. 2020). At K = 2 (three seeds, README round 14) a step
       cost 1.31× the bare default instead of 1.50×, but the validation score fell to 0.576 on average, below
       both every step's and none's.
+    * ``mode_seeking_detached = False``: how the second draw is made. False: in the same forward as the batch,
+      so the term's gradient reaches both draws (a forward and backward of half the rows more). True: in a
+      forward without a graph normalised with the batch's own batch-norm statistics
+      (`training.batch_statistics`), so only the main draw is pushed (half the gradient in expectation: give
+      twice the weight) for a forward of half the rows more.
     * ``d_augment = 0`` in the bare defaults; the recommended setting is 0.5: the probability (≤ 1) that each
       tuple the discriminator scores is augmented (`augment_alike`: DiffAugment's translation and cutout, Zhao
       et al. 2020). Why it was tried: D_I told real from generated patches from the first hundred steps on,
@@ -255,12 +260,14 @@ class LossWeights(StrictDict):
     mode_seeking: float = 0.0
     mode_seeking_target: float = 0.045
     mode_seeking_every: int = 1
+    mode_seeking_detached: bool = False
     r1: float = 0.0
     d_augment: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("erosion_kernel", "mode_seeking_every"):   # a config of floats may hold 3.0
             setattr(self, name, check_value(name, getattr(self, name), 0, what="LossWeights field"))
+        check_value("mode_seeking_detached", self.mode_seeking_detached, False, what="LossWeights field")
         for f in fields(self):
             if float(getattr(self, f.name)) < 0:
                 raise ValueError(f"LossWeights.{f.name} must be >= 0, got {getattr(self, f.name)}")
