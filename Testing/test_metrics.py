@@ -328,3 +328,24 @@ def test_placement_by_hand():
     speck = np.zeros((16, 16), dtype=bool)
     speck[7, 7] = True
     assert M.placement(speck, background, 0.5)[2] == 0.5     # the 4 central pixels, two on the wall
+
+
+def test_spicule_area_counts_thin_strands_not_the_body():
+    """A disc has (almost) no thin strands; the same disc with three 1-px spikes of 6 px has 15 px more (each
+    spike's pixel beside the body stays: a cross centred on the edge covers it);
+    a 3-px-wide bar only its corners; the area scales with the pixel spacing."""
+    disc = _disc_mask(40, 8.0)
+    spiked = disc.copy()
+    spiked[20, 28:34] = True      # right, from the disc's edge (columns 12–27) outwards
+    spiked[6:12, 20] = True       # up
+    spiked[28:34, 20] = True      # down
+    base = M.spicule_area_mm2(disc, 1.0)
+    assert base <= 4.0
+    assert M.spicule_area_mm2(spiked, 1.0) == base + 15.0
+    assert M.spicule_area_mm2(spiked, 0.5) == pytest.approx(M.spicule_area_mm2(spiked, 1.0) / 4)
+    bar = np.zeros((20, 20), bool)
+    bar[5:15, 8:11] = True
+    assert M.spicule_area_mm2(bar, 1.0) == 4.0   # its four corners only: a 3-px bar is body, not strand
+    assert M.spicule_area_mm2(np.zeros((8, 8), bool)) == 0.0
+    features = M.nodule_features(np.where(spiked, 0.0, -800.0), spiked, 1.0)
+    assert features["spicule_area_mm2"] == M.spicule_area_mm2(spiked, 1.0)

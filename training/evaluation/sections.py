@@ -72,9 +72,10 @@ GENE_CONTROL: tuple[tuple[str, str, str, int, str | None], ...] = (
     ("density", "mean_hu", "solid_fraction", +1, "density_rho"),
     ("margin", "margin_sharpness", "margin_blur_mm", -1, "margin_rho"),
     ("lobulation", "compactness", "lobulation", -1, None),
-    ("spiculation", "compactness", "spiculation", -1, None),
+    ("spiculation", "spicule_area_mm2", "spiculation", +1, None),
 )
-CONTROL_FEATURES: tuple[str, ...] = (*NODULE_FEATURES, "margin_gradient", "core_contrast_hu")  # NODULE_FEATURES first
+CONTROL_FEATURES: tuple[str, ...] = (*NODULE_FEATURES, "margin_gradient", "core_contrast_hu",
+                                     "spicule_area_mm2")  # NODULE_FEATURES first
 
 
 @dataclass
@@ -347,7 +348,8 @@ def gene_control(ctx: Context) -> Section:
              f"{donors.size} held-out donors ({ctx.split} split); each donor's genes on the same "
              f"{ctx.option('backgrounds')} held-out backgrounds × {ctx.option('noises')} noises; the generated nodule "
              "(largest component of mask > 0.5) measured: equivalent diameter (mm; an empty mask counts as 0), mean "
-             "HU, margin sharpness (1/mm, falls as blur rises), compactness; the median over the donor's draws. "
+             "HU, margin sharpness (1/mm, falls as blur rises), compactness, the area of thin strands (mm²: what an "
+             "opening with the 3×3 cross removes; spicules); the median over the donor's draws. "
              "*Aligned ρ* = Spearman ρ with the donor's true phenotype × its expected sign; 95 % interval by "
              f"bootstrap over donors ({ctx.option('bootstrap')} resamples). Controls: a generator that copies its "
              "background (no nodule: ρ undefined), and the proposed model fed another held-out donor's genes "
