@@ -15,6 +15,7 @@ steps turn that rounding into ±lr moves of near-zero components, so float32 wei
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -88,3 +89,20 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path, r1: float) -> None
     # rank 0 alone wrote files
     assert (tmp_path / "two" / "proposed.safetensors").is_file()
     assert len(list((tmp_path / "two" / "checkpoints").iterdir())) == 1
+
+
+def test_detached_mode_seeking_trains_under_two_gloo_processes(tmp_path: Path) -> None:
+    """The detached second draw records the global batch's statistics inside the DDP forward and re-draws with
+    the raw generator: two ranks train through it, log the term and leave G's running statistics finite.
+    (Not compared with one process: each rank re-draws its own first rows, so the term differs by design.)"""
+    data = make_synthetic_dataset(tmp_path / "syn.npz", patients=8, genes=64, size=32)
+    config = {"data": str(data), "model": "proposed", "steps": 2, **TINY, "out": str(tmp_path / "two"),
+              "batch_size": 2, "loss_weights": {"mode_seeking": 1.0, "mode_seeking_detached": True}}
+    mp.spawn(_worker, args=(_free_port(), config), nprocs=2, join=True)
+    log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "g_mode_seeking" in r] == [1, 2]
+    tensors, state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "two" / "checkpoints"))
+    assert state["world_size"] == 2 and state["step"] == 2
+    running = [value for key, value in tensors.items()
+               if key.startswith("model/G/") and key.endswith(("running_mean", "running_var"))]
+    assert running and all(torch.isfinite(v).all() for v in running)
