@@ -72,7 +72,7 @@ GENE_CONTROL: tuple[tuple[str, str, str, int, str | None], ...] = (
     ("density", "mean_hu", "solid_fraction", +1, "density_rho"),
     ("margin", "margin_sharpness", "margin_blur_mm", -1, "margin_rho"),
     ("lobulation", "compactness", "lobulation", -1, None),
-    ("spiculation", "spicule_area_mm2", "spiculation", +1, None),
+    ("spiculation", "spicule_area_mm2", "spiculation", +1, "spiculation_rho"),
 )
 CONTROL_FEATURES: tuple[str, ...] = (*NODULE_FEATURES, "margin_gradient", "core_contrast_hu",
                                      "spicule_area_mm2")  # NODULE_FEATURES first
