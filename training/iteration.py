@@ -268,13 +268,13 @@ def train_iteration(nets: Networks, batch: dict[str, Tensor], autocast: Callable
         noise = None
     second = None
     with autocast():
-        if nets.loss.seeks_modes_at(step) and noise is not None and nets.loss.weights.mode_seeking_detached:
+        if noise is None or not nets.loss.seeks_modes_at(step):
+            fake = nets.g_phase(batch, noise)
+        elif nets.loss.weights.mode_seeking_detached:
             fake, second = generate_with_detached_second_draw(nets.g_phase, nets.generator,
                                                               nets.loss.run_generator, batch, noise)
-        elif nets.loss.seeks_modes_at(step) and noise is not None:
-            fake, second = generate_with_second_draw(nets.g_phase, batch, noise)
         else:
-            fake = nets.g_phase(batch, noise)
+            fake, second = generate_with_second_draw(nets.g_phase, batch, noise)
 
     # D step.
     nets.opt_d.zero_grad(set_to_none=True)
