@@ -349,3 +349,24 @@ def test_spicule_area_counts_thin_strands_not_the_body():
     assert M.spicule_area_mm2(np.zeros((8, 8), bool)) == 0.0
     features = M.nodule_features(np.where(spiked, 0.0, -800.0), spiked, 1.0)
     assert features["spicule_area_mm2"] == M.spicule_area_mm2(spiked, 1.0)
+
+
+def test_long_strands_count_spicules_that_reach_out_not_the_teeth_of_a_serrated_outline():
+    """The three 6-px spikes are long strands (15 px of them); a square whose outline has short teeth all round
+    has more thin-strand pixels but no long strand; the threshold and the spacing are honoured."""
+    disc = _disc_mask(40, 8.0)
+    spiked = disc.copy()
+    spiked[20, 28:34] = True
+    spiked[6:12, 20] = True
+    spiked[28:34, 20] = True
+    assert M.long_strand_area_mm2(spiked, 1.0) == M.spicule_area_mm2(spiked, 1.0) - M.spicule_area_mm2(disc, 1.0)
+    assert M.long_strand_area_mm2(spiked, 0.5) == pytest.approx(M.long_strand_area_mm2(spiked, 1.0) / 4)
+    serrated = np.zeros((40, 40), bool)
+    serrated[10:30, 10:30] = True
+    serrated[8:10, 10:30:2] = serrated[30:32, 10:30:2] = True   # two-pixel teeth on every second pixel of each side
+    serrated[10:30:2, 8:10] = serrated[10:30:2, 30:32] = True
+    assert M.spicule_area_mm2(serrated, 1.0) >= 40.0       # each tooth's outer pixel (and two at corners)
+    assert M.long_strand_area_mm2(serrated, 1.0) == 0.0
+    assert M.long_strand_area_mm2(spiked, 1.0, min_px=7) == 0.0   # each spike is 5 px of strand
+    assert M.long_strand_area_mm2(np.zeros((8, 8), bool)) == 0.0
+    assert M.nodule_features(np.where(spiked, 0.0, -800.0), spiked, 1.0)["long_strand_area_mm2"] == 15.0

@@ -32,6 +32,7 @@ from ..conventional import real_nodule_features as _real_features
 from ..losses import CODE_PHENOTYPE_FEATURES, background_leak
 from ..metrics import (
     CORE_MIN_PX,
+    LONG_STRAND_PX,
     NODULE_FEATURES,
     TISSUE_HU,
     adjusted_rand,
@@ -73,9 +74,10 @@ GENE_CONTROL: tuple[tuple[str, str, str, int, str | None], ...] = (
     ("margin", "margin_sharpness", "margin_blur_mm", -1, "margin_rho"),
     ("lobulation", "compactness", "lobulation", -1, None),
     ("spiculation", "spicule_area_mm2", "spiculation", +1, "spiculation_rho"),
+    ("long strands", "long_strand_area_mm2", "spiculation", +1, "long_strand_rho"),
 )
 CONTROL_FEATURES: tuple[str, ...] = (*NODULE_FEATURES, "margin_gradient", "core_contrast_hu",
-                                     "spicule_area_mm2")  # NODULE_FEATURES first
+                                     "spicule_area_mm2", "long_strand_area_mm2")  # NODULE_FEATURES first
 
 
 @dataclass
@@ -349,7 +351,9 @@ def gene_control(ctx: Context) -> Section:
              f"{ctx.option('backgrounds')} held-out backgrounds × {ctx.option('noises')} noises; the generated nodule "
              "(largest component of mask > 0.5) measured: equivalent diameter (mm; an empty mask counts as 0), mean "
              "HU, margin sharpness (1/mm, falls as blur rises), compactness, the area of thin strands (mm²: what an "
-             "opening with the 3×3 cross removes; spicules); the median over the donor's draws. "
+             "opening with the 3×3 cross removes; spicules) and of the strands of at least "
+             f"{LONG_STRAND_PX} px (spicules that reach out, not the teeth of a serrated outline); the median over "
+             "the donor's draws. "
              "*Aligned ρ* = Spearman ρ with the donor's true phenotype × its expected sign; 95 % interval by "
              f"bootstrap over donors ({ctx.option('bootstrap')} resamples). Controls: a generator that copies its "
              "background (no nodule: ρ undefined), and the proposed model fed another held-out donor's genes "
