@@ -12,6 +12,7 @@ from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_
 from training.discriminator import Discriminator, DiscriminatorConfig
 from training.iteration import generate_with_detached_second_draw, generate_with_second_draw
 from training.losses import (
+    SPICULE_SCALE_PX,
     GANLoss,
     LossWeights,
     augment_alike,
@@ -28,7 +29,10 @@ from training.losses import (
     mode_seeking_term,
     position_term,
     quantile_term,
+    spicule_term,
+    thin_strand_area,
 )
+from training.metrics import spicule_area_mm2
 
 # -- stubs with known scores -----------------------------------------------------------------------------
 
@@ -498,6 +502,60 @@ def test_drawn_area_term_counts_only_what_is_drawn() -> None:
     assert log_area_term(drawn_mask(real * 0.99), real).item() < 0.01
     expected = log_area_term(drawn_mask(_hand_fake().mask), _hand_batch()["mask"]).item()
     _assert_alone_in_the_loss("consistency_drawn_area", 2.0, expected)
+
+
+def test_thin_strand_area_equals_the_evaluations_count_on_binary_masks() -> None:
+    """On binary masks the differentiable residue counts exactly the pixels `metrics.spicule_area_mm2` counts
+    (the opening with the 3×3 cross, border as background); a soft ramp is no strand."""
+    generator = torch.Generator().manual_seed(0)
+    masks = (torch.rand(6, 1, 20, 20, generator=generator) < torch.linspace(0.2, 0.8, 6)[:, None, None, None])
+    masks[0, 0, 4:14, 4:14] = True                          # a body with strands and specks around it
+    counted = thin_strand_area(masks.float())
+    expected = [spicule_area_mm2(mask[0].numpy()) for mask in masks]
+    assert counted.tolist() == pytest.approx(expected)
+    assert max(expected) > 0 and min(expected) >= 0
+    rows, cols = torch.meshgrid(torch.arange(24), torch.arange(24), indexing="ij")
+    distance = ((rows - 11.5) ** 2 + (cols - 11.5) ** 2).sqrt()
+    for edge_px in (1, 2, 4):                               # a disc of radius 8 px with a blurred edge
+        blurred = ((8 - distance) / edge_px).clamp(0, 1)[None, None]
+        assert thin_strand_area(blurred).item() < 0.6      # of 117–177 px: the edge is no strand
+
+
+def _descend_spicule_term(start_logits: torch.Tensor, real_mask: torch.Tensor, steps: int = 200) -> torch.Tensor:
+    """The binary mask (> 0.5) after `steps` Adam steps on the spicule term alone, from sigmoid(start_logits)."""
+    logits = start_logits.clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([logits], lr=0.1)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        spicule_term(torch.sigmoid(logits), real_mask).backward()
+        optimiser.step()
+    return torch.sigmoid(logits).detach() > 0.5
+
+
+def test_spicule_term_draws_strands_for_a_spiculated_donor_and_none_for_a_smooth_one() -> None:
+    """Descending the term alone on a free mask, from a soft-edged disc: against a donor with three one-pixel
+    spicules the drawn outline gains about as many strand pixels as the donor has; against a smooth donor a
+    spiculated start loses them. A copy of the donor costs nothing; in the G loss the term enters at its weight."""
+    rows, cols = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    distance = ((rows - 15.5) ** 2 + (cols - 15.5) ** 2).sqrt()
+    smooth = (distance <= 7).float()[None, None]
+    spiculated = smooth.clone()
+    spiculated[..., 16, 23:29] = 1.0                       # three strands, one pixel wide
+    spiculated[..., 2:9, 15] = 1.0
+    spiculated[..., 16:18, 2:9] = 0.0
+    spiculated[..., 17, 3:9] = 1.0
+    strands = thin_strand_area(spiculated).item()
+    assert strands >= 12 and thin_strand_area(smooth).item() == 0
+    noise = 0.3 * torch.randn(32, 32, generator=torch.Generator().manual_seed(0))
+    grown = _descend_spicule_term((2.0 * (7 - distance) + noise)[None, None], spiculated)
+    assert abs(spicule_area_mm2(grown[0, 0].numpy()) - strands) <= 2
+    assert abs(int(grown.sum()) - int(smooth.sum())) <= 10   # the body kept: strands, not a new nodule
+    smoothed = _descend_spicule_term(torch.where(spiculated > 0, 4.0, -4.0) + noise, smooth)
+    assert spicule_area_mm2(smoothed[0, 0].numpy()) <= 2
+    assert spicule_term(smooth * 0.98 + 0.01, spiculated).item() == pytest.approx(strands / SPICULE_SCALE_PX, rel=0.05)
+    assert spicule_term(spiculated * 0.98 + 0.01, spiculated).item() < 0.05
+    expected = spicule_term(_hand_fake().mask, _hand_batch()["mask"]).item()
+    _assert_alone_in_the_loss("consistency_spicules", 2.0, expected)
 
 
 def _disc(size: int, radius: float, core_radius: float = 0.0, core: float = 0.0) -> torch.Tensor:
