@@ -473,6 +473,33 @@ def test_core_calibration_sees_a_cored_nodule(setup, tmp_path):
     assert "**The nodule's core**" in "\n".join(sections["cored"].markdown)
 
 
+class SpikedOracle(DiscOracle):
+    """DiscOracle with a one-pixel spike of 6 px to the right of its disc: a spicule that reaches out."""
+
+    def forward(self, background, genes, noise=None, hole=None):
+        out = super().forward(background, genes, noise, hole)
+        spike = torch.zeros_like(out.mask)
+        for draw, disc in enumerate(out.mask[:, 0] > 0):
+            row = int(disc.sum(dim=1).argmax())                               # the disc's widest row
+            column = int(disc[row].nonzero().max()) + 1                       # just right of it
+            spike[draw, 0, row, column: column + 6] = 1.0
+        mask = torch.maximum(out.mask, spike)
+        return out._replace(mask=mask, image=torch.where(spike > 0, out.image.max(), out.image), weight_maps=[mask])
+
+
+def test_long_strand_share_sees_spicules_drawn_or_not(setup, tmp_path):
+    """Every draw of the spiked oracle has a long strand, none of the plain disc's; the fixture's real nodules are
+    discs, so their share is ≈ 0. The share is in the summary and the report."""
+    data = setup["data"]
+    sections = _gene_control_of(data, {"disc": DiscOracle(data.patch_size), "spiked": SpikedOracle(data.patch_size)},
+                                tmp_path, backgrounds=3, noises=1)
+    disc, spiked = (sections[name].metrics["models"]["proposed"] for name in ("disc", "spiked"))
+    assert disc["long_strand_fraction"] == 0.0 and spiked["long_strand_fraction"] == 1.0
+    assert sections["spiked"].summary["long_strand_fraction"] == 1.0
+    assert sections["spiked"].summary["long_strand_fraction_real"] < 0.1
+    assert "**Spicules drawn**" in "\n".join(sections["spiked"].markdown)
+
+
 class SphereOracle(DiscOracle):
     """DiscOracle that reads the slice position: its disc is a sphere's cross-section, radius × √(1 − t²)."""
 

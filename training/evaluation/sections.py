@@ -43,6 +43,7 @@ from ..metrics import (
     image_scores,
     kmeans_labels,
     largest_component,
+    long_strand_area_mm2,
     mean_pairwise_l1,
     normalized_mutual_info,
     placement,
@@ -268,6 +269,22 @@ def size_calibration(per_donor: np.ndarray, real: np.ndarray) -> dict[str, float
     return {"size_ratio": float(np.median(ratio)), "size_ratio_small": float(np.median(ratio[small]))}
 
 
+def long_strand_share(features: np.ndarray) -> float:
+    """Of the drawn (non-empty) nodules, the share with at least one long strand (`metrics.long_strand_area_mm2`
+    > 0): whether spicules are drawn at all, which a ρ over donors cannot say when none are (ρ undefined)."""
+    diameter = features[:, :, CONTROL_FEATURES.index("diameter_mm")]
+    strands = features[:, :, CONTROL_FEATURES.index("long_strand_area_mm2")]
+    drawn = diameter > 0
+    return float((strands[drawn] > 0).mean()) if drawn.any() else float("nan")
+
+
+def real_long_strand_share(ctx: Context) -> float:
+    """The same share over the donors' real nodule slices."""
+    rows = np.flatnonzero(np.isin(ctx.data.nodule_patient, ctx.donors))
+    spacing = float(ctx.data.patch_spacing_mm)
+    return _mean([float(long_strand_area_mm2(ctx.data.nodule_masks[r] > 0, spacing) > 0) for r in rows])
+
+
 def core_calibration(per_donor: np.ndarray, real: np.ndarray) -> dict[str, float]:
     """The nodule's core (`metrics.core_contrast_hu`): the median over donors of the generated core contrast
     (each donor's median over its draws) and of the real one (area-weighted over the donor's slices), and
@@ -315,6 +332,7 @@ def gene_control(ctx: Context) -> Section:
         ctx.cache[f"gene_control/{model.role}"] = gens
         entry: dict[str, Any] = {"empty_mask_fraction": float(gens["empty"].mean()),
                                  "noise_diversity": _mean(gens["diversity"]),
+                                 "long_strand_fraction": long_strand_share(gens["features"]),
                                  **placement_summary(gens["placement"]),
                                  **size_calibration(gens["per_donor"], real),
                                  **core_calibration(gens["per_donor"], real), "rho": {}}
@@ -342,9 +360,11 @@ def gene_control(ctx: Context) -> Section:
                 ceiling[label] = sign * spearman(measured, truth.phenotypes[phenotype][donors])[0]
     real_variation = real_within_nodule_variation(ctx)
     real_offset = real_nodule_offset_mm(ctx)
+    real_strands = real_long_strand_share(ctx)
     metrics = {"donors": int(donors.size), "backgrounds": int(ctx.option("backgrounds")),
                "noises": int(ctx.option("noises")), "models": results,
                "real_within_nodule_l1": real_variation, "real_nodule_offset_mm": real_offset,
+               "real_long_strand_fraction": real_strands,
                "real_nodules_aligned_rho": ceiling}
     lines = ["## Gene control (held-out donors)", "",
              f"{donors.size} held-out donors ({ctx.split} split); each donor's genes on the same "
@@ -376,6 +396,9 @@ def gene_control(ctx: Context) -> Section:
               f"real counterpart, a real nodule's neighbouring slices: {fmt(real_variation, 4)}.", "",
               "| model | noise diversity |", "|---|---|"]
     lines += [f"| {ROLE_TITLES[r]} | {fmt(e['noise_diversity'], 4)} |" for r, e in results.items()]
+    lines += ["", "**Spicules drawn**: the share of drawn nodules with at least one long strand; the donors' real "
+              f"nodule slices: {fmt(real_strands, 2)}.", "", "| model | with a long strand |", "|---|---|"]
+    lines += [f"| {ROLE_TITLES[r]} | {fmt(e['long_strand_fraction'], 3)} |" for r, e in results.items()]
     lines += ["", "**Where the nodule is drawn** (the drawn masks' largest components): the median distance of its "
               "centroid from the patch centre, where it was asked for; and the share of nodules lying mostly (> 50 %) "
               f"on tissue the background already had (> {TISSUE_HU:.0f} HU: vessel, chest wall, mediastinum) — a mask "
@@ -415,6 +438,8 @@ def gene_control(ctx: Context) -> Section:
                     summary["size_rho_ci95"] = row.get("aligned_ci95", [None, None])
         summary["empty_mask_fraction"] = proposed["empty_mask_fraction"]
         summary["noise_diversity"] = proposed["noise_diversity"]
+        summary["long_strand_fraction"] = proposed["long_strand_fraction"]
+        summary["long_strand_fraction_real"] = real_strands
         for key in ("mask_offset_mm", "mask_on_tissue_fraction", "mask_on_tissue_centred", "size_ratio",
                     "size_ratio_small", "core_contrast_hu", "core_contrast_real_hu", "core_rho"):
             summary[key] = proposed[key]
