@@ -213,9 +213,10 @@ class LossWeights(StrictDict):
       pixels (the real nodule slices' mean) costs its weight. Why it was tried: no configuration drew spicules
       (the evaluation's `spiculation_rho` 0.15 ± 0.13 on the unseen cohort, its ceiling 0.73; README round 15).
       On top of the recommended setting (README round 16): at 1 the nodules left the point and the slice
-      profile (validation 0.40 / 0.06, two seeds); at 0.25 validation 0.666 (three seeds, the default 0.673) and
-      the thin-strand ρ on an unseen cohort 0.35 against −0.13, but by a rougher outline: long strands followed
-      no seed's genes and were drawn less often (0.4–2.5 % of nodules against 2.3–7.3 %).
+      profile (validation 0.40 / 0.06, two seeds); at 0.25 validation 0.666 ± 0.090 (three seeds; round 14
+      recorded 0.673 for the default) and the thin-strand ρ on an unseen cohort 0.35 ± 0.28 against the
+      default's −0.13 (two seeds), but by a rougher outline: long strands followed no seed's genes and were
+      drawn less often (0.4–2.5 % of nodules against 2.3–7.3 %).
     * ``background_leak = 0``: the leak term (module docstring), off; a background showing through at half its
       contrast (β = 0.5) costs its weight × 0.25. On top of the recommended setting (three seeds, README round
       11) it broke the placement from the first checkpoints on: at 4 the validation donors' nodules were drawn
