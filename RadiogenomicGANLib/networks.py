@@ -95,6 +95,15 @@ class GeneratorConfig(StrictDict):
     # score preferred it (0.710 against 0.669): part of the recommended setting and the bundled model since
     # round 12. False here, so weights files written without the key load as they were trained.
     opaque_nodule: bool = False
+    # Drawn spicules (issue 10's spiculated appearance; 0 = off): up to `spicules` thin strands (`CodeDrivenSpicules`)
+    # leave the drawn mask's body outwards, each present with probability σ(k·φ(g)[spicule_code_index]/anchor_sd +
+    # b₀ + its noise), so a more spiculated genotype gets more and longer strands; directions and lengths come from
+    # the style noise, which a nodule's slices share. Training anchors that coordinate to the donor's real
+    # thin-strand area. Why explicit strands: no mask head trained in rounds 14-16 drew strands that reach out
+    # (README round 16); a term on the strand area was met by a serrated outline. Off here, so weights files
+    # written without the key load as they were trained.
+    spicules: int = 0
+    spicule_code_index: int = 3
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -122,6 +131,13 @@ class GeneratorConfig(StrictDict):
         for name in ("pixel_noise", "opaque_nodule"):
             if getattr(self, name) and self.kind != "proposed":
                 raise ValueError(f"{name} is a setting of the proposed generator, not of {self.kind!r}")
+        if self.spicules < 0:
+            raise ValueError(f"spicules must be ≥ 0, got {self.spicules}")
+        if self.spicules and self.kind != "proposed":
+            raise ValueError(f"spicules is a setting of the proposed generator, not of {self.kind!r}")
+        if self.spicules and not 0 <= self.spicule_code_index < self.code_dim:
+            raise ValueError(f"spicule_code_index must lie in [0, code_dim={self.code_dim}), "
+                             f"got {self.spicule_code_index}")
         if self.slice_position and self.kind == "inpainting":
             raise ValueError("slice_position is a setting of the gene-conditioned generators, not of 'inpainting'")
 
@@ -377,6 +393,100 @@ class CodeDrivenEdge(nn.Module):
         return (background + self.blur(change, code)).clamp(-1.0, 1.0)
 
 
+class CodeDrivenSpicules(nn.Module):
+    """Draw up to K thin strands from the drawn mask's body outwards, their presence set by one gene-code coordinate.
+
+    Strand k leaves the mask's centroid c in direction u_k, starts inside the body (at 0.85 R, R = √(area/π)) and
+    ends L_k beyond it. Its map is a_k · exp(−d²/2w²) · [start < along < R + L_k] (soft ends), d the distance to the
+    ray, w = WIDTH_PX: above the mask's 0.5 threshold a line 1–2 px wide, which the evaluation's opening removes
+    and counts as a long strand. a_k = σ(k·code[index]/anchor_sd + b₀ + NOISE_GAIN·z_k) (× the slice's relative
+    cross-section √(1 − t²) with a slice position): more strands where the genotype is more spiculated. L_k =
+    exp(ℓ₀ + LENGTH_PER_SD·code[index]/anchor_sd) · (0.6 + 0.8 v_k). u_k, z_k, v_k are fixed projections of the
+    style noise (a nodule's slices share it), so noise moves the strands. b₀ and ℓ₀ are learned; k is fixed, as
+    the edge's factor is, so that the genes keep their say. The geometry (c, R) carries no gradient. The strands
+    join the mask as a union and take the nodule's mean intensity in the image (fully wherever the mask's 0.5
+    threshold keeps them), before the edge blur.
+    """
+
+    PER_SD = 1.5          # logit of a strand's presence per sd of the anchored coordinate
+    LENGTH_PER_SD = 0.2   # log length per sd
+    NOISE_GAIN = 1.5      # logit spread of the strands' presence between draws
+    WIDTH_PX = 0.5        # Gaussian half-width of a strand's profile
+    START = 0.85          # strands start at START · R from the centroid, inside the body
+    END_SOFTNESS_PX = 0.5
+    MIN_AREA_PX = 4.0     # below this drawn area no strands (an empty nodule grows none)
+    _PROJECTION_SEED = 20261204
+
+    def __init__(self, count: int, index: int, noise_dim: int, anchor_sd: float = 1.0) -> None:
+        super().__init__()
+        self.count, self.index = int(count), int(index)
+        self.per_unit = 1.0 / float(anchor_sd)
+        self.presence_bias = nn.Parameter(torch.tensor(-1.0))       # b₀: few strands at the cohort's mean
+        self.log_length0 = nn.Parameter(torch.tensor(math.log(5.0)))  # ℓ₀: 5 px (≈ 5 mm at 64²)
+        # Fixed projections of the noise (own generator: the global RNG, and so every other layer's
+        # initialisation, stays as it is without the module). Without noise the strands fan out evenly.
+        rng = torch.Generator().manual_seed(self._PROJECTION_SEED)
+        self.register_buffer("projection", torch.randn(max(noise_dim, 1), 4 * self.count, generator=rng)
+                             / math.sqrt(max(noise_dim, 1)), persistent=False)
+        angles = 2 * math.pi * torch.arange(self.count) / self.count
+        self.register_buffer("even_directions", torch.stack([angles.cos(), angles.sin()], dim=1), persistent=False)
+
+    def strand_parameters(self, code: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(B,K,2) unit directions (row, column), (B,K) presence logits and (B,K) lengths in pixels."""
+        batch, k = code.shape[0], self.count
+        coordinate = code[:, self.index].float() * self.per_unit
+        if noise is not None and noise.shape[1] > 0:
+            drawn = noise.float() @ self.projection[: noise.shape[1]]             # (B, 4K), ≈ N(0, 1) each
+            direction = drawn[:, : 2 * k].reshape(batch, k, 2)
+            direction = direction / direction.norm(dim=2, keepdim=True).clamp_min(1e-6)
+            jitter, spread = drawn[:, 2 * k: 3 * k], torch.sigmoid(drawn[:, 3 * k:])
+        else:
+            direction = self.even_directions.expand(batch, k, 2)
+            jitter = torch.zeros(batch, k, device=code.device)
+            spread = torch.full((batch, k), 0.5, device=code.device)
+        logit = self.PER_SD * coordinate[:, None] + self.presence_bias + self.NOISE_GAIN * jitter
+        length = torch.exp(self.log_length0 + self.LENGTH_PER_SD * coordinate)[:, None] * (0.6 + 0.8 * spread)
+        return direction, logit, length
+
+    def strands(self, mask: Tensor, code: Tensor, noise: Tensor | None, position: Tensor | None = None) -> Tensor:
+        """(B,1,H,W) the union of the strands' maps, in [0, 1]."""
+        h, w = mask.shape[-2:]
+        direction, logit, length = self.strand_parameters(code, noise)
+        rows = torch.arange(h, device=mask.device, dtype=torch.float32)
+        cols = torch.arange(w, device=mask.device, dtype=torch.float32)
+        with torch.no_grad():
+            weight = mask.detach().float()[:, 0]
+            area = weight.sum(dim=(1, 2))
+            centre_r = (weight.sum(dim=2) * rows).sum(dim=1) / area.clamp_min(1e-6)
+            centre_c = (weight.sum(dim=1) * cols).sum(dim=1) / area.clamp_min(1e-6)
+            radius = (area / math.pi).sqrt()
+            present = (area / self.MIN_AREA_PX).clamp(max=1.0)
+            dr = rows[None, :, None] - centre_r[:, None, None]                      # (B,H,1)
+            dc = cols[None, None, :] - centre_c[:, None, None]                      # (B,1,W)
+        amplitude = torch.sigmoid(logit) * present[:, None]
+        if position is not None:
+            amplitude = amplitude * (1.0 - position.float().clamp(-1, 1).square()).clamp_min(0).sqrt()[:, None]
+        along = dr[:, None] * direction[..., 0, None, None] + dc[:, None] * direction[..., 1, None, None]
+        across = dr[:, None] * direction[..., 1, None, None] - dc[:, None] * direction[..., 0, None, None]
+        start = (self.START * radius)[:, None, None, None]
+        end = radius[:, None, None, None] + length[..., None, None]
+        soft = self.END_SOFTNESS_PX
+        profile = (torch.exp(-0.5 * (across / self.WIDTH_PX).square())
+                   * torch.sigmoid((along - start) / soft) * torch.sigmoid((end - along) / soft))
+        union = 1.0 - torch.prod(1.0 - amplitude[..., None, None] * profile, dim=1)   # (B,H,W)
+        return union[:, None].to(mask.dtype)
+
+    def forward(self, image: Tensor, mask: Tensor, code: Tensor, noise: Tensor | None,
+                position: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The image with the strands at the nodule's mean intensity, and the mask with the strands joined."""
+        strand = self.strands(mask, code, noise, position)
+        inside = mask.detach()
+        area = inside.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+        value = (image.detach() * inside).sum(dim=(2, 3), keepdim=True) / area
+        fill = (2.0 * strand).clamp(max=1.0)   # where the strand passes the mask's threshold, the image is nodule
+        return image + fill * (value - image), 1.0 - (1.0 - mask) * (1.0 - strand)
+
+
 POSITION_FEATURES = 2  # (t, √(1 − t²)) of the slice position t
 # The features' scale in the style, where the anchored code coordinates have sd 3 (`anchor_sd`) and the free
 # ones more: at 1 the trained generators drew the same area at every t (slice profile gap 0.40 against 0.41
@@ -432,6 +542,8 @@ class ProposedGenerator(nn.Module):
         self.mask_head = MaskHead(previous)
         self.edge = (CodeDrivenEdge(config.edge_blur_per_sd, config.edge_code_index, config.edge_inside_mask,
                                     config.anchor_sd) if config.edge_blur_per_sd else None)
+        self.spicules = (CodeDrivenSpicules(config.spicules, config.spicule_code_index, config.noise_dim,
+                                            config.anchor_sd) if config.spicules else None)
 
     def encode_genes(self, genes: Tensor) -> Tensor:
         """φ(g) for a batch of z-scored gene vectors (B,G) → (B, code_dim); the radiogenomic map uses it."""
@@ -443,6 +555,8 @@ class ProposedGenerator(nn.Module):
         """`pixel_noise` (B,1,S,S) for a `pixel_noise` generator; drawn from the global RNG when not given."""
         _check_inputs(self.config, background, genes, need_genes=True)
         code = self.encode_genes(genes)
+        if noise is None and self.spicules is not None:   # the strands read the same noise as the style
+            noise = torch.randn(code.shape[0], self.config.noise_dim, device=code.device, dtype=code.dtype)
         style = _style(self.config, code, noise, position)
         if self.config.pixel_noise:
             if pixel_noise is None:
@@ -462,6 +576,9 @@ class ProposedGenerator(nn.Module):
         if self.config.opaque_nodule:   # the raw background channel is not offered inside the nodule
             x = x * _opaque_keep(mask.detach(), x.shape[1])
         image = self.image_head(x)
+        if self.spicules is not None:
+            image, mask = self.spicules(image, mask, code, noise,
+                                        position if self.config.slice_position else None)
         if self.edge is not None:
             image = self.edge(image, background, code, mask)
             if self.edge.inside_mask:   # the finest map then shows where the output can differ from the input

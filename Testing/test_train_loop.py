@@ -5,6 +5,7 @@ resolved configuration is saved; bad inputs stop with one clear message."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from RadiogenomicGANLib.weights import load_weights
 from training import checkpoint as ckpt
 from training.config import ConfigError, TrainConfig
 from training.dataset import load_dataset, make_synthetic_dataset
+from training.losses import CODE_PHENOTYPE_FEATURES, code_phenotype_features
 from training.train import build_configs, main, training_loop
 
 TINY = [
@@ -279,3 +281,24 @@ def test_non_finite_loss_stops_with_a_clear_error(data: Path, tmp_path: Path, mo
     message = fails(["--data", str(data), "--out", str(out), "--steps", "3", *TINY], capsys)
     assert "non-finite loss at step 1" in message
     assert not (out / "proposed.safetensors").exists()
+
+
+def test_drawn_spicules_need_the_anchor_and_train_with_it(data: Path, tmp_path: Path) -> None:
+    """The strands read the anchored spicule coordinate: refused without the anchor or on another coordinate;
+    with it, the anchor holds four features (the fourth the real spicule area) and a run learns the strands'
+    presence and length and exports a generator that rebuilds them."""
+    spicules = {"spicules": 6}
+    with pytest.raises(ConfigError, match="spicules needs the code-phenotype anchor"):
+        build_configs(TrainConfig(data="x", out="y", generator=spicules), 64, 32)
+    with pytest.raises(ConfigError, match=r"spicule_code_index=2 is not the anchored spicule coordinate; use .*=3"):
+        build_configs(TrainConfig(data="x", out="y", generator={**spicules, "spicule_code_index": 2},
+                                  loss_weights={"code_phenotype": 1.0}), 64, 32)
+    assert code_phenotype_features(6) == (*CODE_PHENOTYPE_FEATURES, "spicule_area_mm2")
+    torch.set_num_threads(1)
+    result = run(data, tmp_path / "spicules", "proposed", 2, "--generator", "spicules=6",
+                 "--loss-weight", "code_phenotype=1")
+    tensors, _ = ckpt.load_checkpoint(result["checkpoint"])
+    assert float(tensors["model/G/spicules.presence_bias"]) != -1.0
+    assert float(tensors["model/G/spicules.log_length0"]) != pytest.approx(math.log(5.0))
+    generator, _ = load_weights(result["weights"], expected_kind="proposed", expected_num_genes=64)
+    assert generator.config.spicules == 6 and generator.spicules is not None

@@ -27,7 +27,14 @@ from .batch_statistics import BatchStatistics
 from .config import ConfigError, TrainConfig
 from .discriminator import DiscriminatorConfig, build_discriminator
 from .distributed import DistContext, convert_batchnorm
-from .losses import CODE_PHENOTYPE_FEATURES, GANLoss, LossWeights, SecondDraw
+from .losses import (
+    CODE_PHENOTYPE_FEATURES,
+    SPICULE_PHENOTYPE_FEATURE,
+    GANLoss,
+    LossWeights,
+    SecondDraw,
+    code_phenotype_features,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Networks and optimisers
@@ -113,6 +120,14 @@ def build_configs(
         if not weights.code_phenotype:
             raise ConfigError("--generator edge_blur_per_sd needs the code-phenotype anchor that gives its "
                               "coordinate a meaning: add --loss-weight code_phenotype=1")
+    if g_cfg.spicules:   # the strands read the coordinate the anchor ties to the donor's spicule area
+        spicule = code_phenotype_features(True).index(SPICULE_PHENOTYPE_FEATURE)
+        if g_cfg.spicule_code_index != spicule:
+            raise ConfigError(f"--generator spicule_code_index={g_cfg.spicule_code_index} is not the anchored spicule "
+                              f"coordinate; use spicule_code_index={spicule}")
+        if not weights.code_phenotype:
+            raise ConfigError("--generator spicules needs the code-phenotype anchor that gives its coordinate a "
+                              "meaning: add --loss-weight code_phenotype=1")
     return g_cfg, d_cfg, weights
 
 

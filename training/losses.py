@@ -148,6 +148,13 @@ class SecondDraw(NamedTuple):
 MASK_THRESHOLD = 0.5  # decision 6: the L1 region is built from [Gm > 0.5]
 # the real-nodule features the code-phenotype term anchors φ(g)[:3] to: what gene control measures
 CODE_PHENOTYPE_FEATURES: tuple[str, ...] = ("diameter_mm", "mean_hu", "margin_sharpness")
+# the fourth anchored feature when the generator draws strands (`GeneratorConfig.spicules`): the coordinate they read
+SPICULE_PHENOTYPE_FEATURE = "spicule_area_mm2"
+
+
+def code_phenotype_features(spicules: int | bool = False) -> tuple[str, ...]:
+    """The real-nodule features φ(g)[:F] is anchored to: size, density, margin, and with drawn spicules their area."""
+    return (*CODE_PHENOTYPE_FEATURES, SPICULE_PHENOTYPE_FEATURE) if spicules else CODE_PHENOTYPE_FEATURES
 
 
 @dataclass

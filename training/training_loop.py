@@ -54,7 +54,7 @@ from .iteration import (
     train_iteration,
     update_ema,
 )
-from .losses import CODE_PHENOTYPE_FEATURES
+from .losses import code_phenotype_features
 from .provenance import run_provenance, run_record
 from .resume import checkpoint_state, checkpoint_to_resume, restore
 from .sampling import ResumableDistributedSampler, to_device, training_batches
@@ -86,7 +86,8 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
                                          distant_wrong_genes=cfg.distant_wrong_genes, augment=cfg.augment,
                                          match_backgrounds=cfg.match_backgrounds, match_share=cfg.match_share,
                                          match_texture=cfg.match_texture,
-                                         phenotype_features=CODE_PHENOTYPE_FEATURES if weights.code_phenotype else ())
+                                         phenotype_features=(code_phenotype_features(g_cfg.spicules)
+                                                             if weights.code_phenotype else ()))
         probe = ResumableDistributedSampler(len(train_items), cfg.batch_size, cfg.seed, 0, ctx.rank, ctx.world_size)
 
         # Construct networks.

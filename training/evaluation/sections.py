@@ -29,7 +29,7 @@ from .. import figures
 from ..conventional import NUISANCE_PHENOTYPES, association_links, conventional_pipeline, module_correlation
 from ..conventional import TRUE_LINKS as _TRUE_LINKS
 from ..conventional import real_nodule_features as _real_features
-from ..losses import CODE_PHENOTYPE_FEATURES, background_leak
+from ..losses import background_leak, code_phenotype_features
 from ..metrics import (
     CORE_MIN_PX,
     LONG_STRAND_PX,
@@ -550,7 +550,7 @@ CODE_SWEEP_DONORS = 16
 
 
 def code_axes(ctx: Context) -> Section:
-    """The anchored axes of φ(g) (training's code-phenotype term, `losses.CODE_PHENOTYPE_FEATURES`): does
+    """The anchored axes of φ(g) (training's code-phenotype term, `losses.code_phenotype_features`): does
     each follow the held-out donors' true phenotype, and does the generator read it? Each axis is moved by
     −2, 0 and +2 sd with everything else fixed (up to 16 donors on the gene-control backgrounds, one noise
     each), and the generated feature's median reported beside the real donors' spread. A generator that
@@ -570,7 +570,8 @@ def code_axes(ctx: Context) -> Section:
     noise = seeded_noise(n_bg, model.noise_dim, ctx.seed, 7)
     real = _real_features(data, donors, CONTROL_FEATURES)
     axes: dict[str, Any] = {}
-    for index, feature in enumerate(CODE_PHENOTYPE_FEATURES):
+    anchored = code_phenotype_features(getattr(model.generator.config, "spicules", 0))
+    for index, feature in enumerate(anchored):
         label, _feature, phenotype, sign, _key = next(row for row in GENE_CONTROL if row[1] == feature)
         entry: dict[str, Any] = {"index": index, "measure": label, "aligned_rho_with_truth": None}
         if ctx.truth is not None and phenotype in ctx.truth.phenotypes:
@@ -590,7 +591,7 @@ def code_axes(ctx: Context) -> Section:
         entry["sweep"] = dict(zip([f"{shift:+g}" for shift in CODE_SHIFTS], sweep))
         entry["real_p10_p90"] = [float(v) for v in np.nanpercentile(real[:, CONTROL_FEATURES.index(feature)], [10, 90])]
         axes[feature] = entry
-    lines = [*title, f"φ(g)[i] for i = 0…{len(CODE_PHENOTYPE_FEATURES) - 1} was pulled towards the donor's real nodule "
+    lines = [*title, f"φ(g)[i] for i = 0…{len(anchored) - 1} was pulled towards the donor's real nodule "
              f"feature, z-scored over the training donors (× {anchor_sd:g}, the anchor's sd in code units). "
              "*ρ with the truth*: Spearman of the coordinate with the held-out donors' true phenotype × its "
              "expected sign. *Sweep*: the coordinate moved by "

@@ -1,0 +1,106 @@
+"""The generator's drawn spicules (`networks.CodeDrivenSpicules`): strands that reach out, as many as the anchored
+gene-code coordinate asks for, moved by the noise, none on an empty nodule; off, the generator is as before."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from RadiogenomicGANLib.networks import CodeDrivenSpicules, GeneratorConfig, build_generator
+from training.metrics import long_strand_area_mm2
+
+SIZE, INDEX, ANCHOR_SD = 64, 3, 3.0
+
+
+def _disc(batch: int, radius: float = 6.0) -> torch.Tensor:
+    rows, cols = np.mgrid[:SIZE, :SIZE]
+    disc = ((rows - 32) ** 2 + (cols - 30) ** 2 < radius**2).astype(np.float32)
+    return torch.from_numpy(disc)[None, None].repeat(batch, 1, 1, 1)
+
+
+def _code(batch: int, sd: float) -> torch.Tensor:
+    code = torch.zeros(batch, 16)
+    code[:, INDEX] = sd * ANCHOR_SD
+    return code
+
+
+def _long_strands(mask: torch.Tensor) -> list[float]:
+    return [long_strand_area_mm2(m) for m in (mask[:, 0] > 0.5).numpy()]
+
+
+def test_strands_follow_the_anchored_coordinate_and_reach_out() -> None:
+    torch.manual_seed(0)
+    spicules = CodeDrivenSpicules(8, INDEX, noise_dim=16, anchor_sd=ANCHOR_SD)
+    disc, noise = _disc(32), torch.randn(32, 16)
+    image = torch.zeros_like(disc)
+    areas = {}
+    for sd in (-3.0, 0.0, 3.0):
+        _, mask = spicules(image, disc, _code(32, sd), noise)
+        assert torch.all(mask >= disc)                      # a union: the body is kept
+        areas[sd] = float(np.mean(_long_strands(mask)))
+    assert areas[-3.0] < 0.5 < areas[3.0]
+    assert areas[-3.0] < areas[0.0] < areas[3.0]
+    # what is added lies outside the body, reaching out from it
+    _, mask = spicules(image, disc, _code(32, 3.0), noise)
+    added = (mask > 0.5) & (disc == 0)
+    rows, cols = torch.nonzero(added[:, 0], as_tuple=True)[1:]
+    assert float(torch.sqrt((rows - 32.0) ** 2 + (cols - 30.0) ** 2).max()) > 6.0 + 3.0
+
+
+def test_strands_take_the_nodule_value_and_none_grow_on_an_empty_nodule() -> None:
+    spicules = CodeDrivenSpicules(8, INDEX, noise_dim=16, anchor_sd=ANCHOR_SD)
+    disc = _disc(4)
+    image = torch.where(disc > 0, torch.tensor(0.4), torch.tensor(-0.8))
+    new_image, mask = spicules(image, disc, _code(4, 3.0), torch.randn(4, 16))
+    strand = (mask > 0.5) & (disc == 0)
+    assert strand.any() and torch.allclose(new_image[strand], torch.tensor(0.4))
+    _, empty = spicules(image, torch.zeros_like(disc), _code(4, 3.0), torch.randn(4, 16))
+    assert float(empty.detach().max()) == 0.0
+
+
+def test_noise_moves_the_strands_and_the_same_noise_repeats_them() -> None:
+    spicules = CodeDrivenSpicules(8, INDEX, noise_dim=16, anchor_sd=ANCHOR_SD)
+    disc, code = _disc(2), _code(2, 2.0)
+    first = spicules(torch.zeros_like(disc), disc, code, torch.randn(2, 16))[1]
+    other = spicules(torch.zeros_like(disc), disc, code, torch.randn(2, 16))[1]
+    noise = torch.randn(2, 16)
+    same = [spicules(torch.zeros_like(disc), disc, code, noise)[1] for _ in range(2)]
+    assert not torch.equal(first > 0.5, other > 0.5)
+    assert torch.equal(same[0], same[1])                 # a nodule's slices share their noise, so their strands
+
+
+def test_gradient_reaches_the_presence_and_the_code() -> None:
+    spicules = CodeDrivenSpicules(8, INDEX, noise_dim=16, anchor_sd=ANCHOR_SD)
+    code = _code(4, 1.0).requires_grad_(True)
+    _, mask = spicules(torch.zeros(4, 1, SIZE, SIZE), _disc(4), code, torch.randn(4, 16))
+    mask.sum().backward()
+    assert float(spicules.presence_bias.grad) > 0 and float(spicules.log_length0.grad) > 0
+    assert float(code.grad[:, INDEX].sum()) > 0 and float(code.grad[:, :INDEX].abs().sum()) == 0
+
+
+def test_off_the_generator_is_unchanged_and_on_it_draws_from_its_own_noise() -> None:
+    base = dict(num_genes=32, patch_size=32, base_channels=4, max_channels=8, noise_dim=16, anchor_sd=ANCHOR_SD)
+    torch.manual_seed(5)
+    plain = build_generator(GeneratorConfig(**base))
+    torch.manual_seed(5)
+    spiculated = build_generator(GeneratorConfig(**base, spicules=6))
+    shared = plain.state_dict()
+    extra = set(spiculated.state_dict()) - set(shared)
+    assert extra == {"spicules.presence_bias", "spicules.log_length0"}   # projections are rebuilt, not stored
+    assert all(torch.equal(shared[k], spiculated.state_dict()[k]) for k in shared)   # same initialisation
+    background, genes = torch.zeros(2, 1, 32, 32), torch.randn(2, 32)
+    torch.manual_seed(1)
+    drawn = spiculated.eval()(background, genes)
+    torch.manual_seed(1)
+    again = spiculated(background, genes, noise=torch.randn(2, 16))
+    assert torch.equal(drawn.mask, again.mask) and torch.equal(drawn.image, again.image)
+
+
+def test_config_checks() -> None:
+    with pytest.raises(ValueError, match="spicules must be ≥ 0"):
+        GeneratorConfig(spicules=-1)
+    with pytest.raises(ValueError, match="spicule_code_index must lie in"):
+        GeneratorConfig(code_dim=3, spicules=4)
+    with pytest.raises(ValueError, match="spicules is a setting of the proposed generator"):
+        GeneratorConfig(kind="mcgan", spicules=4)
