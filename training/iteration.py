@@ -112,23 +112,25 @@ def build_configs(
     if g_cfg.anchor_sd != 1.0 and not weights.code_phenotype:
         raise ConfigError(f"--generator anchor_sd={g_cfg.anchor_sd:g} sets the sd of the code-phenotype anchor's "
                           "coordinates, which is off: add --loss-weight code_phenotype=1 or drop anchor_sd")
-    if g_cfg.edge_blur_per_sd:   # the edge width reads a code coordinate that only the anchor gives a meaning
-        margin = CODE_PHENOTYPE_FEATURES.index("margin_sharpness")
-        if g_cfg.edge_code_index != margin:
-            raise ConfigError(f"--generator edge_code_index={g_cfg.edge_code_index} is not the anchored margin "
-                              f"coordinate; use edge_code_index={margin}")
-        if not weights.code_phenotype:
-            raise ConfigError("--generator edge_blur_per_sd needs the code-phenotype anchor that gives its "
-                              "coordinate a meaning: add --loss-weight code_phenotype=1")
-    if g_cfg.spicules:   # the strands read the coordinate the anchor ties to the donor's spicule area
-        spicule = code_phenotype_features(True).index(SPICULE_PHENOTYPE_FEATURE)
-        if g_cfg.spicule_code_index != spicule:
-            raise ConfigError(f"--generator spicule_code_index={g_cfg.spicule_code_index} is not the anchored spicule "
-                              f"coordinate; use spicule_code_index={spicule}")
-        if not weights.code_phenotype:
-            raise ConfigError("--generator spicules needs the code-phenotype anchor that gives its coordinate a "
-                              "meaning: add --loss-weight code_phenotype=1")
+    # the edge width and the strands each read a code coordinate that only the anchor gives a meaning
+    if g_cfg.edge_blur_per_sd:
+        _check_anchored_reader("edge_blur_per_sd", "edge_code_index", g_cfg.edge_code_index, "margin",
+                               CODE_PHENOTYPE_FEATURES.index("margin_sharpness"), weights)
+    if g_cfg.spicules:
+        _check_anchored_reader("spicules", "spicule_code_index", g_cfg.spicule_code_index, "spicule",
+                               code_phenotype_features(True).index(SPICULE_PHENOTYPE_FEATURE), weights)
     return g_cfg, d_cfg, weights
+
+
+def _check_anchored_reader(option: str, index_option: str, index: int, axis: str, anchored: int,
+                           weights: LossWeights) -> None:
+    """A generator part that reads an anchored code coordinate needs the anchor, and reads that coordinate."""
+    if index != anchored:
+        raise ConfigError(f"--generator {index_option}={index} is not the anchored {axis} coordinate; "
+                          f"use {index_option}={anchored}")
+    if not weights.code_phenotype:
+        raise ConfigError(f"--generator {option} needs the code-phenotype anchor that gives its coordinate a "
+                          "meaning: add --loss-weight code_phenotype=1")
 
 
 def build_networks(
