@@ -403,7 +403,9 @@ class CodeDrivenSpicules(nn.Module):
     cross-section √(1 − t²) with a slice position): more strands where the genotype is more spiculated. L_k =
     exp(ℓ₀ + LENGTH_PER_SD·code[index]/anchor_sd) · (0.6 + 0.8 v_k). u_k, z_k, v_k are fixed projections of the
     style noise (a nodule's slices share it), so noise moves the strands. b₀ and ℓ₀ are learned; k is fixed, as
-    the edge's factor is, so that the genes keep their say. The geometry (c, R) carries no gradient. The strands
+    the edge's factor is, so that the genes keep their say. The geometry (c, R) is the drawn mask's ([m > 0.5]: the
+    soft mask's faint fill would pull c towards the patch centre and inflate R, so that strands started outside the
+    body, as they did in the first runs, README round 17) and carries no gradient. The strands
     join the mask as a union and take the nodule's mean intensity in the image (fully wherever the mask's 0.5
     threshold keeps them), before the edge blur.
     """
@@ -454,8 +456,8 @@ class CodeDrivenSpicules(nn.Module):
         direction, logit, length = self.strand_parameters(code, noise)
         rows = torch.arange(h, device=mask.device, dtype=torch.float32)
         cols = torch.arange(w, device=mask.device, dtype=torch.float32)
-        with torch.no_grad():
-            weight = mask.detach().float()[:, 0]
+        with torch.no_grad():   # the drawn pixels: the soft mask's faint fill would move c and inflate R
+            weight = (mask.detach().float()[:, 0] > 0.5).float()
             area = weight.sum(dim=(1, 2))
             centre_r = (weight.sum(dim=2) * rows).sum(dim=1) / area.clamp_min(1e-6)
             centre_c = (weight.sum(dim=1) * cols).sum(dim=1) / area.clamp_min(1e-6)
@@ -480,7 +482,7 @@ class CodeDrivenSpicules(nn.Module):
                 position: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The image with the strands at the nodule's mean intensity, and the mask with the strands joined."""
         strand = self.strands(mask, code, noise, position)
-        inside = mask.detach()
+        inside = (mask.detach() > 0.5).to(image.dtype)
         area = inside.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)
         value = (image.detach() * inside).sum(dim=(2, 3), keepdim=True) / area
         fill = (2.0 * strand).clamp(max=1.0)   # where the strand passes the mask's threshold, the image is nodule

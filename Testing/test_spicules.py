@@ -104,3 +104,14 @@ def test_config_checks() -> None:
         GeneratorConfig(code_dim=3, spicules=4)
     with pytest.raises(ValueError, match="spicules is a setting of the proposed generator"):
         GeneratorConfig(kind="mcgan", spicules=4)
+
+
+def test_a_faint_fill_does_not_move_the_strands() -> None:
+    """The geometry is the drawn mask's: a soft mask's faint fill elsewhere (0.3, under the 0.5 threshold) leaves the
+    strands where they were; read from the soft mask it pulled them off the body."""
+    spicules = CodeDrivenSpicules(8, INDEX, noise_dim=16, anchor_sd=ANCHOR_SD)
+    disc, code, noise = _disc(4), _code(4, 3.0), torch.randn(4, 16)
+    fill = torch.zeros_like(disc)
+    fill[..., :, 40:] = 0.3
+    clean = spicules.strands(disc, code, noise)
+    assert torch.equal(spicules.strands(torch.maximum(disc, fill), code, noise), clean)
