@@ -457,7 +457,7 @@ class CodeDrivenSpicules(nn.Module):
         rows = torch.arange(h, device=mask.device, dtype=torch.float32)
         cols = torch.arange(w, device=mask.device, dtype=torch.float32)
         with torch.no_grad():   # the drawn pixels: the soft mask's faint fill would move c and inflate R
-            weight = (mask.detach().float()[:, 0] > 0.5).float()
+            weight = _drawn_pixels(mask).float()[:, 0]
             area = weight.sum(dim=(1, 2))
             centre_r = (weight.sum(dim=2) * rows).sum(dim=1) / area.clamp_min(1e-6)
             centre_c = (weight.sum(dim=1) * cols).sum(dim=1) / area.clamp_min(1e-6)
@@ -467,7 +467,7 @@ class CodeDrivenSpicules(nn.Module):
             dc = cols[None, None, :] - centre_c[:, None, None]                      # (B,1,W)
         amplitude = torch.sigmoid(logit) * present[:, None]
         if position is not None:
-            amplitude = amplitude * (1.0 - position.float().clamp(-1, 1).square()).clamp_min(0).sqrt()[:, None]
+            amplitude = amplitude * relative_cross_section(position.float())[:, None]
         along = dr[:, None] * direction[..., 0, None, None] + dc[:, None] * direction[..., 1, None, None]
         across = dr[:, None] * direction[..., 1, None, None] - dc[:, None] * direction[..., 0, None, None]
         start = (self.START * radius)[:, None, None, None]
@@ -482,11 +482,21 @@ class CodeDrivenSpicules(nn.Module):
                 position: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The image with the strands at the nodule's mean intensity, and the mask with the strands joined."""
         strand = self.strands(mask, code, noise, position)
-        inside = (mask.detach() > 0.5).to(image.dtype)
+        inside = _drawn_pixels(mask).to(image.dtype)
         area = inside.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)
         value = (image.detach() * inside).sum(dim=(2, 3), keepdim=True) / area
         fill = (2.0 * strand).clamp(max=1.0)   # where the strand passes the mask's threshold, the image is nodule
         return image + fill * (value - image), 1.0 - (1.0 - mask) * (1.0 - strand)
+
+
+def _drawn_pixels(mask: Tensor) -> Tensor:
+    """[mask > 0.5], detached: the pixels the label keeps."""
+    return mask.detach() > 0.5
+
+
+def relative_cross_section(position: Tensor) -> Tensor:
+    """√(1 − t²) of slice positions t (clamped to [−1, 1]): a sphere's cross-section relative to its centre's."""
+    return (1.0 - position.clamp(-1.0, 1.0).square()).clamp_min(0.0).sqrt()
 
 
 POSITION_FEATURES = 2  # (t, √(1 − t²)) of the slice position t
@@ -499,8 +509,7 @@ POSITION_GAIN = 3.0
 
 def position_features(position: Tensor) -> Tensor:
     """(B,) slice positions t (clamped to [−1, 1]) → (B, 2) POSITION_GAIN · (t, √(1 − t²))."""
-    t = position.clamp(-1.0, 1.0)
-    return POSITION_GAIN * torch.stack([t, (1.0 - t.square()).clamp_min(0.0).sqrt()], dim=1)
+    return POSITION_GAIN * torch.stack([position.clamp(-1.0, 1.0), relative_cross_section(position)], dim=1)
 
 
 def _style(config: GeneratorConfig, code: Tensor, noise: Tensor | None, position: Tensor | None = None) -> Tensor:
