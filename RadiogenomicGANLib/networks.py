@@ -19,6 +19,7 @@ Shared choices (DESIGN.md leaves them open):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -432,6 +433,33 @@ class CodeDrivenSpicules(nn.Module):
                              / math.sqrt(max(noise_dim, 1)), persistent=False)
         angles = 2 * math.pi * torch.arange(self.count) / self.count
         self.register_buffer("even_directions", torch.stack([angles.cos(), angles.sin()], dim=1), persistent=False)
+
+    @torch.no_grad()
+    def calibrate_presence(self, coordinates: Sequence[float], share: float) -> float:
+        """Set and return b₀ such that the expected share of nodules with at least one strand drawn equals `share`
+        (clipped to [0.001, 0.999]) for donors whose anchored coordinate, in sd, is `coordinates`, each donor
+        weighing the same. Strand k is drawn where σ(logit) passes the label's ½, so with probability
+        p_k = Φ((k·c + b₀) / (NOISE_GAIN · s_k)) over the noise, s_k its jitter's sd (its projection's norm, for
+        N(0, 1) noise), and a nodule carries one with 1 − Π(1 − p_k). Why: b₀ learns slowly (−1 → −1.2 to −1.3
+        in 2000 steps), and from −1 the strands were drawn on half the nodules where 21 % of the real slices have
+        one (README round 17): the start decides how often."""
+        if len(coordinates) == 0:
+            raise ValueError("calibrating the strands' presence needs at least one donor")
+        target = min(max(float(share), 1e-3), 1.0 - 1e-3)
+        jitter_sd = self.projection[:, 2 * self.count: 3 * self.count].double().norm(dim=0)     # (K,)
+        scaled = self.PER_SD * torch.as_tensor(coordinates, dtype=torch.float64)[:, None]      # (D, 1)
+        normal = torch.distributions.Normal(0.0, 1.0)
+
+        def expected_share(bias: float) -> float:
+            absent = 1.0 - normal.cdf((scaled + bias) / (self.NOISE_GAIN * jitter_sd))   # (D, K)
+            return float((1.0 - absent.prod(dim=1)).mean())
+
+        low, high = -40.0, 40.0    # the share rises with b₀: bisect
+        for _ in range(60):
+            middle = 0.5 * (low + high)
+            low, high = (middle, high) if expected_share(middle) < target else (low, middle)
+        self.presence_bias.fill_(0.5 * (low + high))
+        return float(self.presence_bias)
 
     def strand_parameters(self, code: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """(B,K,2) unit directions (row, column), (B,K) presence logits and (B,K) lengths in pixels."""

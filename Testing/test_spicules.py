@@ -115,3 +115,22 @@ def test_a_faint_fill_does_not_move_the_strands() -> None:
     fill[..., :, 40:] = 0.3
     clean = spicules.strands(disc, code, noise)
     assert torch.equal(spicules.strands(torch.maximum(disc, fill), code, noise), clean)
+
+
+@pytest.mark.parametrize("share", [0.05, 0.21, 0.6])
+def test_the_calibrated_presence_draws_strands_on_the_asked_share(share: float) -> None:
+    """`calibrate_presence` predicts how often the module itself draws a strand (its noise projections included):
+    over donors with skewed coordinates and many noises, the share of nodules with at least one strand drawn
+    (logit > 0, where σ passes the label's ½) is the one asked for."""
+    torch.manual_seed(1)
+    coordinates = np.random.default_rng(0).gamma(2.0, 0.7, size=64) - 1.4     # skewed like spicule areas
+    spicules = CodeDrivenSpicules(8, INDEX, noise_dim=16, anchor_sd=ANCHOR_SD)
+    bias = spicules.calibrate_presence(coordinates.tolist(), share)
+    assert float(spicules.presence_bias) == bias
+    code = torch.zeros(64 * 200, 16)
+    code[:, INDEX] = torch.from_numpy(np.repeat(coordinates, 200)).float() * ANCHOR_SD
+    _, logit, _ = spicules.strand_parameters(code, torch.randn(code.shape[0], 16))
+    assert float((logit > 0).any(dim=1).float().mean()) == pytest.approx(share, abs=0.02)
+    assert spicules.calibrate_presence(coordinates.tolist(), share / 2) < bias
+    with pytest.raises(ValueError, match="at least one donor"):
+        spicules.calibrate_presence([], share)

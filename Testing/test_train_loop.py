@@ -18,6 +18,7 @@ from RadiogenomicGANLib.weights import load_weights
 from training import checkpoint as ckpt
 from training.config import ConfigError, TrainConfig
 from training.dataset import load_dataset, make_synthetic_dataset
+from training.iteration import real_strand_share
 from training.losses import CODE_PHENOTYPE_FEATURES, code_phenotype_features
 from training.train import build_configs, main, training_loop
 
@@ -298,7 +299,10 @@ def test_drawn_spicules_need_the_anchor_and_train_with_it(data: Path, tmp_path: 
     result = run(data, tmp_path / "spicules", "proposed", 2, "--generator", "spicules=6",
                  "--loss-weight", "code_phenotype=1")
     tensors, _ = ckpt.load_checkpoint(result["checkpoint"])
-    assert float(tensors["model/G/spicules.presence_bias"]) != -1.0
     assert float(tensors["model/G/spicules.log_length0"]) != pytest.approx(math.log(5.0))
     generator, _ = load_weights(result["weights"], expected_kind="proposed", expected_num_genes=64)
     assert generator.config.spicules == 6 and generator.spicules is not None
+    # the presence started where the training donors' real strand share puts it, and was learned from there
+    learned = float(tensors["model/G/spicules.presence_bias"])
+    calibrated = generator.spicules.calibrate_presence(*real_strand_share(load_dataset(data)))
+    assert learned != calibrated and learned == pytest.approx(calibrated, abs=0.01)

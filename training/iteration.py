@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -25,6 +26,7 @@ from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_
 
 from .batch_statistics import BatchStatistics
 from .config import ConfigError, TrainConfig
+from .dataset import RadiogenomicDataset, donor_phenotypes
 from .discriminator import DiscriminatorConfig, build_discriminator
 from .distributed import DistContext, convert_batchnorm
 from .losses import (
@@ -133,12 +135,31 @@ def _check_anchored_reader(option: str, index_option: str, index: int, axis: str
                           "meaning: add --loss-weight code_phenotype=1")
 
 
+def real_strand_share(data: RadiogenomicDataset) -> tuple[list[float], float]:
+    """What the drawn strands' presence is calibrated to (`CodeDrivenSpicules.calibrate_presence`): the training
+    donors' anchored spicule coordinates (`donor_phenotypes`: the z-score the anchor pulls φ(g)[index] / anchor_sd
+    towards) and the mean over those donors of the share of their real slices with a long strand
+    (`metrics.long_strand_area_mm2` > 0). Deterministic, so every rank agrees."""
+    from .metrics import long_strand_area_mm2  # metrics pulls in scipy; only runs with strands need it
+
+    donors = np.unique(data.nodule_patient[data.nodule_indices("train")])
+    coordinates = donor_phenotypes(data, donors, (SPICULE_PHENOTYPE_FEATURE,))[donors, 0].tolist()
+    spacing = float(data.patch_spacing_mm)
+    shares = [np.mean([long_strand_area_mm2(data.nodule_masks[row] > 0, spacing) > 0
+                       for row in np.flatnonzero(data.nodule_patient == donor)]) for donor in donors]
+    return coordinates, float(np.mean(shares))
+
+
 def build_networks(
-    cfg: TrainConfig, g_cfg: GeneratorConfig, d_cfg: DiscriminatorConfig, weights: LossWeights, ctx: DistContext
+    cfg: TrainConfig, g_cfg: GeneratorConfig, d_cfg: DiscriminatorConfig, weights: LossWeights, ctx: DistContext,
+    strand_share: tuple[list[float], float] | None = None
 ) -> Networks:
-    """G, D and EMA G on the device, optimisers, and (N > 1 ranks) the DDP wrappers. Seeds torch first."""
+    """G, D and EMA G on the device, optimisers, and (N > 1 ranks) the DDP wrappers. Seeds torch first.
+    `strand_share` (`real_strand_share`) calibrates the drawn strands' starting presence, EMA included."""
     torch.manual_seed(cfg.seed)
     generator = build_generator(g_cfg)
+    if strand_share is not None:
+        generator.spicules.calibrate_presence(*strand_share)
     discriminator = build_discriminator(d_cfg)
     generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)   # plain BN: this is what is exported
     if ctx.distributed and cfg.sync_batchnorm:

@@ -51,6 +51,7 @@ from .iteration import (
     build_networks,
     ema_decay,
     precision_context,
+    real_strand_share,
     train_iteration,
     update_ema,
 )
@@ -90,8 +91,9 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
                                                              if weights.code_phenotype else ()))
         probe = ResumableDistributedSampler(len(train_items), cfg.batch_size, cfg.seed, 0, ctx.rank, ctx.world_size)
 
-        # Construct networks.
-        nets = build_networks(cfg, g_cfg, d_cfg, weights, ctx)
+        # Construct networks (drawn strands start as often as the training donors' real slices carry one).
+        strands = real_strand_share(data) if g_cfg.spicules else None
+        nets = build_networks(cfg, g_cfg, d_cfg, weights, ctx, strand_share=strands)
         run = run_record(cfg, ctx, probe.global_batch, data.gene_names)
 
         # Resume.
@@ -110,6 +112,9 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
                   f"{probe.global_batch} ({cfg.batch_size} per process), {probe.steps_per_epoch} "
                   f"steps per epoch, steps {start_step} → {cfg.steps}")
             print(network_summaries(nets, samples, ctx.device))
+            if strands and start_step == 0:
+                print(f"drawn strands: presence bias starts at {float(nets.generator.spicules.presence_bias):.2f},"
+                      f" for strands on {strands[1]:.0%} of the nodules, as on the training donors' real slices")
 
         # Distribute (the DDP wrappers were built with the networks); then the data loader for this rank.
         sampler, loader = training_batches(train_items, cfg, ctx, start_step, g_cfg.noise_dim,
