@@ -80,16 +80,20 @@ def test_validation_at_checkpoints_selects_the_export_and_the_gene_front_end_tra
 
     import numpy as np
 
-    from training.dataset import _validate, load_dataset, write_dataset
+    from training.config import TrainConfig
+    from training.dataset import _validate, load_dataset, training_data, write_dataset
+    from training.evaluate import VALIDATION_BACKGROUNDS, VALIDATION_SEED, validation_score
 
     arrays = load_dataset(make_synthetic_dataset(tmp_path / "syn.npz", patients=9, genes=32, size=32)).arrays()
     arrays["split"] = np.array(["train"] * 5 + ["val"] * 3 + ["test"])
     data = write_dataset(tmp_path / "val3.npz", **_validate(arrays, "").arrays())
     run = tmp_path / "run"
     train_main(["--data", str(data), "--model", "proposed", "--out", str(run), "--steps", "4",
-                "--gene-components", "3", *TINY])
+                "--gene-components", "3", "--seed", "5", *TINY])
     scores = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if "val_score" in line]
     assert [s["step"] for s in scores] == [2, 4] and all(s["val_donors"] == 3 for s in scores)
+    # every checkpoint of every run on the same validation draw, not one of the training seed (5 here)
+    assert all(s["val_seed"] == VALIDATION_SEED and s["val_backgrounds"] == VALIDATION_BACKGROUNDS for s in scores)
     best = ckpt.best_checkpoint(run / "checkpoints")
     assert best is not None
     _, best_state = ckpt.load_checkpoint(best)
@@ -97,6 +101,10 @@ def test_validation_at_checkpoints_selects_the_export_and_the_gene_front_end_tra
     if finite:
         assert best_state["validation"]["score"] == pytest.approx(max(s["val_score"] for s in finite))
     generator, metadata = load_weights(run / "proposed.safetensors")
+    # rescoring the export (the best checkpoint's EMA) on the training data with the defaults reproduces it
+    trained_on = training_data(TrainConfig(data=str(data), out=str(run), gene_components=3, seed=5))
+    again_score = validation_score(generator, trained_on)
+    assert again_score["score"] == pytest.approx(best_state["validation"]["score"], abs=1e-6)
     assert metadata.provenance["selected_step"] == best_state["step"]
     assert metadata.genes.output_dim == 3 and metadata.config.num_genes == 3  # the PCA front-end
     assert metadata.genes.fitted_on["components"] == 3 and metadata.genes.fitted_on["training_patients"] == 5

@@ -285,7 +285,7 @@ def save(step: int, nets: Networks, cfg: TrainConfig, run: dict[str, Any], sampl
     if validating:
         from .evaluate import validation_score
 
-        state["validation"] = validation_score(nets.generator_ema, data, split="val", seed=cfg.seed)
+        state["validation"] = validation_score(nets.generator_ema, data, split="val")   # one draw for every seed
         log.append({"step": step, **{f"val_{k}": v for k, v in state["validation"].items()}})
         if state["validation"]["score"] is not None:
             log.scalars("validation", {"score": state["validation"]["score"]}, step)
