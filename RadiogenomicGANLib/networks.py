@@ -459,7 +459,7 @@ class CodeDrivenSpicules(nn.Module):
             middle = 0.5 * (low + high)
             low, high = (middle, high) if expected_share(middle) < target else (low, middle)
         self.presence_bias.fill_(0.5 * (low + high))
-        return float(self.presence_bias)
+        return self.presence_bias.item()
 
     def strand_parameters(self, code: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """(B,K,2) unit directions (row, column), (B,K) presence logits and (B,K) lengths in pixels."""

@@ -126,7 +126,7 @@ def test_the_calibrated_presence_draws_strands_on_the_asked_share(share: float) 
     coordinates = np.random.default_rng(0).gamma(2.0, 0.7, size=64) - 1.4     # skewed like spicule areas
     spicules = CodeDrivenSpicules(8, INDEX, noise_dim=16, anchor_sd=ANCHOR_SD)
     bias = spicules.calibrate_presence(coordinates.tolist(), share)
-    assert float(spicules.presence_bias) == bias
+    assert spicules.presence_bias.item() == bias
     code = torch.zeros(64 * 200, 16)
     code[:, INDEX] = torch.from_numpy(np.repeat(coordinates, 200)).float() * ANCHOR_SD
     _, logit, _ = spicules.strand_parameters(code, torch.randn(code.shape[0], 16))

@@ -113,7 +113,7 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
                   f"steps per epoch, steps {start_step} → {cfg.steps}")
             print(network_summaries(nets, samples, ctx.device))
             if strands and start_step == 0:
-                print(f"drawn strands: presence bias starts at {float(nets.generator.spicules.presence_bias):.2f},"
+                print(f"drawn strands: presence bias starts at {nets.generator.spicules.presence_bias.item():.2f},"
                       f" for strands on {strands[1]:.0%} of the nodules, as on the training donors' real slices")
 
         # Distribute (the DDP wrappers were built with the networks); then the data loader for this rank.
