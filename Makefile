@@ -59,10 +59,12 @@ DEMO_EDGE := --loss-weight code_phenotype=1 --generator edge_blur_per_sd=0.6 --g
 # mask the image head does not see the raw background, so vessels and airways do not show through the nodule
 # (round 11's pick on the validation score, README). Mode seeking at a cap of 0.025: noise changes the nodule
 # (diversity 0.037 against 0.024) and the validation score rose on every seed (round 14's pick, README).
+# Drawn spicules: up to 8 strands whose presence follows the anchored spicule coordinate, starting as often as
+# the training donors' real slices carry one; long strands then follow the genes on the unseen cohort (round 18).
 DEMO_LOSS := --loss-weight consistency_intensity=4 --loss-weight consistency_position=10 \
 	--generator slice_position=true --loss-weight consistency_drawn_area=1 --loss-weight consistency_core=4 \
 	--loss-weight d_augment=0.5 --generator opaque_nodule=true \
-	--loss-weight mode_seeking=1 --loss-weight mode_seeking_target=0.025
+	--loss-weight mode_seeking=1 --loss-weight mode_seeking_target=0.025 --generator spicules=8
 demo-weights: $(STAMP)
 	$(PY) -m RadiogenomicGANLib.phantom --out $(DEMO_WORK)/cohort --patients $(DEMO_PATIENTS) --seed $(DEMO_SEED) --quiet
 	$(PY) -m training.prepare --cohort $(DEMO_WORK)/cohort \
