@@ -91,8 +91,9 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
                                                              if weights.code_phenotype else ()))
         probe = ResumableDistributedSampler(len(train_items), cfg.batch_size, cfg.seed, 0, ctx.rank, ctx.world_size)
 
-        # Construct networks (drawn strands start as often as the training donors' real slices carry one).
-        strands = real_strand_share(data) if g_cfg.spicules else None
+        # Construct networks (drawn strands start as often as the training donors' real slices carry one; a
+        # resumed run takes its strands' presence from the checkpoint).
+        strands = real_strand_share(data) if g_cfg.spicules and resume_path is None else None
         nets = build_networks(cfg, g_cfg, d_cfg, weights, ctx, strand_share=strands)
         run = run_record(cfg, ctx, probe.global_batch, data.gene_names)
 
@@ -112,7 +113,7 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
                   f"{probe.global_batch} ({cfg.batch_size} per process), {probe.steps_per_epoch} "
                   f"steps per epoch, steps {start_step} → {cfg.steps}")
             print(network_summaries(nets, samples, ctx.device))
-            if strands and start_step == 0:
+            if strands:
                 print(f"drawn strands: presence bias starts at {nets.generator.spicules.presence_bias.item():.2f},"
                       f" for strands on {strands[1]:.0%} of the nodules, as on the training donors' real slices")
 

@@ -36,6 +36,7 @@ from ..metrics import (
     NODULE_FEATURES,
     TISSUE_HU,
     adjusted_rand,
+    carries_long_strand,
     centroid_offset_mm,
     classifier_two_sample_test,
     cross_validated_r2,
@@ -43,7 +44,6 @@ from ..metrics import (
     image_scores,
     kmeans_labels,
     largest_component,
-    long_strand_area_mm2,
     mean_pairwise_l1,
     normalized_mutual_info,
     placement,
@@ -281,8 +281,7 @@ def long_strand_share(features: np.ndarray) -> float:
 def real_long_strand_share(ctx: Context) -> float:
     """The same share over the donors' real nodule slices."""
     rows = np.flatnonzero(np.isin(ctx.data.nodule_patient, ctx.donors))
-    spacing = float(ctx.data.patch_spacing_mm)
-    return _mean([float(long_strand_area_mm2(ctx.data.nodule_masks[r] > 0, spacing) > 0) for r in rows])
+    return _mean(carries_long_strand(ctx.data.nodule_masks[rows], ctx.data.patch_spacing_mm).astype(float).tolist())
 
 
 def core_calibration(per_donor: np.ndarray, real: np.ndarray) -> dict[str, float]:
