@@ -43,7 +43,15 @@ from RadiogenomicGANLib.devices import DeviceError, resolve_device
 
 from .conventional import GroundTruthError, read_ground_truth
 from .dataset import DatasetError, RadiogenomicDataset, load_dataset
-from .evaluation.context import ROLE_TITLES, Context, EvaluationError, Model, load_model, negative_controls
+from .evaluation.context import (
+    GENERATION_BATCH,
+    ROLE_TITLES,
+    Context,
+    EvaluationError,
+    Model,
+    load_model,
+    negative_controls,
+)
 from .evaluation.sections import (
     CONTROL_FEATURES,
     SECTIONS,
@@ -120,8 +128,8 @@ def validation_score(generator: nn.Module, data: RadiogenomicDataset, *, split: 
     generator.eval()
     model = Model("proposed", generator, None, data.genes, "")
     ctx = Context(data, {"proposed": model}, None, device, seed, Path("."), split,
-                  options={"backgrounds": backgrounds, "noises": noises, "dilation_px": 3, "batch_size": 64,
-                           "progress": False})
+                  options={"backgrounds": backgrounds, "noises": noises, "dilation_px": 3,
+                           "batch_size": GENERATION_BATCH, "progress": False})
     try:
         if ctx.donors.size < 3 or ctx.backgrounds.size == 0:
             return {"score": None, "donors": int(ctx.donors.size)}
@@ -273,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--c2st-crop", type=int, default=40, help="central crop (px) the critic sees (default 40)")
     p.add_argument("--no-negative-controls", dest="negative_controls", action="store_false",
                    help="skip the copy-background and shuffled-genes controls")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=GENERATION_BATCH,
+                   help=f"patches per generator call (default {GENERATION_BATCH}; larger is slower on CPU)")
     p.add_argument("--max-samples", type=int, default=256, help="images per model for Table 1 (default 256)")
     p.add_argument("--dilation-px", type=int, default=3, help="mask dilation of the background variant (px)")
     p.add_argument("--alpha", type=float, default=0.05, help="false discovery rate of the link tests")

@@ -6,7 +6,9 @@ counted), CPU latency for one patch and for a batch of 16 (eval, no_grad, median
 training-step time at batch 16 (forward + backward of a simple L1 + mask loss + Adam step), and how much
 of a plain float32 matmul's FLOP/s each of these achieves, the matmul measured in the same run (so the
 ratio is comparable across machines; re-measured before every row, as the load on a shared machine
-drifts). One thread by default (`--threads`), because oversubscribed OpenMP threads on a shared machine
+drifts). Then the bundled demo model's time per patch against the batch it runs in (what
+`training.evaluation.context.GENERATION_BATCH` is chosen from) and whether its output depends on the batch.
+One thread by default (`--threads`), because oversubscribed OpenMP threads on a shared machine
 give erratic figures. Prints a table; takes about 2–3 minutes on an idle core.
 Not collected by pytest (file name `bench_*.py`); no timed assertions anywhere.
 """
@@ -97,6 +99,36 @@ def bench(kind: str, size: int, repeats: int) -> dict[str, float]:
             "step": step, "flops_batch": flops_patch * BATCH, "flops_train": flops_train}
 
 
+def per_patch_by_batch(batches: tuple[int, ...] = (8, 16, 32, 64, 128, 320), repeats: int = 3) -> None:
+    """The bundled model (eval, no_grad): seconds per patch at each batch size, and the largest difference of
+    its output from batch 8's (the evaluation relies on it being nil)."""
+    from pathlib import Path
+
+    from RadiogenomicGANLib.weights import load_weights
+
+    path = Path(__file__).resolve().parents[2] / "Resources" / "demo_model"
+    generator, _ = load_weights(path)
+    generator.eval()
+    config = generator.config
+    largest = max(batches)
+    background, genes, noise, hole, _ = inputs(config, largest)
+    position = torch.linspace(-1, 1, largest)
+
+    def run(start: int, stop: int) -> torch.Tensor:
+        extra = {"position": position[start:stop]} if config.slice_position else {}
+        return generator(background[start:stop], genes[start:stop], noise[start:stop], hole=hole[start:stop],
+                         **extra).image
+
+    with torch.no_grad():
+        reference = torch.cat([run(start, start + 8) for start in range(0, largest, 8)])
+        print(f"\nbundled model at {config.patch_size}², per patch by batch (eval, median of {repeats}):")
+        for n in batches:
+            seconds = median_seconds(lambda n=n: run(0, n), repeats=repeats)
+            difference = float((run(0, n) - reference[:n]).abs().max())
+            print(f"  batch {n:>4}: {seconds / n * 1e3:6.1f} ms/patch   max |output − batch 8's| {difference:.1e}",
+                  flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
@@ -127,6 +159,7 @@ def main() -> None:
           "+ backward + Adam; ratios = achieved FLOP/s ÷ matmul FLOP/s, FLOPs of convs/matmuls only, "
           "train FLOPs counted over forward+backward; matmul = the reference re-measured just before the "
           f"row; total {time.perf_counter() - start:.0f} s)")
+    per_patch_by_batch(repeats=args.repeats)
 
 
 if __name__ == "__main__":

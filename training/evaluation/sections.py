@@ -224,7 +224,7 @@ def gene_control_generations(ctx: Context, model: Model) -> dict[str, Any]:
                                      disable=not ctx.progress)):
         genes = np.repeat(model.genes[donor][None], inputs_bg.shape[0], axis=0)
         images, masks = generate(model, inputs_bg, genes, inputs_noise, device=ctx.device,
-                                 batch_size=max(ctx.batch_size, inputs_bg.shape[0]), progress=False)
+                                 batch_size=ctx.batch_size, progress=False)
         feats = generated_features(images, masks, data.patch_spacing_mm, ctx.window)
         features[row] = [[f[name] for name in CONTROL_FEATURES] for f in feats]
         where[row] = [placement(largest_component(m > 0.5), bg, data.patch_spacing_mm)
@@ -500,7 +500,7 @@ def profile_gap(ctx: Context, model: Model, draw: ProfileDraw) -> dict[str, Any]
         inputs = np.tile(backgrounds, (rows.size, 1, 1))
         genes = np.repeat(model.genes[donor][None], inputs.shape[0], axis=0)
         _, masks = generate(model, inputs, genes, np.repeat(noise, inputs.shape[0], axis=0), device=ctx.device,
-                            batch_size=max(ctx.batch_size, inputs.shape[0]), progress=False,
+                            batch_size=ctx.batch_size, progress=False,
                             positions=np.repeat(position, n_bg).astype(np.float32))
         drawn = (masks > 0.5).reshape(rows.size, n_bg, -1).sum(axis=2).mean(axis=1)
         generated.append(drawn / drawn.max() if drawn.max() > 0 else np.full(rows.size, np.nan))
@@ -583,7 +583,7 @@ def code_axes(ctx: Context) -> Section:
                 for row, donor in enumerate(swept):
                     genes = np.repeat(model.genes[donor][None], n_bg, axis=0)
                     images, masks = generate(model, data.background_images[chosen], genes, noise, device=ctx.device,
-                                             batch_size=max(ctx.batch_size, n_bg), progress=False)
+                                             batch_size=ctx.batch_size, progress=False)
                     values = [f[feature] for f in generated_features(images, masks, data.patch_spacing_mm, ctx.window)]
                     per_donor[row] = _nanmedian(np.asarray(values, dtype=np.float64), axis=0)
             sweep.append(float(_nanmedian(per_donor, axis=0)))
