@@ -105,6 +105,11 @@ class GeneratorConfig(StrictDict):
     # written without the key load as they were trained.
     spicules: int = 0
     spicule_code_index: int = 3
+    # Solid strands (with `spicules`): the strands are painted after the edge blur, at one learned intensity
+    # (starting at 0 HU), instead of at the nodule's mean intensity before the blur. Why: the real spicules are
+    # thin solid strands whatever the nodule's density, and the blur and a ground-glass mean left the drawn ones
+    # faint in the image (README round 18). Off here, so weights files written without the key load as trained.
+    spicule_solid: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -139,6 +144,8 @@ class GeneratorConfig(StrictDict):
         if self.spicules and not 0 <= self.spicule_code_index < self.code_dim:
             raise ValueError(f"spicule_code_index must lie in [0, code_dim={self.code_dim}), "
                              f"got {self.spicule_code_index}")
+        if self.spicule_solid and not self.spicules:
+            raise ValueError("spicule_solid is a setting of the drawn spicules (spicules > 0)")
         if self.slice_position and self.kind == "inpainting":
             raise ValueError("slice_position is a setting of the gene-conditioned generators, not of 'inpainting'")
 
@@ -420,12 +427,16 @@ class CodeDrivenSpicules(nn.Module):
     MIN_AREA_PX = 4.0     # below this drawn area no strands (an empty nodule grows none)
     _PROJECTION_SEED = 20261204
 
-    def __init__(self, count: int, index: int, noise_dim: int, anchor_sd: float = 1.0) -> None:
+    SOLID_START = 1.0 / 3.0   # 0 HU in the unit range of the (−1000, 500) HU window: a solid strand's start
+
+    def __init__(self, count: int, index: int, noise_dim: int, anchor_sd: float = 1.0, solid: bool = False) -> None:
         super().__init__()
         self.count, self.index = int(count), int(index)
         self.per_unit = 1.0 / float(anchor_sd)
         self.presence_bias = nn.Parameter(torch.tensor(-1.0))       # b₀: few strands at the cohort's mean
         self.log_length0 = nn.Parameter(torch.tensor(math.log(5.0)))  # ℓ₀: 5 px (≈ 5 mm at 64²)
+        # `GeneratorConfig.spicule_solid`: one learned intensity for every strand, painted by `paint_solid`
+        self.solid_value = nn.Parameter(torch.tensor(self.SOLID_START)) if solid else None
         # Fixed projections of the noise (own generator: the global RNG, and so every other layer's
         # initialisation, stays as it is without the module). Without noise the strands fan out evenly.
         rng = torch.Generator().manual_seed(self._PROJECTION_SEED)
@@ -507,14 +518,28 @@ class CodeDrivenSpicules(nn.Module):
         return union[:, None].to(mask.dtype)
 
     def forward(self, image: Tensor, mask: Tensor, code: Tensor, noise: Tensor | None,
-                position: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The image with the strands at the nodule's mean intensity, and the mask with the strands joined."""
+                position: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The image with the strands at the nodule's mean intensity (unchanged with a solid value, which
+        `paint_solid` paints later), the mask with the strands joined, and the strands' map."""
         strand = self.strands(mask, code, noise, position)
+        joined = 1.0 - (1.0 - mask) * (1.0 - strand)
+        if self.solid_value is not None:
+            return image, joined, strand
         inside = _drawn_pixels(mask).to(image.dtype)
         area = inside.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)
         value = (image.detach() * inside).sum(dim=(2, 3), keepdim=True) / area
+        return self._paint(image, strand, value), joined, strand
+
+    @staticmethod
+    def _paint(image: Tensor, strand: Tensor, value: Tensor) -> Tensor:
         fill = (2.0 * strand).clamp(max=1.0)   # where the strand passes the mask's threshold, the image is nodule
-        return image + fill * (value - image), 1.0 - (1.0 - mask) * (1.0 - strand)
+        return image + fill * (value - image)
+
+    def paint_solid(self, image: Tensor, strand: Tensor) -> Tensor:
+        """The image with the strands at the learned solid intensity (after the edge blur, so they stay sharp)."""
+        if self.solid_value is None:
+            raise RuntimeError("paint_solid needs a module built with solid=True")
+        return self._paint(image, strand, self.solid_value.to(image.dtype))
 
 
 def _drawn_pixels(mask: Tensor) -> Tensor:
@@ -582,7 +607,7 @@ class ProposedGenerator(nn.Module):
         self.edge = (CodeDrivenEdge(config.edge_blur_per_sd, config.edge_code_index, config.edge_inside_mask,
                                     config.anchor_sd) if config.edge_blur_per_sd else None)
         self.spicules = (CodeDrivenSpicules(config.spicules, config.spicule_code_index, config.noise_dim,
-                                            config.anchor_sd) if config.spicules else None)
+                                            config.anchor_sd, config.spicule_solid) if config.spicules else None)
 
     def encode_genes(self, genes: Tensor) -> Tensor:
         """φ(g) for a batch of z-scored gene vectors (B,G) → (B, code_dim); the radiogenomic map uses it."""
@@ -615,13 +640,17 @@ class ProposedGenerator(nn.Module):
         if self.config.opaque_nodule:   # the raw background channel is not offered inside the nodule
             x = x * _opaque_keep(mask.detach(), x.shape[1])
         image = self.image_head(x)
+        strand = None
         if self.spicules is not None:
-            image, mask = self.spicules(image, mask, code, noise,
-                                        position if self.config.slice_position else None)
+            image, mask, strand = self.spicules(image, mask, code, noise,
+                                                position if self.config.slice_position else None)
         if self.edge is not None:
             image = self.edge(image, background, code, mask)
             if self.edge.inside_mask:   # the finest map then shows where the output can differ from the input
                 weight_maps[-1] = self.edge.blur(weight_maps[-1] * mask, code)
+        if strand is not None and self.config.spicule_solid:
+            image = self.spicules.paint_solid(image, strand)
+            weight_maps[-1] = torch.maximum(weight_maps[-1], strand.to(weight_maps[-1].dtype))
         return GeneratorOutput(image, mask, weight_maps, code)
 
 

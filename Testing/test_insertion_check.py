@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.insertion_check import label_placement, main, summarise
+from training.insertion_check import label_placement, main, slice_spread_mm, summarise
 
 SPACING = (2.0, 1.0, 1.0)
 
@@ -39,6 +39,21 @@ def test_a_label_at_the_point_passes_and_one_over_the_vessel_fails() -> None:
     summary = summarise([good, bad, empty])
     assert summary["empty_label_fraction"] == pytest.approx(1 / 3) and summary["mostly_on_tissue"] == 0.5
     assert summary["ball_mostly_on_tissue"] == 0.0
+
+
+def test_slice_spread_is_nil_for_a_stacked_nodule_and_measures_a_sheared_one() -> None:
+    volume, lung, centre = _scene()
+    stacked = np.zeros(volume.shape, dtype=bool)
+    stacked[3:8, 18:23, 10:15] = True
+    assert label_placement(stacked, volume, lung, centre, [3, 4, 5, 6, 7], SPACING)["slice_spread_mm"] == 0.0
+    sheared = np.zeros(volume.shape, dtype=bool)
+    for step, k in enumerate(range(3, 8)):         # one column further on every slice: offsets −2 … +2 px
+        sheared[k, 18:23, 10 + step : 15 + step] = True
+    centroid = np.array([5.0, 20.0, 14.0])
+    # equal areas: RMS of (−2, −1, 0, 1, 2) px × 1 mm
+    assert slice_spread_mm(sheared, centroid, np.asarray(SPACING)) == pytest.approx(np.sqrt(2.0))
+    rows = [label_placement(label, volume, lung, centre, [3, 4, 5, 6, 7], SPACING) for label in (stacked, sheared)]
+    assert summarise(rows)["slice_spread_mm_median"] == pytest.approx(np.sqrt(2.0) / 2)
 
 
 def test_command_on_the_bundled_model(tmp_path: Path, capsys) -> None:

@@ -36,13 +36,13 @@ def test_strands_follow_the_anchored_coordinate_and_reach_out() -> None:
     image = torch.zeros_like(disc)
     areas = {}
     for sd in (-3.0, 0.0, 3.0):
-        _, mask = spicules(image, disc, _code(32, sd), noise)
+        _, mask, _ = spicules(image, disc, _code(32, sd), noise)
         assert torch.all(mask >= disc)                      # a union: the body is kept
         areas[sd] = float(np.mean(_long_strands(mask)))
     assert areas[-3.0] < 0.5 < areas[3.0]
     assert areas[-3.0] < areas[0.0] < areas[3.0]
     # what is added lies outside the body, reaching out from it
-    _, mask = spicules(image, disc, _code(32, 3.0), noise)
+    _, mask, _ = spicules(image, disc, _code(32, 3.0), noise)
     added = (mask > 0.5) & (disc == 0)
     rows, cols = torch.nonzero(added[:, 0], as_tuple=True)[1:]
     assert float(torch.sqrt((rows - 32.0) ** 2 + (cols - 30.0) ** 2).max()) > 6.0 + 3.0
@@ -52,10 +52,10 @@ def test_strands_take_the_nodule_value_and_none_grow_on_an_empty_nodule() -> Non
     spicules = CodeDrivenSpicules(8, INDEX, noise_dim=16, anchor_sd=ANCHOR_SD)
     disc = _disc(4)
     image = torch.where(disc > 0, torch.tensor(0.4), torch.tensor(-0.8))
-    new_image, mask = spicules(image, disc, _code(4, 3.0), torch.randn(4, 16))
+    new_image, mask, _ = spicules(image, disc, _code(4, 3.0), torch.randn(4, 16))
     strand = (mask > 0.5) & (disc == 0)
     assert strand.any() and torch.allclose(new_image[strand], torch.tensor(0.4))
-    _, empty = spicules(image, torch.zeros_like(disc), _code(4, 3.0), torch.randn(4, 16))
+    _, empty, _ = spicules(image, torch.zeros_like(disc), _code(4, 3.0), torch.randn(4, 16))
     assert float(empty.detach().max()) == 0.0
 
 
@@ -73,7 +73,7 @@ def test_noise_moves_the_strands_and_the_same_noise_repeats_them() -> None:
 def test_gradient_reaches_the_presence_and_the_code() -> None:
     spicules = CodeDrivenSpicules(8, INDEX, noise_dim=16, anchor_sd=ANCHOR_SD)
     code = _code(4, 1.0).requires_grad_(True)
-    _, mask = spicules(torch.zeros(4, 1, SIZE, SIZE), _disc(4), code, torch.randn(4, 16))
+    _, mask, _ = spicules(torch.zeros(4, 1, SIZE, SIZE), _disc(4), code, torch.randn(4, 16))
     mask.sum().backward()
     assert float(spicules.presence_bias.grad) > 0 and float(spicules.log_length0.grad) > 0
     assert float(code.grad[:, INDEX].sum()) > 0 and float(code.grad[:, :INDEX].abs().sum()) == 0
@@ -97,6 +97,43 @@ def test_off_the_generator_is_unchanged_and_on_it_draws_from_its_own_noise() -> 
     assert torch.equal(drawn.mask, again.mask) and torch.equal(drawn.image, again.image)
 
 
+class _FixedMask(torch.nn.Module):
+    """A mask head that draws the same disc whatever it is given."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mask[: features.shape[0]] + 0 * features[:, :1]
+
+
+def test_solid_strands_are_painted_sharp_after_the_edge_at_their_own_value() -> None:
+    """With `spicule_solid` the strands keep the learned value (0 HU at the start) after the edge blur, whatever
+    the nodule's intensity; the label is the same as without it, and the value learns from the image."""
+    base = dict(num_genes=32, patch_size=64, base_channels=4, max_channels=8, noise_dim=16, anchor_sd=ANCHOR_SD,
+                spicules=8, edge_blur_per_sd=0.6, edge_inside_mask=True)
+    torch.manual_seed(5)
+    blended = build_generator(GeneratorConfig(**base)).eval()
+    torch.manual_seed(5)
+    solid = build_generator(GeneratorConfig(**base, spicule_solid=True)).eval()
+    assert set(solid.state_dict()) - set(blended.state_dict()) == {"spicules.solid_value"}
+    disc, genes, noise = _disc(2), torch.randn(2, 32), torch.randn(2, 16)
+    for generator in (blended, solid):
+        generator.mask_head = _FixedMask(disc)
+        with torch.no_grad():                       # strands on every nodule
+            generator.spicules.presence_bias.fill_(8.0)
+    background = torch.full((2, 1, SIZE, SIZE), -0.8)
+    plain, sharp = blended(background, genes, noise), solid(background, genes, noise)
+    assert torch.equal(plain.mask, sharp.mask)
+    strand = solid.spicules.strands(disc, solid.encode_genes(genes), noise) > 0.5
+    assert (strand & (disc == 0)).any()
+    assert torch.allclose(sharp.image[strand], torch.tensor(CodeDrivenSpicules.SOLID_START))
+    assert not torch.allclose(plain.image[strand], torch.tensor(CodeDrivenSpicules.SOLID_START), atol=0.05)
+    sharp.image[strand].sum().backward()
+    assert float(solid.spicules.solid_value.grad) > 0
+
+
 def test_config_checks() -> None:
     with pytest.raises(ValueError, match="spicules must be ≥ 0"):
         GeneratorConfig(spicules=-1)
@@ -104,6 +141,8 @@ def test_config_checks() -> None:
         GeneratorConfig(code_dim=3, spicules=4)
     with pytest.raises(ValueError, match="spicules is a setting of the proposed generator"):
         GeneratorConfig(kind="mcgan", spicules=4)
+    with pytest.raises(ValueError, match="spicule_solid is a setting of the drawn spicules"):
+        GeneratorConfig(spicule_solid=True)
 
 
 def test_a_faint_fill_does_not_move_the_strands() -> None:

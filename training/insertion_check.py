@@ -37,15 +37,16 @@ from .metrics import TISSUE_HU
 def label_placement(label: np.ndarray, volume_hu: np.ndarray, lung: np.ndarray, centre_kji: np.ndarray,
                     slices: list[int], spacing_kji: tuple[float, float, float]) -> dict[str, float]:
     """One inserted nodule: voxel count, in-plane distance (mm) of its centroid from the requested point,
-    share of it on tissue the input already had, and the same share for a ball of its volume at the point
-    (on its slices, inside the lung). NaNs but the count for an empty label."""
+    share of it on tissue the input already had, the same share for a ball of its volume at the point
+    (on its slices, inside the lung), and `slice_spread_mm`. NaNs but the count for an empty label."""
     voxels = int(np.count_nonzero(label))
     if voxels == 0:
         return {"voxels": 0, "offset_mm": float("nan"), "tissue_share": float("nan"),
-                "ball_tissue_share": float("nan")}
+                "ball_tissue_share": float("nan"), "slice_spread_mm": float("nan")}
     spacing = np.asarray(spacing_kji, dtype=np.float64)
     centroid = np.array(ndimage.center_of_mass(label))
     offset = float(np.hypot(*((centroid - centre_kji)[1:] * spacing[1:])))
+    spread = slice_spread_mm(label, centroid, spacing)
     tissue = volume_hu > TISSUE_HU
     radius_mm = (3.0 * voxels * spacing.prod() / (4.0 * np.pi)) ** (1.0 / 3.0)
     reach = np.ceil(radius_mm / spacing).astype(int) + 1
@@ -57,12 +58,27 @@ def label_placement(label: np.ndarray, volume_hu: np.ndarray, lung: np.ndarray, 
                        + ((i - centre_kji[2]) * spacing[2]) ** 2)
     ball = (distance <= radius_mm) & np.isin(k, slices) & lung[box]
     return {"voxels": voxels, "offset_mm": offset, "tissue_share": float(tissue[label].mean()),
-            "ball_tissue_share": float(tissue[box][ball].mean()) if ball.any() else float("nan")}
+            "ball_tissue_share": float(tissue[box][ball].mean()) if ball.any() else float("nan"),
+            "slice_spread_mm": spread}
+
+
+def slice_spread_mm(label: np.ndarray, centroid_kji: np.ndarray, spacing_kji: np.ndarray) -> float:
+    """How far the label's slices wander in-plane: the area-weighted RMS distance (mm) of each slice's centroid
+    from the whole label's. 0 for a nodule whose slices are stacked on one axis (a sphere, a cylinder); what
+    makes a coronal or sagittal view jagged or sheared. Each slice is drawn on its own background, so a
+    generator that moves the nodule away from nearby tissue can move it differently on every slice."""
+    areas, offsets = [], []
+    for k in np.flatnonzero(label.any(axis=(1, 2))):
+        rows, cols = np.nonzero(label[k])
+        areas.append(rows.size)
+        offsets.append(np.hypot((rows.mean() - centroid_kji[1]) * spacing_kji[1],
+                                (cols.mean() - centroid_kji[2]) * spacing_kji[2]))
+    return float(np.sqrt(np.average(np.square(offsets), weights=areas)))
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Empty-label rate; of the drawn ones: median and 90th-percentile offset, the share mostly (> 50 %) on
-    existing tissue, and the same share for the balls."""
+    existing tissue, the same share for the balls, and the median and 90th percentile of the slice spread."""
     drawn = [r for r in rows if r["voxels"] > 0]
     out: dict[str, float] = {"nodules": len(rows), "empty_label_fraction": 1.0 - len(drawn) / max(len(rows), 1)}
     if drawn:
@@ -70,6 +86,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
         out |= {"offset_mm_median": float(np.median(offsets)), "offset_mm_p90": float(np.percentile(offsets, 90)),
                 "mostly_on_tissue": float(np.mean([r["tissue_share"] > 0.5 for r in drawn])),
                 "ball_mostly_on_tissue": float(np.nanmean([r["ball_tissue_share"] > 0.5 for r in drawn]))}
+        spreads = np.array([r["slice_spread_mm"] for r in drawn])
+        out |= {"slice_spread_mm_median": float(np.median(spreads)),
+                "slice_spread_mm_p90": float(np.percentile(spreads, 90))}
     return out
 
 
@@ -130,16 +149,19 @@ def report(result: dict[str, Any], model_text: str) -> list[str]:
              f"unseen cohort of seed {result['cohort_seed']}, slices {result['slices']}. *Empty*: no label reached the "
              "CT. Of the drawn ones: "
              "the label centroid's distance from the requested point (mm, in-plane; median and 90th percentile), "
-             f"the share lying mostly (> 50 %) on tissue the CT already had (> {TISSUE_HU:.0f} HU), and that share "
-             "for a ball of the same volume at the point.", "",
+             f"the share lying mostly (> 50 %) on tissue the CT already had (> {TISSUE_HU:.0f} HU), that share "
+             "for a ball of the same volume at the point, and the slice spread: how far the nodule's slices wander "
+             "in-plane (area-weighted RMS distance of each slice's centroid from the nodule's, mm; 0 for slices "
+             "stacked on one axis, as a sphere's; median and 90th percentile).", "",
              "| donors | nodules | empty | offset median (mm) | offset p90 (mm) | mostly on tissue "
-             "| ball at the point |",
-             "|---|---|---|---|---|---|---|"]
+             "| ball at the point | slice spread median (mm) | slice spread p90 (mm) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     groups = [("all", result["overall"])] + [(f"class {c}", s) for c, s in result["by_class"].items()]
     for name, s in groups:
         lines.append(f"| {name} | {s['nodules']} | {number(s['empty_label_fraction'], 3)} | "
                      f"{number(s.get('offset_mm_median'))} | {number(s.get('offset_mm_p90'))} | "
-                     f"{number(s.get('mostly_on_tissue'), 3)} | {number(s.get('ball_mostly_on_tissue'), 3)} |")
+                     f"{number(s.get('mostly_on_tissue'), 3)} | {number(s.get('ball_mostly_on_tissue'), 3)} | "
+                     f"{number(s.get('slice_spread_mm_median'))} | {number(s.get('slice_spread_mm_p90'))} |")
     return [*lines, ""]
 
 
