@@ -370,3 +370,20 @@ def test_long_strands_count_spicules_that_reach_out_not_the_teeth_of_a_serrated_
     assert M.long_strand_area_mm2(spiked, 1.0, min_px=7) == 0.0   # each spike is 5 px of strand
     assert M.long_strand_area_mm2(np.zeros((8, 8), bool)) == 0.0
     assert M.nodule_features(np.where(spiked, 0.0, -800.0), spiked, 1.0)["long_strand_area_mm2"] == 15.0
+
+
+def test_strand_contrast_tells_a_solid_strand_from_one_blurred_into_the_lung():
+    """A strand at 0 HU in −800 HU lung stands out by 800 HU; the same label over an image whose strand was
+    blurred away reads far less; without a long strand the measure is undefined."""
+    from scipy import ndimage
+
+    disc = _disc_mask(40, 8.0)
+    spiked = disc.copy()
+    spiked[20, 28:34] = True
+    solid = np.where(spiked, 0.0, -800.0)
+    assert M.strand_contrast_hu(solid, spiked) == pytest.approx(800.0)
+    blurred = np.where(disc, 0.0, -800.0)     # the image of a nodule without its strand, edge blurred
+    blurred = ndimage.gaussian_filter(blurred, 1.5)
+    assert M.strand_contrast_hu(blurred, spiked) < 400.0
+    assert np.isnan(M.strand_contrast_hu(np.where(disc, 0.0, -800.0), disc))
+    assert M.nodule_features(solid, spiked, 1.0)["strand_contrast_hu"] == pytest.approx(800.0)

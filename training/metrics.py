@@ -269,15 +269,37 @@ def spicule_area_mm2(mask: np.ndarray, spacing_mm: float = 1.0) -> float:
 LONG_STRAND_PX = 3   # a strand of at least this many pixels: longer than the notch of a serrated outline
 
 
-def long_strand_area_mm2(mask: np.ndarray, spacing_mm: float = 1.0, min_px: int = LONG_STRAND_PX) -> float:
-    """Area (mm²) of the thin strands that form 8-connected pieces of at least `min_px` pixels: spicules that
-    reach out, not the one-pixel teeth of a serrated outline, which `spicule_area_mm2` counts as well. On cohort
-    2026's real nodules its ρ with the true spiculation is 0.84 (all strands 0.72)."""
+def long_strands(mask: np.ndarray, min_px: int = LONG_STRAND_PX) -> np.ndarray:
+    """The thin strands (`thin_strands`) that form 8-connected pieces of at least `min_px` pixels: spicules that
+    reach out, not the one-pixel teeth of a serrated outline."""
     labels, count = ndimage.label(thin_strands(mask), structure=np.ones((3, 3), dtype=bool))
     if count == 0:
-        return 0.0
-    sizes = np.bincount(labels.ravel())[1:]
-    return float(sizes[sizes >= min_px].sum()) * float(spacing_mm) ** 2
+        return np.zeros(np.shape(mask), dtype=bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return sizes[labels] >= min_px
+
+
+def long_strand_area_mm2(mask: np.ndarray, spacing_mm: float = 1.0, min_px: int = LONG_STRAND_PX) -> float:
+    """Area (mm²) of the long strands (`long_strands`), which `spicule_area_mm2` counts with the teeth of a
+    serrated outline. On cohort 2026's real nodules its ρ with the true spiculation is 0.84 (all strands 0.72)."""
+    return float(np.count_nonzero(long_strands(mask, min_px))) * float(spacing_mm) ** 2
+
+
+STRAND_SURROUND_PX = 2
+
+
+def strand_contrast_hu(image_hu: np.ndarray, mask: np.ndarray) -> float:
+    """How the long strands stand out in the image: their pixels' mean HU minus the mean HU of the pixels within
+    STRAND_SURROUND_PX of them outside the mask. The phantom's real spicules are solid strands; a strand drawn in
+    the label but blurred into the lung in the image reads low. NaN without a long strand."""
+    mask = np.asarray(mask, dtype=bool)
+    strands = long_strands(mask)
+    surround = ndimage.binary_dilation(strands, iterations=STRAND_SURROUND_PX) & ~mask
+    if not strands.any() or not surround.any():
+        return float("nan")
+    image_hu = np.asarray(image_hu, dtype=np.float64)
+    return float(image_hu[strands].mean() - image_hu[surround].mean())
 
 
 def carries_long_strand(masks: np.ndarray, spacing_mm: float = 1.0) -> np.ndarray:
@@ -314,7 +336,8 @@ def nodule_features(image_hu: np.ndarray, mask: np.ndarray, spacing_mm: float) -
 
     `diameter_mm` equivalent diameter; `mean_hu`, `std_hu` inside the mask; `margin_gradient` (HU/mm) mean
     gradient magnitude on the boundary band; `margin_sharpness` (1/mm) the slope across the edge over the
-    edge's height (`margin_sharpness`); `compactness`; `spicule_area_mm2`; `long_strand_area_mm2`; `core_contrast_hu`.
+    edge's height (`margin_sharpness`); `compactness`; `spicule_area_mm2`; `long_strand_area_mm2`;
+    `strand_contrast_hu`; `core_contrast_hu`.
     An empty mask gives diameter 0 and NaN for the rest.
     """
     mask = np.asarray(mask, dtype=bool)
@@ -323,7 +346,7 @@ def nodule_features(image_hu: np.ndarray, mask: np.ndarray, spacing_mm: float) -
         return {"diameter_mm": 0.0, "area_mm2": 0.0, "mean_hu": float("nan"), "std_hu": float("nan"),
                 "margin_gradient": float("nan"), "margin_sharpness": float("nan"), "compactness": float("nan"),
                 "spicule_area_mm2": float("nan"), "long_strand_area_mm2": float("nan"),
-                "core_contrast_hu": float("nan")}
+                "strand_contrast_hu": float("nan"), "core_contrast_hu": float("nan")}
     values = image_hu[mask]
     return {
         "diameter_mm": equivalent_diameter_mm(mask, spacing_mm),
@@ -335,6 +358,7 @@ def nodule_features(image_hu: np.ndarray, mask: np.ndarray, spacing_mm: float) -
         "compactness": compactness(mask),
         "spicule_area_mm2": spicule_area_mm2(mask, spacing_mm),
         "long_strand_area_mm2": long_strand_area_mm2(mask, spacing_mm),
+        "strand_contrast_hu": strand_contrast_hu(image_hu, mask),
         "core_contrast_hu": core_contrast_hu(image_hu, mask),
     }
 

@@ -34,6 +34,7 @@ from ..metrics import (
     CORE_MIN_PX,
     LONG_STRAND_PX,
     NODULE_FEATURES,
+    STRAND_SURROUND_PX,
     TISSUE_HU,
     adjusted_rand,
     carries_long_strand,
@@ -48,6 +49,7 @@ from ..metrics import (
     normalized_mutual_info,
     placement,
     spearman,
+    strand_contrast_hu,
     to_unit_range,
 )
 from ..surroundings import LUNG_ONLY, central_crop, match_surroundings, texture_pair, wall_fraction
@@ -78,7 +80,8 @@ GENE_CONTROL: tuple[tuple[str, str, str, int, str | None], ...] = (
     ("long strands", "long_strand_area_mm2", "spiculation", +1, "long_strand_rho"),
 )
 CONTROL_FEATURES: tuple[str, ...] = (*NODULE_FEATURES, "margin_gradient", "core_contrast_hu",
-                                     "spicule_area_mm2", "long_strand_area_mm2")  # NODULE_FEATURES first
+                                     "spicule_area_mm2", "long_strand_area_mm2",
+                                     "strand_contrast_hu")  # NODULE_FEATURES first
 
 
 @dataclass
@@ -284,6 +287,23 @@ def real_long_strand_share(ctx: Context) -> float:
     return _mean(carries_long_strand(ctx.data.nodule_masks[rows], ctx.data.patch_spacing_mm).astype(float).tolist())
 
 
+def strand_contrast(features: np.ndarray) -> float:
+    """Median `metrics.strand_contrast_hu` over every drawn nodule with a long strand, whatever its donor (few
+    donors' nodules carry one, so a median per donor would rest on a handful)."""
+    values = features[:, :, CONTROL_FEATURES.index("strand_contrast_hu")]
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if finite.size else float("nan")
+
+
+def real_strand_contrast(ctx: Context) -> float:
+    """The same over the donors' real nodule slices with a long strand."""
+    rows = np.flatnonzero(np.isin(ctx.data.nodule_patient, ctx.donors))
+    hu = unit_to_hu(ctx.data.nodule_images[rows], ctx.window)
+    values = np.array([strand_contrast_hu(h, m > 0) for h, m in zip(hu, ctx.data.nodule_masks[rows])])
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if finite.size else float("nan")
+
+
 def core_calibration(per_donor: np.ndarray, real: np.ndarray) -> dict[str, float]:
     """The nodule's core (`metrics.core_contrast_hu`): the median over donors of the generated core contrast
     (each donor's median over its draws) and of the real one (area-weighted over the donor's slices), and
@@ -332,6 +352,7 @@ def gene_control(ctx: Context) -> Section:
         entry: dict[str, Any] = {"empty_mask_fraction": float(gens["empty"].mean()),
                                  "noise_diversity": _mean(gens["diversity"]),
                                  "long_strand_fraction": long_strand_share(gens["features"]),
+                                 "strand_contrast_hu": strand_contrast(gens["features"]),
                                  **placement_summary(gens["placement"]),
                                  **size_calibration(gens["per_donor"], real),
                                  **core_calibration(gens["per_donor"], real), "rho": {}}
@@ -360,10 +381,11 @@ def gene_control(ctx: Context) -> Section:
     real_variation = real_within_nodule_variation(ctx)
     real_offset = real_nodule_offset_mm(ctx)
     real_strands = real_long_strand_share(ctx)
+    real_contrast = real_strand_contrast(ctx)
     metrics = {"donors": int(donors.size), "backgrounds": int(ctx.option("backgrounds")),
                "noises": int(ctx.option("noises")), "models": results,
                "real_within_nodule_l1": real_variation, "real_nodule_offset_mm": real_offset,
-               "real_long_strand_fraction": real_strands,
+               "real_long_strand_fraction": real_strands, "real_strand_contrast_hu": real_contrast,
                "real_nodules_aligned_rho": ceiling}
     lines = ["## Gene control (held-out donors)", "",
              f"{donors.size} held-out donors ({ctx.split} split); each donor's genes on the same "
@@ -395,9 +417,13 @@ def gene_control(ctx: Context) -> Section:
               f"real counterpart, a real nodule's neighbouring slices: {fmt(real_variation, 4)}.", "",
               "| model | noise diversity |", "|---|---|"]
     lines += [f"| {ROLE_TITLES[r]} | {fmt(e['noise_diversity'], 4)} |" for r, e in results.items()]
-    lines += ["", "**Spicules drawn**: the share of drawn nodules with at least one long strand; the donors' real "
-              f"nodule slices: {fmt(real_strands, 2)}.", "", "| model | with a long strand |", "|---|---|"]
-    lines += [f"| {ROLE_TITLES[r]} | {fmt(e['long_strand_fraction'], 3)} |" for r, e in results.items()]
+    lines += ["", "**Spicules drawn**: the share of drawn nodules with at least one long strand, and how the "
+              "strands stand out in the image: their mean HU minus that of the pixels within "
+              f"{STRAND_SURROUND_PX} px of them outside the mask (median over the nodules with a strand). The "
+              f"donors' real nodule slices: {fmt(real_strands, 2)} and {fmt(real_contrast, 0)} HU.", "",
+              "| model | with a long strand | strand contrast (HU) |", "|---|---|---|"]
+    lines += [f"| {ROLE_TITLES[r]} | {fmt(e['long_strand_fraction'], 3)} | {fmt(e['strand_contrast_hu'], 0)} |"
+              for r, e in results.items()]
     lines += ["", "**Where the nodule is drawn** (the drawn masks' largest components): the median distance of its "
               "centroid from the patch centre, where it was asked for; and the share of nodules lying mostly (> 50 %) "
               f"on tissue the background already had (> {TISSUE_HU:.0f} HU: vessel, chest wall, mediastinum) — a mask "
@@ -439,6 +465,8 @@ def gene_control(ctx: Context) -> Section:
         summary["noise_diversity"] = proposed["noise_diversity"]
         summary["long_strand_fraction"] = proposed["long_strand_fraction"]
         summary["long_strand_fraction_real"] = real_strands
+        summary["strand_contrast_hu"] = proposed["strand_contrast_hu"]
+        summary["strand_contrast_real_hu"] = real_contrast
         for key in ("mask_offset_mm", "mask_on_tissue_fraction", "mask_on_tissue_centred", "size_ratio",
                     "size_ratio_small", "core_contrast_hu", "core_contrast_real_hu", "core_rho"):
             summary[key] = proposed[key]
