@@ -108,7 +108,9 @@ class GeneratorConfig(StrictDict):
     # Solid strands (with `spicules`): the strands are painted after the edge blur, at one learned intensity
     # (starting at 0 HU), instead of at the nodule's mean intensity before the blur. Why: the real spicules are
     # thin solid strands whatever the nodule's density, and the blur and a ground-glass mean left the drawn ones
-    # faint in the image (README round 18). Off here, so weights files written without the key load as trained.
+    # faint in the image (README round 18). Tried in round 19 (three seeds): the strands then stood out too much
+    # (600 HU against the real slices' 292 on two seeds: full-strength one-pixel lines, where real spicules are
+    # partial-volumed), so it is not part of the recommended setting. Off here, so older weights files load.
     spicule_solid: bool = False
 
     def __post_init__(self) -> None:
