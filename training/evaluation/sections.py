@@ -287,21 +287,24 @@ def real_long_strand_share(ctx: Context) -> float:
     return _mean(carries_long_strand(ctx.data.nodule_masks[rows], ctx.data.patch_spacing_mm).astype(float).tolist())
 
 
+def _finite_median(values: np.ndarray) -> float:
+    """Median of the finite entries; NaN when there are none."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    return float(np.median(finite)) if finite.size else float("nan")
+
+
 def strand_contrast(features: np.ndarray) -> float:
     """Median `metrics.strand_contrast_hu` over every drawn nodule with a long strand, whatever its donor (few
     donors' nodules carry one, so a median per donor would rest on a handful)."""
-    values = features[:, :, CONTROL_FEATURES.index("strand_contrast_hu")]
-    finite = values[np.isfinite(values)]
-    return float(np.median(finite)) if finite.size else float("nan")
+    return _finite_median(features[:, :, CONTROL_FEATURES.index("strand_contrast_hu")])
 
 
 def real_strand_contrast(ctx: Context) -> float:
     """The same over the donors' real nodule slices with a long strand."""
     rows = np.flatnonzero(np.isin(ctx.data.nodule_patient, ctx.donors))
     hu = unit_to_hu(ctx.data.nodule_images[rows], ctx.window)
-    values = np.array([strand_contrast_hu(h, m > 0) for h, m in zip(hu, ctx.data.nodule_masks[rows])])
-    finite = values[np.isfinite(values)]
-    return float(np.median(finite)) if finite.size else float("nan")
+    return _finite_median(np.array([strand_contrast_hu(h, m > 0) for h, m in zip(hu, ctx.data.nodule_masks[rows])]))
 
 
 def core_calibration(per_donor: np.ndarray, real: np.ndarray) -> dict[str, float]:
@@ -310,8 +313,7 @@ def core_calibration(per_donor: np.ndarray, real: np.ndarray) -> dict[str, float
     Spearman ρ between the two over the donors."""
     column = CONTROL_FEATURES.index("core_contrast_hu")
     generated, measured = per_donor[:, column], real[:, column]
-    return {"core_contrast_hu": float(np.nanmedian(generated)) if np.isfinite(generated).any() else float("nan"),
-            "core_contrast_real_hu": float(np.nanmedian(measured)) if np.isfinite(measured).any() else float("nan"),
+    return {"core_contrast_hu": _finite_median(generated), "core_contrast_real_hu": _finite_median(measured),
             "core_rho": spearman(generated, measured)[0]}
 
 
