@@ -78,6 +78,8 @@ def load_model(weights: Path | None, random_model: bool, device: str) -> tuple[A
     if random_model:
         return None, "RANDOMLY INITIALISED (no trained weights)"
     path = weights or DEFAULT_WEIGHTS
+    if weights is not None and not path.exists():
+        raise DemoError(f"--weights {path}: no such file; give the weights' .safetensors file (its .json beside it)")
     if not path.exists():
         raise DemoError(
             f"the bundled demo model {path} is not there. It is trained on the phantom cohort and exported by the "

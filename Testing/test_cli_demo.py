@@ -22,6 +22,11 @@ def test_missing_bundled_model_is_a_clear_failure(tmp_path, monkeypatch, capsys)
     error = capsys.readouterr().err
     assert "demo_model.safetensors is not there" in error and "--weights" in error
     assert not (tmp_path / "out").exists()
+    # a model of one's own that is not there is named as such, not as the bundled one
+    assert demo.main(["--out", str(tmp_path / "out"), "--weights", str(tmp_path / "mine")]) == 2
+    error = capsys.readouterr().err
+    assert f"--weights {tmp_path / 'mine'}: no such file" in error and "the bundled demo model" not in error
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
