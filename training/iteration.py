@@ -139,13 +139,12 @@ def real_strand_share(data: RadiogenomicDataset) -> tuple[list[float], float]:
     """What the drawn strands' presence is calibrated to (`CodeDrivenSpicules.calibrate_presence`): the training
     donors' anchored spicule coordinates (`donor_phenotypes`: the z-score the anchor pulls φ(g)[index] / anchor_sd
     towards) and the mean over those donors of the share of their real slices with a long strand
-    (`metrics.long_strand_area_mm2` > 0). Deterministic, so every rank agrees."""
+    (`metrics.carries_long_strand`). Deterministic, so every rank agrees."""
     from .metrics import carries_long_strand  # metrics pulls in scipy; only runs with strands need it
 
     donors = np.unique(data.nodule_patient[data.nodule_indices("train")])
     coordinates = donor_phenotypes(data, donors, (SPICULE_PHENOTYPE_FEATURE,))[donors, 0].tolist()
-    shares = [carries_long_strand(data.nodule_masks[data.nodule_patient == donor], data.patch_spacing_mm).mean()
-              for donor in donors]
+    shares = [carries_long_strand(data.nodule_masks[data.nodule_patient == donor]).mean() for donor in donors]
     return coordinates, float(np.mean(shares))
 
 

@@ -302,10 +302,10 @@ def strand_contrast_hu(image_hu: np.ndarray, mask: np.ndarray) -> float:
     return float(image_hu[strands].mean() - image_hu[surround].mean())
 
 
-def carries_long_strand(masks: np.ndarray, spacing_mm: float = 1.0) -> np.ndarray:
-    """(N,) bool for (N, H, W) masks (nonzero = inside): whether each has a long strand (`long_strand_area_mm2` >
-    0). The real slices' share of them is what drawn strands are calibrated to and compared with."""
-    return np.array([long_strand_area_mm2(np.asarray(m) > 0, spacing_mm) > 0 for m in masks], dtype=bool)
+def carries_long_strand(masks: np.ndarray) -> np.ndarray:
+    """(N,) bool for (N, H, W) masks (nonzero = inside): whether each has a long strand (`long_strands`). The real
+    slices' share of them is what drawn strands are calibrated to and compared with."""
+    return np.array([long_strands(np.asarray(m) > 0).any() for m in masks], dtype=bool)
 
 
 CORE_MIN_PX = 40   # mask pixels (a 6.7 mm disc at 0.94 mm/px): below this the inner half is a few pixels

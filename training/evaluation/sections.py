@@ -283,8 +283,7 @@ def long_strand_share(features: np.ndarray) -> float:
 
 def real_long_strand_share(ctx: Context) -> float:
     """The same share over the donors' real nodule slices."""
-    rows = np.flatnonzero(np.isin(ctx.data.nodule_patient, ctx.donors))
-    return _mean(carries_long_strand(ctx.data.nodule_masks[rows], ctx.data.patch_spacing_mm).astype(float).tolist())
+    return _mean(carries_long_strand(ctx.data.nodule_masks[ctx.nodule_slices()]).astype(float).tolist())
 
 
 def _finite_median(values: np.ndarray) -> float:
@@ -302,7 +301,7 @@ def strand_contrast(features: np.ndarray) -> float:
 
 def real_strand_contrast(ctx: Context) -> float:
     """The same over the donors' real nodule slices with a long strand."""
-    rows = np.flatnonzero(np.isin(ctx.data.nodule_patient, ctx.donors))
+    rows = ctx.nodule_slices()
     hu = unit_to_hu(ctx.data.nodule_images[rows], ctx.window)
     return _finite_median(np.array([strand_contrast_hu(h, m > 0) for h, m in zip(hu, ctx.data.nodule_masks[rows])]))
 
@@ -321,7 +320,7 @@ def real_nodule_offset_mm(ctx: Context) -> float:
     """Median centroid distance of the donors' real nodule slices from their patch centre (mm): the natural
     spread of where a nodule's slice sits when the patch is centred on the nodule."""
     offsets = [centroid_offset_mm(m > 0, ctx.data.patch_spacing_mm)
-               for m in ctx.data.nodule_masks[np.isin(ctx.data.nodule_patient, ctx.donors)]]
+               for m in ctx.data.nodule_masks[ctx.nodule_slices()]]
     return float(np.nanmedian(offsets)) if offsets else float("nan")
 
 
