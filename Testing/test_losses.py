@@ -10,7 +10,12 @@ from torch import nn
 
 from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_generator
 from training.discriminator import Discriminator, DiscriminatorConfig
-from training.iteration import generate_with_detached_second_draw, generate_with_second_draw
+from training.iteration import (
+    generate_paired,
+    generate_with_detached_second_draw,
+    generate_with_second_draw,
+    paired_batch,
+)
 from training.losses import (
     SPICULE_SCALE_PX,
     GANLoss,
@@ -770,6 +775,45 @@ def test_detached_second_draw_costs_no_graph_and_leaves_the_batch_statistics_alo
     assert any(_nonzero(p) for p in g.parameters())
     with pytest.raises(ValueError, match="true or false"):
         LossWeights(mode_seeking_detached=1)
+
+
+def test_paired_second_draw_is_the_batch_second_half() -> None:
+    """`mode_seeking_paired`: rows [2, 4) of a 5-row batch become rows [0, 2) again (reals, wrong pairings and
+    genes included) but keep their own augmentation; the odd last row stays itself; layouts stay channels-last.
+    G's output for that batch is the main draw and its rows [2, 4) the second draw, with their own noise, so
+    the two halves differ, and the term's gradient reaches G through both."""
+    torch.manual_seed(0)
+    batch = _real_batch(5)
+    batch["augment"] = torch.rand(5, 2, 4)
+    batch["background"] = batch["background"].contiguous(memory_format=torch.channels_last)
+    paired = paired_batch(batch)
+    for key, value in batch.items():
+        expected = value if key == "augment" else value[[0, 1, 0, 1, 4]]
+        assert torch.equal(paired[key], expected), key
+    assert paired["background"].is_contiguous(memory_format=torch.channels_last)
+    g = build_generator(GeneratorConfig(kind="proposed", **SMALL_G)).eval()
+    with torch.no_grad():
+        g.mask_head.conv.bias.fill_(3.0)
+    d = Discriminator(DiscriminatorConfig.for_generator(g.config, base_channels=4))
+    loss_fn = GANLoss(g, d, LossWeights(mode_seeking=2.0, mode_seeking_paired=True))
+    noise = torch.randn(5, 4)
+    scored, fake, second = generate_paired(loss_fn.run_generator, batch, noise)
+    assert torch.equal(scored["genes"], paired["genes"])
+    torch.testing.assert_close(fake.image, loss_fn.run_generator(paired, noise).image)
+    torch.testing.assert_close(second.output.image, fake.image[2:4])
+    assert torch.equal(second.noise, noise[:2]) and torch.equal(second.other_noise, noise[2:4])
+    assert not torch.allclose(fake.image[:2], fake.image[2:4])   # same inputs, other noise
+    loss, logs = loss_fn.generator_loss(scored, fake, second)
+    without, _ = loss_fn.generator_loss(scored, fake)
+    assert loss.item() == pytest.approx(without.item() + 2.0 * logs["g_mode_seeking"], rel=1e-5)
+    g.zero_grad()
+    mode_seeking_term(fake.image[:2], fake.mask[:2], second.output.image, second.output.mask, second.noise,
+                      second.other_noise, 10.0).backward()
+    assert any(_nonzero(p) for p in g.parameters())
+    one_row = {key: value[:1] for key, value in batch.items()}
+    assert generate_paired(loss_fn.run_generator, one_row, noise[:1])[2] is None
+    with pytest.raises(ValueError, match="turn on one of them"):
+        LossWeights(mode_seeking=1.0, mode_seeking_detached=True, mode_seeking_paired=True)
 
 
 @pytest.mark.parametrize(("every", "message"), [(0, "at least 1"), (2.5, "must be an integer")])

@@ -100,12 +100,15 @@ def test_each_model_trains(data: Path, tmp_path: Path, model: str, capsys) -> No
                                          "--loss-weight", "d_augment=0.5",
                                          "--generator", "pixel_noise=true", "--loss-weight", "background_leak=1"),
                                    ("--loss-weight", "mode_seeking=2", "--loss-weight", "mode_seeking_detached=true",
-                                    "--loss-weight", "mode_seeking_every=3")])
+                                    "--loss-weight", "mode_seeking_every=3"),
+                                   ("--loss-weight", "mode_seeking=1", "--loss-weight", "mode_seeking_paired=true",
+                                    "--loss-weight", "mode_seeking_every=3", "--loss-weight", "d_augment=0.5")])
 def test_resume_is_bit_identical(data: Path, tmp_path: Path, extra: tuple[str, ...]) -> None:
     """Stopped mid-epoch (step 3 of 6 per epoch) and resumed past the epoch boundary to step 8; also with the
     mode-seeking term, whose second draw takes its noise from the batch (lazy: on every third step, the first
     resumed one among them), DiffAugment, whose draws do too, and the per-pixel noise maps, keyed per item as
-    well; and with the detached second draw, whose batch-norm swap must leave no trace in the saved state."""
+    well; with the detached second draw, whose batch-norm swap must leave no trace in the saved state; and with
+    the paired one, which re-uses half of the batch (a step that draws it must not disturb the next)."""
     whole, split = tmp_path / "whole", tmp_path / "split"
     run(data, whole, "proposed", 8, *extra)
     run(data, split, "proposed", 3, *extra)

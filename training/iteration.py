@@ -279,6 +279,36 @@ def generate_with_second_draw(g_phase: Callable[..., GeneratorOutput], batch: Ma
     return _rows(both, slice(0, n)), SecondDraw(_rows(both, slice(n, None)), noise[: len(other_noise)], other_noise)
 
 
+# Per-row batch entries that belong to one draw rather than to the sample: a paired batch keeps each row's own.
+DRAW_KEYS = ("pixel_noise", "augment")
+
+
+def paired_batch(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The batch with rows [h, 2h) replaced by rows [0, h), h = half its rows (an odd last row stays itself),
+    except the draw's own entries (`DRAW_KEYS`): each sample of the first half twice, with two draws. Slices and
+    a concatenation, not an index, so 4-D entries keep their channels-last layout."""
+    rows = len(next(iter(batch.values())))
+    half = rows // 2
+
+    def pair(value: Tensor) -> Tensor:
+        return torch.cat([value[:half], value[:half], value[2 * half :]])
+
+    return {key: value if key in DRAW_KEYS else pair(value) for key, value in batch.items()}
+
+
+def generate_paired(g_phase: Callable[..., GeneratorOutput], batch: Mapping[str, Tensor], noise: Tensor
+                    ) -> tuple[dict[str, Tensor], GeneratorOutput, SecondDraw | None]:
+    """The paired batch (`paired_batch`), G's output for it, and its second half as the second draw of the
+    first (rows [h, 2h) against [0, h), each row's own noise): no generator rows beyond the batch's. The
+    returned batch is the one both steps score. No second draw for a batch of one row."""
+    batch = paired_batch(batch)
+    fake = g_phase(batch, noise)
+    half = noise.shape[0] // 2
+    if half == 0:
+        return batch, fake, None
+    return batch, fake, SecondDraw(_rows(fake, slice(half, 2 * half)), noise[:half], noise[half : 2 * half])
+
+
 def generate_with_detached_second_draw(g_phase: Callable[..., GeneratorOutput], generator: nn.Module,
                                        run_generator: Callable[..., GeneratorOutput], batch: Mapping[str, Tensor],
                                        noise: Tensor) -> tuple[GeneratorOutput, SecondDraw]:
@@ -306,6 +336,8 @@ def train_iteration(nets: Networks, batch: dict[str, Tensor], autocast: Callable
     with autocast():
         if noise is None or not nets.loss.seeks_modes_at(step):
             fake = nets.g_phase(batch, noise)
+        elif nets.loss.weights.mode_seeking_paired:
+            batch, fake, second = generate_paired(nets.g_phase, batch, noise)
         elif nets.loss.weights.mode_seeking_detached:
             fake, second = generate_with_detached_second_draw(nets.g_phase, nets.generator,
                                                               nets.loss.run_generator, batch, noise)

@@ -250,6 +250,11 @@ class LossWeights(StrictDict):
       15): at weight 2 the nodules left the point (a tenth to two fifths of the validation donors' drawn more
       than 5 mm off) and the validation score fell to 0.49 / 0.33 (seeds 11 / 7); at weight 1 it reached 0.693 /
       0.517 / 0.672 (mean 0.627), below the 0.634 of no mode seeking at all and the stacked form's 0.673.
+    * ``mode_seeking_paired = False``: True makes the second draw part of the batch itself: its second half is its
+      first half again (every input, the reals the losses compare with included), each row with its own noise,
+      per-pixel noise map and augmentation (`training.iteration.paired_batch`). G then runs on the batch's rows
+      only, as without the term (no extra cost), and the term's gradient reaches both draws as in the stacked
+      form, but a step sees half as many distinct samples.
     * ``d_augment = 0`` in the bare defaults; the recommended setting is 0.5: the probability (≤ 1) that each
       tuple the discriminator scores is augmented (`augment_alike`: DiffAugment's translation and cutout, Zhao
       et al. 2020). Why it was tried: D_I told real from generated patches from the first hundred steps on,
@@ -290,13 +295,18 @@ class LossWeights(StrictDict):
     mode_seeking_target: float = 0.045
     mode_seeking_every: int = 1
     mode_seeking_detached: bool = False
+    mode_seeking_paired: bool = False
     r1: float = 0.0
     d_augment: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("erosion_kernel", "mode_seeking_every"):   # a config of floats may hold 3.0
             setattr(self, name, check_value(name, getattr(self, name), 0, what="LossWeights field"))
-        check_value("mode_seeking_detached", self.mode_seeking_detached, False, what="LossWeights field")
+        for name in ("mode_seeking_detached", "mode_seeking_paired"):
+            check_value(name, getattr(self, name), False, what="LossWeights field")
+        if self.mode_seeking_detached and self.mode_seeking_paired:
+            raise ValueError("mode_seeking_detached and mode_seeking_paired are two ways of making the second draw; "
+                             "turn on one of them")
         for f in fields(self):
             if float(getattr(self, f.name)) < 0:
                 raise ValueError(f"LossWeights.{f.name} must be >= 0, got {getattr(self, f.name)}")
