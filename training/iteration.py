@@ -328,7 +328,8 @@ def generate_with_detached_second_draw(g_phase: Callable[..., GeneratorOutput], 
 def train_iteration(nets: Networks, batch: dict[str, Tensor], autocast: Callable[[], AbstractContextManager],
                     step: int = 0) -> dict[str, float]:
     """One iteration (0-based `step`): G forward; D step on the detached fake; G step re-scoring the fake with the
-    updated D. The step only says whether the lazy mode-seeking term is due."""
+    updated D. The step only says whether the lazy mode-seeking term is due; with the paired draw
+    (`mode_seeking_paired`) both steps score the paired batch."""
     noise = batch.pop("noise", None)
     if nets.generator_config.kind == "inpainting":
         noise = None
