@@ -112,8 +112,8 @@ def _mean(values: Sequence[float]) -> float:
     return float(array.mean()) if array.size else float("nan")
 
 
-def _nanmedian(values: np.ndarray, axis: int) -> np.ndarray:
-    """np.nanmedian without the all-NaN warning (a donor whose every generated mask is empty → NaN)."""
+def _nanmedian(values: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """np.nanmedian without the all-NaN or empty warning (a donor whose every generated mask is empty → NaN)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmedian(values, axis=axis)
@@ -286,24 +286,17 @@ def real_long_strand_share(ctx: Context) -> float:
     return _mean(carries_long_strand(ctx.data.nodule_masks[ctx.nodule_slices()]).astype(float).tolist())
 
 
-def _finite_median(values: np.ndarray) -> float:
-    """Median of the finite entries; NaN when there are none."""
-    finite = np.asarray(values, dtype=np.float64)
-    finite = finite[np.isfinite(finite)]
-    return float(np.median(finite)) if finite.size else float("nan")
-
-
 def strand_contrast(features: np.ndarray) -> float:
     """Median `metrics.strand_contrast_hu` over every drawn nodule with a long strand, whatever its donor (few
     donors' nodules carry one, so a median per donor would rest on a handful)."""
-    return _finite_median(features[:, :, CONTROL_FEATURES.index("strand_contrast_hu")])
+    return float(_nanmedian(features[:, :, CONTROL_FEATURES.index("strand_contrast_hu")]))
 
 
 def real_strand_contrast(ctx: Context) -> float:
     """The same over the donors' real nodule slices with a long strand."""
     rows = ctx.nodule_slices()
     hu = unit_to_hu(ctx.data.nodule_images[rows], ctx.window)
-    return _finite_median(np.array([strand_contrast_hu(h, m > 0) for h, m in zip(hu, ctx.data.nodule_masks[rows])]))
+    return float(_nanmedian(np.array([strand_contrast_hu(h, m > 0) for h, m in zip(hu, ctx.data.nodule_masks[rows])])))
 
 
 def core_calibration(per_donor: np.ndarray, real: np.ndarray) -> dict[str, float]:
@@ -312,7 +305,7 @@ def core_calibration(per_donor: np.ndarray, real: np.ndarray) -> dict[str, float
     Spearman ρ between the two over the donors."""
     column = CONTROL_FEATURES.index("core_contrast_hu")
     generated, measured = per_donor[:, column], real[:, column]
-    return {"core_contrast_hu": _finite_median(generated), "core_contrast_real_hu": _finite_median(measured),
+    return {"core_contrast_hu": float(_nanmedian(generated)), "core_contrast_real_hu": float(_nanmedian(measured)),
             "core_rho": spearman(generated, measured)[0]}
 
 
@@ -321,7 +314,7 @@ def real_nodule_offset_mm(ctx: Context) -> float:
     spread of where a nodule's slice sits when the patch is centred on the nodule."""
     offsets = [centroid_offset_mm(m > 0, ctx.data.patch_spacing_mm)
                for m in ctx.data.nodule_masks[ctx.nodule_slices()]]
-    return float(np.nanmedian(offsets)) if offsets else float("nan")
+    return float(_nanmedian(np.asarray(offsets, dtype=np.float64)))
 
 
 def real_within_nodule_variation(ctx: Context) -> float:
