@@ -259,7 +259,8 @@ class LossWeights(StrictDict):
       noise diversity and realism on the unseen cohort held (size / density / margin / ARI 0.92 / 0.80 / 0.73 /
       0.94), but the validation score fell to 0.598 ± 0.026 (re-read) against the stacked form's 0.659 ± 0.005,
       every seed still rising at step 2000: per step it learns less. Given the stacked form's wall time (2900
-      steps) it was about level (re-read 0.649 ± 0.043, noise diversity 0.036 against 0.041). Off.
+      steps) it was about level (re-read 0.649 ± 0.043, noise diversity 0.036 against 0.041), and level again on a
+      new cohort (round 21), but `make demo-weights` at 2900 steps took 36.7 minutes, over issue 10's 30. Off.
     * ``d_augment = 0`` in the bare defaults; the recommended setting is 0.5: the probability (≤ 1) that each
       tuple the discriminator scores is augmented (`augment_alike`: DiffAugment's translation and cutout, Zhao
       et al. 2020). Why it was tried: D_I told real from generated patches from the first hundred steps on,
