@@ -73,6 +73,17 @@ def test_a_different_dataset_is_refused(run, tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def _three_val_donors(folder: Path) -> Path:
+    """A synthetic dataset of 9 donors, 3 of them in the val split (the fewest that validation scores)."""
+    import numpy as np
+
+    from training.dataset import _validate, load_dataset, write_dataset
+
+    arrays = load_dataset(make_synthetic_dataset(folder / "syn.npz", patients=9, genes=32, size=32)).arrays()
+    arrays["split"] = np.array(["train"] * 5 + ["val"] * 3 + ["test"])
+    return write_dataset(folder / "val3.npz", **_validate(arrays, "").arrays())
+
+
 def test_validation_at_checkpoints_selects_the_export_and_the_gene_front_end_travels(tmp_path: Path) -> None:
     """With ≥ 3 val donors every checkpoint is scored; the run exports the best one's EMA (recorded in the
     provenance), `export --checkpoint RUN` finds it, and a PCA gene front-end is refitted identically."""
@@ -81,12 +92,10 @@ def test_validation_at_checkpoints_selects_the_export_and_the_gene_front_end_tra
     import numpy as np
 
     from training.config import TrainConfig
-    from training.dataset import _validate, load_dataset, training_data, write_dataset
+    from training.dataset import training_data
     from training.evaluate import VALIDATION_BACKGROUNDS, VALIDATION_SEED, validation_score
 
-    arrays = load_dataset(make_synthetic_dataset(tmp_path / "syn.npz", patients=9, genes=32, size=32)).arrays()
-    arrays["split"] = np.array(["train"] * 5 + ["val"] * 3 + ["test"])
-    data = write_dataset(tmp_path / "val3.npz", **_validate(arrays, "").arrays())
+    data = _three_val_donors(tmp_path)
     run = tmp_path / "run"
     train_main(["--data", str(data), "--model", "proposed", "--out", str(run), "--steps", "4",
                 "--gene-components", "3", "--seed", "5", *TINY])
@@ -112,6 +121,72 @@ def test_validation_at_checkpoints_selects_the_export_and_the_gene_front_end_tra
     again, again_meta = load_weights(tmp_path / "again.safetensors")
     np.testing.assert_allclose(again_meta.genes.components, metadata.genes.components, rtol=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), generator.state_dict().values()))
+
+
+def _val_rows(run: Path) -> list[dict]:
+    import json
+
+    return [row for row in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "val_score" in row]
+
+
+def test_validation_on_a_thread_gives_the_same_scores_choice_and_tensors(tmp_path: Path) -> None:
+    """Checkpoints scored on a thread while training goes on (`--validation-thread on`) against in line
+    (`off`): the same scores, the same best checkpoint, every checkpoint and the export equal tensor for
+    tensor; the rotation keeps its newest 2, each holding its score; the global RNGs are never drawn from."""
+    import random
+
+    import numpy as np
+
+    from training.config import TrainConfig
+    from training.dataset import training_data
+    from training.evaluate import validation_score
+
+    data = _three_val_donors(tmp_path)
+    runs = {}
+    for mode in ("off", "on"):
+        runs[mode] = tmp_path / mode
+        train_main(["--data", str(data), "--model", "proposed", "--out", str(runs[mode]), "--steps", "6",
+                    "--seed", "5", "--keep-checkpoints", "2", "--validation-thread", mode, *TINY])
+    inline, threaded = ({row["step"]: row for row in _val_rows(runs[mode])} for mode in ("off", "on"))
+    assert sorted(threaded) == [2, 4, 6] and threaded == inline
+    for mode in runs:
+        kept = [ckpt.read_state(path) for path in ckpt.list_checkpoints(runs[mode] / "checkpoints")]
+        assert [state["step"] for state in kept] == [4, 6]
+        assert all({"step": state["step"], **{f"val_{k}": v for k, v in state["validation"].items()}}
+                   == inline[state["step"]] for state in kept)
+    for name in ("ckpt-00000004.safetensors", "ckpt-00000006.safetensors", "best.safetensors"):
+        (a, a_state), (b, b_state) = (ckpt.load_checkpoint(runs[mode] / "checkpoints" / name) for mode in runs)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert {k: v for k, v in a_state.items() if k != "train_config"} == \
+            {k: v for k, v in b_state.items() if k != "train_config"}, name   # the config names its own folder
+    exported = [_state(runs[mode] / "proposed.safetensors") for mode in runs]
+    assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
+    # what lets the thread run beside training: the read leaves every global generator where it was
+    generator, _ = load_weights(runs["on"] / "proposed.safetensors")
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    validation_score(generator, training_data(TrainConfig(data=str(data), out=str(runs["on"]), seed=5)))
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+    assert random.getstate() == before[2]
+
+
+def test_a_run_stopped_during_a_threaded_read_scores_that_checkpoint_when_resumed(tmp_path: Path) -> None:
+    """A checkpoint written before its score came in (the run stopped during the read) is scored on resume:
+    logged, added to the file, and a candidate for the export like every other."""
+    data = _three_val_donors(tmp_path)
+    run = tmp_path / "run"
+    common = ["--data", str(data), "--model", "proposed", "--out", str(run), "--seed", "5",
+              "--validation-thread", "on", *TINY]
+    train_main([*common, "--steps", "2"])
+    path = ckpt.latest_checkpoint(run / "checkpoints")
+    tensors, state = ckpt.load_checkpoint(path)
+    scored = state.pop("validation")
+    ckpt.save_checkpoint(run / "checkpoints", 2, tensors, state)   # as the stop left it: no score yet
+    (run / "checkpoints" / ckpt.BEST_NAME).unlink()
+    train_main([*common, "--steps", "4", "--resume", "latest"])
+    assert ckpt.read_state(path)["validation"] == scored
+    rows = [row for row in _val_rows(run) if row["step"] == 2]
+    assert len(rows) == 2 and rows[0] == rows[1]   # the first run's read, and the resumed run's of the same file
+    assert ckpt.read_state(run / "checkpoints" / ckpt.BEST_NAME)["step"] in (2, 4)
 
 
 @pytest.mark.parametrize("form", ["same", "stem", "data"])

@@ -70,14 +70,25 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(directory)
     final = checkpoint_path(directory, step)
-    body = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "state": json.dumps(state)}
-    with atomic_path(final) as temporary:
-        save_file(body, str(temporary), metadata=header)
-    _fsync_dir(directory)
+    _write(final, tensors, state)
     for old in list_checkpoints(directory)[: -max(1, keep)]:
         old.unlink(missing_ok=True)
     return final
+
+
+def _write(path: Path, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> None:
+    body = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "state": json.dumps(state)}
+    with atomic_path(path) as temporary:
+        save_file(body, str(temporary), metadata=header)
+    _fsync_dir(path.parent)
+
+
+def record_validation(path: str | Path, validation: Mapping[str, Any]) -> None:
+    """Add a validation result to checkpoint `path` written before it was known (the score is read on a
+    thread while training goes on): rewritten atomically, its tensors unchanged."""
+    tensors, state = load_checkpoint(path)
+    _write(Path(path), tensors, {**state, "validation": dict(validation)})
 
 
 BEST_NAME = "best.safetensors"
@@ -116,21 +127,34 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            header = handle.metadata() or {}
-            if header.get("format") != FORMAT:
-                raise CheckpointError(f"{path} is not a RadiogenomicGAN training checkpoint")
-            if int(header.get("format_version", -1)) > FORMAT_VERSION:
-                raise CheckpointError(
-                    f"{path} has checkpoint format {header['format_version']}, newer than this code "
-                    f"({FORMAT_VERSION})"
-                )
+            state = _state(handle.metadata() or {}, path)
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
-        state = json.loads(header["state"])
     except CheckpointError:
         raise
     except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
     return tensors, state
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """The JSON state of checkpoint `path` alone, without reading its tensors."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return _state(handle.metadata() or {}, Path(path))
+    except CheckpointError:
+        raise
+    except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+
+
+def _state(header: Mapping[str, str], path: Path) -> dict[str, Any]:
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a RadiogenomicGAN training checkpoint")
+    if int(header.get("format_version", -1)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {header['format_version']}, newer than this code ({FORMAT_VERSION})"
+        )
+    return json.loads(header["state"])
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -25,6 +25,7 @@ from RadiogenomicGANLib.strict_dict import check_mapping
 
 MODELS: tuple[str, ...] = KINDS            # the one definition of model kinds is the generator's
 DEVICES: tuple[str, ...] = DEVICE_CHOICES
+VALIDATION_THREAD: tuple[str, ...] = ("auto", "on", "off")
 #: More DataLoader workers than this only oversubscribe the CPU (and a typo would try to fork them all).
 MAX_WORKERS = 4 * (os.cpu_count() or 1)
 # Provenance entries the run writes itself (training.train.export); --provenance may not replace them.
@@ -86,6 +87,8 @@ class TrainConfig:
     match_texture: bool = False        # ... nearest in wall share and the surroundings' texture together
     validation: bool = True            # at every checkpoint, the cheap validation score on the val donors;
                                        # the export is the best-scoring checkpoint's EMA generator
+    validation_thread: str = "auto"    # score checkpoints on a thread beside training: on | off | auto (a CPU
+                                       # with a core the training processes leave idle)
     export_name: str = ""              # RUN/<export_name>.safetensors+json; empty = the model name
     provenance: dict[str, Any] = field(default_factory=dict)         # extra entries for the weights' provenance
 
@@ -141,6 +144,9 @@ class TrainConfig:
             raise ConfigError(f"num_workers must be <= {MAX_WORKERS} (4 × this machine's CPUs), got {self.num_workers}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be between 0 and 2**63 - 1 (torch's generator), got {self.seed}")
+        if self.validation_thread not in VALIDATION_THREAD:
+            raise ConfigError(f"validation_thread must be one of {', '.join(VALIDATION_THREAD)}, "
+                              f"got {self.validation_thread!r}")
         for name in ("lr_g", "lr_d"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):

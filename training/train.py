@@ -27,7 +27,7 @@ from RadiogenomicGANLib.devices import DeviceError
 from RadiogenomicGANLib.networks import GeneratorConfig
 
 from . import checkpoint as ckpt
-from .config import MODELS, ConfigError, TrainConfig, parse_override
+from .config import MODELS, VALIDATION_THREAD, ConfigError, TrainConfig, parse_override
 from .dataset import DatasetError, training_data
 from .discriminator import DiscriminatorConfig
 from .export import export_generator
@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--validation", action=argparse.BooleanOptionalAction,
                    help="score the EMA generator on the val donors at every checkpoint and export the best "
                    "(default on; needs ≥ 3 val donors)")
+    o.add_argument("--validation-thread", choices=VALIDATION_THREAD,
+                   help="score each checkpoint on a thread while training goes on, same scores and choice "
+                   "(default auto: on a CPU where training leaves a core idle)")
     o.add_argument("--export-name", help="stem of the exported weights (default: the model name)")
     o.add_argument("--provenance", action="append", metavar="KEY=VALUE",
                    help="extra entry in the exported weights' provenance, VALUE read as JSON when it parses "

@@ -31,14 +31,16 @@ import copy
 import datetime
 import json
 import math
+import os
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -74,6 +76,7 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
     # Initialise.
     ctx = setup_distributed(cfg.device)
     nets: Networks | None = None
+    validator: CheckpointValidation | None = None
     try:
         out = Path(cfg.out)
         ckpt_dir = out / "checkpoints"
@@ -124,6 +127,12 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
         provenance = run_provenance(cfg, ctx, run, g_cfg.kind, weights, command)
         validating = cfg.validation and g_cfg.kind != "inpainting" and data.patients_in("val").size >= 3
         log = RunLog(cfg, ctx, out, start_step, g_cfg.kind, sampler.global_batch)
+        if validating and ctx.is_main:
+            validator = CheckpointValidation(data, log, validation_in_background(cfg, ctx))
+            if resume_path is not None and resume_path.parent.resolve() == ckpt_dir.resolve() \
+                    and "validation" not in ckpt.read_state(resume_path):
+                # the run stopped while this checkpoint's score was being read on the thread
+                validator.record(start_step, resume_path, validator.score(nets.generator_ema), written=False)
 
         # Train.
         step = start_step
@@ -139,7 +148,7 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
                 if ctx.is_main and due(step, cfg.sample_every):
                     write_samples(step, nets, samples, ctx.device, out, log)
                 if ctx.is_main and due(step, cfg.checkpoint_every):
-                    save(step, nets, cfg, run, sampler, data, validating, log)
+                    save(step, nets, cfg, run, sampler, validator)
         finally:
             del iterator
             log.close_progress()
@@ -148,7 +157,9 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
         result: dict[str, Any] = {"step": step, "logs": log.last, "out": str(out)}
         if ctx.is_main:
             if ckpt.latest_checkpoint(ckpt_dir) != ckpt.checkpoint_path(ckpt_dir, step):
-                save(step, nets, cfg, run, sampler, data, validating, log)
+                save(step, nets, cfg, run, sampler, validator)
+            if validator is not None:
+                validator.finish()
             if not due(step, cfg.sample_every):
                 write_samples(step, nets, samples, ctx.device, out, log)
             result["weights"] = str(export_weights(step, nets, cfg, data, validating, provenance))
@@ -159,6 +170,8 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
     finally:
         # The DDP wrappers hold the process group in reference cycles: collected at interpreter exit, after
         # the group is gone, a gloo rank once died with "terminate called" (a two-rank test under load).
+        if validator is not None:
+            validator.close()
         del nets
         teardown_distributed(ctx)
 
@@ -278,22 +291,79 @@ def write_samples(step: int, nets: Networks, samples: dict[str, Tensor], device:
 
 
 def save(step: int, nets: Networks, cfg: TrainConfig, run: dict[str, Any], sampler: ResumableDistributedSampler,
-         data: RadiogenomicDataset, validating: bool, log: RunLog) -> Path:
-    """A checkpoint at `step`. When `validating`, the EMA generator is scored on the val donors first: the
-    score goes into the checkpoint, ``log.jsonl`` (``val_*``) and TensorBoard, and the checkpoint is kept as
-    the best when no earlier one scored higher (ties go to the later) — the export is chosen on it."""
+         validator: CheckpointValidation | None) -> Path:
+    """A checkpoint at `step`, its EMA generator scored on the val donors by `validator` (None: not validating)."""
     tensors, state = checkpoint_state(nets, step, cfg, run, sampler)
-    if validating:
+    directory = Path(cfg.out) / "checkpoints"
+    if validator is None:
+        return ckpt.save_checkpoint(directory, step, tensors, state, keep=cfg.keep_checkpoints)
+    validator.finish()   # the previous checkpoint's score first: the rotation below may remove that checkpoint
+    if validator.background:
+        path = ckpt.save_checkpoint(directory, step, tensors, state, keep=cfg.keep_checkpoints)
+        validator.start(step, path, nets.generator_ema)
+    else:
+        state["validation"] = validator.score(nets.generator_ema)
+        path = ckpt.save_checkpoint(directory, step, tensors, state, keep=cfg.keep_checkpoints)
+        validator.record(step, path, state["validation"], written=True)
+    return path
+
+
+def validation_in_background(cfg: TrainConfig, ctx: DistContext) -> bool:
+    """``--validation-thread``: on, off, or auto — on a CPU whose training processes leave a core idle for it
+    (torch's threads × processes below the usable cores), where the read then costs training nothing."""
+    if cfg.validation_thread != "auto":
+        return cfg.validation_thread == "on"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return ctx.device.type == "cpu" and torch.get_num_threads() * ctx.world_size < cores
+
+
+class CheckpointValidation:
+    """The validation score of each checkpoint: into the checkpoint, ``log.jsonl`` (``val_*``) and TensorBoard;
+    the checkpoint is kept as the best when no earlier one scored higher (ties go to the later) — the export
+    is chosen on it. One draw for every run and seed (`validation_score`'s fixed seed).
+
+    With `background`, checkpoint k is scored on a thread while training goes on, and the score is added to
+    its file when it is in, at the latest before the next checkpoint is written and before the export. Why: on
+    a 2-core machine training at one thread per process (``make demo-weights``), each read took ~30 s of a
+    250-step interval on a core that otherwise idles. The thread scores a copy of the EMA generator taken at
+    step k, and the evaluation draws from its own seeded generators, never the global ones, so the scores,
+    the choice and every trained tensor equal those of reading in line."""
+
+    def __init__(self, data: RadiogenomicDataset, log: RunLog, background: bool) -> None:
+        self.data, self.log, self.background = data, log, background
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="validation") if background else None
+        self._pending: tuple[int, Path, Future] | None = None
+
+    def score(self, generator: nn.Module) -> dict[str, Any]:
         from .evaluate import validation_score
 
-        state["validation"] = validation_score(nets.generator_ema, data, split="val")   # one draw for every seed
-        log.append({"step": step, **{f"val_{k}": v for k, v in state["validation"].items()}})
-        if state["validation"]["score"] is not None:
-            log.scalars("validation", {"score": state["validation"]["score"]}, step)
-    path = ckpt.save_checkpoint(Path(cfg.out) / "checkpoints", step, tensors, state, keep=cfg.keep_checkpoints)
-    if validating:
-        ckpt.keep_if_best(path, state["validation"]["score"])
-    return path
+        return validation_score(generator, self.data, split="val")
+
+    def start(self, step: int, path: Path, generator: nn.Module) -> None:
+        """Score checkpoint `path` (step `step`) on the thread, from a copy of `generator` as it is now."""
+        assert self._pool is not None and self._pending is None
+        self._pending = (step, path, self._pool.submit(self.score, copy.deepcopy(generator)))
+
+    def finish(self) -> None:
+        """Wait for the pending score, if any, and record it (a failure on the thread is raised here)."""
+        if self._pending is not None:
+            step, path, future = self._pending
+            self._pending = None
+            self.record(step, path, future.result(), written=False)
+
+    def record(self, step: int, path: Path, validation: dict[str, Any], *, written: bool) -> None:
+        """Log `validation`, add it to checkpoint `path` unless already `written` there, keep it if best."""
+        self.log.append({"step": step, **{f"val_{k}": v for k, v in validation.items()}})
+        if validation["score"] is not None:
+            self.log.scalars("validation", {"score": validation["score"]}, step)
+        if not written:
+            ckpt.record_validation(path, validation)
+        ckpt.keep_if_best(path, validation["score"])
+
+    def close(self) -> None:
+        """Stop the thread (after its current read: a running read cannot be interrupted)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def export_weights(step: int, nets: Networks, cfg: TrainConfig, data: RadiogenomicDataset, validating: bool,
