@@ -145,6 +145,8 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
                 update_ema(nets.generator_ema, nets.generator, ema_decay(cfg, step))
                 step += 1
                 log.add(step, logs)
+                if validator is not None:
+                    validator.poll()
                 if ctx.is_main and due(step, cfg.sample_every):
                     write_samples(step, nets, samples, ctx.device, out, log)
                 if ctx.is_main and due(step, cfg.checkpoint_every):
@@ -323,7 +325,8 @@ class CheckpointValidation:
     is chosen on it. One draw for every run and seed (`validation_score`'s fixed seed).
 
     With `background`, checkpoint k is scored on a thread while training goes on, and the score is added to
-    its file when it is in, at the latest before the next checkpoint is written and before the export. Why: on
+    its file at the first step after it is in, at the latest before the next checkpoint is written and before
+    the export. Why: on
     a 2-core machine training at one thread per process (``make demo-weights``), each read took ~30 s of a
     250-step interval on a core that otherwise idles. The thread scores a copy of the EMA generator taken at
     step k, and the evaluation draws from its own seeded generators, never the global ones, so the scores,
@@ -343,6 +346,11 @@ class CheckpointValidation:
         """Score checkpoint `path` (step `step`) on the thread, from a copy of `generator` as it is now."""
         assert self._pool is not None and self._pending is None
         self._pending = (step, path, self._pool.submit(self.score, copy.deepcopy(generator)))
+
+    def poll(self) -> None:
+        """Record the pending score if it is in (called every step, so it shows about when it is read)."""
+        if self._pending is not None and self._pending[2].done():
+            self.finish()
 
     def finish(self) -> None:
         """Wait for the pending score, if any, and record it (a failure on the thread is raised here)."""
