@@ -70,6 +70,20 @@ def test_end_to_end_uses_the_good_patients_and_says_why_others_are_skipped(prepa
         assert slices.max() - slices.min() <= 60 / data.patient_spacing[p, 2] + 1
 
 
+def test_two_worker_processes_write_the_same_dataset(prepared: Prepared, tmp_path: Path) -> None:
+    """Patients read and cut in 2 spawned processes: every array of the file, the skips (a truncated CT among
+    them, met inside a worker) and the notes are those of one process."""
+    out = tmp_path / "two.npz"
+    report = prepare(prepared.root, prepared.rnaseq, out, progress=False, background_vois=3, slices_per_voi=10,
+                     workers=2)
+    assert report.used == prepared.report.used and report.skipped == prepared.report.skipped
+    assert report.warnings == prepared.report.warnings
+    with np.load(prepared.out) as one, np.load(out) as two:
+        assert sorted(one.files) == sorted(two.files)
+        for name in one.files:
+            assert np.array_equal(one[name], two[name]), name
+
+
 def test_no_split_leak_and_train_only_gene_statistics(prepared: Prepared) -> None:
     data = load_dataset(prepared.out)
     groups = {name: set(data.patient_ids[data.patients_in(name)]) for name in ("train", "val", "test")}
@@ -149,6 +163,9 @@ def test_cli_reports_bad_inputs_clearly(prepared: Prepared, tmp_path: Path, caps
     assert "cohort folder not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--cohort", str(prepared.root), "--rnaseq", str(prepared.rnaseq), "--out", "x", "--split", "1,2"])
+    with pytest.raises(SystemExit):
+        main(["--cohort", str(prepared.root), "--rnaseq", str(prepared.rnaseq), "--out", "x", "--workers", "0"])
+    assert "--workers must be at least 1" in capsys.readouterr().err
     # an all-NA gene table: every patient is skipped for its genes, then one clear error
     all_na = tmp_path / "all_na.txt.gz"
     with gzip.open(prepared.rnaseq, "rt") as source:

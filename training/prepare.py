@@ -22,12 +22,19 @@ from (seed, patient id), so a patient's samples do not depend on which other pat
 from __future__ import annotations
 
 import argparse
+import builtins
+import concurrent.futures
+import contextlib
+import functools
+import multiprocessing
+import os
 import sys
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
@@ -48,6 +55,9 @@ from RadiogenomicGANLib.patches import extract_patch
 from RadiogenomicGANLib.placement import PlacementError, sample_lung_centres
 
 from .dataset import SPLITS, gene_arrays, write_dataset
+
+if TYPE_CHECKING:
+    from .cohort import PatientScan
 
 VOI_MM = 60.0
 MIN_NODULE_MM3 = 10.0  # connected parts of a SEG smaller than this are annotation specks, not nodules
@@ -286,6 +296,42 @@ def patient_samples(
 # --- split ---------------------------------------------------------------------------------------------------
 
 
+def _cut_patient(scan: PatientScan, *, seed: int, size: int, background_vois: int, slices_per_voi: int
+                 ) -> PatientSamples | Skipped:
+    """Read one patient and cut its patches, any failure turned into a Skipped so that a run goes on."""
+    from .cohort import SkippedPatient, try_load_patient
+
+    loaded = try_load_patient(scan)
+    if isinstance(loaded, SkippedPatient):
+        return Skipped(loaded.patient_id, "load", loaded.reason)
+    try:
+        return patient_samples(loaded.patient_id, loaded.volume_hu, loaded.geometry, loaded.nodule_mask,
+                               patient_rng(seed, loaded.patient_id), size=size, background_vois=background_vois,
+                               slices_per_voi=slices_per_voi)
+    except PatientSkip as error:
+        return Skipped(loaded.patient_id, "image", str(error))
+    except Exception as error:  # one odd patient must not stop the run
+        return Skipped(loaded.patient_id, "image", f"unexpected error: {type(error).__name__}: {error}")
+
+
+@contextlib.contextmanager
+def _patient_pool(workers: int, patients: int) -> Iterator[Any]:
+    """Something with an ordered `map`: this process alone, or a pool of `workers` processes. Spawned, not
+    forked: the parent has imported torch, whose thread pools a fork does not carry safely."""
+    workers = max(1, min(workers, patients))
+    if workers == 1:
+        yield builtins
+        return
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
+def default_workers() -> int:
+    """The CPU cores this process may use (its affinity where the platform has one), at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores))
+
+
 def parse_fractions(text: str) -> tuple[float, float, float]:
     """'0.7,0.15,0.15' → fractions of train/val/test (normalised to sum 1)."""
     try:
@@ -337,9 +383,11 @@ def prepare(
     background_vois: int = 5,
     slices_per_voi: int = 20,
     progress: bool = True,
+    workers: int = 1,
 ) -> PrepareReport:
-    """Build the dataset file; raises ValueError (GeneTableError, …) when nothing usable is left."""
-    from .cohort import SkippedPatient, match_rna, scan_cohort, try_load_patient
+    """Build the dataset file; raises ValueError (GeneTableError, …) when nothing usable is left. `workers`
+    processes read and cut the patients (each patient's draws are its own, so the file does not depend on it)."""
+    from .cohort import match_rna, scan_cohort
 
     start = time.perf_counter()
     fractions = tuple(float(f) for f in split)
@@ -360,34 +408,18 @@ def prepare(
     skipped += [Skipped(s.patient_id, s.stage, s.reason) for s in rna_skips]
 
     samples: list[PatientSamples] = []
-    bar = tqdm(scans, desc="prepare", unit="patient", file=sys.stderr, disable=not progress)
-    for scan in bar:
-        bar.set_postfix_str(scan.patient_id)
-        loaded = try_load_patient(scan)
-        if isinstance(loaded, SkippedPatient):
-            skipped.append(Skipped(loaded.patient_id, "load", loaded.reason))
-            continue
-        try:
-            result = patient_samples(
-                loaded.patient_id,
-                loaded.volume_hu,
-                loaded.geometry,
-                loaded.nodule_mask,
-                patient_rng(seed, loaded.patient_id),
-                size=size,
-                background_vois=background_vois,
-                slices_per_voi=slices_per_voi,
-            )
-        except PatientSkip as error:
-            skipped.append(Skipped(loaded.patient_id, "image", str(error)))
-            continue
-        except Exception as error:  # one odd patient must not stop the run
-            skipped.append(Skipped(loaded.patient_id, "image", f"unexpected error: {type(error).__name__}: {error}"))
-            continue
-        finally:
-            del loaded
-        warnings += result.warnings
-        samples.append(result)
+    bar = tqdm(total=len(scans), desc="prepare", unit="patient", file=sys.stderr, disable=not progress)
+    cut = functools.partial(_cut_patient, seed=seed, size=size, background_vois=background_vois,
+                            slices_per_voi=slices_per_voi)
+    with _patient_pool(workers, len(scans)) as pool:
+        for scan, result in zip(scans, pool.map(cut, scans)):   # in the scans' order, whatever the workers
+            bar.set_postfix_str(scan.patient_id)
+            bar.update(1)
+            if isinstance(result, Skipped):
+                skipped.append(result)
+                continue
+            warnings += result.warnings
+            samples.append(result)
     bar.close()
     skipped.sort(key=lambda s: s.patient_id)
     if not samples:
@@ -468,6 +500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions (default 0.7,0.15,0.15)")
     parser.add_argument("--background-vois", type=int, default=5, help="background VOIs per patient (default 5)")
     parser.add_argument("--slices-per-voi", type=int, default=20, help="random slices per background VOI (20)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help=f"processes reading and cutting patients (default: the usable cores, at most 8; here "
+                        f"{default_workers()}); the file is the same for any number")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
@@ -476,6 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     if args.size < 8:
         parser.error("--size must be at least 8")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     if args.background_vois < 1 or args.slices_per_voi < 1:
         parser.error("--background-vois and --slices-per-voi must be at least 1")
     if not Path(args.cohort).is_dir():
@@ -499,6 +536,7 @@ def _run(args: argparse.Namespace, fractions: tuple[float, float, float]) -> int
         background_vois=args.background_vois,
         slices_per_voi=args.slices_per_voi,
         progress=not args.quiet,
+        workers=args.workers,
     )
     print(report.describe())
     return 0
