@@ -216,10 +216,14 @@ def test_ground_truth_csv_matches_the_patients(cohort) -> None:
         assert float(row["diameter_mm"]) == pytest.approx(p.phenotype["diameter_mm"], abs=1e-5)
 
 
-def test_same_seed_same_bytes(tmp_path: Path) -> None:
-    kwargs = {"size_ij": 40, "slices": 12, "n_genes": 60, "decoy_fraction": 1.0, "seg_variants": [SLICER, EPAD]}
-    a = write_cohort(tmp_path / "a", 2, 5, **kwargs)
-    b = write_cohort(tmp_path / "b", 2, 5, **kwargs)
+def test_same_seed_same_bytes_from_one_process_or_two(tmp_path: Path) -> None:
+    kwargs = {"size_ij": 40, "slices": 12, "n_genes": 60, "decoy_fraction": 1.0,
+              "seg_variants": [SLICER, EPAD, SLICER], "without_rna": ["R01-002"], "without_seg": ["R01-003"]}
+    a = write_cohort(tmp_path / "a", 3, 5, **kwargs)
+    b = write_cohort(tmp_path / "b", 3, 5, workers=2, **kwargs)   # patients written by 2 spawned processes
+    for name in ("patient_ids", "seg_variant", "decoy", "rna_samples", "ct_series_uid"):
+        assert getattr(a, name) == getattr(b, name), name
+    assert [s.series_uid for s in a.series] == [s.series_uid for s in b.series]
     files_a = sorted(p.relative_to(a.out_dir) for p in a.out_dir.rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(b.out_dir) for p in b.out_dir.rglob("*") if p.is_file())
     assert files_a == files_b and len(files_a) > 10

@@ -22,19 +22,14 @@ from (seed, patient id), so a patient's samples do not depend on which other pat
 from __future__ import annotations
 
 import argparse
-import builtins
-import concurrent.futures
-import contextlib
 import functools
-import multiprocessing
-import os
 import sys
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
@@ -53,6 +48,7 @@ from RadiogenomicGANLib.intensity import HU_WINDOW, hu_to_unit
 from RadiogenomicGANLib.lungmask import LungMaskError, compute_lung_mask
 from RadiogenomicGANLib.patches import extract_patch
 from RadiogenomicGANLib.placement import PlacementError, sample_lung_centres
+from RadiogenomicGANLib.processes import default_workers, ordered_map
 
 from .dataset import SPLITS, gene_arrays, write_dataset
 
@@ -314,24 +310,6 @@ def _cut_patient(scan: PatientScan, *, seed: int, size: int, background_vois: in
         return Skipped(loaded.patient_id, "image", f"unexpected error: {type(error).__name__}: {error}")
 
 
-@contextlib.contextmanager
-def _patient_pool(workers: int, patients: int) -> Iterator[Any]:
-    """Something with an ordered `map`: this process alone, or a pool of `workers` processes. Spawned, not
-    forked: the parent has imported torch, whose thread pools a fork does not carry safely."""
-    workers = max(1, min(workers, patients))
-    if workers == 1:
-        yield builtins
-        return
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield pool
-
-
-def default_workers() -> int:
-    """The CPU cores this process may use (its affinity where the platform has one), at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores))
-
-
 def parse_fractions(text: str) -> tuple[float, float, float]:
     """'0.7,0.15,0.15' → fractions of train/val/test (normalised to sum 1)."""
     try:
@@ -411,7 +389,7 @@ def prepare(
     bar = tqdm(total=len(scans), desc="prepare", unit="patient", file=sys.stderr, disable=not progress)
     cut = functools.partial(_cut_patient, seed=seed, size=size, background_vois=background_vois,
                             slices_per_voi=slices_per_voi)
-    with _patient_pool(workers, len(scans)) as pool:
+    with ordered_map(workers, len(scans)) as pool:
         for scan, result in zip(scans, pool.map(cut, scans)):   # in the scans' order, whatever the workers
             bar.set_postfix_str(scan.patient_id)
             bar.update(1)

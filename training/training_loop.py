@@ -31,7 +31,6 @@ import copy
 import datetime
 import json
 import math
-import os
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from RadiogenomicGANLib.processes import usable_cores
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -315,8 +316,7 @@ def validation_in_background(cfg: TrainConfig, ctx: DistContext) -> bool:
     (torch's threads × processes below the usable cores), where the read then costs training nothing."""
     if cfg.validation_thread != "auto":
         return cfg.validation_thread == "on"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return ctx.device.type == "cpu" and torch.get_num_threads() * ctx.world_size < cores
+    return ctx.device.type == "cpu" and torch.get_num_threads() * ctx.world_size < usable_cores()
 
 
 class CheckpointValidation:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from RadiogenomicGANLib.cli_common import check_output_folder, run_cli
+from RadiogenomicGANLib.processes import default_workers
 
 from .genomics import BIOLOGY_VERSION
 from .writers import write_cohort
@@ -48,13 +49,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="share of studies with a decoy CT series (default 0.35)")
     parser.add_argument("--without-rna", type=_parse_ids, default=[], help="comma-separated ids with no RNA column")
     parser.add_argument("--without-seg", type=_parse_ids, default=[], help="comma-separated ids with no SEG")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help=f"processes writing patients (default: the usable cores, at most 8; here "
+                        f"{default_workers()}); the files are the same for any number")
     parser.add_argument("--quiet", action="store_true", help="no per-patient progress lines")
     args = parser.parse_args(argv)
     if args.patients < 1:
         parser.error("--patients must be ≥ 1")
     if not SIZE_RANGE[0] <= args.size <= SIZE_RANGE[1]:
         parser.error(f"--size must be between {SIZE_RANGE[0]} and {SIZE_RANGE[1]}")
-    for name in ("genes", "modules", "classes"):
+    for name in ("genes", "modules", "classes", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be ≥ 1")
     if args.slices is not None and args.slices < 1:
@@ -83,7 +87,7 @@ def _write(args: argparse.Namespace) -> int:
         spacing=tuple(args.spacing) if args.spacing else None, fov=args.fov, n_genes=args.genes,
         n_na_genes=args.na_genes, n_modules=args.modules, n_classes=args.classes,
         without_rna=args.without_rna, without_seg=args.without_seg, decoy_fraction=args.decoy_fraction,
-        progress=progress,
+        progress=progress, workers=args.workers,
     )  # fmt: skip
     print(summary.describe())
     print(f"biology:  {args.biology} (gene table rows identical for every seed)")

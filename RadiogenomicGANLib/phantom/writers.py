@@ -20,6 +20,7 @@ seed: same seed → same bytes.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import struct
 import time
@@ -27,6 +28,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -36,6 +38,7 @@ from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from ..processes import ordered_map
 from .genomics import GeneModel
 from .patient import PhantomPatient, generate_patient
 
@@ -401,11 +404,13 @@ def write_cohort(
     decoy_fraction: float = 0.35,
     seg_variants: Sequence[str] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    workers: int = 1,
 ) -> CohortSummary:
     """Generate (or take) patients and write the whole cohort; returns what was written.
 
-    `patients` is a count (patients 0…N−1 of `seed` are generated one at a time, keeping memory flat) or
-    already generated patients. `without_rna` / `without_seg` take patient ids or 0-based positions.
+    `patients` is a count (patients 0…N−1 of `seed` are generated one at a time in each of `workers`
+    processes, keeping memory flat; the files do not depend on `workers`) or already generated patients.
+    `without_rna` / `without_seg` take patient ids or 0-based positions.
     """
     start = time.perf_counter()
     out = Path(out_dir)
@@ -432,30 +437,29 @@ def write_cohort(
     rna_columns: list[np.ndarray] = []
     gene_names: tuple[str, ...] = ()
     model: GeneModel | None = None
-    for n in range(count):
-        t0 = time.perf_counter()
-        if isinstance(patients, int):
-            patient = generate_patient(
-                n, seed, size_ij=size_ij, slices=slices, spacing=spacing, fov=fov, n_genes=n_genes,
-                n_na_genes=n_na_genes, n_modules=n_modules, n_classes=n_classes,
-            )  # fmt: skip
-        else:
-            patient = patients[n]
-        pid = patient.patient_id
-        variant = None if pid in no_seg else variants[n]
-        decoy = _write_patient(collection, patient, variant, decoy_fraction, summary)
-        if pid not in no_rna:
-            rna_columns.append(patient.genes_fpkm)
-            summary.rna_samples.append(pid)
-        gene_names, model = patient.gene_names, patient.gene_model
-        summary.patient_ids.append(pid)
-        summary.seg_variant[pid] = variant
-        summary.decoy[pid] = decoy
-        truth_rows.append(_truth_row(patient, variant, decoy, pid not in no_rna, summary.ct_series_uid[pid]))
-        summary.seconds_per_patient.append(time.perf_counter() - t0)
-        if progress is not None:
-            progress(n + 1, count, pid)
-        del patient
+    jobs = [(n if isinstance(patients, int) else patients[n], None if ids[n] in no_seg else variants[n],
+             ids[n] not in no_rna) for n in range(count)]
+    write = functools.partial(_write_one, seed=seed, collection=collection, decoy_fraction=decoy_fraction,
+                              generation=dict(size_ij=size_ij, slices=slices, spacing=spacing, fov=fov,
+                                              n_genes=n_genes, n_na_genes=n_na_genes, n_modules=n_modules,
+                                              n_classes=n_classes))
+    # several processes only where patients are generated here: given ones would have to be pickled over
+    with ordered_map(workers if isinstance(patients, int) else 1, count) as pool:
+        for n, written in enumerate(pool.map(write, jobs)):
+            pid = written.patient_id
+            if written.genes_fpkm is not None:
+                rna_columns.append(written.genes_fpkm)
+                summary.rna_samples.append(pid)
+            gene_names, model = written.gene_names, written.gene_model
+            summary.patient_ids.append(pid)
+            summary.seg_variant[pid] = jobs[n][1]
+            summary.decoy[pid] = written.decoy
+            summary.ct_series_uid[pid] = written.ct_series_uid
+            summary.series += written.series
+            truth_rows.append(written.truth_row)
+            summary.seconds_per_patient.append(written.seconds)
+            if progress is not None:
+                progress(n + 1, count, pid)
 
     values = np.stack(rna_columns, axis=1) if rna_columns else np.zeros((len(gene_names), 0))
     if model is not None:
@@ -466,6 +470,40 @@ def write_cohort(
     _write_metadata(summary.metadata_path, summary.series, out)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+@dataclass
+class _WrittenPatient:
+    """One patient on disk, and what the cohort's tables need from it (returned by a worker process)."""
+
+    patient_id: str
+    genes_fpkm: np.ndarray | None     # None: the patient has no RNA-seq sample
+    gene_names: tuple[str, ...]
+    gene_model: GeneModel
+    decoy: str | None
+    ct_series_uid: str
+    series: list[SeriesRecord]
+    truth_row: dict[str, object]
+    seconds: float
+
+
+def _write_one(job: tuple[int | PhantomPatient, str | None, bool], *, seed: int, collection: Path,
+               decoy_fraction: float, generation: dict[str, Any]) -> _WrittenPatient:
+    """Generate patient `job[0]` of `seed` (or take the given one) and write its series (SEG variant `job[1]`,
+    RNA-seq sample when `job[2]`); each patient's draws are its own, so any process may write it."""
+    t0 = time.perf_counter()
+    source, variant, has_rna = job
+    patient = generate_patient(source, seed, **generation) if isinstance(source, int) else source
+    pid = patient.patient_id
+    own = CohortSummary(out_dir=collection.parent, collection_dir=collection, patient_ids=[], rnaseq_path=Path(),
+                        metadata_path=Path(), ground_truth_path=Path(), genes_truth_path=Path())
+    decoy = _write_patient(collection, patient, variant, decoy_fraction, own)
+    return _WrittenPatient(
+        patient_id=pid, genes_fpkm=patient.genes_fpkm if has_rna else None, gene_names=patient.gene_names,
+        gene_model=patient.gene_model, decoy=decoy, ct_series_uid=own.ct_series_uid[pid], series=own.series,
+        truth_row=_truth_row(patient, variant, decoy, has_rna, own.ct_series_uid[pid]),
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def _write_patient(
