@@ -33,8 +33,10 @@ demo: $(STAMP)
 	$(PY) -m RadiogenomicGANLib.demo --out demo_output
 
 # Reproduce the bundled demo model (Resources/demo_model.*): phantom cohort → dataset → proposed model.
-# CPU, one torch thread per process; see README "Bundled demo model" for the wall time it took. The export is
-# the checkpoint with the best validation score (val split) — the test split plays no part in any choice.
+# CPU, one torch thread for training, so the other core writes the phantom and the dataset beside the first
+# (--workers) and reads each checkpoint's validation score while training goes on (--validation-thread auto);
+# see README "Bundled demo model" for the wall time it took. The export is the checkpoint with the best
+# validation score (val split) — the test split plays no part in any choice.
 DEMO_WORK ?= build/demo-weights
 DEMO_SEED ?= 2026
 DEMO_PATIENTS ?= 64
