@@ -289,9 +289,6 @@ def patient_samples(
     )
 
 
-# --- split ---------------------------------------------------------------------------------------------------
-
-
 def _cut_patient(scan: PatientScan, *, seed: int, size: int, background_vois: int, slices_per_voi: int
                  ) -> PatientSamples | Skipped:
     """Read one patient and cut its patches, any failure turned into a Skipped so that a run goes on."""
@@ -308,6 +305,9 @@ def _cut_patient(scan: PatientScan, *, seed: int, size: int, background_vois: in
         return Skipped(loaded.patient_id, "image", str(error))
     except Exception as error:  # one odd patient must not stop the run
         return Skipped(loaded.patient_id, "image", f"unexpected error: {type(error).__name__}: {error}")
+
+
+# --- split ---------------------------------------------------------------------------------------------------
 
 
 def parse_fractions(text: str) -> tuple[float, float, float]:
