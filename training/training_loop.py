@@ -326,11 +326,10 @@ class CheckpointValidation:
 
     With `background`, checkpoint k is scored on a thread while training goes on, and the score is added to
     its file at the first step after it is in, at the latest before the next checkpoint is written and before
-    the export. Why: on
-    a 2-core machine training at one thread per process (``make demo-weights``), each read took ~30 s of a
-    250-step interval on a core that otherwise idles. The thread scores a copy of the EMA generator taken at
-    step k, and the evaluation draws from its own seeded generators, never the global ones, so the scores,
-    the choice and every trained tensor equal those of reading in line."""
+    the export. Why: on a 2-core machine training at one thread per process (``make demo-weights``), each read
+    stopped training for ~30 s of a 250-step interval while the other core idled. The thread scores a copy of
+    the EMA generator taken at step k, and the evaluation draws from its own seeded generators, never the
+    global ones, so the scores, the choice and every trained tensor equal those of reading in line."""
 
     def __init__(self, data: RadiogenomicDataset, log: RunLog, background: bool) -> None:
         self.data, self.log, self.background = data, log, background
