@@ -105,8 +105,7 @@ def keep_if_best(path: str | Path, score: float | None) -> bool:
     if score is None or not np.isfinite(score):
         return False
     if best.is_file():
-        _, state = load_checkpoint(best)
-        recorded = state.get("validation", {}).get("score")
+        recorded = read_state(best).get("validation", {}).get("score")
         if recorded is not None and float(recorded) > score:
             return False
     with atomic_path(best) as temporary:
