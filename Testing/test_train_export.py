@@ -84,11 +84,15 @@ def _three_val_donors(folder: Path) -> Path:
     return write_dataset(folder / "val3.npz", **_validate(arrays, "").arrays())
 
 
+def _val_rows(run: Path) -> list[dict]:
+    import json
+
+    return [row for row in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "val_score" in row]
+
+
 def test_validation_at_checkpoints_selects_the_export_and_the_gene_front_end_travels(tmp_path: Path) -> None:
     """With ≥ 3 val donors every checkpoint is scored; the run exports the best one's EMA (recorded in the
     provenance), `export --checkpoint RUN` finds it, and a PCA gene front-end is refitted identically."""
-    import json
-
     import numpy as np
 
     from training.config import TrainConfig
@@ -99,7 +103,7 @@ def test_validation_at_checkpoints_selects_the_export_and_the_gene_front_end_tra
     run = tmp_path / "run"
     train_main(["--data", str(data), "--model", "proposed", "--out", str(run), "--steps", "4",
                 "--gene-components", "3", "--seed", "5", *TINY])
-    scores = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if "val_score" in line]
+    scores = _val_rows(run)
     assert [s["step"] for s in scores] == [2, 4] and all(s["val_donors"] == 3 for s in scores)
     # every checkpoint of every run on the same validation draw, not one of the training seed (5 here)
     assert all(s["val_seed"] == VALIDATION_SEED and s["val_backgrounds"] == VALIDATION_BACKGROUNDS for s in scores)
@@ -121,12 +125,6 @@ def test_validation_at_checkpoints_selects_the_export_and_the_gene_front_end_tra
     again, again_meta = load_weights(tmp_path / "again.safetensors")
     np.testing.assert_allclose(again_meta.genes.components, metadata.genes.components, rtol=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), generator.state_dict().values()))
-
-
-def _val_rows(run: Path) -> list[dict]:
-    import json
-
-    return [row for row in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "val_score" in row]
 
 
 def test_validation_on_a_thread_gives_the_same_scores_choice_and_tensors(tmp_path: Path) -> None:
