@@ -34,14 +34,16 @@ def _save_tiny(path: Path, kind: str, data, seed: int) -> Path:
 
 
 def _truth_csv(path: Path, data) -> Path:
-    """Truth that follows make_synthetic_dataset's drawing: disc radius ← gene 0, density ← gene 1."""
+    """Truth that follows make_synthetic_dataset's drawing: disc radius ← gene 0, density ← gene 1; and a
+    lobulation ← gene 2 that only LobedOracle draws (the real nodules are discs)."""
     rng = np.random.default_rng(0)
     rows = []
     for p, pid in enumerate(data.patient_ids):
         g0, g1 = float(data.genes[p, 0]), float(data.genes[p, 1])
         rows.append({"patient_id": str(pid), "module_class": int(g0 > 0) + 2 * int(g1 > 0), "module_1": g0,
                      "module_2": g1, "diameter_mm": 16 + 6 * np.tanh(g0), "solid_fraction": 0.5 + 0.4 * np.tanh(g1),
-                     "margin_blur_mm": float(rng.uniform(0.3, 2.7)), "hu_solid": float(rng.uniform(0, 60))})
+                     "margin_blur_mm": float(rng.uniform(0.3, 2.7)), "hu_solid": float(rng.uniform(0, 60)),
+                     "lobulation": 0.5 + 0.4 * np.tanh(float(data.genes[p, 2]))})
     with open(path, "w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -188,6 +190,49 @@ def test_each_metric_fails_the_negative_controls_and_passes_an_oracle(setup, tmp
     assert matched["proposed"]["median"] < matched["copy"]["median"] - 0.2
     assert matched["pasted"]["median"] < matched["copy"]["median"] - 0.2
     assert real["surroundings"]["distinct_backgrounds"] > 1
+
+
+class LobedOracle(DiscOracle):
+    """DiscOracle whose outline has 5 lobes of relative height 0.15 + 0.1·tanh(gene 2): lobulation that follows
+    the genes, as the truth CSV's."""
+
+    def forward(self, background, genes, noise=None, hole=None):
+        out = super().forward(background, genes, noise, hole)
+        size = background.shape[-1]
+        rows, cols = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                                    indexing="ij")
+        radius = (8.0 + 3.0 * torch.tanh(genes[:, 0])) / (60.0 / size)
+        height = 0.15 + 0.1 * torch.tanh(genes[:, 2])
+        shift = 1.5 * noise if noise is not None else torch.zeros(genes.shape[0], 2)
+        dr = rows[None] - ((size - 1) / 2 + shift[:, 0])[:, None, None]
+        dc = cols[None] - ((size - 1) / 2 + shift[:, 1])[:, None, None]
+        outline = radius[:, None, None] * (1 + height[:, None, None] * torch.cos(5 * torch.atan2(dr, dc)))
+        mask = (torch.hypot(dr, dc) <= outline).float()[:, None]
+        value = (0.05 + 0.1 * torch.tanh(genes[:, 1]))[:, None, None, None]
+        return out._replace(image=background * (1 - mask) + value * mask, mask=mask, weight_maps=[mask])
+
+
+def test_lobulation_follows_lobes_drawn_from_the_genes_and_fails_another_donors_genes(setup, tmp_path):
+    """The lobed oracle's outline follows the true lobulation (summary `lobulation_rho`); fed another donor's genes
+    it no longer does; compactness, the former measure, is in the table beside it."""
+    from training.conventional import read_ground_truth
+    from training.evaluation.context import Context, Model, negative_controls
+    from training.evaluation.sections import gene_control
+
+    data = setup["data"]
+    truth = read_ground_truth(setup["truth"], data.patient_ids, data.gene_names)
+    oracle = Model("proposed", LobedOracle(data.patch_size), None, data.genes, "lobed")
+    options = {"backgrounds": 3, "noises": 2, "bootstrap": 50, "dilation_px": 3, "batch_size": 64, "progress": False}
+    ctx = Context(data, {"proposed": oracle}, truth, torch.device("cpu"), 0, tmp_path, "all", options)
+    ctx.controls = negative_controls(oracle, ctx.donors, seed=0)
+    section = gene_control(ctx)
+    models = section.metrics["models"]
+    lobed = models["proposed"]["rho"]["lobulation"]["aligned_rho"]
+    assert lobed > 0.8 and section.summary["lobulation_rho"] == lobed
+    assert models["shuffled"]["rho"]["lobulation"]["aligned_rho"] < lobed - 0.4
+    assert np.isnan(models["copy"]["rho"]["lobulation"]["aligned_rho"])
+    assert "lobulation (compactness)" in models["proposed"]["rho"]
+    assert "the outline's lobes" in "\n".join(section.markdown)
 
 
 def test_pasted_nodules_keep_the_real_nodule_and_its_rim_only():

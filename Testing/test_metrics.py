@@ -184,6 +184,38 @@ def test_compactness_orders_shapes():
     assert math.isnan(M.compactness(np.zeros((8, 8), bool)))
 
 
+def _lobed(size: int, radius: float, amplitude: float, lobes: int, phase: float = 0.0) -> np.ndarray:
+    """r(θ) ≤ radius · (1 + amplitude · cos(lobes · θ + phase)) about a centre off the pixel grid."""
+    rows, cols = np.mgrid[:size, :size].astype(float)
+    dr, dc = rows - size / 2 + 0.3, cols - size / 2 - 0.2
+    return np.hypot(dr, dc) <= radius * (1 + amplitude * np.cos(lobes * np.arctan2(dr, dc) + phase))
+
+
+def test_lobe_amplitude_reads_lobes_not_discs_ellipses_or_strands():
+    """A disc reads ≈ 0 at any size (the pixelation floor is taken off); r = R(1 + a·cos kθ) reads ≈ a/√2 for
+    k = 3…8 and rises with a, whatever the lobes' phase; an ellipse and a disc with 1-px strands stay near the
+    disc; a body under LOBE_MIN_PX pixels is undefined."""
+    for radius in (6.0, 10.0, 15.0):
+        assert abs(M.lobe_amplitude(_lobed(64, radius, 0.0, 1))) < 0.01
+    for lobes in (3, 5, 8):
+        assert M.lobe_amplitude(_lobed(64, 15.0, 0.2, lobes)) == pytest.approx(0.2 / math.sqrt(2), abs=0.02)
+    readings = [M.lobe_amplitude(_lobed(64, 12.0, a, 5)) for a in (0.05, 0.1, 0.2, 0.3)]
+    assert readings == sorted(readings) and readings[0] > 0.02
+    assert M.lobe_amplitude(_lobed(64, 12.0, 0.2, 5, phase=1.0)) == pytest.approx(readings[2], abs=0.01)
+    rows, cols = np.mgrid[:64, :64].astype(float)
+    ellipse = ((rows - 31.7) / 13.0) ** 2 + ((cols - 32.2) / 10.0) ** 2 <= 1.0     # axes 1.3 : 1
+    assert M.lobe_amplitude(ellipse) < 0.03
+    disc = _lobed(64, 10.0, 0.0, 1)
+    spiked = disc.copy()
+    spiked[32, 42:50] = True
+    spiked[14:22, 32] = True
+    assert M.lobe_amplitude(spiked) == pytest.approx(M.lobe_amplitude(disc), abs=0.01)
+    assert math.isnan(M.lobe_amplitude(np.zeros((16, 16), bool)))
+    assert math.isnan(M.lobe_amplitude(_lobed(16, 1.2, 0.0, 1)))
+    assert M.nodule_features(np.where(spiked, 0.0, -800.0), spiked, 1.0)["lobe_amplitude"] == \
+        M.lobe_amplitude(spiked)
+
+
 def test_largest_component_and_dilation():
     mask = np.zeros((20, 20), bool)
     mask[2:4, 2:4] = True                     # 4 px speck

@@ -64,7 +64,7 @@ from .metrics import spearman
 
 PROTOCOL = 2
 SUMMARY_KEYS = ("protocol", "split", "donors", "size_rho", "size_rho_ci95", "density_rho", "margin_rho",
-                "spiculation_rho", "long_strand_rho", "ari",
+                "spiculation_rho", "long_strand_rho", "lobulation_rho", "ari",
                 "ari_linear_probe", "ari_raw_genes", "c2st_median", "c2st_runs", "c2st_real_vs_real",
                 "c2st_pasted", "c2st_lung_only", "c2st_lung_only_copy",
                 "c2st_lung_only_pasted", "c2st_matched", "c2st_matched_copy", "c2st_matched_pasted",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage, stats
@@ -266,6 +267,77 @@ def spicule_area_mm2(mask: np.ndarray, spacing_mm: float = 1.0) -> float:
     return float(np.count_nonzero(thin_strands(mask))) * float(spacing_mm) ** 2
 
 
+# The outline's lobes: harmonics LOBE_HARMONICS of the body's radius r(θ), sampled on LOBE_RAYS rays from its centroid.
+# Why 3-8: harmonic 1 is where the centroid sits and 2 an ellipse (elongation, a nuisance in the phantom); the
+# phantom's 4-8 lobes, each about 0.35 rad wide, put their weight at 3-8.
+LOBE_HARMONICS = (3, 8)
+LOBE_RAYS = 128
+LOBE_STEP_PX = 0.25
+LOBE_MIN_PX = 8          # a smaller body has too few boundary pixels for an outline
+
+
+def _body(mask: np.ndarray) -> np.ndarray:
+    """The mask without its thin strands (the opening `thin_strands` uses), its largest 4-connected piece."""
+    mask = np.asarray(mask, dtype=bool)
+    opened = mask & ~thin_strands(mask)
+    labels, count = ndimage.label(opened)
+    if count <= 1:
+        return opened
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == sizes.argmax()
+
+
+def _lobe_harmonics(body: np.ndarray) -> float:
+    """RMS amplitude of r(θ)'s harmonics LOBE_HARMONICS over r's mean: r along each ray is where the body's
+    bilinear occupancy first falls under ½ (steps of LOBE_STEP_PX)."""
+    rows, cols = np.nonzero(body)
+    theta = 2.0 * math.pi * np.arange(LOBE_RAYS) / LOBE_RAYS
+    steps = np.arange(0.0, float(max(body.shape)), LOBE_STEP_PX)
+    sample_r = rows.mean() + steps[None, :] * np.sin(theta)[:, None]
+    sample_c = cols.mean() + steps[None, :] * np.cos(theta)[:, None]
+    occupancy = ndimage.map_coordinates(body.astype(np.float64), [sample_r.ravel(), sample_c.ravel()], order=1,
+                                        cval=0.0).reshape(LOBE_RAYS, steps.size)
+    outside = occupancy < 0.5
+    radius = steps[np.where(outside.any(axis=1), outside.argmax(axis=1), steps.size - 1)]
+    if radius.mean() <= 0.0:
+        return float("nan")
+    spectrum = np.abs(np.fft.rfft(radius)) / LOBE_RAYS
+    low, high = LOBE_HARMONICS
+    return float(math.sqrt(2.0 * float((spectrum[low: high + 1] ** 2).sum())) / radius.mean())
+
+
+@lru_cache(maxsize=1)
+def _disc_lobe_floor() -> tuple[np.ndarray, np.ndarray]:
+    """(radii px, harmonic amplitude) of rasterised discs, averaged over 3 × 3 sub-pixel centres: what
+    pixelation alone reads, which grows as the disc shrinks (0.03 at 5 px, 0.005 at 15)."""
+    radii = np.arange(1.5, 40.5, 0.5)
+    offsets = (-1.0 / 3.0, 0.0, 1.0 / 3.0)
+    floor = []
+    for radius in radii:
+        size = 2 * int(radius) + 8
+        grid_r, grid_c = np.mgrid[:size, :size].astype(np.float64)
+        values = [_lobe_harmonics((grid_r - size / 2 - dr) ** 2 + (grid_c - size / 2 - dc) ** 2 <= radius**2)
+                  for dr in offsets for dc in offsets]
+        floor.append(float(np.mean(values)))
+    return radii, np.asarray(floor)
+
+
+def lobe_amplitude(mask: np.ndarray) -> float:
+    """How lobulated the outline is: the RMS amplitude of harmonics 3-8 of the body's radius r(θ) relative to its
+    mean radius, minus what a rasterised disc of the same area reads (the pixelation floor; 0 for a disc, about
+    a/√2 for r = R(1 + a·cos kθ), 3 ≤ k ≤ 8; an ellipse and thin strands read ≈ 0). The body is the mask without
+    its thin strands, its largest piece. On the phantom's real nodule slices (area-weighted per patient) its
+    Spearman ρ with the true lobulation is 0.65-0.76 on cohorts 2026, 5 and 7, where compactness reads 0.17-0.29
+    (and follows spiculation and margin more). NaN below LOBE_MIN_PX body pixels."""
+    body = _body(mask)
+    area = int(np.count_nonzero(body))
+    if area < LOBE_MIN_PX:
+        return float("nan")
+    radii, floor = _disc_lobe_floor()
+    return _lobe_harmonics(body) - float(np.interp(math.sqrt(area / math.pi), radii, floor))
+
+
 LONG_STRAND_PX = 3   # a strand of at least this many pixels: longer than the notch of a serrated outline
 
 
@@ -336,7 +408,7 @@ def nodule_features(image_hu: np.ndarray, mask: np.ndarray, spacing_mm: float) -
 
     `diameter_mm` equivalent diameter; `mean_hu`, `std_hu` inside the mask; `margin_gradient` (HU/mm) mean
     gradient magnitude on the boundary band; `margin_sharpness` (1/mm) the slope across the edge over the
-    edge's height (`margin_sharpness`); `compactness`; `spicule_area_mm2`; `long_strand_area_mm2`;
+    edge's height (`margin_sharpness`); `compactness`; `lobe_amplitude`; `spicule_area_mm2`; `long_strand_area_mm2`;
     `strand_contrast_hu`; `core_contrast_hu`.
     An empty mask gives diameter 0 and NaN for the rest.
     """
@@ -345,7 +417,7 @@ def nodule_features(image_hu: np.ndarray, mask: np.ndarray, spacing_mm: float) -
     if not mask.any():
         return {"diameter_mm": 0.0, "area_mm2": 0.0, "mean_hu": float("nan"), "std_hu": float("nan"),
                 "margin_gradient": float("nan"), "margin_sharpness": float("nan"), "compactness": float("nan"),
-                "spicule_area_mm2": float("nan"), "long_strand_area_mm2": float("nan"),
+                "lobe_amplitude": float("nan"), "spicule_area_mm2": float("nan"), "long_strand_area_mm2": float("nan"),
                 "strand_contrast_hu": float("nan"), "core_contrast_hu": float("nan")}
     values = image_hu[mask]
     return {
@@ -356,6 +428,7 @@ def nodule_features(image_hu: np.ndarray, mask: np.ndarray, spacing_mm: float) -
         "margin_gradient": margin_gradient(image_hu, mask, spacing_mm),
         "margin_sharpness": margin_sharpness(image_hu, mask, spacing_mm),
         "compactness": compactness(mask),
+        "lobe_amplitude": lobe_amplitude(mask),
         "spicule_area_mm2": spicule_area_mm2(mask, spacing_mm),
         "long_strand_area_mm2": long_strand_area_mm2(mask, spacing_mm),
         "strand_contrast_hu": strand_contrast_hu(image_hu, mask),

@@ -75,12 +75,13 @@ GENE_CONTROL: tuple[tuple[str, str, str, int, str | None], ...] = (
     ("size", "diameter_mm", "diameter_mm", +1, "size_rho"),
     ("density", "mean_hu", "solid_fraction", +1, "density_rho"),
     ("margin", "margin_sharpness", "margin_blur_mm", -1, "margin_rho"),
-    ("lobulation", "compactness", "lobulation", -1, None),
+    ("lobulation (compactness)", "compactness", "lobulation", -1, None),
+    ("lobulation", "lobe_amplitude", "lobulation", +1, "lobulation_rho"),
     ("spiculation", "spicule_area_mm2", "spiculation", +1, "spiculation_rho"),
     ("long strands", "long_strand_area_mm2", "spiculation", +1, "long_strand_rho"),
 )
 CONTROL_FEATURES: tuple[str, ...] = (*NODULE_FEATURES, "margin_gradient", "core_contrast_hu",
-                                     "spicule_area_mm2", "long_strand_area_mm2",
+                                     "lobe_amplitude", "spicule_area_mm2", "long_strand_area_mm2",
                                      "strand_contrast_hu")  # NODULE_FEATURES first
 
 
@@ -385,7 +386,9 @@ def gene_control(ctx: Context) -> Section:
              f"{donors.size} held-out donors ({ctx.split} split); each donor's genes on the same "
              f"{ctx.option('backgrounds')} held-out backgrounds × {ctx.option('noises')} noises; the generated nodule "
              "(largest component of mask > 0.5) measured: equivalent diameter (mm; an empty mask counts as 0), mean "
-             "HU, margin sharpness (1/mm, falls as blur rises), compactness, the area of thin strands (mm²: what an "
+             "HU, margin sharpness (1/mm, falls as blur rises), compactness, the outline's lobes (harmonics 3–8 of "
+             "the radius around the body without its strands, over the mean radius, less a rasterised disc's), the "
+             "area of thin strands (mm²: what an "
              "opening with the 3×3 cross removes; spicules) and of the strands of at least "
              f"{LONG_STRAND_PX} px (spicules that reach out, not the teeth of a serrated outline); the median over "
              "the donor's draws. "
