@@ -112,6 +112,13 @@ class GeneratorConfig(StrictDict):
     # (600 HU against the real slices' 292 on two seeds: full-strength one-pixel lines, where real spicules are
     # partial-volumed), so it is not part of the recommended setting. Off here, so older weights files load.
     spicule_solid: bool = False
+    # Drawn lobes (the phantom's module 4; off here, so weights files written without the key load as trained): the
+    # nodule is warped radially so that its outline carries lobes (`CodeDrivenLobes`) whose height is one anchored
+    # code coordinate (`lobe_code_index`, anchored to the donor's real `lobe_amplitude`) in that measure's units. Why
+    # explicit lobes: no trained model's outline followed the true lobulation (compactness ρ −0.05 to 0.16 on three
+    # unseen cohorts, README round 23).
+    lobes: bool = False
+    lobe_code_index: int = 4
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -146,6 +153,10 @@ class GeneratorConfig(StrictDict):
         if self.spicules and not 0 <= self.spicule_code_index < self.code_dim:
             raise ValueError(f"spicule_code_index must lie in [0, code_dim={self.code_dim}), "
                              f"got {self.spicule_code_index}")
+        if self.lobes and self.kind != "proposed":
+            raise ValueError(f"lobes is a setting of the proposed generator, not of {self.kind!r}")
+        if self.lobes and not 0 <= self.lobe_code_index < self.code_dim:
+            raise ValueError(f"lobe_code_index must lie in [0, code_dim={self.code_dim}), got {self.lobe_code_index}")
         if self.spicule_solid and not self.spicules:
             raise ValueError("spicule_solid is a setting of the drawn spicules (spicules > 0)")
         if self.slice_position and self.kind == "inpainting":
@@ -544,6 +555,94 @@ class CodeDrivenSpicules(nn.Module):
         return self._paint(image, strand, self.solid_value.to(image.dtype))
 
 
+class CodeDrivenLobes(nn.Module):
+    """Warp the drawn nodule radially so that its outline carries lobes whose height one gene-code coordinate sets.
+
+    Around the drawn mask's centroid c the output at radius r and angle θ takes the nodule's change (image −
+    background) and its mask from radius r / (1 + A·f(θ)): an outline r = R moves to R·(1 + A·f(θ)).
+    f = Σ_k w_k cos(kθ + φ_k) over k = 3…8, scaled to unit RMS, w_k = exp(−k²/16)·(½ + σ(z_k)) — the spectrum of
+    the phantom's lobes, bumps about 0.35 rad wide — and w_k's jitter z_k and the phases φ_k fixed projections of
+    the style noise, which a nodule's slices share. A = clamp(mean + sd · code[index] / anchor_sd, 0, MAX_AMPLITUDE):
+    the coordinate, which training anchors to the donor's z-scored real `metrics.lobe_amplitude`, turned back into
+    that measure's units with the training donors' mean and sd (`calibrate`; stored with the weights), since
+    `lobe_amplitude` reads ≈ A for such an outline. No learned parameter, as the edge's and the strands' factors are
+    fixed, so that the genes keep their say. The geometry (c, the drawn area) is [mask > 0.5]'s and carries no
+    gradient; a drawn area under MIN_AREA_PX gets no lobes. The background is not moved: only the change is.
+    """
+
+    HARMONICS = (3, 4, 5, 6, 7, 8)
+    SPECTRUM_WIDTH = 16.0     # w_k ∝ exp(−k² / SPECTRUM_WIDTH): a von Mises bump with κ = 8
+    MAX_AMPLITUDE = 0.4       # with f's peaks at ≈ 2, the outline stays at radii ≥ 0.2 R
+    MIN_FACTOR = 0.2
+    MIN_AREA_PX = 4.0
+    _PROJECTION_SEED = 20261205
+
+    def __init__(self, index: int, noise_dim: int, anchor_sd: float = 1.0) -> None:
+        super().__init__()
+        self.index = int(index)
+        self.per_unit = 1.0 / float(anchor_sd)
+        count = len(self.HARMONICS)
+        # the training donors' real lobe_amplitude, mean and sd (`calibrate`); saved with the weights
+        self.register_buffer("amplitude_mean", torch.tensor(0.05))
+        self.register_buffer("amplitude_sd", torch.tensor(0.03))
+        rng = torch.Generator().manual_seed(self._PROJECTION_SEED)   # own generator: the global RNG is untouched
+        self.register_buffer("projection", torch.randn(max(noise_dim, 1), 2 * count, generator=rng)
+                             / math.sqrt(max(noise_dim, 1)), persistent=False)
+        self.register_buffer("harmonics", torch.tensor(self.HARMONICS, dtype=torch.float32), persistent=False)
+
+    @torch.no_grad()
+    def calibrate(self, mean: float, sd: float) -> None:
+        """Set the real measure's mean and sd over the training donors, which the anchor's z-score used."""
+        if not (math.isfinite(mean) and math.isfinite(sd) and sd >= 0):
+            raise ValueError(f"lobe calibration needs a finite mean and sd ≥ 0, got {mean}, {sd}")
+        self.amplitude_mean.fill_(float(mean))
+        self.amplitude_sd.fill_(float(sd))
+
+    def amplitude(self, code: Tensor) -> Tensor:
+        """(B,) lobe heights A, relative to the radius, for gene codes (B, code_dim)."""
+        value = self.amplitude_mean + self.amplitude_sd * code[:, self.index].float() * self.per_unit
+        return value.clamp(0.0, self.MAX_AMPLITUDE)
+
+    def profile(self, theta: Tensor, noise: Tensor | None) -> Tensor:
+        """f(θ) for angles (B,H,W): unit RMS over θ."""
+        batch, count = theta.shape[0], len(self.HARMONICS)
+        if noise is not None and noise.shape[1] > 0:
+            drawn = noise.float() @ self.projection[: noise.shape[1]]              # (B, 2K), ≈ N(0, 1) each
+            jitter, phase = drawn[:, :count], math.pi * drawn[:, count:]
+        else:
+            jitter = torch.zeros(batch, count, device=theta.device)
+            phase = torch.zeros(batch, count, device=theta.device)
+        weight = torch.exp(-self.harmonics.square() / self.SPECTRUM_WIDTH) * (0.5 + torch.sigmoid(jitter))
+        weight = weight / (0.5 * weight.square().sum(dim=1, keepdim=True)).sqrt()     # unit RMS
+        waves = torch.cos(self.harmonics[None, :, None, None] * theta[:, None] + phase[..., None, None])
+        return (weight[..., None, None] * waves).sum(dim=1)
+
+    def forward(self, image: Tensor, mask: Tensor, background: Tensor, code: Tensor, noise: Tensor | None
+                ) -> tuple[Tensor, Tensor]:
+        """The image and mask with the nodule warped to its lobed outline."""
+        h, w = mask.shape[-2:]
+        rows = torch.arange(h, device=mask.device, dtype=torch.float32)[None, :, None]
+        cols = torch.arange(w, device=mask.device, dtype=torch.float32)[None, None, :]
+        with torch.no_grad():
+            drawn = _drawn_pixels(mask).float()[:, 0]
+            area = drawn.sum(dim=(1, 2))
+            centre_r = (drawn.sum(dim=2) * rows[0, :, 0]).sum(dim=1) / area.clamp_min(1e-6)
+            centre_c = (drawn.sum(dim=1) * cols[0, 0]).sum(dim=1) / area.clamp_min(1e-6)
+            present = (area >= self.MIN_AREA_PX).float()
+            dr = rows - centre_r[:, None, None]
+            dc = cols - centre_c[:, None, None]
+            theta = torch.atan2(dr, dc)
+        height = self.amplitude(code) * present
+        factor = (1.0 + height[:, None, None] * self.profile(theta, noise)).clamp_min(self.MIN_FACTOR)
+        source_r = centre_r[:, None, None] + dr / factor
+        source_c = centre_c[:, None, None] + dc / factor
+        grid = torch.stack([source_c * (2.0 / max(w - 1, 1)) - 1.0, source_r * (2.0 / max(h - 1, 1)) - 1.0], dim=-1)
+        stacked = torch.cat([image - background, mask], dim=1)
+        warped = F.grid_sample(stacked, grid.to(stacked.dtype), mode="bilinear", padding_mode="zeros",
+                               align_corners=True)
+        return background + warped[:, :1], warped[:, 1:]
+
+
 def _drawn_pixels(mask: Tensor) -> Tensor:
     """[mask > 0.5], detached: the pixels the label keeps."""
     return mask.detach() > 0.5
@@ -610,6 +709,8 @@ class ProposedGenerator(nn.Module):
                                     config.anchor_sd) if config.edge_blur_per_sd else None)
         self.spicules = (CodeDrivenSpicules(config.spicules, config.spicule_code_index, config.noise_dim,
                                             config.anchor_sd, config.spicule_solid) if config.spicules else None)
+        self.lobes = (CodeDrivenLobes(config.lobe_code_index, config.noise_dim, config.anchor_sd)
+                      if config.lobes else None)
 
     def encode_genes(self, genes: Tensor) -> Tensor:
         """φ(g) for a batch of z-scored gene vectors (B,G) → (B, code_dim); the radiogenomic map uses it."""
@@ -621,7 +722,7 @@ class ProposedGenerator(nn.Module):
         """`pixel_noise` (B,1,S,S) for a `pixel_noise` generator; drawn from the global RNG when not given."""
         _check_inputs(self.config, background, genes, need_genes=True)
         code = self.encode_genes(genes)
-        if noise is None and self.spicules is not None:   # the strands read the same noise as the style
+        if noise is None and (self.spicules is not None or self.lobes is not None):   # as the style reads it
             noise = torch.randn(code.shape[0], self.config.noise_dim, device=code.device, dtype=code.dtype)
         style = _style(self.config, code, noise, position)
         if self.config.pixel_noise:
@@ -642,6 +743,8 @@ class ProposedGenerator(nn.Module):
         if self.config.opaque_nodule:   # the raw background channel is not offered inside the nodule
             x = x * _opaque_keep(mask.detach(), x.shape[1])
         image = self.image_head(x)
+        if self.lobes is not None:
+            image, mask = self.lobes(image, mask, background, code, noise)
         strand = None
         if self.spicules is not None:
             image, mask, strand = self.spicules(image, mask, code, noise,

@@ -18,7 +18,7 @@ from RadiogenomicGANLib.weights import load_weights
 from training import checkpoint as ckpt
 from training.config import ConfigError, TrainConfig
 from training.dataset import load_dataset, make_synthetic_dataset
-from training.iteration import real_strand_share
+from training.iteration import real_lobe_scale, real_strand_share
 from training.losses import CODE_PHENOTYPE_FEATURES, code_phenotype_features
 from training.train import build_configs, main, training_loop
 
@@ -285,6 +285,28 @@ def test_non_finite_loss_stops_with_a_clear_error(data: Path, tmp_path: Path, mo
     message = fails(["--data", str(data), "--out", str(out), "--steps", "3", *TINY], capsys)
     assert "non-finite loss at step 1" in message
     assert not (out / "proposed.safetensors").exists()
+
+
+def test_drawn_lobes_need_the_anchor_and_train_with_the_donors_units(data: Path, tmp_path: Path) -> None:
+    """The lobes read the anchored lobe coordinate (after the spicule one when both are drawn): refused without the
+    anchor or on another coordinate; with it the anchor holds the real lobe amplitude last, and the exported
+    generator turns its coordinate back with the training donors' mean and sd of that measure."""
+    with pytest.raises(ConfigError, match="lobes needs the code-phenotype anchor"):
+        build_configs(TrainConfig(data="x", out="y", generator={"lobes": True, "lobe_code_index": 3}), 64, 32)
+    with pytest.raises(ConfigError, match=r"lobe_code_index=4 is not the anchored lobe coordinate; use .*=3"):
+        build_configs(TrainConfig(data="x", out="y", generator={"lobes": True},
+                                  loss_weights={"code_phenotype": 1.0}), 64, 32)
+    assert code_phenotype_features(6, True) == (*CODE_PHENOTYPE_FEATURES, "spicule_area_mm2", "lobe_amplitude")
+    assert code_phenotype_features(0, True) == (*CODE_PHENOTYPE_FEATURES, "lobe_amplitude")
+    torch.set_num_threads(1)
+    result = run(data, tmp_path / "lobes", "proposed", 2, "--generator", "spicules=6", "--generator", "lobes=true",
+                 "--loss-weight", "code_phenotype=1")
+    generator, _ = load_weights(result["weights"], expected_kind="proposed", expected_num_genes=64)
+    assert generator.config.lobes and generator.config.lobe_code_index == 4
+    mean, sd = real_lobe_scale(load_dataset(data))
+    assert np.isfinite(mean) and sd > 0
+    assert float(generator.lobes.amplitude_mean) == pytest.approx(mean)
+    assert float(generator.lobes.amplitude_sd) == pytest.approx(sd)
 
 
 def test_drawn_spicules_need_the_anchor_and_train_with_it(data: Path, tmp_path: Path) -> None:

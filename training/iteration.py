@@ -31,6 +31,7 @@ from .discriminator import DiscriminatorConfig, build_discriminator
 from .distributed import DistContext, convert_batchnorm
 from .losses import (
     CODE_PHENOTYPE_FEATURES,
+    LOBE_PHENOTYPE_FEATURE,
     SPICULE_PHENOTYPE_FEATURE,
     GANLoss,
     LossWeights,
@@ -121,6 +122,9 @@ def build_configs(
     if g_cfg.spicules:
         _check_anchored_reader("spicules", "spicule_code_index", g_cfg.spicule_code_index, "spicule",
                                code_phenotype_features(True).index(SPICULE_PHENOTYPE_FEATURE), weights)
+    if g_cfg.lobes:
+        _check_anchored_reader("lobes", "lobe_code_index", g_cfg.lobe_code_index, "lobe",
+                               code_phenotype_features(g_cfg.spicules, True).index(LOBE_PHENOTYPE_FEATURE), weights)
     return g_cfg, d_cfg, weights
 
 
@@ -148,16 +152,33 @@ def real_strand_share(data: RadiogenomicDataset) -> tuple[list[float], float]:
     return coordinates, float(np.mean(shares))
 
 
+def real_lobe_scale(data: RadiogenomicDataset) -> tuple[float, float]:
+    """The training donors' real `metrics.lobe_amplitude` (each donor's slices, area-weighted), mean and sd as
+    `donor_phenotypes` z-scores it for the anchor: what the drawn lobes turn their coordinate back with
+    (`CodeDrivenLobes.calibrate`). Deterministic, so every rank agrees."""
+    from .conventional import real_nodule_features  # metrics pulls in scipy; only runs with lobes need it
+
+    donors = np.unique(data.nodule_patient[data.nodule_indices("train")])
+    values = real_nodule_features(data, donors, (LOBE_PHENOTYPE_FEATURE,))[:, 0]
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ConfigError("--generator lobes=true: no training donor's nodule is large enough to measure its lobes")
+    return float(values.mean()), float(values.std())
+
+
 def build_networks(
     cfg: TrainConfig, g_cfg: GeneratorConfig, d_cfg: DiscriminatorConfig, weights: LossWeights, ctx: DistContext,
-    strand_share: tuple[list[float], float] | None = None
+    strand_share: tuple[list[float], float] | None = None, lobe_scale: tuple[float, float] | None = None
 ) -> Networks:
     """G, D and EMA G on the device, optimisers, and (N > 1 ranks) the DDP wrappers. Seeds torch first.
-    `strand_share` (`real_strand_share`) calibrates the drawn strands' starting presence, EMA included."""
+    `strand_share` (`real_strand_share`) calibrates the drawn strands' starting presence and `lobe_scale`
+    (`real_lobe_scale`) the drawn lobes' height, EMA included."""
     torch.manual_seed(cfg.seed)
     generator = build_generator(g_cfg)
     if strand_share is not None:
         generator.spicules.calibrate_presence(*strand_share)
+    if lobe_scale is not None:
+        generator.lobes.calibrate(*lobe_scale)
     discriminator = build_discriminator(d_cfg)
     generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)   # plain BN: this is what is exported
     if ctx.distributed and cfg.sync_batchnorm:

@@ -150,11 +150,15 @@ MASK_THRESHOLD = 0.5  # decision 6: the L1 region is built from [Gm > 0.5]
 CODE_PHENOTYPE_FEATURES: tuple[str, ...] = ("diameter_mm", "mean_hu", "margin_sharpness")
 # the fourth anchored feature when the generator draws strands (`GeneratorConfig.spicules`): the coordinate they read
 SPICULE_PHENOTYPE_FEATURE = "spicule_area_mm2"
+# the next one when the generator draws lobes (`GeneratorConfig.lobes`): the coordinate their height reads
+LOBE_PHENOTYPE_FEATURE = "lobe_amplitude"
 
 
-def code_phenotype_features(spicules: int | bool = False) -> tuple[str, ...]:
-    """The real-nodule features φ(g)[:F] is anchored to: size, density, margin, and with drawn spicules their area."""
-    return (*CODE_PHENOTYPE_FEATURES, SPICULE_PHENOTYPE_FEATURE) if spicules else CODE_PHENOTYPE_FEATURES
+def code_phenotype_features(spicules: int | bool = False, lobes: bool = False) -> tuple[str, ...]:
+    """The real-nodule features φ(g)[:F] is anchored to: size, density, margin, with drawn spicules their area,
+    with drawn lobes the outline's lobe amplitude."""
+    return (*CODE_PHENOTYPE_FEATURES, *((SPICULE_PHENOTYPE_FEATURE,) if spicules else ()),
+            *((LOBE_PHENOTYPE_FEATURE,) if lobes else ()))
 
 
 @dataclass

@@ -54,6 +54,7 @@ from .iteration import (
     build_networks,
     ema_decay,
     precision_context,
+    real_lobe_scale,
     real_strand_share,
     train_iteration,
     update_ema,
@@ -91,14 +92,15 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
                                          distant_wrong_genes=cfg.distant_wrong_genes, augment=cfg.augment,
                                          match_backgrounds=cfg.match_backgrounds, match_share=cfg.match_share,
                                          match_texture=cfg.match_texture,
-                                         phenotype_features=(code_phenotype_features(g_cfg.spicules)
+                                         phenotype_features=(code_phenotype_features(g_cfg.spicules, g_cfg.lobes)
                                                              if weights.code_phenotype else ()))
         probe = ResumableDistributedSampler(len(train_items), cfg.batch_size, cfg.seed, 0, ctx.rank, ctx.world_size)
 
-        # Construct networks (drawn strands start as often as the training donors' real slices carry one; a
-        # resumed run takes its strands' presence from the checkpoint).
+        # Construct networks (drawn strands start as often as the training donors' real slices carry one, drawn
+        # lobes read their coordinate in the donors' units; a resumed run takes both from the checkpoint).
         strands = real_strand_share(data) if g_cfg.spicules and resume_path is None else None
-        nets = build_networks(cfg, g_cfg, d_cfg, weights, ctx, strand_share=strands)
+        lobe_scale = real_lobe_scale(data) if g_cfg.lobes and resume_path is None else None
+        nets = build_networks(cfg, g_cfg, d_cfg, weights, ctx, strand_share=strands, lobe_scale=lobe_scale)
         run = run_record(cfg, ctx, probe.global_batch, data.gene_names)
 
         # Resume.
@@ -120,6 +122,9 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
             if strands:
                 print(f"drawn strands: presence bias starts at {nets.generator.spicules.presence_bias.item():.2f},"
                       f" for strands on {strands[1]:.0%} of the nodules, as on the training donors' real slices")
+            if lobe_scale:
+                print(f"drawn lobes: height {lobe_scale[0]:.3f} + {lobe_scale[1]:.3f} × the anchored coordinate (sd) "
+                      "of the radius, the training donors' real lobe amplitude")
 
         # Distribute (the DDP wrappers were built with the networks); then the data loader for this rank.
         sampler, loader = training_batches(train_items, cfg, ctx, start_step, g_cfg.noise_dim,

@@ -594,7 +594,8 @@ def code_axes(ctx: Context) -> Section:
     noise = seeded_noise(n_bg, model.noise_dim, ctx.seed, 7)
     real = _real_features(data, donors, CONTROL_FEATURES)
     axes: dict[str, Any] = {}
-    anchored = code_phenotype_features(getattr(model.generator.config, "spicules", 0))
+    anchored = code_phenotype_features(getattr(model.generator.config, "spicules", 0),
+                                       getattr(model.generator.config, "lobes", False))
     for index, feature in enumerate(anchored):
         label, _feature, phenotype, sign, _key = next(row for row in GENE_CONTROL if row[1] == feature)
         entry: dict[str, Any] = {"index": index, "measure": label, "aligned_rho_with_truth": None}
