@@ -508,11 +508,8 @@ class CodeDrivenSpicules(nn.Module):
         direction, logit, length = self.strand_parameters(code, noise)
         rows = torch.arange(h, device=mask.device, dtype=torch.float32)
         cols = torch.arange(w, device=mask.device, dtype=torch.float32)
-        with torch.no_grad():   # the drawn pixels: the soft mask's faint fill would move c and inflate R
-            weight = _drawn_pixels(mask).float()[:, 0]
-            area = weight.sum(dim=(1, 2))
-            centre_r = (weight.sum(dim=2) * rows).sum(dim=1) / area.clamp_min(1e-6)
-            centre_c = (weight.sum(dim=1) * cols).sum(dim=1) / area.clamp_min(1e-6)
+        area, centre_r, centre_c = _drawn_centroid(mask)   # the soft mask's faint fill would move c and inflate R
+        with torch.no_grad():
             radius = (area / math.pi).sqrt()
             present = (area / self.MIN_AREA_PX).clamp(max=1.0)
             dr = rows[None, :, None] - centre_r[:, None, None]                      # (B,H,1)
@@ -623,11 +620,8 @@ class CodeDrivenLobes(nn.Module):
         h, w = mask.shape[-2:]
         rows = torch.arange(h, device=mask.device, dtype=torch.float32)[None, :, None]
         cols = torch.arange(w, device=mask.device, dtype=torch.float32)[None, None, :]
+        area, centre_r, centre_c = _drawn_centroid(mask)
         with torch.no_grad():
-            drawn = _drawn_pixels(mask).float()[:, 0]
-            area = drawn.sum(dim=(1, 2))
-            centre_r = (drawn.sum(dim=2) * rows[0, :, 0]).sum(dim=1) / area.clamp_min(1e-6)
-            centre_c = (drawn.sum(dim=1) * cols[0, 0]).sum(dim=1) / area.clamp_min(1e-6)
             present = (area >= self.MIN_AREA_PX).float()
             dr = rows - centre_r[:, None, None]
             dc = cols - centre_c[:, None, None]
@@ -646,6 +640,19 @@ class CodeDrivenLobes(nn.Module):
 def _drawn_pixels(mask: Tensor) -> Tensor:
     """[mask > 0.5], detached: the pixels the label keeps."""
     return mask.detach() > 0.5
+
+
+@torch.no_grad()
+def _drawn_centroid(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(B,) the drawn area ([mask > 0.5], pixels) and its centroid's row and column; no gradient."""
+    h, w = mask.shape[-2:]
+    rows = torch.arange(h, device=mask.device, dtype=torch.float32)
+    cols = torch.arange(w, device=mask.device, dtype=torch.float32)
+    weight = _drawn_pixels(mask).float()[:, 0]
+    area = weight.sum(dim=(1, 2))
+    centre_r = (weight.sum(dim=2) * rows).sum(dim=1) / area.clamp_min(1e-6)
+    centre_c = (weight.sum(dim=1) * cols).sum(dim=1) / area.clamp_min(1e-6)
+    return area, centre_r, centre_c
 
 
 def relative_cross_section(position: Tensor) -> Tensor:
