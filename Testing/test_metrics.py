@@ -221,6 +221,13 @@ def test_largest_component_and_dilation():
     mask[2:4, 2:4] = True                     # 4 px speck
     mask[10:16, 10:16] = True                 # 36 px nodule
     assert M.largest_component(mask).sum() == 36
+    corners = np.zeros((10, 10), bool)
+    corners[1:4, 1:4] = True                  # 9 px
+    corners[4:8, 4:8] = True                  # 16 px, touching the first at a corner only
+    assert M.largest_component(corners).sum() == 25
+    assert M.largest_component(corners, connectivity=4).sum() == 16
+    with pytest.raises(ValueError, match="connectivity must be 4 or 8"):
+        M.largest_component(corners, connectivity=6)
     point = np.zeros((9, 9), bool)
     point[4, 4] = True
     assert M.dilate(point, 2).sum() == 13     # disc of radius 2: 13 pixels
