@@ -551,17 +551,24 @@ class NoduleBatchDataset(Dataset):
         return int(pool[rng.integers(pool.size)])
 
 
+def phenotype_scale(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(F,) mean and sd over the donors (rows) of each feature of `values` (D, F), NaN skipped: the z-score of
+    `donor_phenotypes`, which a generator part that turns an anchored coordinate back into units must share."""
+    finite = np.isfinite(values)
+    count = np.maximum(finite.sum(axis=0), 1)
+    mean = np.where(finite, values, 0).sum(axis=0) / count
+    centred = np.where(finite, values - mean, 0.0)
+    return mean, np.sqrt((centred**2).sum(axis=0) / count)
+
+
 def donor_phenotypes(data: RadiogenomicDataset, donors: np.ndarray, names: Sequence[str]) -> torch.Tensor:
     """(P, F) float32, row p = donor p's real nodule features `names` z-scored over `donors` (other rows and
     unmeasurable values 0). A feature constant over the donors is centred only."""
     from .conventional import real_nodule_features  # conventional imports metrics only; kept lazy for start-up
 
     values = real_nodule_features(data, donors, names)
-    finite = np.isfinite(values)
-    count = np.maximum(finite.sum(axis=0), 1)
-    mean = np.where(finite, values, 0).sum(axis=0) / count
-    centred = np.where(finite, values - mean, 0.0)
-    scale = np.sqrt((centred**2).sum(axis=0) / count)
+    mean, scale = phenotype_scale(values)
+    centred = np.where(np.isfinite(values), values - mean, 0.0)
     table = np.zeros((data.num_patients, len(names)), dtype=np.float32)
     table[donors] = centred / np.where(scale > 0, scale, 1.0)
     return torch.from_numpy(table)

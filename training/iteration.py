@@ -26,7 +26,7 @@ from RadiogenomicGANLib.networks import GeneratorConfig, GeneratorOutput, build_
 
 from .batch_statistics import BatchStatistics
 from .config import ConfigError, TrainConfig
-from .dataset import RadiogenomicDataset, donor_phenotypes
+from .dataset import RadiogenomicDataset, donor_phenotypes, phenotype_scale
 from .discriminator import DiscriminatorConfig, build_discriminator
 from .distributed import DistContext, convert_batchnorm
 from .losses import (
@@ -159,11 +159,11 @@ def real_lobe_scale(data: RadiogenomicDataset) -> tuple[float, float]:
     from .conventional import real_nodule_features  # metrics pulls in scipy; only runs with lobes need it
 
     donors = np.unique(data.nodule_patient[data.nodule_indices("train")])
-    values = real_nodule_features(data, donors, (LOBE_PHENOTYPE_FEATURE,))[:, 0]
-    values = values[np.isfinite(values)]
-    if values.size == 0:
+    values = real_nodule_features(data, donors, (LOBE_PHENOTYPE_FEATURE,))
+    if not np.isfinite(values).any():
         raise ConfigError("--generator lobes=true: no training donor's nodule is large enough to measure its lobes")
-    return float(values.mean()), float(values.std())
+    mean, sd = phenotype_scale(values)
+    return float(mean[0]), float(sd[0])
 
 
 def build_networks(
