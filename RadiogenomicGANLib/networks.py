@@ -112,6 +112,14 @@ class GeneratorConfig(StrictDict):
     # (600 HU against the real slices' 292 on two seeds: full-strength one-pixel lines, where real spicules are
     # partial-volumed), so it is not part of the recommended setting. Off here, so older weights files load.
     spicule_solid: bool = False
+    # Strands at the real strands' contrast (with `spicules`): painted after the edge blur, each strand pixel raised
+    # to at least its background + Δ, Δ the training donors' real long strands' median contrast over the lung
+    # (`metrics.strand_contrast_hu`, calibrated at the start of training and stored with the weights). Why: at the
+    # nodule's mean before the blur the strands stood out by 47-74 HU where the real ones do by 292, and at one
+    # learned solid value by 226-626 HU (README round 19); a contrast over the background is what the real strands
+    # show, partial-volumed. Brighten only, so a strand never darkens the nodule it leaves. Off here, so older
+    # weights files load as they were trained.
+    spicule_contrast: bool = False
     # Drawn lobes (the phantom's module 4; off here, so weights files written without the key load as trained): the
     # nodule is warped radially so that its outline carries lobes (`CodeDrivenLobes`) whose height is one anchored
     # code coordinate (`lobe_code_index`, anchored to the donor's real `lobe_amplitude`) in that measure's units. Why
@@ -157,8 +165,11 @@ class GeneratorConfig(StrictDict):
             raise ValueError(f"lobes is a setting of the proposed generator, not of {self.kind!r}")
         if self.lobes and not 0 <= self.lobe_code_index < self.code_dim:
             raise ValueError(f"lobe_code_index must lie in [0, code_dim={self.code_dim}), got {self.lobe_code_index}")
-        if self.spicule_solid and not self.spicules:
-            raise ValueError("spicule_solid is a setting of the drawn spicules (spicules > 0)")
+        for name in ("spicule_solid", "spicule_contrast"):
+            if getattr(self, name) and not self.spicules:
+                raise ValueError(f"{name} is a setting of the drawn spicules (spicules > 0)")
+        if self.spicule_solid and self.spicule_contrast:
+            raise ValueError("spicule_solid and spicule_contrast are two ways to paint the strands: choose one")
         if self.slice_position and self.kind == "inpainting":
             raise ValueError("slice_position is a setting of the gene-conditioned generators, not of 'inpainting'")
 
@@ -428,7 +439,8 @@ class CodeDrivenSpicules(nn.Module):
     soft mask's faint fill would pull c towards the patch centre and inflate R, so that strands started outside the
     body, as they did in the first runs, README round 17) and carries no gradient. The strands
     join the mask as a union and take the nodule's mean intensity in the image (fully wherever the mask's 0.5
-    threshold keeps them), before the edge blur.
+    threshold keeps them), before the edge blur — or, after it (`paint_after_edge`), one learned solid value
+    (`solid`) or the background raised by the real strands' contrast (`contrast`, `calibrate_contrast`).
     """
 
     PER_SD = 1.5          # logit of a strand's presence per sd of the anchored coordinate
@@ -441,15 +453,25 @@ class CodeDrivenSpicules(nn.Module):
     _PROJECTION_SEED = 20261204
 
     SOLID_START = 1.0 / 3.0   # 0 HU in the unit range of the (−1000, 500) HU window: a solid strand's start
+    CONTRAST_START = 292.0 * 2.0 / 1500.0   # cohort 5's real strands' 292 HU over the lung, in unit range
 
-    def __init__(self, count: int, index: int, noise_dim: int, anchor_sd: float = 1.0, solid: bool = False) -> None:
+    def __init__(self, count: int, index: int, noise_dim: int, anchor_sd: float = 1.0, solid: bool = False,
+                 contrast: bool = False) -> None:
         super().__init__()
+        if solid and contrast:
+            raise ValueError("the strands are painted at a solid value or at a contrast over the background, not both")
         self.count, self.index = int(count), int(index)
         self.per_unit = 1.0 / float(anchor_sd)
         self.presence_bias = nn.Parameter(torch.tensor(-1.0))       # b₀: few strands at the cohort's mean
         self.log_length0 = nn.Parameter(torch.tensor(math.log(5.0)))  # ℓ₀: 5 px (≈ 5 mm at 64²)
-        # `GeneratorConfig.spicule_solid`: one learned intensity for every strand, painted by `paint_solid`
+        # `GeneratorConfig.spicule_solid`: one learned intensity for every strand, painted by `paint_after_edge`
         self.solid_value = nn.Parameter(torch.tensor(self.SOLID_START)) if solid else None
+        # `GeneratorConfig.spicule_contrast`: the real strands' contrast over the lung (unit range; saved with the
+        # weights, set by `calibrate_contrast`), painted by `paint_after_edge`
+        if contrast:
+            self.register_buffer("contrast", torch.tensor(self.CONTRAST_START))
+        else:
+            self.contrast = None
         # Fixed projections of the noise (own generator: the global RNG, and so every other layer's
         # initialisation, stays as it is without the module). Without noise the strands fan out evenly.
         rng = torch.Generator().manual_seed(self._PROJECTION_SEED)
@@ -484,6 +506,21 @@ class CodeDrivenSpicules(nn.Module):
             low, high = (middle, high) if expected_share(middle) < target else (low, middle)
         self.presence_bias.fill_(0.5 * (low + high))
         return self.presence_bias.item()
+
+    @property
+    def paints_after_edge(self) -> bool:
+        """Whether the strands are painted after the edge blur (`paint_after_edge`) rather than in `forward`."""
+        return self.solid_value is not None or self.contrast is not None
+
+    @torch.no_grad()
+    def calibrate_contrast(self, unit: float) -> None:
+        """Set the contrast over the background, in unit range (2 / 1500 per HU in the default window), that the
+        strands are painted at: the training donors' real strands' (`training.iteration.real_strand_contrast`)."""
+        if self.contrast is None:
+            raise RuntimeError("calibrate_contrast needs a module built with contrast=True")
+        if not (math.isfinite(unit) and unit > 0):
+            raise ValueError(f"the strands' contrast must be a finite number > 0, got {unit}")
+        self.contrast.fill_(float(unit))
 
     def strand_parameters(self, code: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """(B,K,2) unit directions (row, column), (B,K) presence logits and (B,K) lengths in pixels."""
@@ -529,11 +566,11 @@ class CodeDrivenSpicules(nn.Module):
 
     def forward(self, image: Tensor, mask: Tensor, code: Tensor, noise: Tensor | None,
                 position: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """The image with the strands at the nodule's mean intensity (unchanged with a solid value, which
-        `paint_solid` paints later), the mask with the strands joined, and the strands' map."""
+        """The image with the strands at the nodule's mean intensity (unchanged where `paint_after_edge` paints
+        them later), the mask with the strands joined, and the strands' map."""
         strand = self.strands(mask, code, noise, position)
         joined = 1.0 - (1.0 - mask) * (1.0 - strand)
-        if self.solid_value is not None:
+        if self.paints_after_edge:
             return image, joined, strand
         inside = _drawn_pixels(mask).to(image.dtype)
         area = inside.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)
@@ -545,11 +582,17 @@ class CodeDrivenSpicules(nn.Module):
         fill = (2.0 * strand).clamp(max=1.0)   # where the strand passes the mask's threshold, the image is nodule
         return image + fill * (value - image)
 
-    def paint_solid(self, image: Tensor, strand: Tensor) -> Tensor:
-        """The image with the strands at the learned solid intensity (after the edge blur, so they stay sharp)."""
-        if self.solid_value is None:
-            raise RuntimeError("paint_solid needs a module built with solid=True")
-        return self._paint(image, strand, self.solid_value.to(image.dtype))
+    def paint_after_edge(self, image: Tensor, background: Tensor, strand: Tensor) -> Tensor:
+        """The image with the strands painted after the edge blur, so they stay sharp: at the learned solid value,
+        or raised to at least the background + the calibrated contrast (never darkened: a strand leaving a
+        brighter nodule keeps the nodule's value)."""
+        if self.solid_value is not None:
+            return self._paint(image, strand, self.solid_value.to(image.dtype))
+        if self.contrast is None:
+            raise RuntimeError("paint_after_edge needs a module built with solid=True or contrast=True")
+        fill = (2.0 * strand).clamp(max=1.0)
+        target = (background + self.contrast.to(image.dtype)).clamp(max=1.0)   # the window's top
+        return image + fill * (target - image).clamp_min(0.0)
 
 
 class CodeDrivenLobes(nn.Module):
@@ -715,7 +758,8 @@ class ProposedGenerator(nn.Module):
         self.edge = (CodeDrivenEdge(config.edge_blur_per_sd, config.edge_code_index, config.edge_inside_mask,
                                     config.anchor_sd) if config.edge_blur_per_sd else None)
         self.spicules = (CodeDrivenSpicules(config.spicules, config.spicule_code_index, config.noise_dim,
-                                            config.anchor_sd, config.spicule_solid) if config.spicules else None)
+                                            config.anchor_sd, config.spicule_solid, config.spicule_contrast)
+                         if config.spicules else None)
         self.lobes = (CodeDrivenLobes(config.lobe_code_index, config.noise_dim, config.anchor_sd)
                       if config.lobes else None)
 
@@ -760,8 +804,8 @@ class ProposedGenerator(nn.Module):
             image = self.edge(image, background, code, mask)
             if self.edge.inside_mask:   # the finest map then shows where the output can differ from the input
                 weight_maps[-1] = self.edge.blur(weight_maps[-1] * mask, code)
-        if strand is not None and self.config.spicule_solid:
-            image = self.spicules.paint_solid(image, strand)
+        if strand is not None and self.spicules.paints_after_edge:
+            image = self.spicules.paint_after_edge(image, background, strand)
             weight_maps[-1] = torch.maximum(weight_maps[-1], strand.to(weight_maps[-1].dtype))
         return GeneratorOutput(image, mask, weight_maps, code)
 

@@ -173,3 +173,66 @@ def test_the_calibrated_presence_draws_strands_on_the_asked_share(share: float) 
     assert spicules.calibrate_presence(coordinates.tolist(), share / 2) < bias
     with pytest.raises(ValueError, match="at least one donor"):
         spicules.calibrate_presence([], share)
+
+
+def test_contrast_strands_stand_out_from_the_lung_as_calibrated_and_never_darken_the_nodule() -> None:
+    """With `spicule_contrast` the strands are painted after the edge blur at the background + the calibrated
+    contrast, which `metrics.strand_contrast_hu` reads back; where the nodule is brighter it stays as it was; the
+    label is the same as without it, the contrast is stored with the weights, and the presence learns from the
+    image."""
+    from RadiogenomicGANLib.intensity import unit_to_hu
+    from training.metrics import strand_contrast_hu
+
+    base = dict(num_genes=32, patch_size=64, base_channels=4, max_channels=8, noise_dim=16, anchor_sd=ANCHOR_SD,
+                spicules=8, edge_blur_per_sd=0.6, edge_inside_mask=True)
+    torch.manual_seed(5)
+    blended = build_generator(GeneratorConfig(**base)).eval()
+    torch.manual_seed(5)
+    painted = build_generator(GeneratorConfig(**base, spicule_contrast=True)).eval()
+    assert set(painted.state_dict()) - set(blended.state_dict()) == {"spicules.contrast"}
+    contrast_hu = 300.0
+    painted.spicules.calibrate_contrast(contrast_hu * 2 / 1500)
+    rebuilt = build_generator(GeneratorConfig(**base, spicule_contrast=True))
+    rebuilt.load_state_dict(painted.state_dict())
+    assert float(rebuilt.spicules.contrast) == pytest.approx(0.4)
+    disc, genes, noise = _disc(4), torch.randn(4, 32), torch.randn(4, 16)
+    for generator in (blended, painted):
+        generator.mask_head = _FixedMask(disc)
+        with torch.no_grad():                       # strands on every nodule
+            generator.spicules.presence_bias.fill_(8.0)
+    background = torch.full((4, 1, SIZE, SIZE), -0.8)
+    plain, sharp = blended(background, genes, noise), painted(background, genes, noise)
+    assert torch.equal(plain.mask, sharp.mask)
+    strand = painted.spicules.strands(disc, painted.encode_genes(genes), noise) > 0.5
+    outside = strand & (disc == 0)
+    assert outside.any()
+    assert torch.allclose(sharp.image[outside], torch.tensor(-0.8 + 0.4), atol=1e-5)
+    read = [strand_contrast_hu(unit_to_hu(i[0].detach().numpy()), m[0].detach().numpy() > 0.5)
+            for i, m in zip(sharp.image, sharp.mask)]
+    assert 0.7 * contrast_hu < np.nanmedian(read) < 1.05 * contrast_hu       # partial pixels beside the line
+    (sharp.image * (disc == 0)).sum().backward()          # the partial pixels beside the line carry it
+    assert painted.spicules.presence_bias.grad is not None and float(painted.spicules.presence_bias.grad) != 0
+
+
+def test_painting_at_a_contrast_only_brightens() -> None:
+    spicules = CodeDrivenSpicules(8, INDEX, noise_dim=16, anchor_sd=ANCHOR_SD, contrast=True)
+    spicules.calibrate_contrast(0.4)
+    background = torch.full((1, 1, 8, 8), -0.8)
+    background[..., :, 6:] = 0.9                     # bright tissue: the target is held at the window's top
+    image = background.clone()
+    image[..., 2:5, 2:5] = 0.5                       # a nodule brighter than the lung + the contrast
+    strand = torch.zeros_like(image)
+    strand[..., 3, :] = 1.0                          # one strand across the nodule, the lung and the tissue
+    out = spicules.paint_after_edge(image, background, strand)
+    assert torch.equal(out[..., 3, 2:5], image[..., 3, 2:5])            # the nodule is not darkened
+    assert torch.allclose(out[..., 3, :2], torch.tensor(-0.4))          # the lung is raised by the contrast
+    assert torch.allclose(out[..., 3, 6:], torch.tensor(1.0))           # never past the window
+    assert torch.equal(out[..., 4:, :2], image[..., 4:, :2])            # off the strand nothing changes
+    with pytest.raises(ValueError, match="finite number > 0"):
+        spicules.calibrate_contrast(float("nan"))
+    with pytest.raises(RuntimeError, match="calibrate_contrast needs"):
+        CodeDrivenSpicules(8, INDEX, noise_dim=16).calibrate_contrast(0.4)
+    with pytest.raises(ValueError, match="choose one"):
+        GeneratorConfig(spicules=4, spicule_solid=True, spicule_contrast=True)
+    with pytest.raises(ValueError, match="spicule_contrast is a setting of the drawn spicules"):
+        GeneratorConfig(spicule_contrast=True)

@@ -17,8 +17,8 @@ from RadiogenomicGANLib.networks import build_generator
 from RadiogenomicGANLib.weights import load_weights
 from training import checkpoint as ckpt
 from training.config import ConfigError, TrainConfig
-from training.dataset import load_dataset, make_synthetic_dataset
-from training.iteration import real_lobe_scale, real_strand_share
+from training.dataset import load_dataset, make_synthetic_dataset, write_dataset
+from training.iteration import real_lobe_scale, real_strand_contrast, real_strand_share
 from training.losses import CODE_PHENOTYPE_FEATURES, code_phenotype_features
 from training.train import build_configs, main, training_loop
 
@@ -307,6 +307,30 @@ def test_drawn_lobes_need_the_anchor_and_train_with_the_donors_units(data: Path,
     assert np.isfinite(mean) and sd > 0
     assert float(generator.lobes.amplitude_mean) == pytest.approx(mean)
     assert float(generator.lobes.amplitude_sd) == pytest.approx(sd)
+
+
+def test_strands_painted_at_a_contrast_train_with_the_donors_real_contrast(data: Path, tmp_path: Path,
+                                                                          capsys) -> None:
+    """With spicule_contrast the exported generator paints its strands at the training donors' real strands'
+    median contrast over the lung, in the unit range of the data's window; without a real strand to read, the run
+    is refused with one message."""
+    flags = ("--generator", "spicules=6", "--generator", "spicule_contrast=true", "--loss-weight", "code_phenotype=1")
+    message = fails(["--data", str(data), "--out", str(tmp_path / "none"), "--steps", "2", *TINY, *flags], capsys)
+    assert "no training donor's real slice carries a long strand" in message
+    arrays = dict(np.load(data))
+    for image, mask in zip(arrays["nodule_images"], arrays["nodule_masks"]):   # a 7-px strand 200 HU over the lung
+        rows, cols = np.nonzero(mask > 0)
+        row, start = int(np.median(rows)), int(cols.max()) + 1
+        mask[row, start:start + 7] = 1
+        image[row, start:start + 7] = image[row - 2, start:start + 7] + 200 * 2 / 1500
+    stranded = write_dataset(tmp_path / "stranded.npz", **arrays)
+    torch.set_num_threads(1)
+    result = run(stranded, tmp_path / "contrast", "proposed", 2, *flags)
+    generator, _ = load_weights(result["weights"], expected_kind="proposed", expected_num_genes=64)
+    assert generator.config.spicule_contrast
+    expected = real_strand_contrast(load_dataset(stranded))
+    assert 150 < expected * 750 < 210
+    assert float(generator.spicules.contrast) == pytest.approx(expected)
 
 
 def test_drawn_spicules_need_the_anchor_and_train_with_it(data: Path, tmp_path: Path) -> None:

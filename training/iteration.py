@@ -152,6 +152,23 @@ def real_strand_share(data: RadiogenomicDataset) -> tuple[list[float], float]:
     return coordinates, float(np.mean(shares))
 
 
+def real_strand_contrast(data: RadiogenomicDataset) -> float:
+    """What strands painted at a contrast (`GeneratorConfig.spicule_contrast`) are calibrated to: the median
+    `metrics.strand_contrast_hu` of the training donors' real slices with a long strand, in the unit range of the
+    dataset's HU window (`CodeDrivenSpicules.calibrate_contrast`). Deterministic, so every rank agrees."""
+    from RadiogenomicGANLib.intensity import unit_to_hu
+
+    from .metrics import median_strand_contrast_hu  # metrics pulls in scipy; only runs with strands need it
+
+    rows = data.nodule_indices("train")
+    window = tuple(float(v) for v in data.hu_window)
+    contrast_hu = median_strand_contrast_hu(unit_to_hu(data.nodule_images[rows], window), data.nodule_masks[rows])
+    if not (np.isfinite(contrast_hu) and contrast_hu > 0):
+        raise ConfigError("--generator spicule_contrast=true: no training donor's real slice carries a long strand "
+                          "that stands out from the lung, so there is no contrast to paint the strands at")
+    return 2.0 * contrast_hu / (window[1] - window[0])
+
+
 def real_lobe_scale(data: RadiogenomicDataset) -> tuple[float, float]:
     """The training donors' real `metrics.lobe_amplitude` (each donor's slices, area-weighted), mean and sd as
     `donor_phenotypes` z-scores it for the anchor: what the drawn lobes turn their coordinate back with
@@ -168,15 +185,19 @@ def real_lobe_scale(data: RadiogenomicDataset) -> tuple[float, float]:
 
 def build_networks(
     cfg: TrainConfig, g_cfg: GeneratorConfig, d_cfg: DiscriminatorConfig, weights: LossWeights, ctx: DistContext,
-    strand_share: tuple[list[float], float] | None = None, lobe_scale: tuple[float, float] | None = None
+    strand_share: tuple[list[float], float] | None = None, lobe_scale: tuple[float, float] | None = None,
+    strand_contrast: float | None = None
 ) -> Networks:
     """G, D and EMA G on the device, optimisers, and (N > 1 ranks) the DDP wrappers. Seeds torch first.
-    `strand_share` (`real_strand_share`) calibrates the drawn strands' starting presence and `lobe_scale`
-    (`real_lobe_scale`) the drawn lobes' height, EMA included."""
+    `strand_share` (`real_strand_share`) calibrates the drawn strands' starting presence, `strand_contrast`
+    (`real_strand_contrast`) the contrast they are painted at and `lobe_scale` (`real_lobe_scale`) the drawn
+    lobes' height, EMA included."""
     torch.manual_seed(cfg.seed)
     generator = build_generator(g_cfg)
     if strand_share is not None:
         generator.spicules.calibrate_presence(*strand_share)
+    if strand_contrast is not None:
+        generator.spicules.calibrate_contrast(strand_contrast)
     if lobe_scale is not None:
         generator.lobes.calibrate(*lobe_scale)
     discriminator = build_discriminator(d_cfg)

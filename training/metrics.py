@@ -372,6 +372,14 @@ def strand_contrast_hu(image_hu: np.ndarray, mask: np.ndarray) -> float:
     return float(image_hu[strands].mean() - image_hu[surround].mean())
 
 
+def median_strand_contrast_hu(images_hu: np.ndarray, masks: np.ndarray) -> float:
+    """Median `strand_contrast_hu` over the (N, H, W) slices that carry a long strand (masks nonzero inside);
+    NaN when none does: the real strands' contrast, which the evaluation compares with and drawn strands can be
+    painted at (`GeneratorConfig.spicule_contrast`)."""
+    values = np.array([strand_contrast_hu(h, np.asarray(m) > 0) for h, m in zip(images_hu, masks)], dtype=float)
+    return float(np.nanmedian(values)) if np.isfinite(values).any() else float("nan")
+
+
 def carries_long_strand(masks: np.ndarray) -> np.ndarray:
     """(N,) bool for (N, H, W) masks (nonzero = inside): whether each has a long strand (`long_strands`). The real
     slices' share of them is what drawn strands are calibrated to and compared with."""

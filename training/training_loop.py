@@ -55,6 +55,7 @@ from .iteration import (
     ema_decay,
     precision_context,
     real_lobe_scale,
+    real_strand_contrast,
     real_strand_share,
     train_iteration,
     update_ema,
@@ -96,11 +97,14 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
                                                              if weights.code_phenotype else ()))
         probe = ResumableDistributedSampler(len(train_items), cfg.batch_size, cfg.seed, 0, ctx.rank, ctx.world_size)
 
-        # Construct networks (drawn strands start as often as the training donors' real slices carry one, drawn
-        # lobes read their coordinate in the donors' units; a resumed run takes both from the checkpoint).
+        # Construct networks (drawn strands start as often as the training donors' real slices carry one and, with
+        # spicule_contrast, stand out as far as theirs; drawn lobes read their coordinate in the donors' units; a
+        # resumed run takes all of it from the checkpoint).
         strands = real_strand_share(data) if g_cfg.spicules and resume_path is None else None
         lobe_scale = real_lobe_scale(data) if g_cfg.lobes and resume_path is None else None
-        nets = build_networks(cfg, g_cfg, d_cfg, weights, ctx, strand_share=strands, lobe_scale=lobe_scale)
+        contrast = real_strand_contrast(data) if g_cfg.spicule_contrast and resume_path is None else None
+        nets = build_networks(cfg, g_cfg, d_cfg, weights, ctx, strand_share=strands, lobe_scale=lobe_scale,
+                              strand_contrast=contrast)
         run = run_record(cfg, ctx, probe.global_batch, data.gene_names)
 
         # Resume.
@@ -122,6 +126,10 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
             if strands:
                 print(f"drawn strands: presence bias starts at {nets.generator.spicules.presence_bias.item():.2f},"
                       f" for strands on {strands[1]:.0%} of the nodules, as on the training donors' real slices")
+            if contrast:
+                low, high = (float(v) for v in data.hu_window)
+                print(f"drawn strands painted {contrast * (high - low) / 2:.0f} HU over the lung, the median contrast "
+                      "of the training donors' real strands")
             if lobe_scale:
                 print(f"drawn lobes: height {lobe_scale[0]:.3f} + {lobe_scale[1]:.3f} × the anchored coordinate (sd) "
                       "of the radius, the training donors' real lobe amplitude")

@@ -46,10 +46,10 @@ from ..metrics import (
     kmeans_labels,
     largest_component,
     mean_pairwise_l1,
+    median_strand_contrast_hu,
     normalized_mutual_info,
     placement,
     spearman,
-    strand_contrast_hu,
     to_unit_range,
 )
 from ..surroundings import LUNG_ONLY, central_crop, match_surroundings, texture_pair, wall_fraction
@@ -297,7 +297,7 @@ def real_strand_contrast(ctx: Context) -> float:
     """The same over the donors' real nodule slices with a long strand."""
     rows = ctx.nodule_slices()
     hu = unit_to_hu(ctx.data.nodule_images[rows], ctx.window)
-    return float(_nanmedian(np.array([strand_contrast_hu(h, m > 0) for h, m in zip(hu, ctx.data.nodule_masks[rows])])))
+    return median_strand_contrast_hu(hu, ctx.data.nodule_masks[rows])
 
 
 def core_calibration(per_donor: np.ndarray, real: np.ndarray) -> dict[str, float]:
