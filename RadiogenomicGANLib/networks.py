@@ -127,6 +127,11 @@ class GeneratorConfig(StrictDict):
     # unseen cohorts, README round 23).
     lobes: bool = False
     lobe_code_index: int = 4
+    # The drawn heights' spread over the donors, in sd of the real measure (1: the real nodules' own spread). Why
+    # above 1 can help: the generator's own outline reads lobes too (0.03 median on cohort 5), which swamp heights
+    # of the real measure's sd (0.016): heights set by each donor's TRUE lobulation were read back at ρ 0.27 with
+    # the truth at spread 1, 0.53 at 2 and 0.65 at 3 (the bundled model's nodules, cohort 5; README round 24).
+    lobe_spread: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -165,6 +170,10 @@ class GeneratorConfig(StrictDict):
             raise ValueError(f"lobes is a setting of the proposed generator, not of {self.kind!r}")
         if self.lobes and not 0 <= self.lobe_code_index < self.code_dim:
             raise ValueError(f"lobe_code_index must lie in [0, code_dim={self.code_dim}), got {self.lobe_code_index}")
+        if not (math.isfinite(self.lobe_spread) and self.lobe_spread > 0):
+            raise ValueError(f"lobe_spread must be a finite number > 0, got {self.lobe_spread}")
+        if self.lobe_spread != 1.0 and not self.lobes:
+            raise ValueError("lobe_spread is a setting of the drawn lobes (lobes=true)")
         for name in ("spicule_solid", "spicule_contrast"):
             if getattr(self, name) and not self.spicules:
                 raise ValueError(f"{name} is a setting of the drawn spicules (spicules > 0)")
@@ -602,7 +611,8 @@ class CodeDrivenLobes(nn.Module):
     background) and its mask from radius r / (1 + A·f(θ)): an outline r = R moves to R·(1 + A·f(θ)).
     f = Σ_k w_k cos(kθ + φ_k) over k = 3…8, scaled to unit RMS, w_k = exp(−k²/16)·(½ + σ(z_k)) — the spectrum of
     the phantom's lobes, bumps about 0.35 rad wide — and w_k's jitter z_k and the phases φ_k fixed projections of
-    the style noise, which a nodule's slices share. A = clamp(mean + sd · code[index] / anchor_sd, 0, MAX_AMPLITUDE):
+    the style noise, which a nodule's slices share. A = clamp(mean + spread · sd · code[index] / anchor_sd, 0,
+    MAX_AMPLITUDE) (`spread` 1 unless `GeneratorConfig.lobe_spread` widens it):
     the coordinate, which training anchors to the donor's z-scored real `metrics.lobe_amplitude`, turned back into
     that measure's units with the training donors' mean and sd (`calibrate`; stored with the weights), since
     `lobe_amplitude` reads ≈ A for such an outline. No learned parameter, as the edge's and the strands' factors are
@@ -617,10 +627,11 @@ class CodeDrivenLobes(nn.Module):
     MIN_AREA_PX = 4.0
     _PROJECTION_SEED = 20261205
 
-    def __init__(self, index: int, noise_dim: int, anchor_sd: float = 1.0) -> None:
+    def __init__(self, index: int, noise_dim: int, anchor_sd: float = 1.0, spread: float = 1.0) -> None:
         super().__init__()
         self.index = int(index)
         self.per_unit = 1.0 / float(anchor_sd)
+        self.spread = float(spread)
         count = len(self.HARMONICS)
         # the training donors' real lobe_amplitude, mean and sd (`calibrate`); saved with the weights
         self.register_buffer("amplitude_mean", torch.tensor(0.05))
@@ -640,7 +651,7 @@ class CodeDrivenLobes(nn.Module):
 
     def amplitude(self, code: Tensor) -> Tensor:
         """(B,) lobe heights A, relative to the radius, for gene codes (B, code_dim)."""
-        value = self.amplitude_mean + self.amplitude_sd * code[:, self.index].float() * self.per_unit
+        value = self.amplitude_mean + self.spread * self.amplitude_sd * code[:, self.index].float() * self.per_unit
         return value.clamp(0.0, self.MAX_AMPLITUDE)
 
     def profile(self, theta: Tensor, noise: Tensor | None) -> Tensor:
@@ -760,7 +771,7 @@ class ProposedGenerator(nn.Module):
         self.spicules = (CodeDrivenSpicules(config.spicules, config.spicule_code_index, config.noise_dim,
                                             config.anchor_sd, config.spicule_solid, config.spicule_contrast)
                          if config.spicules else None)
-        self.lobes = (CodeDrivenLobes(config.lobe_code_index, config.noise_dim, config.anchor_sd)
+        self.lobes = (CodeDrivenLobes(config.lobe_code_index, config.noise_dim, config.anchor_sd, config.lobe_spread)
                       if config.lobes else None)
 
     def encode_genes(self, genes: Tensor) -> Tensor:

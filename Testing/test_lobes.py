@@ -48,6 +48,26 @@ def test_the_lobes_are_as_high_as_the_coordinate_says_in_the_measures_units() ->
     assert torch.allclose(areas, (mask[:, 0] > 0.5).sum(dim=(1, 2)).float(), rtol=0.03)
 
 
+def test_a_wider_spread_scales_the_heights_about_the_mean() -> None:
+    """lobe_spread 2: the same coordinates ask for heights twice as far from the donors' mean (clamped at 0), which
+    the measure reads back; the spread travels in the architecture, and a bad one is refused."""
+    lobes = CodeDrivenLobes(INDEX, NOISE, ANCHOR_SD, spread=2.0)
+    lobes.calibrate(0.06, 0.03)
+    code = _code([-2.0, 0.0, 1.0])
+    assert torch.allclose(lobes.amplitude(code), torch.tensor([0.0, 0.06, 0.12]))
+    background, image, mask = _nodule(3)
+    _, warped = lobes(image, mask, background, code, _noise(3))
+    read = [lobe_amplitude(m) for m in (warped[:, 0] > 0.5).numpy()]
+    assert read == pytest.approx([0.0, 0.06, 0.12], abs=0.02)
+    config = GeneratorConfig(num_genes=32, patch_size=32, base_channels=4, max_channels=8, noise_dim=NOISE,
+                             lobes=True, lobe_spread=2.0)
+    assert build_generator(GeneratorConfig.from_dict(config.to_dict())).lobes.spread == 2.0
+    with pytest.raises(ValueError, match="lobe_spread must be a finite number > 0"):
+        GeneratorConfig(lobes=True, lobe_spread=0.0)
+    with pytest.raises(ValueError, match="lobe_spread is a setting of the drawn lobes"):
+        GeneratorConfig(lobe_spread=2.0)
+
+
 def test_only_the_nodule_moves_and_flat_lobes_change_nothing() -> None:
     """The warp moves the change, never the background: far from the nodule the image is the background; with a
     height of 0 image and mask come back as they were; an empty nodule grows none."""
