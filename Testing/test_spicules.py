@@ -108,23 +108,35 @@ class _FixedMask(torch.nn.Module):
         return self.mask[: features.shape[0]] + 0 * features[:, :1]
 
 
-def test_solid_strands_are_painted_sharp_after_the_edge_at_their_own_value() -> None:
-    """With `spicule_solid` the strands keep the learned value (0 HU at the start) after the edge blur, whatever
-    the nodule's intensity; the label is the same as without it, and the value learns from the image."""
-    base = dict(num_genes=32, patch_size=64, base_channels=4, max_channels=8, noise_dim=16, anchor_sd=ANCHOR_SD,
-                spicules=8, edge_blur_per_sd=0.6, edge_inside_mask=True)
+STRAND_GENERATOR = dict(num_genes=32, patch_size=64, base_channels=4, max_channels=8, noise_dim=16,
+                        anchor_sd=ANCHOR_SD, spicules=8, edge_blur_per_sd=0.6, edge_inside_mask=True)
+
+
+def _blended_beside(batch: int, contrast: float | None = None, **painting: bool) -> tuple:
+    """A generator with a way of painting the strands after the edge (`painting`; `contrast` calibrated when given)
+    and one that blends them before it, built alike, drawing the same disc with strands on every nodule: the
+    painted generator, both outputs on a lung background (−0.8), and the disc, genes and noise."""
     torch.manual_seed(5)
-    blended = build_generator(GeneratorConfig(**base)).eval()
+    blended = build_generator(GeneratorConfig(**STRAND_GENERATOR)).eval()
     torch.manual_seed(5)
-    solid = build_generator(GeneratorConfig(**base, spicule_solid=True)).eval()
-    assert set(solid.state_dict()) - set(blended.state_dict()) == {"spicules.solid_value"}
-    disc, genes, noise = _disc(2), torch.randn(2, 32), torch.randn(2, 16)
-    for generator in (blended, solid):
+    painted = build_generator(GeneratorConfig(**STRAND_GENERATOR, **painting)).eval()
+    added = set(painted.state_dict()) - set(blended.state_dict())
+    assert added == ({"spicules.contrast"} if painting.get("spicule_contrast") else {"spicules.solid_value"})
+    if contrast is not None:
+        painted.spicules.calibrate_contrast(contrast)
+    disc, genes, noise = _disc(batch), torch.randn(batch, 32), torch.randn(batch, 16)
+    for generator in (blended, painted):
         generator.mask_head = _FixedMask(disc)
         with torch.no_grad():                       # strands on every nodule
             generator.spicules.presence_bias.fill_(8.0)
-    background = torch.full((2, 1, SIZE, SIZE), -0.8)
-    plain, sharp = blended(background, genes, noise), solid(background, genes, noise)
+    background = torch.full((batch, 1, SIZE, SIZE), -0.8)
+    return painted, blended(background, genes, noise), painted(background, genes, noise), disc, genes, noise
+
+
+def test_solid_strands_are_painted_sharp_after_the_edge_at_their_own_value() -> None:
+    """With `spicule_solid` the strands keep the learned value (0 HU at the start) after the edge blur, whatever
+    the nodule's intensity; the label is the same as without it, and the value learns from the image."""
+    solid, plain, sharp, disc, genes, noise = _blended_beside(2, spicule_solid=True)
     assert torch.equal(plain.mask, sharp.mask)
     strand = solid.spicules.strands(disc, solid.encode_genes(genes), noise) > 0.5
     assert (strand & (disc == 0)).any()
@@ -183,25 +195,12 @@ def test_contrast_strands_stand_out_from_the_lung_as_calibrated_and_never_darken
     from RadiogenomicGANLib.intensity import unit_to_hu
     from training.metrics import strand_contrast_hu
 
-    base = dict(num_genes=32, patch_size=64, base_channels=4, max_channels=8, noise_dim=16, anchor_sd=ANCHOR_SD,
-                spicules=8, edge_blur_per_sd=0.6, edge_inside_mask=True)
-    torch.manual_seed(5)
-    blended = build_generator(GeneratorConfig(**base)).eval()
-    torch.manual_seed(5)
-    painted = build_generator(GeneratorConfig(**base, spicule_contrast=True)).eval()
-    assert set(painted.state_dict()) - set(blended.state_dict()) == {"spicules.contrast"}
     contrast_hu = 300.0
-    painted.spicules.calibrate_contrast(contrast_hu * 2 / 1500)
-    rebuilt = build_generator(GeneratorConfig(**base, spicule_contrast=True))
-    rebuilt.load_state_dict(painted.state_dict())
+    painted, plain, sharp, disc, genes, noise = _blended_beside(4, spicule_contrast=True,
+                                                                contrast=contrast_hu * 2 / 1500)
+    rebuilt = build_generator(GeneratorConfig(**STRAND_GENERATOR, spicule_contrast=True))
+    rebuilt.spicules.load_state_dict(painted.spicules.state_dict())    # the contrast travels with the weights
     assert float(rebuilt.spicules.contrast) == pytest.approx(0.4)
-    disc, genes, noise = _disc(4), torch.randn(4, 32), torch.randn(4, 16)
-    for generator in (blended, painted):
-        generator.mask_head = _FixedMask(disc)
-        with torch.no_grad():                       # strands on every nodule
-            generator.spicules.presence_bias.fill_(8.0)
-    background = torch.full((4, 1, SIZE, SIZE), -0.8)
-    plain, sharp = blended(background, genes, noise), painted(background, genes, noise)
     assert torch.equal(plain.mask, sharp.mask)
     strand = painted.spicules.strands(disc, painted.encode_genes(genes), noise) > 0.5
     outside = strand & (disc == 0)
