@@ -603,9 +603,8 @@ class CodeDrivenSpicules(nn.Module):
             return self._paint(image, strand, self.solid_value.to(image.dtype))
         if self.contrast is None:
             raise RuntimeError("paint_after_edge needs a module built with solid=True or contrast=True")
-        fill = (2.0 * strand).clamp(max=1.0)
         target = (background + self.contrast.to(image.dtype)).clamp(max=1.0)   # the window's top
-        return image + fill * (target - image).clamp_min(0.0)
+        return self._paint(image, strand, torch.maximum(image, target))
 
 
 class CodeDrivenLobes(nn.Module):
