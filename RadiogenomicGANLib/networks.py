@@ -136,6 +136,11 @@ class GeneratorConfig(StrictDict):
     # at 2 (three seeds, round 24) the lobes read 0.24 ± 0.09 on the unseen cohort 5 (spread 1: 0.15), under the 0.25
     # its rule asked: not part of the recommended setting.
     lobe_spread: float = 1.0
+    # The drawn lobes replace the generator's own outline (its lobe harmonics are taken out by the same warp)
+    # instead of adding to it. Why: with lobes at spread 2 and 3 (rounds 24-25) the anchored coordinate carried the
+    # true lobulation at rho 0.43-0.46 on cohort 5, yet the outlines read 0.24 on average, 0.08-0.40 by seed: the
+    # generator's own lobes, as high as the real ones and unrelated to the genes, stay in the outline.
+    lobe_replace_outline: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -178,6 +183,8 @@ class GeneratorConfig(StrictDict):
             raise ValueError(f"lobe_spread must be a finite number > 0, got {self.lobe_spread}")
         if self.lobe_spread != 1.0 and not self.lobes:
             raise ValueError("lobe_spread is a setting of the drawn lobes (lobes=true)")
+        if self.lobe_replace_outline and not self.lobes:
+            raise ValueError("lobe_replace_outline is a setting of the drawn lobes (lobes=true)")
         for name in ("spicule_solid", "spicule_contrast"):
             if getattr(self, name) and not self.spicules:
                 raise ValueError(f"{name} is a setting of the drawn spicules (spicules > 0)")
@@ -621,6 +628,9 @@ class CodeDrivenLobes(nn.Module):
     `lobe_amplitude` reads ≈ A for such an outline. No learned parameter, as the edge's and the strands' factors are
     fixed, so that the genes keep their say. The geometry (c, the drawn area) is [mask > 0.5]'s and carries no
     gradient; a drawn area under MIN_AREA_PX gets no lobes. The background is not moved: only the change is.
+    With `replace_outline` the drawn outline's own lobes h(θ) (its radius's harmonics 3–8 over the mean radius, read
+    as `metrics.lobe_amplitude` reads them, no gradient) are divided out by the same warp: r = R·(1 + h(θ)) moves to
+    R·(1 + A·f(θ)), so the outline's lobes are the drawn ones alone.
     """
 
     HARMONICS = (3, 4, 5, 6, 7, 8)
@@ -628,13 +638,18 @@ class CodeDrivenLobes(nn.Module):
     MAX_AMPLITUDE = 0.4       # with f's peaks at ≈ 2, the outline stays at radii ≥ 0.2 R
     MIN_FACTOR = 0.2
     MIN_AREA_PX = 4.0
+    OUTLINE_RAYS = 128        # the own outline read as `metrics.lobe_amplitude` reads it: rays, step, harmonics
+    OUTLINE_STEP_PX = 0.25
+    MAX_OWN_LOBE = 0.5        # |h(θ)| capped, so that 1 + h stays ≥ ½ on a ragged outline
     _PROJECTION_SEED = 20261205
 
-    def __init__(self, index: int, noise_dim: int, anchor_sd: float = 1.0, spread: float = 1.0) -> None:
+    def __init__(self, index: int, noise_dim: int, anchor_sd: float = 1.0, spread: float = 1.0,
+                 replace_outline: bool = False) -> None:
         super().__init__()
         self.index = int(index)
         self.per_unit = 1.0 / float(anchor_sd)
         self.spread = float(spread)
+        self.replace_outline = bool(replace_outline)
         count = len(self.HARMONICS)
         # the training donors' real lobe_amplitude, mean and sd (`calibrate`); saved with the weights
         self.register_buffer("amplitude_mean", torch.tensor(0.05))
@@ -685,6 +700,8 @@ class CodeDrivenLobes(nn.Module):
             theta = torch.atan2(dr, dc)
         height = self.amplitude(code) * present
         factor = (1.0 + height[:, None, None] * self.profile(theta, noise)).clamp_min(self.MIN_FACTOR)
+        if self.replace_outline:
+            factor = factor / (1.0 + self.own_lobes(mask, centre_r, centre_c, theta) * present[:, None, None])
         source_r = centre_r[:, None, None] + dr / factor
         source_c = centre_c[:, None, None] + dc / factor
         grid = torch.stack([source_c * (2.0 / max(w - 1, 1)) - 1.0, source_r * (2.0 / max(h - 1, 1)) - 1.0], dim=-1)
@@ -692,6 +709,32 @@ class CodeDrivenLobes(nn.Module):
         warped = F.grid_sample(stacked, grid.to(stacked.dtype), mode="bilinear", padding_mode="zeros",
                                align_corners=True)
         return background + warped[:, :1], warped[:, 1:]
+
+
+    @torch.no_grad()
+    def own_lobes(self, mask: Tensor, centre_r: Tensor, centre_c: Tensor, theta: Tensor) -> Tensor:
+        """h(θ) at angles (B,H,W): the drawn outline's harmonics 3–8 relative to its mean radius, its radius along
+        each of OUTLINE_RAYS rays from the centroid being where [mask > 0.5]'s bilinear occupancy first falls
+        under ½ (the rays and steps of `metrics.lobe_amplitude`)."""
+        h, w = mask.shape[-2:]
+        rays = 2.0 * math.pi * torch.arange(self.OUTLINE_RAYS, device=mask.device) / self.OUTLINE_RAYS
+        steps = torch.arange(0.0, float(max(h, w)), self.OUTLINE_STEP_PX, device=mask.device)
+        sample_r = centre_r[:, None, None] + steps[None, None, :] * rays.sin()[None, :, None]     # (B, rays, steps)
+        sample_c = centre_c[:, None, None] + steps[None, None, :] * rays.cos()[None, :, None]
+        grid = torch.stack([sample_c * (2.0 / max(w - 1, 1)) - 1.0, sample_r * (2.0 / max(h - 1, 1)) - 1.0], dim=-1)
+        occupancy = F.grid_sample(_drawn_pixels(mask).float(), grid, mode="bilinear", padding_mode="zeros",
+                                  align_corners=True)[:, 0]
+        outside = occupancy < 0.5
+        first = torch.where(outside.any(dim=2), outside.float().argmax(dim=2), steps.numel() - 1)
+        radius = steps[first]                                                                     # (B, rays)
+        mean = radius.mean(dim=1, keepdim=True)
+        spectrum = torch.fft.rfft(radius / mean.clamp_min(1e-6), dim=1) * (2.0 / self.OUTLINE_RAYS)
+        harmonics = self.harmonics.to(theta.dtype)
+        picked = spectrum[:, harmonics.long()]                                                    # (B, K)
+        waves = harmonics[None, :, None, None] * theta[:, None]
+        own = (picked.real[..., None, None] * torch.cos(waves) - picked.imag[..., None, None] * torch.sin(waves))
+        own = own.sum(dim=1) * (mean[:, :, None] > 0)
+        return own.clamp(-self.MAX_OWN_LOBE, self.MAX_OWN_LOBE)
 
 
 def _drawn_pixels(mask: Tensor) -> Tensor:
@@ -774,8 +817,8 @@ class ProposedGenerator(nn.Module):
         self.spicules = (CodeDrivenSpicules(config.spicules, config.spicule_code_index, config.noise_dim,
                                             config.anchor_sd, config.spicule_solid, config.spicule_contrast)
                          if config.spicules else None)
-        self.lobes = (CodeDrivenLobes(config.lobe_code_index, config.noise_dim, config.anchor_sd, config.lobe_spread)
-                      if config.lobes else None)
+        self.lobes = (CodeDrivenLobes(config.lobe_code_index, config.noise_dim, config.anchor_sd, config.lobe_spread,
+                                      config.lobe_replace_outline) if config.lobes else None)
 
     def encode_genes(self, genes: Tensor) -> Tensor:
         """φ(g) for a batch of z-scored gene vectors (B,G) → (B, code_dim); the radiogenomic map uses it."""

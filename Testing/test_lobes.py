@@ -68,6 +68,44 @@ def test_a_wider_spread_scales_the_heights_about_the_mean() -> None:
         GeneratorConfig(lobe_spread=2.0)
 
 
+def _lobed_nodule(batch: int, height: float = 0.12, harmonic: int = 5) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
+    """(background, image, soft mask): a nodule whose own outline carries lobes r = 12·(1 + height·cos(kθ))."""
+    rows, cols = torch.meshgrid(torch.arange(SIZE).float(), torch.arange(SIZE).float(), indexing="ij")
+    theta = torch.atan2(rows - 31.6, cols - 32.3)
+    outline = 12.0 * (1.0 + height * torch.cos(harmonic * theta + 0.3))
+    soft = torch.sigmoid(2.0 * (outline - torch.hypot(rows - 31.6, cols - 32.3)))[None, None].repeat(batch, 1, 1, 1)
+    background = torch.full_like(soft, -0.8)
+    return background, background + 0.8 * soft, soft
+
+
+def test_replacing_the_outline_takes_the_generators_own_lobes_out() -> None:
+    """With `replace_outline` a nodule drawn with its own lobes (the measure reads 0.078) comes out with the drawn
+    lobes alone: none asked → the measure reads ≈ 0 (without: 0.078 stay); 0.09 asked → ≈ 0.09, as on a disc
+    (without: the two add up); a disc, which has no lobes of its own, is drawn as without it. The setting travels
+    in the architecture and is refused without drawn lobes."""
+    def read(replace: bool, height: float, nodule: tuple) -> list[float]:
+        lobes = CodeDrivenLobes(INDEX, NOISE, ANCHOR_SD, replace_outline=replace)
+        lobes.calibrate(height, 0.0)
+        background, image, mask = nodule
+        _, warped = lobes(image, mask, background, _code([0.0, 0.0]), _noise(2))
+        return [lobe_amplitude(m) for m in (warped[:, 0] > 0.5).numpy()]
+
+    lobed, disc = _lobed_nodule(2), _nodule(2)
+    assert lobe_amplitude((lobed[2][0, 0] > 0.5).numpy()) == pytest.approx(0.078, abs=0.005)
+    assert read(False, 0.0, lobed) == pytest.approx([0.078, 0.078], abs=0.005)
+    assert max(read(True, 0.0, lobed)) < 0.01
+    on_disc = read(False, 0.09, disc)
+    assert read(True, 0.09, lobed) == pytest.approx(on_disc, abs=0.01)
+    assert min(read(False, 0.09, lobed)) > max(on_disc) + 0.015
+    assert read(True, 0.09, disc) == pytest.approx(on_disc, abs=0.005)
+    config = GeneratorConfig(num_genes=32, patch_size=32, base_channels=4, max_channels=8, noise_dim=NOISE,
+                             lobes=True, lobe_replace_outline=True)
+    assert build_generator(GeneratorConfig.from_dict(config.to_dict())).lobes.replace_outline
+    with pytest.raises(ValueError, match="lobe_replace_outline is a setting of the drawn lobes"):
+        GeneratorConfig(lobe_replace_outline=True)
+
+
 def test_only_the_nodule_moves_and_flat_lobes_change_nothing() -> None:
     """The warp moves the change, never the background: far from the nodule the image is the background; with a
     height of 0 image and mask come back as they were; an empty nodule grows none."""

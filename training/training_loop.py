@@ -132,7 +132,8 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
                       "of the training donors' real strands")
             if lobe_scale:
                 print(f"drawn lobes: height {lobe_scale[0]:.3f} + {g_cfg.lobe_spread:g} × {lobe_scale[1]:.3f} × the "
-                      "anchored coordinate (sd) of the radius, the training donors' real lobe amplitude")
+                      "anchored coordinate (sd) of the radius, the training donors' real lobe amplitude"
+                      + (", in place of the generator's own outline" if g_cfg.lobe_replace_outline else ""))
 
         # Distribute (the DDP wrappers were built with the networks); then the data loader for this rank.
         sampler, loader = training_batches(train_items, cfg, ctx, start_step, g_cfg.noise_dim,
