@@ -139,7 +139,9 @@ class GeneratorConfig(StrictDict):
     # The drawn lobes replace the generator's own outline (its lobe harmonics are taken out by the same warp)
     # instead of adding to it. Why: with lobes at spread 2 and 3 (rounds 24-25) the anchored coordinate carried the
     # true lobulation at rho 0.43-0.46 on cohort 5, yet the outlines read 0.24 on average, 0.08-0.40 by seed: the
-    # generator's own lobes, as high as the real ones and unrelated to the genes, stay in the outline.
+    # generator's own lobes, as high as the real ones and unrelated to the genes, stay in the outline. With them
+    # divided out, at spread 1: 0.32 ± 0.13 on cohort 5, 0.45 ± 0.06 on cohort 7 (round 25; part of the recommended
+    # setting and the bundled model since). Off here, so weights written without the key load as trained.
     lobe_replace_outline: bool = False
 
     def __post_init__(self) -> None:
@@ -709,7 +711,6 @@ class CodeDrivenLobes(nn.Module):
         warped = F.grid_sample(stacked, grid.to(stacked.dtype), mode="bilinear", padding_mode="zeros",
                                align_corners=True)
         return background + warped[:, :1], warped[:, 1:]
-
 
     @torch.no_grad()
     def own_lobes(self, mask: Tensor, centre_r: Tensor, centre_c: Tensor, theta: Tensor) -> Tensor:
