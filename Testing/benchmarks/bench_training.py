@@ -42,6 +42,7 @@ import torch
 from monai_peer import PeerStep
 from torch.utils.flop_counter import FlopCounterMode
 
+from RadiogenomicGANLib.devices import keep_freed_memory
 from training.config import MODELS, TrainConfig, parse_override
 from training.distributed import DistContext
 from training.iteration import autocast_for, build_configs, build_networks, train_iteration, update_ema, uses_bf16
@@ -49,7 +50,9 @@ from training.sampling import to_device
 
 PEER_SIZE = 128   # the peer's architecture is built for 128² patches only
 # The peer's own step as issue 10 measured it on this 2-core CPU class (128², batch 16, float32): the stand-in
-# has run 1.6–2× slower than that here, so the ratio against this figure is the lower estimate.
+# has run 1.6–2× slower than that here under glibc's own malloc (its 25–50 MB blocks faulted in afresh every
+# step) and 1.3× with freed memory kept (`keep_freed_memory`, as training runs), so the ratio against this
+# figure is the lower estimate.
 PEER_QUOTED_SECONDS = 3.74
 
 
@@ -165,6 +168,8 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"),
                         help="default: fp32 and bf16 on CPU, bf16 on GPU")
     parser.add_argument("--no-peer", action="store_true", help="skip the MONAI peer (no ratio printed)")
+    parser.add_argument("--system-allocator", action="store_true",
+                        help="leave glibc's malloc as it is (training keeps freed memory: keep_freed_memory)")
     parser.add_argument("--generator", action="append", default=[], metavar="KEY=VALUE",
                         help="GeneratorConfig override, as for training (e.g. base_channels=32); repeatable")
     parser.add_argument("--discriminator", action="append", default=[], metavar="KEY=VALUE",
@@ -179,10 +184,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = False if args.system_allocator else keep_freed_memory()   # as training does
     device = pick_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; batch {args.batch}; {args.genes} genes; "
-          f"median of {args.iters} round-robin iterations after a FLOP-counting run and {args.warmup} warm-up")
+          f"median of {args.iters} round-robin iterations after a FLOP-counting run and {args.warmup} warm-up; "
+          f"freed memory {'kept for reuse' if kept else 'as the C library does'}")
     g_over = dict(parse_override(text) for text in args.generator)
     d_over = dict(parse_override(text) for text in args.discriminator)
     variant = {name: dict(parse_override(text) for text in texts) for name, texts in (
