@@ -143,6 +143,13 @@ class GeneratorConfig(StrictDict):
     # divided out, at spread 1: 0.32 ± 0.13 on cohort 5, 0.45 ± 0.06 on cohort 7 (round 25; part of the recommended
     # setting and the bundled model since). Off here, so weights written without the key load as trained.
     lobe_replace_outline: bool = False
+    # The strands start and end relative to the drawn outline's own radius along their direction (0.85 r_k and
+    # r_k + L_k, r_k read on [mask > 0.5] as `outline_radius` reads it) instead of the mean radius R = √(area/π).
+    # Why: with lobes the outline's radius varies by ±A·f(θ), so a strand leaving through a lobe's bulge was drawn
+    # partly inside it and one leaving through a notch started off the body; with the lobes the thin-strand
+    # spiculation read 0.43 ± 0.06 on cohort 7 where round 18's strands alone read 0.55 ± 0.03 (README round 25).
+    # Off here, so weights written without the key load as trained.
+    spicules_follow_outline: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -190,6 +197,8 @@ class GeneratorConfig(StrictDict):
         for name in ("spicule_solid", "spicule_contrast"):
             if getattr(self, name) and not self.spicules:
                 raise ValueError(f"{name} is a setting of the drawn spicules (spicules > 0)")
+        if self.spicules_follow_outline and not self.spicules:
+            raise ValueError("spicules_follow_outline is a setting of the drawn spicules (spicules > 0)")
         if self.spicule_solid and self.spicule_contrast:
             raise ValueError("spicule_solid and spicule_contrast are two ways to paint the strands: choose one")
         if self.slice_position and self.kind == "inpainting":
@@ -450,19 +459,20 @@ class CodeDrivenEdge(nn.Module):
 class CodeDrivenSpicules(nn.Module):
     """Draw up to K thin strands from the drawn mask's body outwards, their presence set by one gene-code coordinate.
 
-    Strand k leaves the mask's centroid c in direction u_k, starts inside the body (at 0.85 R, R = √(area/π)) and
-    ends L_k beyond it. Its map is a_k · exp(−d²/2w²) · [start < along < R + L_k] (soft ends), d the distance to the
-    ray, w = WIDTH_PX: above the mask's 0.5 threshold a line 1–2 px wide, which the evaluation's opening removes
-    and counts as a long strand. a_k = σ(k·code[index]/anchor_sd + b₀ + NOISE_GAIN·z_k) (× the slice's relative
-    cross-section √(1 − t²) with a slice position): more strands where the genotype is more spiculated. L_k =
-    exp(ℓ₀ + LENGTH_PER_SD·code[index]/anchor_sd) · (0.6 + 0.8 v_k). u_k, z_k, v_k are fixed projections of the
-    style noise (a nodule's slices share it), so noise moves the strands. b₀ and ℓ₀ are learned; k is fixed, as
-    the edge's factor is, so that the genes keep their say. The geometry (c, R) is the drawn mask's ([m > 0.5]: the
-    soft mask's faint fill would pull c towards the patch centre and inflate R, so that strands started outside the
-    body, as they did in the first runs, README round 17) and carries no gradient. The strands
-    join the mask as a union and take the nodule's mean intensity in the image (fully wherever the mask's 0.5
-    threshold keeps them), before the edge blur — or, after it (`paint_after_edge`), one learned solid value
-    (`solid`) or the background raised by the real strands' contrast (`contrast`, `calibrate_contrast`).
+    Strand k leaves the mask's centroid c in direction u_k, starts inside the body (at 0.85 R, R = √(area/π), or
+    with `follow_outline` the outline's own radius r_k along u_k) and ends L_k beyond it. Its map is a_k ·
+    exp(−d²/2w²) · [start < along < R + L_k] (soft ends), d the distance to the ray, w = WIDTH_PX: above the mask's
+    0.5 threshold a line 1–2 px wide, which the evaluation's opening removes and counts as a long strand. a_k =
+    σ(k·code[index]/anchor_sd + b₀ + NOISE_GAIN·z_k) (× the slice's relative cross-section √(1 − t²) with a slice
+    position): more strands where the genotype is more spiculated. L_k = exp(ℓ₀ +
+    LENGTH_PER_SD·code[index]/anchor_sd) · (0.6 + 0.8 v_k). u_k, z_k, v_k are fixed projections of the style noise
+    (a nodule's slices share it), so noise moves the strands. b₀ and ℓ₀ are learned; k is fixed, as the edge's
+    factor is, so that the genes keep their say. The geometry (c, R) is the drawn mask's ([m > 0.5]: the soft mask's
+    faint fill would pull c towards the patch centre and inflate R, so that strands started outside the body, as
+    they did in the first runs, README round 17) and carries no gradient. The strands join the mask as a union and
+    take the nodule's mean intensity in the image (fully wherever the mask's 0.5 threshold keeps them), before the
+    edge blur — or, after it (`paint_after_edge`), one learned solid value (`solid`) or the background raised by the
+    real strands' contrast (`contrast`, `calibrate_contrast`).
     """
 
     PER_SD = 1.5          # logit of a strand's presence per sd of the anchored coordinate
@@ -472,17 +482,19 @@ class CodeDrivenSpicules(nn.Module):
     START = 0.85          # strands start at START · R from the centroid, inside the body
     END_SOFTNESS_PX = 0.5
     MIN_AREA_PX = 4.0     # below this drawn area no strands (an empty nodule grows none)
+    OUTLINE_STEP_PX = 0.25   # with `follow_outline`: the step of the outline's radius along a strand
     _PROJECTION_SEED = 20261204
 
     SOLID_START = 1.0 / 3.0   # 0 HU in the unit range of the (−1000, 500) HU window: a solid strand's start
     CONTRAST_START = 292.0 * 2.0 / 1500.0   # cohort 5's real strands' 292 HU over the lung, in unit range
 
     def __init__(self, count: int, index: int, noise_dim: int, anchor_sd: float = 1.0, solid: bool = False,
-                 contrast: bool = False) -> None:
+                 contrast: bool = False, follow_outline: bool = False) -> None:
         super().__init__()
         if solid and contrast:
             raise ValueError("the strands are painted at a solid value or at a contrast over the background, not both")
         self.count, self.index = int(count), int(index)
+        self.follow_outline = bool(follow_outline)   # `GeneratorConfig.spicules_follow_outline`
         self.per_unit = 1.0 / float(anchor_sd)
         self.presence_bias = nn.Parameter(torch.tensor(-1.0))       # b₀: few strands at the cohort's mean
         self.log_length0 = nn.Parameter(torch.tensor(math.log(5.0)))  # ℓ₀: 5 px (≈ 5 mm at 64²)
@@ -578,8 +590,12 @@ class CodeDrivenSpicules(nn.Module):
             amplitude = amplitude * relative_cross_section(position.float())[:, None]
         along = dr[:, None] * direction[..., 0, None, None] + dc[:, None] * direction[..., 1, None, None]
         across = dr[:, None] * direction[..., 1, None, None] - dc[:, None] * direction[..., 0, None, None]
-        start = (self.START * radius)[:, None, None, None]
-        end = radius[:, None, None, None] + length[..., None, None]
+        if self.follow_outline:   # each strand from the outline's own radius along its direction
+            radius = outline_radius(mask, centre_r, centre_c, direction.detach().float(), self.OUTLINE_STEP_PX)
+        else:
+            radius = radius[:, None].expand_as(length)
+        start = (self.START * radius)[..., None, None]
+        end = radius[..., None, None] + length[..., None, None]
         soft = self.END_SOFTNESS_PX
         profile = (torch.exp(-0.5 * (across / self.WIDTH_PX).square())
                    * torch.sigmoid((along - start) / soft) * torch.sigmoid((end - along) / soft))
@@ -717,17 +733,9 @@ class CodeDrivenLobes(nn.Module):
         """h(θ) at angles (B,H,W): the drawn outline's harmonics 3–8 relative to its mean radius, its radius along
         each of OUTLINE_RAYS rays from the centroid being where [mask > 0.5]'s bilinear occupancy first falls
         under ½ (the rays and steps of `metrics.lobe_amplitude`)."""
-        h, w = mask.shape[-2:]
         rays = 2.0 * math.pi * torch.arange(self.OUTLINE_RAYS, device=mask.device) / self.OUTLINE_RAYS
-        steps = torch.arange(0.0, float(max(h, w)), self.OUTLINE_STEP_PX, device=mask.device)
-        sample_r = centre_r[:, None, None] + steps[None, None, :] * rays.sin()[None, :, None]     # (B, rays, steps)
-        sample_c = centre_c[:, None, None] + steps[None, None, :] * rays.cos()[None, :, None]
-        grid = torch.stack([sample_c * (2.0 / max(w - 1, 1)) - 1.0, sample_r * (2.0 / max(h - 1, 1)) - 1.0], dim=-1)
-        occupancy = F.grid_sample(_drawn_pixels(mask).float(), grid, mode="bilinear", padding_mode="zeros",
-                                  align_corners=True)[:, 0]
-        outside = occupancy < 0.5
-        first = torch.where(outside.any(dim=2), outside.float().argmax(dim=2), steps.numel() - 1)
-        radius = steps[first]                                                                     # (B, rays)
+        directions = torch.stack([rays.sin(), rays.cos()], dim=1).expand(mask.shape[0], -1, -1)
+        radius = outline_radius(mask, centre_r, centre_c, directions, self.OUTLINE_STEP_PX)       # (B, rays)
         mean = radius.mean(dim=1, keepdim=True)
         spectrum = torch.fft.rfft(radius / mean.clamp_min(1e-6), dim=1) * (2.0 / self.OUTLINE_RAYS)
         harmonics = self.harmonics.to(theta.dtype)
@@ -736,6 +744,23 @@ class CodeDrivenLobes(nn.Module):
         own = (picked.real[..., None, None] * torch.cos(waves) - picked.imag[..., None, None] * torch.sin(waves))
         own = own.sum(dim=1) * (mean[:, :, None] > 0)
         return own.clamp(-self.MAX_OWN_LOBE, self.MAX_OWN_LOBE)
+
+
+@torch.no_grad()
+def outline_radius(mask: Tensor, centre_r: Tensor, centre_c: Tensor, directions: Tensor, step_px: float) -> Tensor:
+    """(B, K) the drawn outline's distance from (centre_r, centre_c) along unit `directions` (B, K, 2) (row,
+    column): where [mask > 0.5]'s bilinear occupancy, sampled every `step_px`, first falls under ½ (the patch's
+    size where it never does). No gradient."""
+    h, w = mask.shape[-2:]
+    steps = torch.arange(0.0, float(max(h, w)), step_px, device=mask.device)
+    sample_r = centre_r[:, None, None] + steps[None, None, :] * directions[..., 0, None]        # (B, K, steps)
+    sample_c = centre_c[:, None, None] + steps[None, None, :] * directions[..., 1, None]
+    grid = torch.stack([sample_c * (2.0 / max(w - 1, 1)) - 1.0, sample_r * (2.0 / max(h - 1, 1)) - 1.0], dim=-1)
+    occupancy = F.grid_sample(_drawn_pixels(mask).float(), grid, mode="bilinear", padding_mode="zeros",
+                              align_corners=True)[:, 0]
+    outside = occupancy < 0.5
+    first = torch.where(outside.any(dim=2), outside.float().argmax(dim=2), steps.numel() - 1)
+    return steps[first]
 
 
 def _drawn_pixels(mask: Tensor) -> Tensor:
@@ -816,7 +841,8 @@ class ProposedGenerator(nn.Module):
         self.edge = (CodeDrivenEdge(config.edge_blur_per_sd, config.edge_code_index, config.edge_inside_mask,
                                     config.anchor_sd) if config.edge_blur_per_sd else None)
         self.spicules = (CodeDrivenSpicules(config.spicules, config.spicule_code_index, config.noise_dim,
-                                            config.anchor_sd, config.spicule_solid, config.spicule_contrast)
+                                            config.anchor_sd, config.spicule_solid, config.spicule_contrast,
+                                            config.spicules_follow_outline)
                          if config.spicules else None)
         self.lobes = (CodeDrivenLobes(config.lobe_code_index, config.noise_dim, config.anchor_sd, config.lobe_spread,
                                       config.lobe_replace_outline) if config.lobes else None)

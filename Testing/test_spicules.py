@@ -155,6 +155,40 @@ def test_config_checks() -> None:
         GeneratorConfig(kind="mcgan", spicules=4)
     with pytest.raises(ValueError, match="spicule_solid is a setting of the drawn spicules"):
         GeneratorConfig(spicule_solid=True)
+    with pytest.raises(ValueError, match="spicules_follow_outline is a setting of the drawn spicules"):
+        GeneratorConfig(spicules_follow_outline=True)
+
+
+def _strand_reach(mask: torch.Tensor, centre_row: float) -> float:
+    """How far below `centre_row` the label reaches in the strand's column (30)."""
+    rows = torch.nonzero(mask[0, 0, :, 30] > 0.5)[:, 0]
+    return float(rows.max()) - centre_row
+
+
+def test_following_the_outline_starts_each_strand_at_its_own_radius() -> None:
+    # a disc of radius 6 with a lobe bulging to radius 11 straight down, where the one strand (no noise: the
+    # even directions, the first pointing down the rows) leaves
+    body = _disc(1)
+    body[0, 0, 32:44, 28:33] = 1.0
+    area_radius = float(torch.sqrt(body.sum() / np.pi))
+    centre_row = float((body[0, 0].sum(dim=1) * torch.arange(SIZE)).sum() / body.sum())
+    lobe_tip = 43.5 - centre_row    # the outline's radius straight down: half-way past the lobe's last row
+    plain = CodeDrivenSpicules(1, INDEX, noise_dim=16, anchor_sd=ANCHOR_SD)
+    following = CodeDrivenSpicules(1, INDEX, noise_dim=16, anchor_sd=ANCHOR_SD, follow_outline=True)
+    following.load_state_dict(plain.state_dict())
+    code = _code(1, 3.0)
+    length = float(plain.strand_parameters(code, None)[2].detach())
+    image = torch.zeros_like(body)
+    reach = {name: _strand_reach(module(image, body, code, None)[1], centre_row) for name, module in
+             (("plain", plain), ("following", following))}
+    # from the mean radius the strand's first pixels lie inside the lobe; from the lobe's tip it reaches L beyond
+    assert abs(reach["plain"] - (area_radius + length)) <= 1.0, reach
+    assert abs(reach["following"] - (lobe_tip + length)) <= 1.0, reach
+    assert reach["following"] - reach["plain"] > 2.0, reach
+    # on a disc the outline's radius is the mean radius: the same strands, to a pixel
+    disc = _disc(1)
+    assert abs(_strand_reach(plain(image, disc, code, None)[1], 32.0)
+               - _strand_reach(following(image, disc, code, None)[1], 32.0)) <= 1.0
 
 
 def test_a_faint_fill_does_not_move_the_strands() -> None:

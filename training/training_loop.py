@@ -129,7 +129,8 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
             print(network_summaries(nets, samples, ctx.device))
             if strands:
                 print(f"drawn strands: presence bias starts at {nets.generator.spicules.presence_bias.item():.2f},"
-                      f" for strands on {strands[1]:.0%} of the nodules, as on the training donors' real slices")
+                      f" for strands on {strands[1]:.0%} of the nodules, as on the training donors' real slices"
+                      + ("; each from the outline's own radius along it" if g_cfg.spicules_follow_outline else ""))
             if contrast:
                 low, high = (float(v) for v in data.hu_window)
                 print(f"drawn strands painted {contrast * (high - low) / 2:.0f} HU over the lung, the median contrast "
