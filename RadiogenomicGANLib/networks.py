@@ -148,7 +148,10 @@ class GeneratorConfig(StrictDict):
     # Why: with lobes the outline's radius varies by ±A·f(θ), so a strand leaving through a lobe's bulge was drawn
     # partly inside it and one leaving through a notch started off the body; with the lobes the thin-strand
     # spiculation read 0.43 ± 0.06 on cohort 7 where round 18's strands alone read 0.55 ± 0.03 (README round 25).
-    # Off here, so weights written without the key load as trained.
+    # Tried in round 26 on top of the recommended setting (three seeds): on cohort 5 the thin strands read 0.48 ±
+    # 0.10 against 0.53 ± 0.13 without it, one seed drew long strands on 45 % of the nodules (the real slices: 21 %)
+    # and lost its lobulation (−0.09), and the matched realism test rose to 0.611: not part of the recommended
+    # setting. Off here, so weights written without the key load as trained.
     spicules_follow_outline: bool = False
 
     def __post_init__(self) -> None:
