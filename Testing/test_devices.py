@@ -38,10 +38,13 @@ def _faults(mode: str) -> int:
 
 @pytest.mark.skipif(not GLIBC, reason="the setting is glibc's; elsewhere keep_freed_memory does nothing")
 def test_freed_memory_is_reused_instead_of_faulted_in_again() -> None:
-    plain, kept = _faults("plain"), _faults("keep")
-    # Without it every round maps the 48 MB afresh (~12 k faults a round here); with it the heap block is
-    # reused (~3.7 k a round here: part of each block is still faulted in again).
-    assert plain > 10 * 5000, plain
+    plain = _faults("plain")
+    # Without it every round maps the 48 MB afresh (~12 k faults a round with 4 KiB pages); a kernel that backs
+    # such mappings with huge pages faults far less, and then there is nothing for the setting to save.
+    if plain < 10 * 5000:
+        pytest.skip(f"only {plain} page faults in 10 rounds without the setting (huge pages?): nothing to compare")
+    kept = _faults("keep")
+    # with it the heap block is reused (~3.7 k a round here: part of each block is still faulted in again)
     assert kept < plain / 2, (kept, plain)
 
 
