@@ -485,7 +485,6 @@ class CodeDrivenSpicules(nn.Module):
     START = 0.85          # strands start at START · R from the centroid, inside the body
     END_SOFTNESS_PX = 0.5
     MIN_AREA_PX = 4.0     # below this drawn area no strands (an empty nodule grows none)
-    OUTLINE_STEP_PX = 0.25   # with `follow_outline`: the step of the outline's radius along a strand
     _PROJECTION_SEED = 20261204
 
     SOLID_START = 1.0 / 3.0   # 0 HU in the unit range of the (−1000, 500) HU window: a solid strand's start
@@ -594,7 +593,7 @@ class CodeDrivenSpicules(nn.Module):
         along = dr[:, None] * direction[..., 0, None, None] + dc[:, None] * direction[..., 1, None, None]
         across = dr[:, None] * direction[..., 1, None, None] - dc[:, None] * direction[..., 0, None, None]
         if self.follow_outline:   # each strand from the outline's own radius along its direction
-            radius = outline_radius(mask, centre_r, centre_c, direction.detach().float(), self.OUTLINE_STEP_PX)
+            radius = outline_radius(mask, centre_r, centre_c, direction.detach().float())
         else:
             radius = radius[:, None].expand_as(length)
         start = (self.START * radius)[..., None, None]
@@ -660,7 +659,6 @@ class CodeDrivenLobes(nn.Module):
     MIN_FACTOR = 0.2
     MIN_AREA_PX = 4.0
     OUTLINE_RAYS = 128        # the own outline read as `metrics.lobe_amplitude` reads it: rays, step, harmonics
-    OUTLINE_STEP_PX = 0.25
     MAX_OWN_LOBE = 0.5        # |h(θ)| capped, so that 1 + h stays ≥ ½ on a ragged outline
     _PROJECTION_SEED = 20261205
 
@@ -738,7 +736,7 @@ class CodeDrivenLobes(nn.Module):
         under ½ (the rays and steps of `metrics.lobe_amplitude`)."""
         rays = 2.0 * math.pi * torch.arange(self.OUTLINE_RAYS, device=mask.device) / self.OUTLINE_RAYS
         directions = torch.stack([rays.sin(), rays.cos()], dim=1).expand(mask.shape[0], -1, -1)
-        radius = outline_radius(mask, centre_r, centre_c, directions, self.OUTLINE_STEP_PX)       # (B, rays)
+        radius = outline_radius(mask, centre_r, centre_c, directions)                              # (B, rays)
         mean = radius.mean(dim=1, keepdim=True)
         spectrum = torch.fft.rfft(radius / mean.clamp_min(1e-6), dim=1) * (2.0 / self.OUTLINE_RAYS)
         harmonics = self.harmonics.to(theta.dtype)
@@ -749,13 +747,16 @@ class CodeDrivenLobes(nn.Module):
         return own.clamp(-self.MAX_OWN_LOBE, self.MAX_OWN_LOBE)
 
 
+OUTLINE_STEP_PX = 0.25   # the step along a ray of `outline_radius`, as `metrics.lobe_amplitude` steps
+
+
 @torch.no_grad()
-def outline_radius(mask: Tensor, centre_r: Tensor, centre_c: Tensor, directions: Tensor, step_px: float) -> Tensor:
+def outline_radius(mask: Tensor, centre_r: Tensor, centre_c: Tensor, directions: Tensor) -> Tensor:
     """(B, K) the drawn outline's distance from (centre_r, centre_c) along unit `directions` (B, K, 2) (row,
-    column): where [mask > 0.5]'s bilinear occupancy, sampled every `step_px`, first falls under ½ (the patch's
-    size where it never does). No gradient."""
+    column): where [mask > 0.5]'s bilinear occupancy, sampled every OUTLINE_STEP_PX, first falls under ½ (the
+    patch's size where it never does). No gradient."""
     h, w = mask.shape[-2:]
-    steps = torch.arange(0.0, float(max(h, w)), step_px, device=mask.device)
+    steps = torch.arange(0.0, float(max(h, w)), OUTLINE_STEP_PX, device=mask.device)
     sample_r = centre_r[:, None, None] + steps[None, None, :] * directions[..., 0, None]        # (B, K, steps)
     sample_c = centre_c[:, None, None] + steps[None, None, :] * directions[..., 1, None]
     grid = torch.stack([sample_c * (2.0 / max(w - 1, 1)) - 1.0, sample_r * (2.0 / max(h - 1, 1)) - 1.0], dim=-1)

@@ -13,7 +13,7 @@ Speed: channels-last memory format everywhere (``--no-channels-last`` to disable
 On a shared CPU set OMP_NUM_THREADS to the cores you really have: oversubscribed OpenMP threads wait for
 each other and can make an iteration several times slower.
 With glibc, freed tensor memory is kept for reuse instead of being unmapped and faulted in again each step
-(`RadiogenomicGANLib.devices.keep_freed_memory`: the recommended setting's CPU step up to 11 % faster at 128²,
+(`RadiogenomicGANLib.devices.keep_freed_memory`: the recommended setting's CPU step up to 12 % faster at 128²,
 3 % at 64², values unchanged).
 
 Reproducibility. Nothing in an iteration draws from global random state (`training.sampling`), and the
