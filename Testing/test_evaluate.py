@@ -466,10 +466,25 @@ def test_placement_fails_a_mask_laid_over_existing_tissue(setup, tmp_path):
                                       "marker": TissueMarker(data.patch_size)}, tmp_path, backgrounds=4, noises=2)
     oracle, marker = results["oracle"].summary, results["marker"].summary
     assert oracle["mask_offset_mm"] < 4 and oracle["mask_on_tissue_fraction"] == 0.0
+    assert oracle["misplaced_fraction"] == 0.0
     assert marker["empty_mask_fraction"] == 0.0 and marker["mask_on_tissue_fraction"] == 1.0
     assert marker["mask_offset_mm"] > 15 and marker["mask_on_tissue_centred"] == 0.0
+    assert marker["misplaced_fraction"] == 1.0
     real_offset = results["oracle"].metrics["real_nodule_offset_mm"]
     assert 0 <= real_offset < 4 and "on existing tissue" in "\n".join(results["marker"].markdown)
+    assert 0 <= results["oracle"].summary["misplaced_fraction_real"] < 0.5
+
+
+def test_misplaced_fraction_sees_a_tail_the_median_hides():
+    """Two draws in three at the point and one 9 mm beside it: the median offset looks well placed, the share
+    off the point does not; an empty draw (NaN) is charged by the empty rate, not here."""
+    from training.evaluation.sections import MISPLACED_MM, misplaced_fraction, placement_summary
+
+    where = np.array([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [9.0, 0.0, 0.0], [np.nan, np.nan, np.nan]])
+    summary = placement_summary(where)
+    assert summary["mask_offset_mm"] == 2.0 < MISPLACED_MM
+    assert summary["misplaced_fraction"] == 0.25 == misplaced_fraction(where[:, 0])
+    assert np.isnan(misplaced_fraction(np.array([])))
 
 
 class HalfAreaOracle(DiscOracle):
