@@ -40,10 +40,10 @@ demo: $(STAMP)
 DEMO_WORK ?= build/demo-weights
 DEMO_SEED ?= 2026
 DEMO_PATIENTS ?= 64
-DEMO_STEPS ?= 2000
+DEMO_STEPS ?= 2900
 # The training seed of the bundled model, chosen among the seeds tried on the validation score alone
 # (README, "The bundled demo model"); GAN results vary with the seed.
-DEMO_TRAIN_SEED ?= 11
+DEMO_TRAIN_SEED ?= 3
 DEMO_ARCH := --generator base_channels=16 --generator max_channels=128 \
 	--discriminator base_channels=16 --discriminator max_channels=128
 DEMO_GENES := --gene-components 16
@@ -65,11 +65,16 @@ DEMO_EDGE := --loss-weight code_phenotype=1 --generator edge_blur_per_sd=0.6 --g
 # the training donors' real slices carry one; long strands then follow the genes on the unseen cohort (round 18).
 # Drawn lobes in place of the generator's own outline: the outline's lobes follow the anchored lobe coordinate
 # (lobulation rho 0.32 on the unseen cohort 5, against -0.09 without them; round 25).
+# The paired second draw: mode seeking's second draw is the batch's own second half (same conditions, other
+# noise) rather than half the batch generated again, so a step costs 1.16x the bare one instead of 1.6x; 2900
+# steps take the stacked draw's 2000 steps' wall time. Level with it on validation over six seeds, and the
+# seed picked on validation draws its nodules at the point (round 29).
 DEMO_LOSS := --loss-weight consistency_intensity=4 --loss-weight consistency_position=10 \
 	--generator slice_position=true --loss-weight consistency_drawn_area=1 --loss-weight consistency_core=4 \
 	--loss-weight d_augment=0.5 --generator opaque_nodule=true \
 	--loss-weight mode_seeking=1 --loss-weight mode_seeking_target=0.025 --generator spicules=8 \
-	--generator lobes=true --generator lobe_code_index=4 --generator lobe_replace_outline=true
+	--generator lobes=true --generator lobe_code_index=4 --generator lobe_replace_outline=true \
+	--loss-weight mode_seeking_paired=true
 demo-weights: $(STAMP)
 	$(PY) -m RadiogenomicGANLib.phantom --out $(DEMO_WORK)/cohort --patients $(DEMO_PATIENTS) --seed $(DEMO_SEED) --quiet
 	$(PY) -m training.prepare --cohort $(DEMO_WORK)/cohort \
