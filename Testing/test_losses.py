@@ -35,6 +35,7 @@ from training.losses import (
     position_term,
     quantile_term,
     spicule_term,
+    spread_term,
     thin_strand_area,
 )
 from training.metrics import spicule_area_mm2
@@ -685,6 +686,31 @@ def test_position_term_by_hand() -> None:
     assert corner[3, 3] < 0 < corner[0, 0] and drawn.grad[1, 0, 8, 8] == 0
     # nothing drawn: no term (the area term handles empty masks)
     assert position_term(torch.zeros(1, 1, 16, 16), real[:1]).item() == 0.0
+
+
+def test_spread_term_by_hand() -> None:
+    """Real 4×4 nodule at the centre of 16², Rg² = 2.5 px². Row 0 draws it there (0); row 1 draws it 6 rows up
+    (Rg² = 2.5 + 36 px² about the real centroid); row 2 draws two 2×2 pieces 5 rows either side of the point,
+    which the position term does not see (their centroid is the point; Rg² = 25.5 px²); row 3 a smaller nodule at
+    the point (0: the term is one-sided, the area terms ask for size). The outermost pixels are pushed down."""
+    real = torch.zeros(4, 1, 16, 16)
+    real[:, :, 6:10, 6:10] = 1.0
+    drawn = torch.zeros(4, 1, 16, 16)
+    drawn[0, 0, 6:10, 6:10] = 0.9
+    drawn[1, 0, 0:4, 6:10] = 0.9
+    drawn[2, 0, 2:4, 7:9] = 0.9
+    drawn[2, 0, 12:14, 7:9] = 0.9
+    drawn[3, 0, 7:9, 7:9] = 0.9
+    drawn.requires_grad_()
+    assert position_term(drawn[2:3], real[2:3]).item() == pytest.approx(0.0, abs=1e-5)
+    term = spread_term(drawn, real)
+    expected = ((38.5 ** 0.5 - 2.5 ** 0.5) + (25.5 ** 0.5 - 2.5 ** 0.5)) / 16 / 4
+    assert term.item() == pytest.approx(expected, rel=1e-4)
+    term.backward()
+    outer = torch.stack([drawn.grad[2, 0, 2, 7:9], drawn.grad[2, 0, 13, 7:9], drawn.grad[1, 0, 0, 6:8]])
+    assert (outer > 0).all() and (drawn.grad[2, 0, 3, 7:9] < 0).all()   # outer rows down, inner ones up
+    assert drawn.grad[0].abs().sum() == 0 and drawn.grad[3].abs().sum() == 0
+    assert spread_term(torch.zeros(1, 1, 16, 16), real[:1]).item() == 0.0   # nothing drawn: the area terms' job
 
 
 def test_mode_seeking_term_by_hand() -> None:
