@@ -398,12 +398,19 @@ def _centroid(weight: Tensor) -> Tensor:
     return torch.stack([rows, cols], dim=1)
 
 
+def _drawn_where_real(mask: Tensor, real_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(mask ⊙ [mask > 0.5] with the gate detached, (B,) 1 for rows with something above 0.5 and a real nodule):
+    the placement terms weigh only what the labels are made of, and leave empty rows to the area terms."""
+    drawn = mask * (mask.detach() > MASK_THRESHOLD).to(mask.dtype)
+    present = ((drawn.detach().sum(dim=(1, 2, 3)) > 0) & (real_mask.sum(dim=(1, 2, 3)) > 0)).to(mask.dtype)
+    return drawn, present
+
+
 def position_term(mask: Tensor, real_mask: Tensor) -> Tensor:
     """mean over rows with a drawn nodule of ‖centroid(Gm ⊙ [Gm > 0.5]) − centroid(m)‖₂ in patch widths; rows
     with nothing above 0.5 (or no real nodule) add 0 — the area term deals with empty masks."""
-    drawn = mask * (mask.detach() > MASK_THRESHOLD).to(mask.dtype)
+    drawn, present = _drawn_where_real(mask, real_mask)
     distance = (_centroid(drawn) - _centroid(real_mask.to(mask.dtype))).square().sum(dim=1).add(1e-12).sqrt()
-    present = ((drawn.detach().sum(dim=(1, 2, 3)) > 0) & (real_mask.sum(dim=(1, 2, 3)) > 0)).to(mask.dtype)
     return (distance * present).sum() / mask.shape[0]
 
 
@@ -424,11 +431,10 @@ def spread_term(mask: Tensor, real_mask: Tensor) -> Tensor:
     pieces around it or as strands at the patch edge costs, while one nodule at the point no wider than the
     real one costs 0. Why: the centroid of all drawn pixels (`position_term`) is met by pieces on either side
     of the point; one training seed in three drew 20-60 % of its nodules > 5 mm off the point (README, round 30)."""
-    drawn = mask * (mask.detach() > MASK_THRESHOLD).to(mask.dtype)
+    drawn, present = _drawn_where_real(mask, real_mask)
     real = real_mask.to(mask.dtype)
     centre = _centroid(real)
     excess = (_radius_of_gyration(drawn, centre) - _radius_of_gyration(real, centre)).clamp_min(0)
-    present = ((drawn.detach().sum(dim=(1, 2, 3)) > 0) & (real.sum(dim=(1, 2, 3)) > 0)).to(mask.dtype)
     return (excess * present).sum() / mask.shape[0]
 
 
