@@ -271,6 +271,8 @@ MIN_STD_LOG2 = 0.1
 Z_CLIP = 5.0
 #: The largest out-of-sample gain a preprocessing may carry (a fit on very few patients is capped here).
 MAX_OUT_OF_SAMPLE_GAIN = 10.0
+#: How close (every whitened score) a profile must come to a fitted patient's to be prepared as that patient.
+FITTED_MATCH_TOLERANCE = 1e-3
 #: Refits the out-of-sample gain may cost: beyond this many training patients they are left out in groups.
 MAX_GAIN_REFITS = 50
 
@@ -288,8 +290,11 @@ class GenePreprocessing:
     training patients, each training patient's own noise lies inside the principal axes fitted on it, so its
     whitened scores have sd 1 while a new patient's are shrunk towards 0 (sd ≈ 0.36–0.39 on the phantom with
     44 training patients): the generator would see every new patient as an average one. The gain, fitted by
-    leave-one-out (`out_of_sample_gain_loo`), puts a new patient back on the training patients' scale;
-    `transform_log(..., in_sample=True)` leaves it out for the patients the fit was made on.
+    leave-one-out (`out_of_sample_gain_loo`), puts a new patient back on the training patients' scale.
+    The patients the fit was made on must not get it: the generator learnt their unscaled scores, and the gain
+    pushes them far out (rms 2.8 where training saw 1: the bundled model of round 29 drew nothing for two of
+    cohort 2026's training donors so scaled). `fitted_scores` keeps their in-sample scores, so that
+    `transform_log` recognises such a profile wherever it comes from (evaluation, `insert`, the module).
     """
 
     gene_names: list[str]
@@ -299,6 +304,8 @@ class GenePreprocessing:
     components: np.ndarray | None = None  # (K, G) or None
     fitted_on: dict[str, int] = field(default_factory=dict, compare=False)  # what the fit kept and dropped
     out_of_sample_gain: float = 1.0  # × the projection of a patient outside the fit (1: none)
+    # (N_fit, K) the whitened scores of the patients the fit was made on; None: none recognised (older files)
+    fitted_scores: np.ndarray | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.gene_names = [str(g) for g in self.gene_names]
@@ -310,6 +317,8 @@ class GenePreprocessing:
             self.components = np.asarray(self.components, dtype=np.float64)
             if self.components.shape[0] == 0:
                 self.components = None
+        if self.fitted_scores is not None:
+            self.fitted_scores = np.asarray(self.fitted_scores, dtype=np.float32)
 
     @property
     def num_genes(self) -> int:
@@ -346,6 +355,13 @@ class GenePreprocessing:
                 found.append(f"gene components have shape {self.components.shape}, expected (K, {count})")
             elif not np.all(np.isfinite(self.components)):
                 found.append("gene components hold NaN or Inf")
+        if self.fitted_scores is not None:
+            if self.components is None or self.fitted_scores.ndim != 2 or (
+                    self.fitted_scores.shape[1] != self.components.shape[0]):
+                found.append(f"fitted patients' scores have shape {self.fitted_scores.shape}, expected (N, K) with "
+                             "K the gene components")
+            elif not np.all(np.isfinite(self.fitted_scores)):
+                found.append("fitted patients' scores hold NaN or Inf")
         gain_problem = out_of_sample_gain_problem(self.out_of_sample_gain)
         if gain_problem:
             found.append(f"the out-of-sample gain {gain_problem}")
@@ -353,20 +369,31 @@ class GenePreprocessing:
             found.append("an out-of-sample gain other than 1 needs a projection (gene components)")
         return found
 
-    def transform_log(self, log_values: np.ndarray, *, in_sample: bool = False) -> np.ndarray:
+    def transform_log(self, log_values: np.ndarray, *, in_sample: bool | None = None) -> np.ndarray:
         """(N, G) log2(x+1) values in this object's gene order → (N, output_dim) float32.
 
         NaN marks a gene to impute: it becomes 0 after z-scoring, the training mean ("no information").
-        `in_sample`: the rows are patients the fit was made on, so the out-of-sample gain is not applied.
+        `in_sample`: True, the rows are patients the fit was made on, so the out-of-sample gain is not applied;
+        False, every row gets it; None, a row gets it unless its scores are a fitted patient's (`in_fit`).
         """
         log_values = np.asarray(log_values, dtype=np.float64)
         z = (log_values - self.means) / self.stds
         z = np.clip(np.nan_to_num(z, nan=0.0), -self.clip, self.clip)
         if self.components is not None:
             z = z @ self.components.T
-            if not in_sample:
-                z = z * self.out_of_sample_gain
+            fitted = np.full(z.shape[0], bool(in_sample)) if in_sample is not None else self.in_fit(z)
+            z = np.where(fitted[:, None], z, z * self.out_of_sample_gain)
         return z.astype(np.float32)
+
+    def in_fit(self, scores: np.ndarray) -> np.ndarray:
+        """(N,) bool: which rows of unscaled whitened `scores` (N, K) are a fitted patient's, every score within
+        FITTED_MATCH_TOLERANCE (two distinct patients are never that close on all K axes; float32 storage and
+        a table read from text instead of the prepared cohort differ by ~1e-5)."""
+        scores = np.asarray(scores, dtype=np.float64)
+        if self.fitted_scores is None or self.fitted_scores.size == 0:
+            return np.zeros(scores.shape[0], dtype=bool)
+        gaps = np.abs(scores[:, None, :] - self.fitted_scores[None].astype(np.float64)).max(axis=2)
+        return gaps.min(axis=1) <= FITTED_MATCH_TOLERANCE
 
     @classmethod
     def fit(
@@ -421,6 +448,7 @@ class GenePreprocessing:
             result.fitted_on["components"] = k
             if out_of_sample_gain:
                 result.out_of_sample_gain = out_of_sample_gain_loo(z, k)
+            result.fitted_scores = (z @ result.components.T).astype(np.float32)
         return result
 
 

@@ -19,7 +19,9 @@ spacing), then the tensors' shapes against the architecture built on the `meta` 
 nothing, so a forged width cannot make a 20 GB network before any tensor is compared.
 Tensor keys: `generator.<state-dict key>` for the network (batch-norm buffers included), and the fitted gene
 preprocessing (`genes.GenePreprocessing`) as `gene_norm.mean`, `gene_norm.std` (float32, one per gene name)
-and, when it projects, `gene_norm.components` (K × G) — inside the hashed file. Format 1 (plain z-scores, no
+and, when it projects, `gene_norm.components` (K × G) and `gene_norm.fitted_scores` (N × K: the whitened scores
+of the N training patients the projection was fitted on, so that their profiles are prepared as training prepared
+them; absent in older files) — inside the hashed file. Format 1 (plain z-scores, no
 filter or clip) is refused with a message saying what to do.
 """
 
@@ -49,6 +51,7 @@ TENSORS_SUFFIX = ".safetensors"
 JSON_SUFFIX = ".json"
 _PREFIX = "generator."
 _MEAN_KEY, _STD_KEY, _COMPONENTS_KEY = "gene_norm.mean", "gene_norm.std", "gene_norm.components"
+_FITTED_KEY = "gene_norm.fitted_scores"
 _REQUIRED_KEYS = ("format_version", "kind", "architecture", "gene_names", "gene_clip", "hu_window", "patch_size",
                   "patch_spacing_mm", "provenance", "safetensors_sha256", "safetensors_bytes")
 _HASHED_ELSEWHERE = ("safetensors_sha256", "safetensors_bytes")
@@ -169,6 +172,8 @@ def save_weights(path: str | os.PathLike[str], generator: nn.Module, metadata: W
     tensors[_STD_KEY] = torch.from_numpy(np.asarray(metadata.genes.stds, dtype=np.float32).copy())
     if metadata.genes.components is not None:
         tensors[_COMPONENTS_KEY] = torch.from_numpy(np.asarray(metadata.genes.components, dtype=np.float32).copy())
+    if metadata.genes.fitted_scores is not None:
+        tensors[_FITTED_KEY] = torch.from_numpy(np.asarray(metadata.genes.fitted_scores, dtype=np.float32).copy())
     record: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "kind": metadata.kind,
@@ -277,8 +282,10 @@ def _metadata_from(record: dict[str, Any], json_path: Path, tensors: dict[str, t
     if not isinstance(gain, int | float) or isinstance(gain, bool):
         raise WeightsError(f"{json_path}: gene_out_of_sample_gain must be a number, got {gain!r}")
     components = tensors.get(_COMPONENTS_KEY)
+    fitted = tensors.get(_FITTED_KEY)   # files written before it: no patient is recognised as a fitted one
     genes = GenePreprocessing(names, tensors[_MEAN_KEY].numpy(), tensors[_STD_KEY].numpy(), float(clip),
-                              None if components is None else components.numpy(), fitted_on, float(gain))
+                              None if components is None else components.numpy(), fitted_on, float(gain),
+                              None if fitted is None else fitted.numpy())
     if not (isinstance(window, list) and len(window) == 2 and all(isinstance(v, int | float) for v in window)):
         raise WeightsError(f"{json_path}: hu_window must be [low, high], got {window!r}")
     if not isinstance(record["provenance"], dict):
@@ -367,7 +374,8 @@ def load_weights(path: str | os.PathLike[str], *, expected_kind: str | None = No
             raise WeightsError(f"{tensors_path} lacks the tensor {key!r} (the gene normalisation)")
     metadata = _metadata_from(record, json_path, tensors)
     state = {k[len(_PREFIX):]: v for k, v in tensors.items() if k.startswith(_PREFIX)}
-    stray = sorted(k for k in tensors if not k.startswith(_PREFIX) and k not in (_MEAN_KEY, _STD_KEY, _COMPONENTS_KEY))
+    known = (_MEAN_KEY, _STD_KEY, _COMPONENTS_KEY, _FITTED_KEY)
+    stray = sorted(k for k in tensors if not k.startswith(_PREFIX) and k not in known)
     if stray:
         raise WeightsError(f"{tensors_path} holds unknown tensors {stray[:3]}; it was not written by save_weights()")
     with torch.device("meta"):                  # shapes only, nothing allocated: a forged width costs nothing

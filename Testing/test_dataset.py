@@ -232,7 +232,7 @@ def test_a_refitted_projection_prepares_its_own_patients_in_sample_and_the_other
         tmp_path: Path) -> None:
     """`--gene-components`: the training patients keep their whitened in-sample scores (what the generator
     learns from); val and test patients, like any patient at inference, get the out-of-sample gain. The
-    dataset written from it keeps the gain."""
+    dataset written from it keeps the gain and the training patients' scores."""
     from training.config import TrainConfig
     from training.dataset import training_data
 
@@ -243,10 +243,15 @@ def test_a_refitted_projection_prepares_its_own_patients_in_sample_and_the_other
     assert preprocessing.out_of_sample_gain > 1.0 == load_dataset(path).gene_out_of_sample_gain
     np.testing.assert_allclose(data.genes[train].std(axis=0, ddof=1), 1.0, rtol=1e-3)
     np.testing.assert_allclose(data.genes[held_out], data.genes_for(preprocessing)[held_out], rtol=1e-5)
-    np.testing.assert_allclose(data.genes[train] * preprocessing.out_of_sample_gain,
-                               data.genes_for(preprocessing)[train], rtol=1e-4, atol=1e-5)
+    # the run's own preprocessing (what its weights carry) recognises the training patients: prepared again,
+    # e.g. by the evaluation, they get the scores the generator learnt, not those times the gain
+    np.testing.assert_allclose(data.genes_for(preprocessing)[train], data.genes[train], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(preprocessing.transform_log(data.table_genes_log[train][:, [
+        list(data.table_gene_names).index(g) for g in preprocessing.gene_names]], in_sample=False),
+        data.genes[train] * preprocessing.out_of_sample_gain, rtol=1e-4, atol=1e-5)
     copy = load_dataset(write_dataset(tmp_path / "copy.npz", **data.arrays()))
     assert copy.gene_out_of_sample_gain == preprocessing.out_of_sample_gain
+    np.testing.assert_array_equal(copy.gene_preprocessing.fitted_scores, preprocessing.fitted_scores)
     np.testing.assert_array_equal(copy.genes, data.genes)
     off = training_data(TrainConfig(data=str(path), gene_components=4, gene_out_of_sample_gain=False))
     np.testing.assert_allclose(off.genes[held_out] * preprocessing.out_of_sample_gain, data.genes[held_out],

@@ -144,12 +144,41 @@ def test_preprocessing_top_variance_and_whitened_components() -> None:
     assert pca.output_dim == 3 and pca.components.shape == (3, 30)
     scores = pca.transform_log(x, in_sample=True)
     np.testing.assert_allclose(scores.std(axis=0, ddof=1), 1.0, rtol=1e-4)  # whitened on the training set
-    np.testing.assert_allclose(pca.transform_log(x), scores * pca.out_of_sample_gain, rtol=1e-5)
+    np.testing.assert_allclose(pca.transform_log(x, in_sample=False), scores * pca.out_of_sample_gain, rtol=1e-5)
     assert abs(np.corrcoef(scores[:, 0], latent[:, 0])[0, 1]) > 0.95  # the first axis is the module
     assert pca.problems() == []
     broken = GenePreprocessing(["A", "A"], np.zeros(2), np.array([1.0, 0.0]), clip=float("nan"))
     assert len(broken.problems()) == 3
 
+
+
+def test_the_fitted_patients_are_recognised_and_prepared_as_training_prepared_them() -> None:
+    """The gain is for patients the fit did not see; a training patient's own profile, wherever it comes from
+    (the prepared cohort, a GEO table read again, the module), gets the unscaled scores the generator learnt."""
+    rng = np.random.default_rng(4)
+    latent = rng.normal(size=(30, 2))   # far more genes than training patients, as in the real cohort
+    x = 5.0 + latent @ rng.normal(size=(2, 300)) + 0.5 * rng.normal(size=(30, 300))
+    names = [f"G{i}" for i in range(300)]
+    train, unseen = x[:20], x[20:]
+    pca = GenePreprocessing.fit(train, names, components=8)
+    assert pca.out_of_sample_gain > 1.5 and pca.fitted_scores.shape == (20, 8)
+    mixed = np.concatenate([unseen[:3], train[7:9], unseen[3:]])
+    prepared = pca.transform_log(mixed)
+    np.testing.assert_allclose(prepared[3:5], pca.transform_log(train[7:9], in_sample=True), rtol=1e-6)
+    outside = np.r_[0:3, 5:12]
+    np.testing.assert_allclose(prepared[outside], pca.transform_log(mixed[outside], in_sample=False), rtol=1e-6)
+    np.testing.assert_array_equal(pca.in_fit(pca.transform_log(mixed, in_sample=True)), [0, 0, 0, 1, 1] + [0] * 7)
+    # float32 storage and a text round trip stay recognised; a nudge of one gene by 0.1 log2 units does not
+    assert pca.in_fit(pca.transform_log(train.astype(np.float32).astype(np.float64), in_sample=True)).all()
+    nudged = train[:1].copy()
+    nudged[0, int(np.argmax(np.abs(pca.components).sum(axis=0)))] += 0.1
+    assert not pca.in_fit(pca.transform_log(nudged, in_sample=True)).any()
+    # without stored scores (files written before them) every patient gets the gain, as before
+    older = GenePreprocessing(pca.gene_names, pca.means, pca.stds, pca.clip, pca.components, {}, pca.out_of_sample_gain)
+    np.testing.assert_allclose(older.transform_log(train[7:9]), prepared[3:5] * pca.out_of_sample_gain, rtol=1e-5)
+    wrong = GenePreprocessing(pca.gene_names, pca.means, pca.stds, pca.clip, pca.components, {},
+                              pca.out_of_sample_gain, np.zeros((3, 2)))
+    assert any("fitted patients' scores have shape" in problem for problem in wrong.problems())
 
 def test_out_of_sample_gain_puts_a_new_patient_on_the_training_scale() -> None:
     """Far more genes than training patients: a new patient's whitened scores shrink towards 0 (each training

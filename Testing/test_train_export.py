@@ -96,7 +96,7 @@ def test_validation_at_checkpoints_selects_the_export_and_the_gene_front_end_tra
     import numpy as np
 
     from training.config import TrainConfig
-    from training.dataset import training_data
+    from training.dataset import load_dataset, training_data
     from training.evaluate import VALIDATION_BACKGROUNDS, VALIDATION_SEED, validation_score
 
     data = _three_val_donors(tmp_path)
@@ -121,6 +121,11 @@ def test_validation_at_checkpoints_selects_the_export_and_the_gene_front_end_tra
     assert metadata.provenance["selected_step"] == best_state["step"]
     assert metadata.genes.output_dim == 3 and metadata.config.num_genes == 3  # the PCA front-end
     assert metadata.genes.fitted_on["components"] == 3 and metadata.genes.fitted_on["training_patients"] == 5
+    # the evaluation prepares the run's own cohort with the export's preprocessing: every patient, the five it
+    # was fitted on included, gets the input training gave it (before round 31 those five got the gain too)
+    evaluated = load_dataset(data).genes_for(metadata.genes)
+    np.testing.assert_allclose(evaluated, trained_on.genes, rtol=1e-4, atol=1e-5)
+    assert metadata.genes.in_fit(trained_on.genes).sum() == 5
     assert export_main(["--checkpoint", str(run), "--data", str(data), "--out", str(tmp_path / "again")]) == 0
     again, again_meta = load_weights(tmp_path / "again.safetensors")
     np.testing.assert_allclose(again_meta.genes.components, metadata.genes.components, rtol=1e-6)

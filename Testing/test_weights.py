@@ -250,6 +250,20 @@ def test_the_out_of_sample_gain_round_trips_and_older_files_load_without_it(tmp_
     assert load_weights(path)[1].genes.out_of_sample_gain == 1.0
 
 
+def test_the_fitted_patients_scores_round_trip_so_a_training_profile_is_prepared_without_the_gain(
+        tmp_path: Path) -> None:
+    config = small_config(num_genes=3)
+    fitted = np.array([[1.0, 2.0, 3.0], [0.5, -1.0, 0.25]], dtype=np.float32)
+    genes = GenePreprocessing([f"G{i}" for i in range(4)], np.zeros(4), np.ones(4), components=np.eye(3, 4),
+                              out_of_sample_gain=2.5, fitted_scores=fitted)
+    path = save_weights(tmp_path / "fitted", build_generator(config),
+                        WeightsMetadata(config=config, genes=genes, patch_size=64, patch_spacing_mm=0.9375))
+    loaded = load_weights(path)[1].genes
+    np.testing.assert_array_equal(loaded.fitted_scores, fitted)
+    profiles = np.array([[1.0, 2.0, 3.0, 9.0], [1.0, 2.0, 3.1, 9.0]])   # a fitted patient, and one beside it
+    np.testing.assert_allclose(loaded.transform_log(profiles), [[1.0, 2.0, 3.0], [2.5, 5.0, 7.75]])
+
+
 def test_unknown_format_version(saved: Path) -> None:
     rewrite_json(saved, format_version=FORMAT_VERSION + 1)
     with pytest.raises(WeightsError, match=f"reads version {FORMAT_VERSION} only"):

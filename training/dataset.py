@@ -12,7 +12,8 @@ radiogenomic map all read the same, validated arrays. Keys (see interfaces.md, "
 - `genes` (P,D): the generator's gene input, prepared by the gene preprocessing fitted on the TRAIN patients
   (`RadiogenomicGANLib.genes.GenePreprocessing`): `gene_names` (G,), `gene_means`, `gene_stds` (G,),
   `gene_clip` (), `gene_components` (K,G) (K = 0: no projection, D = G; else D = K); optional
-  `gene_out_of_sample_gain` () (default 1), applied to every patient but those the projection was fitted on
+  `gene_out_of_sample_gain` () (default 1), applied to every patient but those the projection was fitted on;
+  optional `gene_fitted_scores` (N,K): those patients' whitened scores, by which a weights file recognises them
 - `table_gene_names` (T,), `table_genes_log` (P,T): log2(x+1) of every complete gene of the table, so another
   model's preprocessing (or a refit) can be applied to the same patients
 
@@ -141,13 +142,14 @@ class RadiogenomicDataset:
 
     gene_fit: str = "{}"  # JSON: what the fit kept and dropped (GenePreprocessing.fitted_on); optional key
     gene_out_of_sample_gain: float = 1.0  # GenePreprocessing.out_of_sample_gain; optional key
+    gene_fitted_scores: np.ndarray | None = None  # GenePreprocessing.fitted_scores; optional key
 
     @property
     def gene_preprocessing(self) -> GenePreprocessing:
         """The preprocessing that made `genes` (fitted on the train patients by training.prepare)."""
         return GenePreprocessing(self.gene_names.tolist(), self.gene_means, self.gene_stds, float(self.gene_clip),
                                  self.gene_components if self.gene_components.shape[0] else None,
-                                 json.loads(self.gene_fit), self.gene_out_of_sample_gain)
+                                 json.loads(self.gene_fit), self.gene_out_of_sample_gain, self.gene_fitted_scores)
 
     def genes_for(self, preprocessing: GenePreprocessing) -> np.ndarray:
         """(P, D) every patient's genes prepared by another (e.g. a model's) preprocessing, aligned by name."""
@@ -210,8 +212,9 @@ class RadiogenomicDataset:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every key of the file format, ready for `write_dataset`."""
+        optional = {} if self.gene_fitted_scores is None else {"gene_fitted_scores": self.gene_fitted_scores}
         return {**{key: np.asarray(getattr(self, key)) for key in REQUIRED_KEYS}, "gene_fit": np.asarray(self.gene_fit),
-                "gene_out_of_sample_gain": np.float64(self.gene_out_of_sample_gain)}
+                "gene_out_of_sample_gain": np.float64(self.gene_out_of_sample_gain), **optional}
 
     def summary(self) -> str:
         """One line per split: patients, nodule slices, background slices."""
@@ -311,6 +314,12 @@ def _validate(arrays: dict[str, np.ndarray], source: str) -> RadiogenomicDataset
     gain = float(np.asarray(arrays.get("gene_out_of_sample_gain", 1.0)))
     if problem := out_of_sample_gain_problem(gain):
         fail(f"'gene_out_of_sample_gain' {problem}")
+    fitted_scores = arrays.get("gene_fitted_scores")
+    if fitted_scores is not None:
+        fitted_scores = np.asarray(fitted_scores, dtype=np.float32)
+        if fitted_scores.ndim != 2 or fitted_scores.shape[1] != components.shape[0] or not components.shape[0]:
+            fail(f"'gene_fitted_scores' has shape {fitted_scores.shape}, expected (N, {components.shape[0]}) with "
+                 "a projection ('gene_components')")
 
     for key, dtype in _DTYPES.items():
         a[key] = a[key].astype(dtype, copy=False)
@@ -321,6 +330,7 @@ def _validate(arrays: dict[str, np.ndarray], source: str) -> RadiogenomicDataset
         source=source,
         gene_fit=str(np.asarray(arrays.get("gene_fit", "{}"))),
         gene_out_of_sample_gain=gain,
+        gene_fitted_scores=fitted_scores,
         **{key: a[key] for key in REQUIRED_KEYS if key not in ("patch_size", "patch_spacing_mm", "format_version")},
     )
 
@@ -672,5 +682,6 @@ def gene_arrays(preprocessing: GenePreprocessing, table_gene_names: Sequence[str
         "table_gene_names": np.array([str(g) for g in table_gene_names]),
         "gene_fit": json.dumps(preprocessing.fitted_on, sort_keys=True),
         "gene_out_of_sample_gain": np.float64(preprocessing.out_of_sample_gain),
+        "gene_fitted_scores": preprocessing.fitted_scores,
         "table_genes_log": np.asarray(table_genes_log, dtype=np.float32),
     }
