@@ -521,6 +521,19 @@ def profile_for_model(
     return profile.astype(np.float32)
 
 
+def training_patients_among(table: GeneTable, samples: Sequence[str | None], preprocessing: GenePreprocessing,
+                            *, impute: bool = False) -> list[str]:
+    """The `samples` (None skipped) whose profiles are patients the model's gene front-end was fitted on, so
+    that `profile_for_model` prepares them as training did (`GenePreprocessing.in_fit`): their nodules show
+    what the model learnt for a patient it trained on, not how it carries over to a new one."""
+    named = [str(sample) for sample in samples if sample]
+    if preprocessing.components is None or preprocessing.fitted_scores is None or not named:
+        return []
+    log_values = np.stack([_aligned_log(table, sample, preprocessing.gene_names, impute) for sample in named])
+    fitted = preprocessing.in_fit(preprocessing.transform_log(log_values, in_sample=True))
+    return [sample for sample, seen in zip(named, fitted, strict=True) if seen]
+
+
 def aligned_values(table: GeneTable, sample_id: str, gene_names: Sequence[str]) -> np.ndarray:
     """One sample's values (G,) in the order of `gene_names`; NaN where the table lacks the gene or says NA."""
     column = table.sample_values(sample_id)

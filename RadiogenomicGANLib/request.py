@@ -260,7 +260,7 @@ def _check_request(request: InsertionRequest) -> None:
 
 def make_plan(request: InsertionRequest, geometry: Any, cache: ResourceCache | None = None) -> InsertionPlan:
     """Validate a request against its CT geometry; loads the generator and forms the gene profile."""
-    from RadiogenomicGANLib.genes import profile_for_model
+    from RadiogenomicGANLib.genes import profile_for_model, training_patients_among
     from RadiogenomicGANLib.imputation import check_imputation
 
     _check_request(request)
@@ -285,6 +285,7 @@ def make_plan(request: InsertionRequest, geometry: Any, cache: ResourceCache | N
     inserter = cache.inserter(request.weights, request.device)
     profile = None
     imputed = None
+    seen_in_training: list[str] = []
     if inserter.kind != "inpainting":
         if not request.gene_table:
             raise RequestError(f"the {inserter.kind} model needs a gene table (GEO text or CSV)")
@@ -298,10 +299,13 @@ def make_plan(request: InsertionRequest, geometry: Any, cache: ResourceCache | N
             table, request.sample, metadata.genes,
             impute=request.impute_missing_genes, blend_with=blend,
             blend_weight=float(request.blend_weight) if blend else 0.0)
+        seen_in_training = training_patients_among(table, [request.sample, blend], metadata.genes,
+                                                   impute=request.impute_missing_genes)
     provenance: dict[str, Any] = {
         "gene_table": os.path.basename(str(request.gene_table)) if request.gene_table else None,
         "impute_missing_genes": bool(request.impute_missing_genes),
         "imputed_genes": imputed,
+        "gene_samples_in_training": seen_in_training,
     }
     if request.input_name:
         provenance["input_volume"] = request.input_name

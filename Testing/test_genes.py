@@ -17,6 +17,7 @@ from RadiogenomicGANLib.genes import (
     out_of_sample_gain_loo,
     profile_for_model,
     read_gene_table,
+    training_patients_among,
 )
 from RadiogenomicGANLib.imputation import missing_gene_count
 
@@ -157,7 +158,7 @@ def test_the_fitted_patients_are_recognised_and_prepared_as_training_prepared_th
     (the prepared cohort, a GEO table read again, the module), gets the unscaled scores the generator learnt."""
     rng = np.random.default_rng(4)
     latent = rng.normal(size=(30, 2))   # far more genes than training patients, as in the real cohort
-    x = 5.0 + latent @ rng.normal(size=(2, 300)) + 0.5 * rng.normal(size=(30, 300))
+    x = np.maximum(10.0 + latent @ rng.normal(size=(2, 300)) + 0.5 * rng.normal(size=(30, 300)), 1.0)  # log2 FPKM
     names = [f"G{i}" for i in range(300)]
     train, unseen = x[:20], x[20:]
     pca = GenePreprocessing.fit(train, names, components=8)
@@ -173,6 +174,13 @@ def test_the_fitted_patients_are_recognised_and_prepared_as_training_prepared_th
     nudged = train[:1].copy()
     nudged[0, int(np.argmax(np.abs(pca.components).sum(axis=0)))] += 0.1
     assert not pca.in_fit(pca.transform_log(nudged, in_sample=True)).any()
+    # read from a GEO-style table of linear FPKM in another gene order, as `insert` and the module read it
+    order = np.random.default_rng(5).permutation(len(names))
+    fpkm = np.exp2(np.stack([train[7], unseen[0]], axis=1)[order]) - 1.0
+    table = GeneTable([names[i] for i in order], ["TRAINED", "NEW"], fpkm)
+    np.testing.assert_allclose(profile_for_model(table, "TRAINED", pca), prepared[3], rtol=1e-5)
+    np.testing.assert_allclose(profile_for_model(table, "NEW", pca), prepared[0], rtol=1e-5)
+    assert training_patients_among(table, ["NEW", "TRAINED", None], pca) == ["TRAINED"]
     # without stored scores (files written before them) every patient gets the gain, as before
     older = GenePreprocessing(pca.gene_names, pca.means, pca.stds, pca.clip, pca.components, {}, pca.out_of_sample_gain)
     np.testing.assert_allclose(older.transform_log(train[7:9]), prepared[3:5] * pca.out_of_sample_gain, rtol=1e-5)

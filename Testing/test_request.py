@@ -105,13 +105,38 @@ def test_plan_validates_before_running(files) -> None:  # type: ignore[no-untype
     assert plan.centres is None and plan.half_slices == 1 and plan.profile.shape == (NUM_GENES,)
     assert plan.gene_sample == "S2 (0.75) + S3 (0.25)"
     assert plan.provenance == {"gene_table": "genes.txt", "impute_missing_genes": False, "imputed_genes": 0,
-                               "input_volume": "chest"}
+                               "gene_samples_in_training": [], "input_volume": "chest"}
     assert rq.make_plan(rq.InsertionRequest(**base, auto_count=1, slices=("auto",)), geometry).half_slices is None
     assert rq.make_plan(rq.InsertionRequest(**base, auto_count=1), geometry).half_slices is None   # the default
     assert rq.make_plan(rq.InsertionRequest(**base, centres_ras=[centre]), geometry).slices == [None]
     fitted = rq.run(rq.InsertionRequest(**base, centres_ras=[centre], slices=("auto",)), files["patient"].volume_hu,
                     geometry)
     assert fitted.provenance["slices_fitted_to_size"] == [True]
+
+
+def test_a_training_patients_profile_is_prepared_as_in_training_and_named_in_the_provenance(
+        files, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Weights whose gene front-end was fitted on P1-P6: P2 (a training patient) enters the generator with
+    its in-sample scores and is named in the provenance; P8 (a new patient) gets the out-of-sample gain."""
+    from RadiogenomicGANLib.genes import GenePreprocessing
+    from RadiogenomicGANLib.weights import WeightsMetadata
+
+    rng = np.random.default_rng(3)
+    log = np.maximum(6.0 + rng.normal(size=(8, 1)) @ rng.normal(size=(1, 80)) + rng.normal(size=(8, 80)), 1.0)
+    genes, samples = [f"G{g}" for g in range(80)], [f"P{p}" for p in range(1, 9)]
+    write_geo_table(tmp_path / "cohort.txt", genes, samples, np.exp2(log.T) - 1.0)
+    front = GenePreprocessing.fit(log[:6], genes, components=2)
+    assert front.out_of_sample_gain > 1.0
+    weights = save_weights(tmp_path / "fitted", make_generator(num_genes=2),
+                           WeightsMetadata(config=small_config(num_genes=2), genes=front, patch_size=64,
+                                           patch_spacing_mm=60.0 / 64))
+    base = dict(gene_table=tmp_path / "cohort.txt", weights=weights, device="cpu", auto_count=1)
+    trained = rq.make_plan(rq.InsertionRequest(**base, sample="P2"), files["patient"].geometry)
+    assert trained.provenance["gene_samples_in_training"] == ["P2"]
+    np.testing.assert_allclose(trained.profile, front.transform_log(log[1:2], in_sample=True)[0], rtol=1e-4)
+    new = rq.make_plan(rq.InsertionRequest(**base, sample="P8"), files["patient"].geometry)
+    assert new.provenance["gene_samples_in_training"] == []
+    np.testing.assert_allclose(new.profile, front.transform_log(log[7:8], in_sample=False)[0], rtol=1e-4)
 
 
 def test_gene_table_is_needed_by_gene_models_only(files) -> None:  # type: ignore[no-untyped-def]
