@@ -918,6 +918,7 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
     ) -> tuple:
         """New (or refilled) volume, segmentation and weight-map nodes from an insertion result; all or none."""
         from RadiogenomicGANLib import mrml_adapter, segments
+        from RadiogenomicGANLib import request as request_path
 
         created = []
         try:
@@ -944,6 +945,8 @@ class RadiogenomicGANLogic(ScriptedLoadableModuleLogic):
             [n for n in range(1, len(result.centres_ras) + 1) if not (result.label == n).any()])
         if note:
             logging.warning(note)
+        for note in request_path.training_sample_notes(result.provenance):
+            logging.info(note)
         return outputVolume, segmentation, weightMap
 
     @staticmethod

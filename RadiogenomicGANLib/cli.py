@@ -182,10 +182,8 @@ def run_insert(args: argparse.Namespace) -> dict[str, Any]:
     if imputed:
         print(f"note: {imputed} of {len(plan.inserter.metadata.gene_names)} model genes were missing and set to the "
               "training mean (recorded as imputed_genes in the provenance)", file=sys.stderr)
-    for seen in plan.provenance.get("gene_samples_in_training") or ():
-        print(f"note: sample {seen} is one of the patients the model trained on; its profile is prepared as in "
-              "training, so the nodule shows what the model learnt for it, not how it carries over to a new patient",
-              file=sys.stderr)
+    for note in request_path.training_sample_notes(plan.provenance):
+        print(f"note: {note}", file=sys.stderr)
 
     # 3. insert (validates the CT, centres, slices and lung before the generator runs).
     with _ProgressBar(args.quiet, args.progress_lines) as progress:

@@ -313,6 +313,13 @@ def make_plan(request: InsertionRequest, geometry: Any, cache: ResourceCache | N
     return InsertionPlan(request, inserter, profile, label, centres, slices, half, provenance)
 
 
+def training_sample_notes(provenance: dict[str, Any]) -> list[str]:
+    """One line per gene sample of a result that is a patient the model trained on (`make_plan` records them)."""
+    return [f"sample {sample} is one of the patients the model trained on; its profile is prepared as in training, "
+            "so the nodule shows what the model learnt for it, not how it carries over to a new patient"
+            for sample in provenance.get("gene_samples_in_training") or ()]
+
+
 def _out_of_memory(error: BaseException) -> bool:
     return "out of memory" in str(error).lower()
 

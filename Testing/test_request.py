@@ -133,9 +133,10 @@ def test_a_training_patients_profile_is_prepared_as_in_training_and_named_in_the
     base = dict(gene_table=tmp_path / "cohort.txt", weights=weights, device="cpu", auto_count=1)
     trained = rq.make_plan(rq.InsertionRequest(**base, sample="P2"), files["patient"].geometry)
     assert trained.provenance["gene_samples_in_training"] == ["P2"]
+    assert [note.split(" is ")[0] for note in rq.training_sample_notes(trained.provenance)] == ["sample P2"]
     np.testing.assert_allclose(trained.profile, front.transform_log(log[1:2], in_sample=True)[0], rtol=1e-4)
     new = rq.make_plan(rq.InsertionRequest(**base, sample="P8"), files["patient"].geometry)
-    assert new.provenance["gene_samples_in_training"] == []
+    assert new.provenance["gene_samples_in_training"] == [] and rq.training_sample_notes(new.provenance) == []
     np.testing.assert_allclose(new.profile, front.transform_log(log[7:8], in_sample=False)[0], rtol=1e-4)
 
 
