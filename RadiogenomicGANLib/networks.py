@@ -66,6 +66,13 @@ class GeneratorConfig(StrictDict):
     # With the edge: keep the change only inside the generator's own mask before the blur, so σ alone (not
     # a soft edge the decoder draws) sets the margin, and nothing outside the nodule ± a few σ changes.
     edge_inside_mask: bool = False
+    # With the edge kept inside the mask: lay the nodule OVER the background, with its blurred mask as the alpha
+    # (out = G_σ*(m·image) + (1 − G_σ*m)·background), instead of adding its blurred change (background + G_σ*(m·
+    # (image − background))). Why: inside the nodule the change form keeps background − G_σ*background, the
+    # background's own detail finer than σ, at full strength, and the lobes moved the change (image − background)
+    # so that the background's vessels at the warped pixels showed through as well (the evaluation's
+    # `interior_leak`; README round 33). Off here, so weights files written without the key load as trained.
+    edge_over_background: bool = False
     # The sd, in code units, that training's code-phenotype anchor gives the first F coordinates of φ(g)
     # (their target is anchor_sd × the donor's z-scored phenotype); the edge reads its coordinate per sd.
     # Why above 1: the 125 free coordinates hold ~40 units of variance, mostly along size and density, so
@@ -173,6 +180,8 @@ class GeneratorConfig(StrictDict):
             raise ValueError(f"edge_code_index must lie in [0, code_dim={self.code_dim}), got {self.edge_code_index}")
         if self.edge_inside_mask and not self.edge_blur_per_sd:
             raise ValueError("edge_inside_mask needs the code-driven edge (edge_blur_per_sd > 0)")
+        if self.edge_over_background and not self.edge_inside_mask:
+            raise ValueError("edge_over_background needs the edge kept inside the mask (edge_inside_mask=true)")
         if self.edge_blur_per_sd and self.kind != "proposed":
             raise ValueError(f"edge_blur_per_sd is a setting of the proposed generator, not of {self.kind!r}")
         if not (math.isfinite(self.anchor_sd) and self.anchor_sd > 0):
@@ -420,14 +429,20 @@ class CodeDrivenEdge(nn.Module):
     image = background + G_σ * (image − background), σ = σ₀·exp(−k·code[:, index] / anchor_sd) px, clamped to
     [MIN_SIGMA, MAX_SIGMA]; σ₀ (learned, starts at 1 px) sets the cohort's typical edge, k (fixed) how far one
     sd of the coordinate moves it. Why blur the change and not the image: the background's own texture stays as it was.
+    With `over` (and `inside_mask`) the blurred nodule is laid over the background with the blurred mask as its
+    alpha, image = G_σ * (mask · image) + (1 − G_σ * mask) · background: the same outside the nodule, and inside
+    it the background is covered rather than kept in its detail finer than σ.
     """
 
     MIN_SIGMA, MAX_SIGMA = 0.05, 3.0
     RADIUS = 9                     # 3 × MAX_SIGMA: the kernel's tail beyond is < 1 %
 
-    def __init__(self, per_sd: float, index: int, inside_mask: bool = False, anchor_sd: float = 1.0) -> None:
+    def __init__(self, per_sd: float, index: int, inside_mask: bool = False, anchor_sd: float = 1.0,
+                 over: bool = False) -> None:
         super().__init__()
-        self.index, self.inside_mask = int(index), bool(inside_mask)
+        if over and not inside_mask:
+            raise ValueError("the edge lays the nodule over the background only when kept inside the mask")
+        self.index, self.inside_mask, self.over = int(index), bool(inside_mask), bool(over)
         self.per_unit = float(per_sd) / float(anchor_sd)   # the code's units are anchor_sd per sd
         self.log_sigma0 = nn.Parameter(torch.zeros(()))
 
@@ -437,24 +452,30 @@ class CodeDrivenEdge(nn.Module):
         return log_sigma.exp().clamp(self.MIN_SIGMA, self.MAX_SIGMA)
 
     def blur(self, x: Tensor, code: Tensor) -> Tensor:
-        """(B,1,H,W) maps blurred per sample by σ(code): a separable Gaussian, one group per sample."""
+        """(B,C,H,W) maps blurred per sample by σ(code): a separable Gaussian, one group per sample and channel."""
         sigma = self.sigma(code)
         offsets = torch.arange(-self.RADIUS, self.RADIUS + 1, device=x.device, dtype=torch.float32)
         kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]).square())
         kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(x.dtype)          # (B, 2R+1)
-        b, _, h, w = x.shape
+        b, c, h, w = x.shape
+        if c > 1:
+            kernel = kernel.repeat_interleave(c, dim=0)
         r = self.RADIUS
-        flat = x.reshape(1, b, h, w)
-        flat = F.conv2d(F.pad(flat, (0, 0, r, r), mode="replicate"), kernel[:, None, :, None], groups=b)
-        flat = F.conv2d(F.pad(flat, (r, r, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=b)
-        return flat.reshape(b, 1, h, w)
+        flat = x.reshape(1, b * c, h, w)
+        flat = F.conv2d(F.pad(flat, (0, 0, r, r), mode="replicate"), kernel[:, None, :, None], groups=b * c)
+        flat = F.conv2d(F.pad(flat, (r, r, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=b * c)
+        return flat.reshape(b, c, h, w)
 
     def forward(self, image: Tensor, background: Tensor, code: Tensor, mask: Tensor | None = None) -> Tensor:
-        """The blurred change added to the background; with `inside_mask`, the change is first × `mask`."""
+        """The blurred change added to the background; with `inside_mask`, the change is first × `mask`; with
+        `over`, the blurred masked image laid over the background instead."""
+        if self.inside_mask and mask is None:
+            raise ValueError("this edge keeps the change inside the mask: pass the generator's mask")
+        if self.over:   # one blur of [mask · image, mask]: the nodule's premultiplied layer and its alpha
+            layer, alpha = self.blur(torch.cat([mask * image, mask], dim=1), code).split(1, dim=1)
+            return (layer + (1.0 - alpha) * background).clamp(-1.0, 1.0)
         change = image - background
         if self.inside_mask:
-            if mask is None:
-                raise ValueError("this edge keeps the change inside the mask: pass the generator's mask")
             change = change * mask
         return (background + self.blur(change, code)).clamp(-1.0, 1.0)
 
@@ -843,7 +864,8 @@ class ProposedGenerator(nn.Module):
         self.image_head = ImageHead(previous)
         self.mask_head = MaskHead(previous)
         self.edge = (CodeDrivenEdge(config.edge_blur_per_sd, config.edge_code_index, config.edge_inside_mask,
-                                    config.anchor_sd) if config.edge_blur_per_sd else None)
+                                    config.anchor_sd, config.edge_over_background)
+                     if config.edge_blur_per_sd else None)
         self.spicules = (CodeDrivenSpicules(config.spicules, config.spicule_code_index, config.noise_dim,
                                             config.anchor_sd, config.spicule_solid, config.spicule_contrast,
                                             config.spicules_follow_outline)
@@ -882,8 +904,9 @@ class ProposedGenerator(nn.Module):
         if self.config.opaque_nodule:   # the raw background channel is not offered inside the nodule
             x = x * _opaque_keep(mask.detach(), x.shape[1])
         image = self.image_head(x)
-        if self.lobes is not None:
-            image, mask = self.lobes(image, mask, background, code, noise)
+        if self.lobes is not None:   # laid over the background, the nodule's own image moves, not its change
+            image, mask = self.lobes(image, mask, torch.zeros_like(background) if self.config.edge_over_background
+                                     else background, code, noise)
         strand = None
         if self.spicules is not None:
             image, mask, strand = self.spicules(image, mask, code, noise,

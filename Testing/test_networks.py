@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -377,6 +379,10 @@ def test_edge_settings_are_refused_where_they_cannot_work() -> None:
         GeneratorConfig(kind="mcgan", edge_blur_per_sd=0.5)
     with pytest.raises(ValueError, match="edge_inside_mask needs the code-driven edge"):
         GeneratorConfig(edge_inside_mask=True)
+    with pytest.raises(ValueError, match="edge_over_background needs the edge kept inside the mask"):
+        GeneratorConfig(edge_blur_per_sd=0.6, edge_over_background=True)
+    with pytest.raises(ValueError, match="only when kept inside the mask"):
+        CodeDrivenEdge(0.6, 0, over=True)
     for bad in (0.0, -1.0, math.nan, math.inf):
         with pytest.raises(ValueError, match="anchor_sd must be a finite number > 0"):
             GeneratorConfig(anchor_sd=bad)
@@ -452,6 +458,50 @@ def test_edge_inside_mask_keeps_only_the_masked_change() -> None:
                                torch.full((2, 1, 4, 4), 0.3), atol=1e-3, rtol=0)
     with pytest.raises(ValueError, match="pass the generator's mask"):
         edge(image, background, code)
+
+
+def test_edge_over_background_covers_the_background_where_the_change_form_shows_its_detail() -> None:
+    """An even nodule (0.2) on a background with vessel-sized stripes, σ = 3 px (a blurred margin): added as a
+    blurred change the stripes finer than σ stay inside the nodule (the evaluation's `interior_leak` well above
+    0); laid over the background they are covered (leak ≈ 0), the centre even. Both forms leave the background
+    unchanged beyond the kernel's reach and put the nodule's value in its centre on average."""
+    from training.evaluation.sections import interior_leak
+
+    columns = torch.arange(64.0)
+    background = (0.15 * torch.sin(columns * 2.0 * math.pi / 5.0) - 0.6).expand(2, 1, 64, 64).clone()
+    rows, cols = torch.meshgrid(columns, columns, indexing="ij")
+    mask = (((rows - 32) ** 2 + (cols - 32) ** 2) <= 14.0**2).float().expand(2, 1, 64, 64)
+    image = torch.full_like(background, 0.2)
+    code = torch.full((2, 4), -10.0)                              # σ at its 3 px clamp
+    outputs = {}
+    for over in (False, True):
+        edge = CodeDrivenEdge(per_sd=0.6, index=0, inside_mask=True, over=over)
+        with torch.no_grad():
+            outputs[over] = edge(image, background, code, mask)
+        reach = torch.ones(64, 64, dtype=torch.bool)
+        reach[32 - 14 - edge.RADIUS:32 + 15 + edge.RADIUS, 32 - 14 - edge.RADIUS:32 + 15 + edge.RADIUS] = False
+        assert torch.equal(outputs[over][:, 0][:, reach], background[:, 0][:, reach])
+        centre = outputs[over][:, 0, 28:37, 28:37]          # the change form's centre: 0.2 + the stripes' detail
+        torch.testing.assert_close(centre.mean(dim=(1, 2)), torch.full((2,), 0.2), atol=0.02, rtol=0)
+        assert (centre.std() < 1e-3) == over
+    leak = {over: np.nanmedian(interior_leak(out[:, 0].numpy(), mask[:, 0].numpy(), background[:, 0].numpy()))
+            for over, out in outputs.items()}
+    assert leak[False] > 0.5 and abs(leak[True]) < 0.05, leak
+
+
+def test_edge_over_background_moves_the_lobed_nodule_not_its_change() -> None:
+    """With lobes and the edge laid over the background, the lobes warp the generator's image itself (given a
+    zero background), so the background under a lobe is not added back into the nodule; without it, the change."""
+    config = GeneratorConfig(**{**small_config("proposed").to_dict(), "edge_blur_per_sd": 0.6,
+                                "edge_inside_mask": True, "lobes": True})
+    for over in (False, True):
+        generator = build_generator(dataclasses.replace(config, edge_over_background=over)).eval()
+        seen: list[torch.Tensor] = []
+        generator.lobes.register_forward_hook(lambda module, args, result, into=seen: into.append(args[2]))
+        x = inputs(generator.config, batch=2)
+        with torch.no_grad():
+            run(generator, x)
+        assert torch.equal(seen[0], torch.zeros_like(x["background"]) if over else x["background"])
 
 
 def test_edge_inside_mask_weight_map_shows_where_the_output_can_change() -> None:

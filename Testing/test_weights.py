@@ -73,7 +73,9 @@ def rewrite_json(saved: Path, **changes: object) -> None:
 
 
 @pytest.mark.parametrize(("kind", "changes"), [(kind, {}) for kind in KINDS]
-                         + [("proposed", {"edge_blur_per_sd": 0.6, "edge_inside_mask": True})])
+                         + [("proposed", {"edge_blur_per_sd": 0.6, "edge_inside_mask": True}),
+                            ("proposed", {"edge_blur_per_sd": 0.6, "edge_inside_mask": True,
+                                          "edge_over_background": True})])
 def test_save_then_load_gives_bit_identical_outputs(tmp_path: Path, kind: str, changes: dict) -> None:
     config = small_config(kind, **changes)
     generator = trained_like(config)
