@@ -550,3 +550,27 @@ def test_hole_from_mask_is_a_disc_of_one_and_a_half_equivalent_radii() -> None:
     # empty mask: a default disc (radius H/8) at the centre
     assert hole[1, 0, 32, 32] == 1 and hole[1, 0, 0, 0] == 0
     assert abs(float(hole[1].sum()) - math.pi * 8**2) / (math.pi * 8**2) < 0.1
+
+
+def test_with_composition_changes_only_how_the_trained_tensors_compose() -> None:
+    """A trained generator composed over the background at export: the same tensors, the output of a generator
+    built with the option; an option that would change tensors, or a refused combination, is a ValueError."""
+    from RadiogenomicGANLib.networks import with_composition
+
+    config = GeneratorConfig(**{**small_config("proposed").to_dict(), "edge_blur_per_sd": 0.6,
+                                "edge_inside_mask": True, "lobes": True})
+    trained = build_generator(config).eval()
+    composed = with_composition(trained, edge_over_background=True)
+    assert composed.config == dataclasses.replace(config, edge_over_background=True) and not composed.training
+    assert all(torch.equal(trained.state_dict()[k], v) for k, v in composed.state_dict().items())
+    built = build_generator(composed.config).eval()
+    built.load_state_dict(trained.state_dict())
+    x = inputs(config, batch=2)
+    with torch.no_grad():
+        assert torch.equal(run(composed, x).image, run(built, x).image)
+        assert not torch.equal(run(composed, x).image, run(trained, x).image)
+    with pytest.raises(ValueError, match="base_channels cannot be changed on a trained generator"):
+        with_composition(trained, base_channels=8)
+    plain = build_generator(small_config("proposed"))
+    with pytest.raises(ValueError, match="needs the edge kept inside the mask"):
+        with_composition(plain, edge_over_background=True)

@@ -208,3 +208,88 @@ def test_out_may_not_overwrite_an_input(run, tmp_path: Path, capsys, form: str) 
     error = capsys.readouterr().err
     assert error.startswith("error:") and "input" in error and len(error.strip().splitlines()) == 1, error
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (last, data)} == before
+
+
+EDGE = ["--generator", "edge_blur_per_sd=0.6", "--generator", "edge_inside_mask=true",
+        "--loss-weight", "code_phenotype=1"]
+
+
+def test_a_run_composes_its_export_over_the_background_and_export_follows_it(tmp_path: Path) -> None:
+    """`--export-generator edge_over_background=true`: the run trains and checkpoints the change form, its
+    export lays the nodule over the background with the same tensors (recorded in the provenance), and
+    `export --checkpoint` exports the run's composition unless `--generator` changes it."""
+    data = make_synthetic_dataset(tmp_path / "syn.npz", patients=8, genes=64, size=32)
+    run = tmp_path / "run"
+    train_main(["--data", str(data), "--model", "proposed", "--out", str(run), "--steps", "2", *TINY, *EDGE,
+                "--export-generator", "edge_over_background=true"])
+    last = ckpt.latest_checkpoint(run / "checkpoints")
+    tensors, state = ckpt.load_checkpoint(last)
+    assert state["generator_config"]["edge_over_background"] is False          # trained in the change form
+    generator, metadata = load_weights(run / "proposed.safetensors")
+    assert generator.config.edge_over_background and metadata.provenance["composed_at_export"] == {
+        "edge_over_background": True}
+    assert all(torch.equal(v, tensors[f"model/G_ema/{k}"]) for k, v in generator.state_dict().items())
+    for extra, over in (([], True), (["--generator", "edge_over_background=false"], False)):
+        out = tmp_path / f"again-{over}"
+        assert export_main(["--checkpoint", str(last), "--data", str(data), "--out", str(out), *extra]) == 0
+        again, _ = load_weights(out)
+        assert again.config.edge_over_background is over
+        assert all(torch.equal(v, tensors[f"model/G_ema/{k}"]) for k, v in again.state_dict().items())
+
+
+def test_an_export_option_that_would_change_tensors_or_cannot_compose_is_refused_before_training(
+        tmp_path: Path, capsys) -> None:
+    data = make_synthetic_dataset(tmp_path / "syn.npz", patients=8, genes=64, size=32)
+    for option, message in (("base_channels=8", "composition options only"),
+                            ("edge_over_background=true", "needs the edge kept inside the mask")):
+        with pytest.raises(SystemExit) as stop:
+            train_main(["--data", str(data), "--model", "proposed", "--out", str(tmp_path / "run"), "--steps", "2",
+                        *TINY, "--export-generator", option])
+        error = capsys.readouterr().err
+        assert stop.value.code == 2 and message in error and len(error.strip().splitlines()) == 1, error
+        assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_weights_are_written_again_with_a_composition_option_changed(tmp_path: Path, capsys) -> None:
+    """`export --weights W --generator edge_over_background=true`: every tensor, the gene preprocessing and the
+    provenance kept, the option changed, the source named by its SHA-256; the output lays the nodule over the
+    background as a generator built with the option does. Anything else, or no change, is refused, W intact."""
+    import hashlib
+    import json
+
+    from RadiogenomicGANLib.networks import build_generator
+
+    data = make_synthetic_dataset(tmp_path / "syn.npz", patients=8, genes=64, size=32)
+    train_main(["--data", str(data), "--model", "proposed", "--out", str(tmp_path / "run"), "--steps", "2", *TINY,
+                *EDGE])
+    source = tmp_path / "run" / "proposed.safetensors"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    out = tmp_path / "over"
+    assert export_main(["--weights", str(source), "--out", str(out), "--generator", "edge_over_background=true"]) == 0
+    (before, _), (after, after_meta) = load_weights(source), load_weights(out)
+    assert not before.config.edge_over_background and after.config.edge_over_background
+    assert all(torch.equal(before.state_dict()[k], v) for k, v in after.state_dict().items())
+    records = [json.loads(path.with_suffix(".json").read_text()) for path in (source, out.with_suffix(".json"))]
+    for record in records:   # what may differ: the option, the record of the source, the .safetensors' hash
+        record["architecture"].pop("edge_over_background")   # (its header holds the JSON's own hash)
+        record["provenance"].pop("recomposed_from", None)
+        record.pop("safetensors_sha256")
+    assert records[0] == records[1]
+    assert after_meta.provenance["recomposed_from"] == {"weights": str(source), "safetensors_sha256": digest,
+                                                        "changed": {"edge_over_background": True}}
+    built = build_generator(after.config).eval()
+    built.load_state_dict(before.state_dict())
+    genes = torch.randn(2, after.config.num_genes)
+    background = torch.rand(2, 1, 32, 32) * 2 - 1
+    noise = torch.randn(2, after.config.noise_dim)
+    with torch.no_grad():
+        composed, reference, change = (g(background, genes, noise).image for g in (after, built, before.eval()))
+    assert torch.equal(composed, reference) and not torch.equal(composed, change)
+    capsys.readouterr()
+    for extra, message in (([], "give --generator"), (["--generator", "base_channels=8"], "cannot be changed"),
+                           (["--generator", "edge_over_background=true", "--out", str(source)], "overwrite")):
+        arguments = ["--weights", str(source), "--out", str(tmp_path / "x"), *extra]
+        assert export_main(arguments) == 2
+        error = capsys.readouterr().err
+        assert message in error and len(error.strip().splitlines()) == 1, error
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == digest and not (tmp_path / "x.safetensors").exists()

@@ -20,7 +20,7 @@ from typing import Any
 
 from RadiogenomicGANLib.atomic import write_bytes_atomic
 from RadiogenomicGANLib.devices import DEVICE_CHOICES
-from RadiogenomicGANLib.networks import KINDS
+from RadiogenomicGANLib.networks import COMPOSITION_OPTIONS, KINDS
 from RadiogenomicGANLib.strict_dict import check_mapping
 
 MODELS: tuple[str, ...] = KINDS            # the one definition of model kinds is the generator's
@@ -90,6 +90,9 @@ class TrainConfig:
     validation_thread: str = "auto"    # score checkpoints on a thread beside training: on | off | auto (a CPU
                                        # with a core the training processes leave idle)
     export_name: str = ""              # RUN/<export_name>.safetensors+json; empty = the model name
+    # composition options (networks.COMPOSITION_OPTIONS) set on the exported generator only: the run trains and
+    # validates without them (e.g. edge_over_background: trained with it, margin and placement got worse)
+    export_generator: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)         # extra entries for the weights' provenance
 
     # -- JSON round trip ---------------------------------------------------------------------------
@@ -161,6 +164,11 @@ class TrainConfig:
                 raise ConfigError(
                     f"{section} option(s) {fixed} are set by the run (--model and the dataset), not by overrides"
                 )
+        loose = sorted(set(self.export_generator) - COMPOSITION_OPTIONS)
+        if loose:
+            options = ", ".join(sorted(COMPOSITION_OPTIONS))
+            raise ConfigError(f"--export-generator sets composition options only ({options}), not {loose}: they "
+                              "would change the trained tensors; use --generator")
         taken = sorted(set(self.provenance) & set(RESERVED_PROVENANCE))
         if taken:
             raise ConfigError(f"provenance key(s) {taken} are written by the training run itself")

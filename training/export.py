@@ -7,6 +7,11 @@ preprocessing come from the checkpoint's dataset file, which must be the one the
 checked), refitted as the run did (`training.dataset.training_data`).
 `--checkpoint RUN` (or RUN/checkpoints) picks the checkpoint with the best validation score that the run
 recorded (`best.safetensors`), else the latest.
+
+`--generator KEY=VALUE` sets a composition option (`networks.COMPOSITION_OPTIONS`: how the trained tensors'
+nodule is laid into the background) on the exported generator; a checkpoint is otherwise exported with the
+run's own `--export-generator` options. `--weights W` instead of `--checkpoint` and `--data` writes an exported
+model again with such an option changed, every tensor kept (how the bundled model got its laid-over nodule).
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from torch import nn
 
 from RadiogenomicGANLib.atomic import file_sha256
 from RadiogenomicGANLib.cli_common import check_output_file, run_cli, same_file
-from RadiogenomicGANLib.networks import GeneratorConfig, build_generator
-from RadiogenomicGANLib.weights import WeightsError, weights_paths
+from RadiogenomicGANLib.networks import COMPOSITION_OPTIONS, GeneratorConfig, build_generator, with_composition
+from RadiogenomicGANLib.weights import WeightsError, load_weights, save_weights, weights_paths
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, parse_override
@@ -40,7 +45,7 @@ def export_generator(
 ) -> Path:
     """A generator (the EMA one at the end of training) in the weights format, with the dataset's fitted gene
     preprocessing and provenance."""
-    from RadiogenomicGANLib.weights import WeightsMetadata, save_weights
+    from RadiogenomicGANLib.weights import WeightsMetadata
 
     generator = copy.deepcopy(generator).to("cpu", memory_format=torch.contiguous_format).eval()
     metadata = WeightsMetadata(
@@ -55,8 +60,9 @@ def export_generator(
 
 
 def export_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path, *, raw: bool = False,
-                      provenance: dict[str, Any] | None = None) -> Path:
-    """Write OUT.safetensors + OUT.json from the EMA (default) or raw generator of `checkpoint`.
+                      provenance: dict[str, Any] | None = None, composition: dict[str, Any] | None = None) -> Path:
+    """Write OUT.safetensors + OUT.json from the EMA (default) or raw generator of `checkpoint`, with the
+    composition options the run exported with, updated by `composition`.
 
     Refused before anything is read: an OUT whose .safetensors or .json would overwrite the checkpoint or the
     dataset (`--out C` with C the checkpoint once replaced it).
@@ -81,6 +87,9 @@ def export_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path,
     dataset = training_data(replace(run_config, data=str(data)))
     generator = build_generator(GeneratorConfig.from_dict(state["generator_config"]))
     ckpt.load_module("G" if raw else "G_ema", generator, tensors)
+    composition = {**run_config.export_generator, **(composition or {})}
+    if composition:
+        generator = compose(generator, composition)
     record = {
         "exported_from": str(checkpoint),
         "step": int(state["step"]),
@@ -90,9 +99,40 @@ def export_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path,
         "train_config": state.get("train_config"),
         "loss_weights": state.get("loss_weights"),
         **({"validation": state["validation"]} if "validation" in state else {}),
+        **({"composed_at_export": composition} if composition else {}),
         **(provenance or {}),
     }
     return export_generator(generator, dataset, Path(out), record)
+
+
+def recompose_weights(weights: str | Path, out: str | Path, composition: dict[str, Any],
+                      provenance: dict[str, Any] | None = None) -> Path:
+    """Write exported weights `weights` again as OUT with the composition options `composition` changed: the
+    same tensors, gene preprocessing and provenance, plus a record of the source and the change."""
+    if not composition:
+        raise ExportError("--weights writes a model again with a composition option changed: give --generator "
+                          f"KEY=VALUE ({', '.join(sorted(COMPOSITION_OPTIONS))})")
+    source, target = weights_paths(weights), weights_paths(out)
+    if any(same_file(t, s) for t in target for s in source):
+        raise ExportError(f"--out {out} would overwrite the --weights input: choose another name")
+    check_output_file(target[0])
+    generator, metadata = load_weights(weights)
+    generator = compose(generator, composition)
+    record = {
+        **metadata.provenance,
+        "recomposed_from": {"weights": str(source[0]), "safetensors_sha256": file_sha256(source[0]),
+                            "changed": dict(composition)},
+        **(provenance or {}),
+    }
+    return Path(save_weights(out, generator, replace(metadata, config=generator.config, provenance=record)))
+
+
+def compose(generator: nn.Module, composition: dict[str, Any]) -> nn.Module:
+    """`networks.with_composition` with its refusal as this CLI's error."""
+    try:
+        return with_composition(generator, **composition)
+    except ValueError as error:
+        raise ExportError(f"--generator: {error}") from None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -110,18 +150,33 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="RUN/checkpoints/ckpt-<step>.safetensors, or RUN for "
-                        "the best-validated checkpoint")
-    parser.add_argument("--data", required=True, help="the dataset .npz the run trained on")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="RUN/checkpoints/ckpt-<step>.safetensors, or RUN for the "
+                        "best-validated checkpoint")
+    source.add_argument("--weights", help="an exported model (NAME or NAME.safetensors) to write again with "
+                        "--generator's composition option changed")
+    parser.add_argument("--data", help="with --checkpoint: the dataset .npz the run trained on")
     parser.add_argument("--out", required=True, help="output weights path (NAME or NAME.safetensors)")
     parser.add_argument("--raw", action="store_true", help="export the raw generator instead of its EMA")
+    parser.add_argument("--generator", action="append", default=[], metavar="KEY=VALUE",
+                        help="a composition option of the exported generator "
+                        f"({', '.join(sorted(COMPOSITION_OPTIONS))}; e.g. edge_over_background=true); repeatable")
     parser.add_argument("--provenance", action="append", default=[], metavar="KEY=VALUE",
                         help="extra provenance entries (repeatable)")
     args = parser.parse_args(argv)
+    if args.checkpoint and not args.data:
+        parser.error("--checkpoint needs --data, the dataset .npz the run trained on")
+    if args.weights and (args.data or args.raw):
+        parser.error("--weights takes neither --data nor --raw: it writes an exported model again")
 
     def body() -> int:
         extra = dict(parse_override(item) for item in args.provenance)  # as training.train reads --provenance
-        path = export_checkpoint(args.checkpoint, args.data, args.out, raw=args.raw, provenance=extra)
+        composition = dict(parse_override(item) for item in args.generator)
+        if args.weights:
+            path = recompose_weights(args.weights, args.out, composition, provenance=extra)
+        else:
+            path = export_checkpoint(args.checkpoint, args.data, args.out, raw=args.raw, provenance=extra,
+                                     composition=composition)
         print(f"wrote {path} and {path.with_suffix('.json')}")
         return 0
 

@@ -100,6 +100,10 @@ def build_configs(
         )
     except (TypeError, ValueError) as error:
         raise ConfigError(f"generator options {cfg.generator}: {error}") from None
+    try:  # checked before training, not found out at the export after it
+        GeneratorConfig.from_dict({**g_cfg.to_dict(), **cfg.export_generator})
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"--export-generator {cfg.export_generator}: {error}") from None
     try:
         d_cfg = DiscriminatorConfig.for_generator(g_cfg, **cfg.discriminator)
     except (TypeError, ValueError) as error:

@@ -24,7 +24,7 @@ from typing import Any
 
 from RadiogenomicGANLib.cli_common import check_output_folder, require_optional, run_cli
 from RadiogenomicGANLib.devices import DeviceError
-from RadiogenomicGANLib.networks import GeneratorConfig
+from RadiogenomicGANLib.networks import COMPOSITION_OPTIONS, GeneratorConfig
 
 from . import checkpoint as ckpt
 from .config import MODELS, VALIDATION_THREAD, ConfigError, TrainConfig, parse_override
@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score each checkpoint on a thread while training goes on, same scores and choice "
                    "(default auto: on a CPU where training leaves a core idle)")
     o.add_argument("--export-name", help="stem of the exported weights (default: the model name)")
+    o.add_argument("--export-generator", action="append", metavar="KEY=VALUE",
+                   help="a composition option set on the exported generator only, trained without it ("
+                   f"{', '.join(sorted(COMPOSITION_OPTIONS))}; e.g. edge_over_background=true); repeatable")
     o.add_argument("--provenance", action="append", metavar="KEY=VALUE",
                    help="extra entry in the exported weights' provenance, VALUE read as JSON when it parses "
                    "(e.g. phantom_seed=2026); repeatable")
@@ -157,7 +160,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     elif "resume" in vars(args) and given.get("out") and (Path(given["out"]) / "config.json").is_file():
         base = TrainConfig.load(Path(given["out"]) / "config.json")
     merged = base.to_dict()
-    for section in ("loss_weight", "generator", "discriminator", "provenance"):
+    for section in ("loss_weight", "generator", "discriminator", "export_generator", "provenance"):
         pairs = given.pop(section, None)
         if pairs:
             target = "loss_weights" if section == "loss_weight" else section

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from RadiogenomicGANLib.devices import keep_freed_memory
+from RadiogenomicGANLib.networks import with_composition
 from RadiogenomicGANLib.processes import usable_cores
 
 from . import checkpoint as ckpt
@@ -412,4 +413,7 @@ def export_weights(step: int, nets: Networks, cfg: TrainConfig, data: Radiogenom
         ckpt.load_module("G_ema", exported, best_tensors)
         provenance.update(selected_step=int(best_state["step"]), selected_by="validation score (val split)",
                           validation=best_state["validation"])
+    if cfg.export_generator:
+        exported = with_composition(exported, **cfg.export_generator)
+        provenance["composed_at_export"] = dict(cfg.export_generator)
     return export_generator(exported, data, Path(cfg.out) / cfg.weights_name, provenance)
