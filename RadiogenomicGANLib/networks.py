@@ -1076,24 +1076,38 @@ def build_generator(config: GeneratorConfig) -> nn.Module:
     return _BUILDERS[config.kind](config)
 
 
-# GeneratorConfig fields that change how a trained generator composes its output and no tensor, so they may be
-# switched on a trained generator (`with_composition`, at export). Why: trained with the laid-over nodule the
-# margin and the placement got worse (round 33), while the same tensors composed over at inference lost nothing
-# and lost the interior leak (round 33 Phase 3, round 34).
-COMPOSITION_OPTIONS: frozenset[str] = frozenset({"edge_over_background"})
+# GeneratorConfig fields that change how a trained generator composes its output, not what it learned, so they may
+# be switched on a trained generator (`with_composition`, at export). Why: trained with the laid-over nodule the
+# margin and the placement got worse (round 33), while the same tensors composed over lost nothing and lost the
+# interior leak (round 34). `spicule_contrast` paints the drawn strands after the edge at a contrast calibrated on
+# the training donors' real strands (nothing learned); switched on it needs that contrast (`strand_contrast`).
+COMPOSITION_OPTIONS: frozenset[str] = frozenset({"edge_over_background", "spicule_contrast"})
 
 
-def with_composition(generator: nn.Module, **options: Any) -> nn.Module:
-    """A copy of a trained `generator` with COMPOSITION_OPTIONS changed and every tensor kept (in eval mode).
+def with_composition(generator: nn.Module, *, strand_contrast: float | None = None, **options: Any) -> nn.Module:
+    """A copy of a trained `generator` with COMPOSITION_OPTIONS changed and every learned tensor kept (eval mode).
 
-    Raises ValueError for any other field (it would change or orphan tensors) and for a combination the
-    config refuses (e.g. edge_over_background without edge_inside_mask)."""
+    `strand_contrast` (unit range, `training.iteration.real_strand_contrast`) is required when `spicule_contrast`
+    is switched on and refused otherwise. Raises ValueError for any other field (it would change or orphan
+    learned tensors) and for a combination the config refuses (e.g. edge_over_background without
+    edge_inside_mask)."""
     other = sorted(set(options) - COMPOSITION_OPTIONS)
     if other:
         raise ValueError(f"{', '.join(other)} cannot be changed on a trained generator; only "
                          f"{', '.join(sorted(COMPOSITION_OPTIONS))} can (the rest would change its tensors)")
     composed = build_generator(GeneratorConfig.from_dict({**generator.config.to_dict(), **options}))
-    composed.load_state_dict(generator.state_dict())
+    switched_on = composed.config.spicule_contrast and not generator.config.spicule_contrast
+    if switched_on != (strand_contrast is not None):
+        raise ValueError("spicule_contrast switched on needs the training donors' real strand contrast to paint at "
+                         "(strand_contrast), and only then is one given")
+    state = generator.state_dict()
+    if not composed.config.spicule_contrast:
+        state.pop("spicules.contrast", None)         # the strands are painted as trained: no contrast to keep
+    missing, _ = composed.load_state_dict(state, strict=not switched_on)
+    if missing != (["spicules.contrast"] if switched_on else []):
+        raise ValueError(f"the composed generator lacks trained tensors: {missing}")
+    if switched_on:
+        composed.spicules.calibrate_contrast(float(strand_contrast))
     return composed.to(next(generator.parameters()).device).eval()
 
 

@@ -269,3 +269,31 @@ def test_painting_at_a_contrast_only_brightens() -> None:
         GeneratorConfig(spicules=4, spicule_solid=True, spicule_contrast=True)
     with pytest.raises(ValueError, match="spicule_contrast is a setting of the drawn spicules"):
         GeneratorConfig(spicule_contrast=True)
+
+
+def test_painting_at_a_contrast_can_be_switched_on_a_trained_generator() -> None:
+    """`with_composition(spicule_contrast=True, strand_contrast=Δ)` on a generator trained drawing its strands:
+    every learned tensor kept, the strands then painted as a generator built with the option and calibrated to Δ
+    paints them; switched off again, the original output. Without Δ, or with Δ and nothing to switch, refused."""
+    from RadiogenomicGANLib.networks import with_composition
+
+    torch.manual_seed(5)
+    trained = build_generator(GeneratorConfig(**STRAND_GENERATOR)).eval()
+    painted = with_composition(trained, spicule_contrast=True, strand_contrast=0.4)
+    built = build_generator(GeneratorConfig(**STRAND_GENERATOR, spicule_contrast=True)).eval()
+    built.load_state_dict({**trained.state_dict(), "spicules.contrast": torch.tensor(0.4)})
+    back = with_composition(painted, spicule_contrast=False)
+    disc, genes, noise = _disc(2), torch.randn(2, 32), torch.randn(2, 16)
+    for generator in (painted, built, trained, back):   # the same disc with strands on every nodule
+        generator.mask_head = _FixedMask(disc)
+        with torch.no_grad():
+            generator.spicules.presence_bias.fill_(8.0)
+    background = torch.full((2, 1, SIZE, SIZE), -0.8)
+    with torch.no_grad():
+        outputs = [g(background, genes, noise).image for g in (painted, built, trained, back)]
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[2], outputs[3])
+    assert not torch.equal(outputs[0], outputs[2])                     # the strands are painted otherwise
+    assert float(painted.spicules.contrast) == pytest.approx(0.4) and back.spicules.contrast is None
+    for options in ({"spicule_contrast": True}, {"strand_contrast": 0.4}):
+        with pytest.raises(ValueError, match="needs the training donors' real strand contrast"):
+            with_composition(trained, **options)

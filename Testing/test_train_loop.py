@@ -317,13 +317,7 @@ def test_strands_painted_at_a_contrast_train_with_the_donors_real_contrast(data:
     flags = ("--generator", "spicules=6", "--generator", "spicule_contrast=true", "--loss-weight", "code_phenotype=1")
     message = fails(["--data", str(data), "--out", str(tmp_path / "none"), "--steps", "2", *TINY, *flags], capsys)
     assert "no training donor's real slice carries a long strand" in message
-    arrays = dict(np.load(data))
-    for image, mask in zip(arrays["nodule_images"], arrays["nodule_masks"]):   # a 7-px strand 200 HU over the lung
-        rows, cols = np.nonzero(mask > 0)
-        row, start = int(np.median(rows)), int(cols.max()) + 1
-        mask[row, start:start + 7] = 1
-        image[row, start:start + 7] = image[row - 2, start:start + 7] + 200 * 2 / 1500
-    stranded = write_dataset(tmp_path / "stranded.npz", **arrays)
+    stranded = _stranded(data, tmp_path / "stranded.npz")
     torch.set_num_threads(1)
     result = run(stranded, tmp_path / "contrast", "proposed", 2, *flags)
     generator, _ = load_weights(result["weights"], expected_kind="proposed", expected_num_genes=64)
@@ -331,6 +325,53 @@ def test_strands_painted_at_a_contrast_train_with_the_donors_real_contrast(data:
     expected = real_strand_contrast(load_dataset(stranded))
     assert 150 < expected * 750 < 210
     assert float(generator.spicules.contrast) == pytest.approx(expected)
+
+
+def _stranded(data: Path, out: Path) -> Path:
+    """`data` with a 7-px strand 200 HU over the lung added to every real nodule slice (a long strand to read)."""
+    arrays = dict(np.load(data))
+    for image, mask in zip(arrays["nodule_images"], arrays["nodule_masks"]):
+        rows, cols = np.nonzero(mask > 0)
+        row, start = int(np.median(rows)), int(cols.max()) + 1
+        mask[row, start:start + 7] = 1
+        image[row, start:start + 7] = image[row - 2, start:start + 7] + 200 * 2 / 1500
+    return write_dataset(out, **arrays)
+
+
+def test_strands_painted_at_a_contrast_on_the_export_only(data: Path, tmp_path: Path, capsys) -> None:
+    """`--export-generator spicule_contrast=true`: trained as drawn, exported painting its strands at the training
+    donors' real contrast (every learned tensor the checkpoint's); refused before training without a real strand
+    to read; `export --weights` does the same given the training dataset, and asks for it otherwise."""
+    from training import checkpoint as ckpt
+    from training.export import main as export_main
+
+    flags = ("--generator", "spicules=6", "--loss-weight", "code_phenotype=1",
+             "--export-generator", "spicule_contrast=true")
+    message = fails(["--data", str(data), "--out", str(tmp_path / "none"), "--steps", "2", *TINY, *flags], capsys)
+    assert "no training donor's real slice carries a long strand" in message
+    assert not (tmp_path / "none" / "checkpoints").exists()
+    stranded = _stranded(data, tmp_path / "stranded.npz")
+    torch.set_num_threads(1)
+    result = run(stranded, tmp_path / "contrast", "proposed", 2, *flags)
+    tensors, state = ckpt.load_checkpoint(result["checkpoint"])
+    assert not state["generator_config"]["spicule_contrast"]
+    generator, metadata = load_weights(result["weights"], expected_kind="proposed", expected_num_genes=64)
+    expected = real_strand_contrast(load_dataset(stranded))
+    assert generator.config.spicule_contrast and float(generator.spicules.contrast) == pytest.approx(expected)
+    assert metadata.provenance["composed_at_export"] == {"spicule_contrast": True}
+    learned = {k: v for k, v in generator.state_dict().items() if k != "spicules.contrast"}
+    assert all(torch.equal(v, tensors[f"model/G_ema/{k}"]) for k, v in learned.items())
+    # the same from an exported model drawn as trained: needs the dataset the strands are read on
+    plain = tmp_path / "plain"
+    assert export_main(["--weights", result["weights"], "--out", str(plain), "--generator",
+                        "spicule_contrast=false"]) == 0
+    capsys.readouterr()
+    again = ["--weights", str(plain), "--out", str(tmp_path / "again"), "--generator", "spicule_contrast=true"]
+    assert export_main(again) == 2 and "give --data" in capsys.readouterr().err
+    assert export_main([*again, "--data", str(stranded)]) == 0
+    repainted, _ = load_weights(tmp_path / "again")
+    assert float(repainted.spicules.contrast) == pytest.approx(expected)
+    assert all(torch.equal(v, generator.state_dict()[k]) for k, v in repainted.state_dict().items())
 
 
 def test_drawn_spicules_need_the_anchor_and_train_with_it(data: Path, tmp_path: Path) -> None:

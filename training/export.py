@@ -34,6 +34,7 @@ from RadiogenomicGANLib.weights import WeightsError, load_weights, save_weights,
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, parse_override
 from .dataset import DatasetError, RadiogenomicDataset, training_data
+from .iteration import real_strand_contrast
 
 
 class ExportError(ValueError):
@@ -89,7 +90,7 @@ def export_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path,
     ckpt.load_module("G" if raw else "G_ema", generator, tensors)
     composition = {**run_config.export_generator, **(composition or {})}
     if composition:
-        generator = compose(generator, composition)
+        generator = compose(generator, composition, dataset)
     record = {
         "exported_from": str(checkpoint),
         "step": int(state["step"]),
@@ -106,9 +107,10 @@ def export_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path,
 
 
 def recompose_weights(weights: str | Path, out: str | Path, composition: dict[str, Any],
-                      provenance: dict[str, Any] | None = None) -> Path:
+                      provenance: dict[str, Any] | None = None, data: str | Path | None = None) -> Path:
     """Write exported weights `weights` again as OUT with the composition options `composition` changed: the
-    same tensors, gene preprocessing and provenance, plus a record of the source and the change."""
+    same tensors, gene preprocessing and provenance, plus a record of the source and the change. `data`, the
+    dataset the model trained on, is needed to switch `spicule_contrast` on (its training donors' strands)."""
     if not composition:
         raise ExportError("--weights writes a model again with a composition option changed: give --generator "
                           f"KEY=VALUE ({', '.join(sorted(COMPOSITION_OPTIONS))})")
@@ -117,7 +119,15 @@ def recompose_weights(weights: str | Path, out: str | Path, composition: dict[st
         raise ExportError(f"--out {out} would overwrite the --weights input: choose another name")
     check_output_file(target[0])
     generator, metadata = load_weights(weights)
-    generator = compose(generator, composition)
+    dataset = None
+    if data is not None:
+        expected = metadata.provenance.get("dataset_sha256")
+        if expected and file_sha256(data) != expected:
+            raise ExportError(f"{data} is not the dataset {weights} was trained on (SHA-256 differs); pass that file "
+                              f"({metadata.provenance.get('dataset', 'path unknown')})")
+        run_config = TrainConfig.from_dict({**(metadata.provenance.get("train_config") or {}), "data": str(data)})
+        dataset = training_data(run_config)
+    generator = compose(generator, composition, dataset)
     record = {
         **metadata.provenance,
         "recomposed_from": {"weights": str(source[0]), "safetensors_sha256": file_sha256(source[0]),
@@ -127,10 +137,17 @@ def recompose_weights(weights: str | Path, out: str | Path, composition: dict[st
     return Path(save_weights(out, generator, replace(metadata, config=generator.config, provenance=record)))
 
 
-def compose(generator: nn.Module, composition: dict[str, Any]) -> nn.Module:
-    """`networks.with_composition` with its refusal as this CLI's error."""
+def compose(generator: nn.Module, composition: dict[str, Any], data: RadiogenomicDataset | None) -> nn.Module:
+    """`networks.with_composition`; strands switched to `spicule_contrast` are calibrated on `data`'s training
+    donors as training calibrates them (`iteration.real_strand_contrast`). A refusal is an ExportError."""
+    contrast = None
+    if composition.get("spicule_contrast") and not generator.config.spicule_contrast:
+        if data is None:
+            raise ExportError("--generator spicule_contrast=true paints the strands at the training donors' real "
+                              "strands' contrast: give --data, the dataset the model trained on")
+        contrast = real_strand_contrast(data)
     try:
-        return with_composition(generator, **composition)
+        return with_composition(generator, strand_contrast=contrast, **composition)
     except ValueError as error:
         raise ExportError(f"--generator: {error}") from None
 
@@ -155,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                         "best-validated checkpoint")
     source.add_argument("--weights", help="an exported model (NAME or NAME.safetensors) to write again with "
                         "--generator's composition option changed")
-    parser.add_argument("--data", help="with --checkpoint: the dataset .npz the run trained on")
+    parser.add_argument("--data", help="the dataset .npz the run trained on (with --weights: only to switch "
+                        "spicule_contrast on)")
     parser.add_argument("--out", required=True, help="output weights path (NAME or NAME.safetensors)")
     parser.add_argument("--raw", action="store_true", help="export the raw generator instead of its EMA")
     parser.add_argument("--generator", action="append", default=[], metavar="KEY=VALUE",
@@ -166,14 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.checkpoint and not args.data:
         parser.error("--checkpoint needs --data, the dataset .npz the run trained on")
-    if args.weights and (args.data or args.raw):
-        parser.error("--weights takes neither --data nor --raw: it writes an exported model again")
+    if args.weights and args.raw:
+        parser.error("--weights takes no --raw: it writes an exported model again")
 
     def body() -> int:
         extra = dict(parse_override(item) for item in args.provenance)  # as training.train reads --provenance
         composition = dict(parse_override(item) for item in args.generator)
         if args.weights:
-            path = recompose_weights(args.weights, args.out, composition, provenance=extra)
+            path = recompose_weights(args.weights, args.out, composition, provenance=extra, data=args.data)
         else:
             path = export_checkpoint(args.checkpoint, args.data, args.out, raw=args.raw, provenance=extra,
                                      composition=composition)

@@ -45,14 +45,13 @@ import torch
 from torch import Tensor, nn
 
 from RadiogenomicGANLib.devices import keep_freed_memory
-from RadiogenomicGANLib.networks import with_composition
 from RadiogenomicGANLib.processes import usable_cores
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .dataset import NoduleBatchDataset, RadiogenomicDataset, training_data
 from .distributed import DistContext, all_reduce_mean, barrier, setup_distributed, teardown_distributed
-from .export import export_generator
+from .export import compose, export_generator
 from .iteration import (
     Networks,
     build_configs,
@@ -108,6 +107,8 @@ def training_loop(cfg: TrainConfig, *, resume: str | None = None, command: str |
         strands = real_strand_share(data) if g_cfg.spicules and resume_path is None else None
         lobe_scale = real_lobe_scale(data) if g_cfg.lobes and resume_path is None else None
         contrast = real_strand_contrast(data) if g_cfg.spicule_contrast and resume_path is None else None
+        if cfg.export_generator.get("spicule_contrast") and not g_cfg.spicule_contrast:
+            real_strand_contrast(data)     # what the export will paint the strands at: refused now, not after training
         nets = build_networks(cfg, g_cfg, d_cfg, weights, ctx, strand_share=strands, lobe_scale=lobe_scale,
                               strand_contrast=contrast)
         run = run_record(cfg, ctx, probe.global_batch, data.gene_names)
@@ -414,6 +415,6 @@ def export_weights(step: int, nets: Networks, cfg: TrainConfig, data: Radiogenom
         provenance.update(selected_step=int(best_state["step"]), selected_by="validation score (val split)",
                           validation=best_state["validation"])
     if cfg.export_generator:
-        exported = with_composition(exported, **cfg.export_generator)
+        exported = compose(exported, cfg.export_generator, data)
         provenance["composed_at_export"] = dict(cfg.export_generator)
     return export_generator(exported, data, Path(cfg.out) / cfg.weights_name, provenance)
