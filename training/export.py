@@ -8,10 +8,11 @@ checked), refitted as the run did (`training.dataset.training_data`).
 `--checkpoint RUN` (or RUN/checkpoints) picks the checkpoint with the best validation score that the run
 recorded (`best.safetensors`), else the latest.
 
-`--generator KEY=VALUE` sets a composition option (`networks.COMPOSITION_OPTIONS`: how the trained tensors'
-nodule is laid into the background) on the exported generator; a checkpoint is otherwise exported with the
-run's own `--export-generator` options. `--weights W` instead of `--checkpoint` and `--data` writes an exported
-model again with such an option changed, every tensor kept (how the bundled model got its laid-over nodule).
+`--generator KEY=VALUE` sets a composition option (`networks.COMPOSITION_OPTIONS`: how the trained generator
+composes its output, nothing it learned) on the exported generator; a checkpoint is otherwise exported with the
+run's own `--export-generator` options. `--weights W` instead of `--checkpoint` writes an exported model again
+with such an option changed, every learned tensor kept (how the bundled model got its laid-over nodule); it takes
+`--data` only to calibrate `spicule_contrast` on the training donors.
 """
 
 from __future__ import annotations
