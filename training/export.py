@@ -78,15 +78,7 @@ def export_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path,
     check_output_file(weights_paths(out)[0])
     tensors, state = ckpt.load_checkpoint(checkpoint)
     data = Path(data)
-    expected = state.get("dataset_sha256")
-    if expected and file_sha256(data) != expected:
-        raise ExportError(f"{data} is not the dataset this checkpoint was trained on (SHA-256 differs); pass that "
-                          f"file ({state.get('dataset', 'path unknown')})")
-    try:
-        run_config = TrainConfig.from_dict(state.get("train_config") or {})
-    except ConfigError:
-        run_config = TrainConfig()
-    dataset = training_data(replace(run_config, data=str(data)))
+    dataset, run_config = trained_on(data, state, "this checkpoint")
     generator = build_generator(GeneratorConfig.from_dict(state["generator_config"]))
     ckpt.load_module("G" if raw else "G_ema", generator, tensors)
     composition = {**run_config.export_generator, **(composition or {})}
@@ -97,7 +89,7 @@ def export_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path,
         "step": int(state["step"]),
         "generator": "raw" if raw else "ema",
         "dataset": str(data),
-        "dataset_sha256": expected,
+        "dataset_sha256": state.get("dataset_sha256"),
         "train_config": state.get("train_config"),
         "loss_weights": state.get("loss_weights"),
         **({"validation": state["validation"]} if "validation" in state else {}),
@@ -120,14 +112,7 @@ def recompose_weights(weights: str | Path, out: str | Path, composition: dict[st
         raise ExportError(f"--out {out} would overwrite the --weights input: choose another name")
     check_output_file(target[0])
     generator, metadata = load_weights(weights)
-    dataset = None
-    if data is not None:
-        expected = metadata.provenance.get("dataset_sha256")
-        if expected and file_sha256(data) != expected:
-            raise ExportError(f"{data} is not the dataset {weights} was trained on (SHA-256 differs); pass that file "
-                              f"({metadata.provenance.get('dataset', 'path unknown')})")
-        run_config = TrainConfig.from_dict({**(metadata.provenance.get("train_config") or {}), "data": str(data)})
-        dataset = training_data(run_config)
+    dataset = trained_on(data, metadata.provenance, str(weights))[0] if data is not None else None
     generator = compose(generator, composition, dataset)
     record = {
         **metadata.provenance,
@@ -136,6 +121,21 @@ def recompose_weights(weights: str | Path, out: str | Path, composition: dict[st
         **(provenance or {}),
     }
     return Path(save_weights(out, generator, replace(metadata, config=generator.config, provenance=record)))
+
+
+def trained_on(data: str | Path, record: dict[str, Any], what: str) -> tuple[RadiogenomicDataset, TrainConfig]:
+    """`data` as the run that wrote `record` (a checkpoint's state, or an exported model's provenance) trained on
+    it, and that run's config: refused unless its SHA-256 is the recorded one, the gene preprocessing refitted as
+    the run did (`training_data`; a config this version cannot read falls back to the defaults)."""
+    expected = record.get("dataset_sha256")
+    if expected and file_sha256(data) != expected:
+        raise ExportError(f"{data} is not the dataset {what} was trained on (SHA-256 differs); pass that file "
+                          f"({record.get('dataset', 'path unknown')})")
+    try:
+        run_config = TrainConfig.from_dict(record.get("train_config") or {})
+    except ConfigError:
+        run_config = TrainConfig()
+    return training_data(replace(run_config, data=str(data))), run_config
 
 
 def compose(generator: nn.Module, composition: dict[str, Any], data: RadiogenomicDataset | None) -> nn.Module:
