@@ -426,3 +426,24 @@ def test_strand_contrast_tells_a_solid_strand_from_one_blurred_into_the_lung():
     assert M.strand_contrast_hu(blurred, spiked) < 400.0
     assert np.isnan(M.strand_contrast_hu(np.where(disc, 0.0, -800.0), disc))
     assert M.nodule_features(solid, spiked, 1.0)["strand_contrast_hu"] == pytest.approx(800.0)
+
+
+def test_strand_lift_reads_over_the_lung_beyond_the_rim_that_the_contrast_reads_over():
+    """A strand at 0 HU whose partial-volume rim (the pixels beside it, outside the label) sits at −400 HU in
+    −800 HU lung: the contrast over its 2-px surround reads the rim and falls short of 800 HU; the lift, over the
+    lung beyond the rim, reads the 800 HU that painting the lung + a lift must use; the median over slices can read
+    either; without a long strand the lift is undefined."""
+    from scipy import ndimage
+
+    disc = _disc_mask(40, 8.0)
+    spiked = disc.copy()
+    spiked[20, 28:34] = True
+    strand = spiked & ~disc
+    rim = ndimage.binary_dilation(strand) & ~spiked
+    image = np.where(spiked, 0.0, -800.0)
+    image[rim] = -400.0
+    assert M.strand_contrast_hu(image, spiked) < 700.0
+    assert M.strand_lift_hu(image, spiked) == pytest.approx(800.0)
+    assert M.median_strand_contrast_hu(image[None], spiked[None], measure=M.strand_lift_hu) == pytest.approx(800.0)
+    assert M.median_strand_contrast_hu(image[None], spiked[None]) == pytest.approx(M.strand_contrast_hu(image, spiked))
+    assert np.isnan(M.strand_lift_hu(image, disc))

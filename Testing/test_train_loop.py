@@ -312,8 +312,8 @@ def test_drawn_lobes_need_the_anchor_and_train_with_the_donors_units(data: Path,
 def test_strands_painted_at_a_contrast_train_with_the_donors_real_contrast(data: Path, tmp_path: Path,
                                                                           capsys) -> None:
     """With spicule_contrast the exported generator paints its strands at the training donors' real strands'
-    median contrast over the lung, in the unit range of the data's window; without a real strand to read, the run
-    is refused with one message."""
+    median lift over the lung (`metrics.strand_lift_hu`), in the unit range of the data's window; without a real
+    strand to read, the run is refused with one message."""
     flags = ("--generator", "spicules=6", "--generator", "spicule_contrast=true", "--loss-weight", "code_phenotype=1")
     message = fails(["--data", str(data), "--out", str(tmp_path / "none"), "--steps", "2", *TINY, *flags], capsys)
     assert "no training donor's real slice carries a long strand" in message

@@ -12,7 +12,7 @@ MSE is in units of (window width)², and PSNR and SSIM use `data_range = 1`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -372,11 +372,32 @@ def strand_contrast_hu(image_hu: np.ndarray, mask: np.ndarray) -> float:
     return float(image_hu[strands].mean() - image_hu[surround].mean())
 
 
-def median_strand_contrast_hu(images_hu: np.ndarray, masks: np.ndarray) -> float:
-    """Median `strand_contrast_hu` over the (N, H, W) slices that carry a long strand (masks nonzero inside);
-    NaN when none does: the real strands' contrast, which the evaluation compares with and drawn strands can be
-    painted at (`GeneratorConfig.spicule_contrast`)."""
-    values = np.array([strand_contrast_hu(h, np.asarray(m) > 0) for h, m in zip(images_hu, masks)], dtype=float)
+STRAND_RIM_PX = 3    # the lung a strand lifts: more than this from the mask (beyond the strands' partial-volume rim)
+STRAND_LUNG_PX = 6   # and within this of the strands
+
+
+def strand_lift_hu(image_hu: np.ndarray, mask: np.ndarray) -> float:
+    """How far the long strands rise over the lung they cross: their pixels' mean HU minus the mean HU of the
+    pixels within STRAND_LUNG_PX of them and more than STRAND_RIM_PX from the mask. Unlike `strand_contrast_hu`
+    the reference is not the strands' own rim, which partial volume lifts too (on cohort 2026's real strands the
+    lift reads 418 HU where the contrast reads 295): it is what a strand painted at the background + a lift
+    (`GeneratorConfig.spicule_contrast`) is calibrated to. NaN without a long strand or lung around it."""
+    mask = np.asarray(mask, dtype=bool)
+    strands = long_strands(mask)
+    lung = ndimage.binary_dilation(strands, iterations=STRAND_LUNG_PX) & ~ndimage.binary_dilation(
+        mask, iterations=STRAND_RIM_PX)
+    if not strands.any() or not lung.any():
+        return float("nan")
+    image_hu = np.asarray(image_hu, dtype=np.float64)
+    return float(image_hu[strands].mean() - image_hu[lung].mean())
+
+
+def median_strand_contrast_hu(images_hu: np.ndarray, masks: np.ndarray,
+                              measure: Callable[[np.ndarray, np.ndarray], float] = strand_contrast_hu) -> float:
+    """Median `measure` (`strand_contrast_hu`, or `strand_lift_hu`) over the (N, H, W) slices that carry a long
+    strand (masks nonzero inside); NaN when none does: the real strands' contrast, which the evaluation compares
+    with, or their lift, which drawn strands can be painted at (`GeneratorConfig.spicule_contrast`)."""
+    values = np.array([measure(h, np.asarray(m) > 0) for h, m in zip(images_hu, masks)], dtype=float)
     return float(np.nanmedian(values)) if np.isfinite(values).any() else float("nan")
 
 
