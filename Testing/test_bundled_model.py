@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,6 +72,27 @@ def test_draws_nodules_inside_the_lung() -> None:
     assert max(areas) > 2 * min(areas), f"the donors' genes do not change the nodule size: {areas}"
 
 
+def _exported_and_as_trained(option: str, background: Any) -> dict[str, Any]:
+    """The bundled model's outputs on `background` (B, 1, S, S) as exported and with the composition `option` it was
+    exported with switched off — the same tensors, genes and noise — after checking that the option was set at the
+    export, not in training."""
+    import torch
+
+    from RadiogenomicGANLib.networks import with_composition
+
+    exported, metadata = load_weights(WEIGHTS)
+    assert getattr(metadata.config, option) and not metadata.provenance["train_config"]["generator"].get(option, False)
+    generator = torch.Generator().manual_seed(0)
+    genes = torch.randn(background.shape[0], metadata.config.num_genes, generator=generator)
+    noise = torch.randn(background.shape[0], metadata.config.noise_dim, generator=generator)
+    outputs = {}
+    for name, model in (("exported", exported), ("as trained", with_composition(exported, **{option: False}))):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            outputs[name] = model.eval()(background, genes, noise)
+    return outputs
+
+
 def test_its_nodules_cover_the_background_they_are_laid_on() -> None:
     """Exported composed over the background (round 34): on a lung with vessel-sized stripes the bundled nodules
     do not show the stripes inside them (the evaluation's `interior_leak` ≈ 0), where the same tensors composed
@@ -79,27 +101,17 @@ def test_its_nodules_cover_the_background_they_are_laid_on() -> None:
 
     import torch
 
-    from RadiogenomicGANLib.networks import with_composition
     from training.evaluation.sections import interior_leak
 
-    over, metadata = load_weights(WEIGHTS)
-    assert metadata.config.edge_over_background and not metadata.provenance["train_config"]["generator"].get(
-        "edge_over_background", False)                       # trained in the change form, composed over at export
-    size = metadata.config.patch_size
+    size = load_weights(WEIGHTS)[1].config.patch_size
     stripes = 0.25 * torch.sin(torch.arange(float(size)) * 2 * math.pi / 4.0)
     background = (torch.full((8, 1, size, size), -0.75) + stripes).contiguous()
-    generator = torch.Generator().manual_seed(0)
-    genes = torch.randn(8, metadata.config.num_genes, generator=generator)
-    noise = torch.randn(8, metadata.config.noise_dim, generator=generator)
     leak = {}
-    for name, model in (("over", over), ("change", with_composition(over, edge_over_background=False))):
-        torch.manual_seed(1)
-        with torch.no_grad():
-            out = model.eval()(background, genes, noise)
+    for name, out in _exported_and_as_trained("edge_over_background", background).items():
         assert (out.mask > 0.5).flatten(1).sum(1).min() > 50     # a nodule to look inside, in every patch
         leak[name] = float(np.nanmedian(interior_leak(out.image[:, 0].numpy(), out.mask[:, 0].numpy(),
                                                       background[:, 0].numpy())))
-    assert leak["over"] < 0.2 and leak["change"] > 0.5, leak
+    assert leak["exported"] < 0.2 and leak["as trained"] > 0.5, leak
 
 
 def test_its_strands_stand_out_from_the_lung_as_the_real_ones_do() -> None:
@@ -109,23 +121,15 @@ def test_its_strands_stand_out_from_the_lung_as_the_real_ones_do() -> None:
     import torch
 
     from RadiogenomicGANLib.intensity import unit_to_hu
-    from RadiogenomicGANLib.networks import with_composition
     from training.metrics import strand_contrast_hu
 
-    painted, metadata = load_weights(WEIGHTS)
-    assert metadata.config.spicule_contrast and not metadata.provenance["train_config"]["generator"].get(
-        "spicule_contrast", False)                           # trained drawing its strands, painted at export
+    metadata = load_weights(WEIGHTS)[1]
     size, count = metadata.config.patch_size, 256           # about one draw in twelve carries a long strand
     background = torch.full((count, 1, size, size), -0.75)  # ≈ −810 HU
-    generator = torch.Generator().manual_seed(0)
-    genes = torch.randn(count, metadata.config.num_genes, generator=generator)
-    noise = torch.randn(count, metadata.config.noise_dim, generator=generator)
     contrast = {}
-    for name, model in (("painted", painted), ("drawn", with_composition(painted, spicule_contrast=False))):
-        with torch.no_grad():
-            out = model.eval()(background, genes, noise)
+    for name, out in _exported_and_as_trained("spicule_contrast", background).items():
         hu = unit_to_hu(out.image[:, 0].numpy(), tuple(metadata.hu_window))
         read = np.array([strand_contrast_hu(h, m) for h, m in zip(hu, out.mask[:, 0].numpy() > 0.5)])
         assert np.isfinite(read).sum() >= 10, name             # strands to read
         contrast[name] = float(np.nanmedian(read))
-    assert 200.0 < contrast["painted"] < 400.0 and contrast["drawn"] < 100.0, contrast
+    assert 200.0 < contrast["exported"] < 400.0 and contrast["as trained"] < 100.0, contrast
