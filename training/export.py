@@ -145,7 +145,7 @@ def compose(generator: nn.Module, composition: dict[str, Any], data: Radiogenomi
     if composition.get("spicule_contrast") and not generator.config.spicule_contrast:
         if data is None:
             raise ExportError("--generator spicule_contrast=true paints the strands at the training donors' real "
-                              "strands' contrast: give --data, the dataset the model trained on")
+                              "strands' lift over the lung: give --data, the dataset the model trained on")
         contrast = real_strand_contrast(data)
     try:
         return with_composition(generator, strand_contrast=contrast, **composition)
