@@ -77,6 +77,14 @@ class GeneratorConfig(StrictDict):
     # level: the recommended setting and the bundled model since round 34. Off here, so weights written without
     # the key load as trained.
     edge_over_background: bool = False
+    # Open the generator's own mask (a grayscale opening with the 3×3 cross, after the lobes, before the drawn
+    # strands join it; before the lobes their warp still pinched thin pieces out of the outline, round 36): its parts
+    # at most about 2 px wide go, exactly those `training.metrics.thin_strands` reads as strands, since a flat
+    # opening commutes with the label's 0.5 threshold. Why: on one training seed half of the long strands the
+    # evaluation found were thin pieces of the generator's own mask, labelled nodule where the image shows lung
+    # (-101 HU against their surround; README round 35); the drawn strands are the model's strands. A
+    # COMPOSITION_OPTION, set on the export. Off here, so weights files written without the key load as trained.
+    open_own_mask: bool = False
     # The sd, in code units, that training's code-phenotype anchor gives the first F coordinates of φ(g)
     # (their target is anchor_sd × the donor's z-scored phenotype); the edge reads its coordinate per sd.
     # Why above 1: the 125 free coordinates hold ~40 units of variance, mostly along size and density, so
@@ -222,6 +230,8 @@ class GeneratorConfig(StrictDict):
             raise ValueError("spicules_follow_outline is a setting of the drawn spicules (spicules > 0)")
         if self.spicule_solid and self.spicule_contrast:
             raise ValueError("spicule_solid and spicule_contrast are two ways to paint the strands: choose one")
+        if self.open_own_mask and self.kind != "proposed":
+            raise ValueError(f"open_own_mask is a setting of the proposed generator, not of {self.kind!r}")
         if self.slice_position and self.kind == "inpainting":
             raise ValueError("slice_position is a setting of the gene-conditioned generators, not of 'inpainting'")
 
@@ -797,6 +807,22 @@ def outline_radius(mask: Tensor, centre_r: Tensor, centre_c: Tensor, directions:
     return steps[first]
 
 
+def _cross_neighbours(x: Tensor) -> Tensor:
+    """(5, B, C, H, W): each pixel and its four edge neighbours, 0 beyond the border (scipy's border_value)."""
+    padded = F.pad(x, (1, 1, 1, 1))
+    h, w = x.shape[-2:]
+    return torch.stack([padded[..., 1:h + 1, 1:w + 1], padded[..., :h, 1:w + 1], padded[..., 2:, 1:w + 1],
+                        padded[..., 1:h + 1, :w], padded[..., 1:h + 1, 2:]])
+
+
+def open_with_cross(mask: Tensor) -> Tensor:
+    """Grayscale opening of a (B,1,H,W) soft mask with the 3×3 cross: [result > t] equals the binary opening of
+    [mask > t] for every threshold t (flat morphology commutes with thresholds), so the label loses exactly its
+    parts at most about 2 px wide (`training.metrics.thin_strands`)."""
+    eroded = _cross_neighbours(mask).amin(dim=0)
+    return _cross_neighbours(eroded).amax(dim=0)
+
+
 def _drawn_pixels(mask: Tensor) -> Tensor:
     """[mask > 0.5], detached: the pixels the label keeps."""
     return mask.detach() > 0.5
@@ -916,6 +942,8 @@ class ProposedGenerator(nn.Module):
         if self.lobes is not None:   # laid over the background, the nodule's own image moves, not its change
             image, mask = self.lobes(image, mask, torch.zeros_like(background) if self.config.edge_over_background
                                      else background, code, noise)
+        if self.config.open_own_mask:   # after the lobes, whose warp can pinch the outline into thin pieces
+            mask = open_with_cross(mask)
         strand = None
         if self.spicules is not None:
             image, mask, strand = self.spicules(image, mask, code, noise,
@@ -1086,7 +1114,7 @@ def build_generator(config: GeneratorConfig) -> nn.Module:
 # margin and the placement got worse (round 33), while the same tensors composed over lost nothing and lost the
 # interior leak (round 34). `spicule_contrast` paints the drawn strands after the edge at a contrast calibrated on
 # the training donors' real strands (nothing learned); switched on it needs that contrast (`strand_contrast`).
-COMPOSITION_OPTIONS: frozenset[str] = frozenset({"edge_over_background", "spicule_contrast"})
+COMPOSITION_OPTIONS: frozenset[str] = frozenset({"edge_over_background", "spicule_contrast", "open_own_mask"})
 
 
 def with_composition(generator: nn.Module, *, strand_contrast: float | None = None, **options: Any) -> nn.Module:

@@ -574,3 +574,49 @@ def test_with_composition_changes_only_how_the_trained_tensors_compose() -> None
     plain = build_generator(small_config("proposed"))
     with pytest.raises(ValueError, match="needs the edge kept inside the mask"):
         with_composition(plain, edge_over_background=True)
+
+
+def test_opening_the_own_mask_removes_exactly_what_the_evaluation_reads_as_thin_strands() -> None:
+    """`open_with_cross` thresholded at the label's 0.5 is scipy's binary opening with the 3×3 cross of the
+    thresholded mask (the evaluation's `thin_strands`), border included; it never raises the mask."""
+    from scipy import ndimage
+
+    from RadiogenomicGANLib.networks import open_with_cross
+    from training.metrics import thin_strands
+
+    gen = torch.Generator().manual_seed(3)
+    soft = torch.sigmoid(4 * torch.randn(4, 1, 24, 24, generator=gen))     # ragged: many thin pieces
+    soft[0, 0, 10, 2:20] = 0.9                                              # a 1-px line into the border's reach
+    soft[0, 0, 0, :] = 0.8
+    opened = open_with_cross(soft)
+    assert bool((opened <= soft).all())
+    cross = ndimage.generate_binary_structure(2, 1)
+    for m, o in zip(soft[:, 0].numpy() > 0.5, opened[:, 0].numpy() > 0.5, strict=True):
+        assert np.array_equal(o, ndimage.binary_opening(m, structure=cross))
+        assert not thin_strands(o).any() and thin_strands(m).any()
+
+
+def test_open_own_mask_is_a_composition_option_that_drops_the_masks_thin_pieces() -> None:
+    """Switched on a trained generator (`with_composition`): same tensors; a mask head that draws a disc with a
+    1-px tail keeps the disc and loses the tail, in the label and in the image (composed over)."""
+    from RadiogenomicGANLib.networks import with_composition
+
+    config = GeneratorConfig(**{**small_config("proposed").to_dict(), "edge_blur_per_sd": 0.6,
+                                "edge_inside_mask": True, "edge_over_background": True})
+    trained = build_generator(config).eval()
+    drawn = torch.zeros(1, 1, 64, 64)
+    rows, cols = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    drawn[0, 0][(rows - 32) ** 2 + (cols - 32) ** 2 <= 36] = 0.95          # a disc of radius 6
+    drawn[0, 0, 32, 38:50] = 0.95                                          # and a 1-px tail
+    trained.mask_head.forward = lambda x: drawn.expand(x.shape[0], -1, -1, -1)
+    opened = with_composition(trained, open_own_mask=True)
+    opened.mask_head.forward = trained.mask_head.forward
+    assert all(torch.equal(trained.state_dict()[k], v) for k, v in opened.state_dict().items())
+    x = inputs(config, batch=1)
+    with torch.no_grad():
+        before, after = run(trained, x), run(opened, x)
+    assert bool((before.mask[0, 0, 32, 40:50] > 0.5).all()) and not bool((after.mask[0, 0, 32, 40:50] > 0.5).any())
+    assert torch.equal(after.mask[0, 0, 26:39, 26:39] > 0.5, before.mask[0, 0, 26:39, 26:39] > 0.5)
+    assert torch.allclose(after.image[0, 0, 30:35, 44:50], x["background"][0, 0, 30:35, 44:50], atol=1e-3)
+    with pytest.raises(ValueError, match="open_own_mask is a setting of the proposed generator"):
+        GeneratorConfig(kind="mcgan", open_own_mask=True)
