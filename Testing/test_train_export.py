@@ -277,6 +277,10 @@ def test_weights_are_written_again_with_a_composition_option_changed(tmp_path: P
     assert records[0] == records[1]
     assert after_meta.provenance["recomposed_from"] == {"weights": str(source), "safetensors_sha256": digest,
                                                         "changed": {"edge_over_background": True}}
+    again = tmp_path / "again"    # re-composed once more: the earlier record is kept inside the new one
+    assert export_main(["--weights", str(out), "--out", str(again), "--generator", "edge_over_background=false"]) == 0
+    assert load_weights(again)[1].provenance["recomposed_from"]["recomposed_from"] == \
+        after_meta.provenance["recomposed_from"]
     built = build_generator(after.config).eval()
     built.load_state_dict(before.state_dict())
     genes = torch.randn(2, after.config.num_genes)

@@ -116,8 +116,11 @@ def recompose_weights(weights: str | Path, out: str | Path, composition: dict[st
     generator = compose(generator, composition, dataset)
     record = {
         **metadata.provenance,
+        # a file re-composed before keeps that record inside this one: the lineage back to the trained export
         "recomposed_from": {"weights": str(source[0]), "safetensors_sha256": file_sha256(source[0]),
-                            "changed": dict(composition)},
+                            "changed": dict(composition),
+                            **({"recomposed_from": metadata.provenance["recomposed_from"]}
+                               if "recomposed_from" in metadata.provenance else {})},
         **(provenance or {}),
     }
     return Path(save_weights(out, generator, replace(metadata, config=generator.config, provenance=record)))
