@@ -1114,6 +1114,7 @@ def build_generator(config: GeneratorConfig) -> nn.Module:
 # margin and the placement got worse (round 33), while the same tensors composed over lost nothing and lost the
 # interior leak (round 34). `spicule_contrast` paints the drawn strands after the edge at a contrast calibrated on
 # the training donors' real strands (nothing learned); switched on it needs that contrast (`strand_contrast`).
+# `open_own_mask` removes the thin pieces the lobe warp pinches out of the generator's own mask (no parameter).
 COMPOSITION_OPTIONS: frozenset[str] = frozenset({"edge_over_background", "spicule_contrast", "open_own_mask"})
 
 
