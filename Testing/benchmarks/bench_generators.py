@@ -7,7 +7,8 @@ training-step time at batch 16 (forward + backward of a simple L1 + mask loss + 
 of a plain float32 matmul's FLOP/s each of these achieves, the matmul measured in the same run (so the
 ratio is comparable across machines; re-measured before every row, as the load on a shared machine
 drifts). Then the bundled demo model's time per patch against the batch it runs in (what
-`training.evaluation.context.GENERATION_BATCH` is chosen from) and whether its output depends on the batch.
+`training.evaluation.context.GENERATION_BATCH` is chosen from) and whether its output depends on the batch,
+and what opening its own mask (`open_own_mask`, round 36) costs it.
 One thread by default (`--threads`), because oversubscribed OpenMP threads on a shared machine
 give erratic figures. Prints a table; takes about 2–3 minutes on an idle core.
 Not collected by pytest (file name `bench_*.py`); no timed assertions anywhere.
@@ -129,6 +130,35 @@ def per_patch_by_batch(batches: tuple[int, ...] = (8, 16, 32, 64, 128, 320), rep
                   flush=True)
 
 
+def opening_cost(batch: int = 32, repeats: int = 5) -> None:
+    """The bundled model as exported against the same tensors with `open_own_mask` off (round 36): seconds per
+    patch, the two timed alternately so that a drifting load touches both alike."""
+    from pathlib import Path
+
+    from RadiogenomicGANLib.networks import with_composition
+    from RadiogenomicGANLib.weights import load_weights
+
+    exported, _ = load_weights(Path(__file__).resolve().parents[2] / "Resources" / "demo_model")
+    if not exported.config.open_own_mask:
+        print("\nthe bundled model does not open its own mask: no opening to time")
+        return
+    models = {"exported (opened)": exported.eval(), "not opened": with_composition(exported, open_own_mask=False)}
+    background, genes, noise, hole, _ = inputs(exported.config, batch)
+    extra = {"position": torch.linspace(-1, 1, batch)} if exported.config.slice_position else {}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, model in models.items():
+                times[name].append(median_seconds(lambda m=model: m(background, genes, noise, hole=hole, **extra),
+                                                  repeats=1))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    print(f"\nbundled model at {exported.config.patch_size}², batch {batch}, the own mask's opening "
+          f"(median of {repeats}):")
+    for name, seconds in medians.items():
+        print(f"  {name:<18} {seconds / batch * 1e3:6.2f} ms/patch   "
+              f"{seconds / medians['not opened']:.3f}× not opened", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
@@ -160,6 +190,7 @@ def main() -> None:
           "train FLOPs counted over forward+backward; matmul = the reference re-measured just before the "
           f"row; total {time.perf_counter() - start:.0f} s)")
     per_patch_by_batch(repeats=args.repeats)
+    opening_cost()
 
 
 if __name__ == "__main__":
