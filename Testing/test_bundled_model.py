@@ -133,3 +133,32 @@ def test_its_strands_stand_out_from_the_lung_as_the_real_ones_do() -> None:
         assert np.isfinite(read).sum() >= 10, name             # strands to read
         contrast[name] = float(np.nanmedian(read))
     assert 200.0 < contrast["exported"] < 400.0 and contrast["as trained"] < 100.0, contrast
+
+
+def test_its_label_holds_no_thin_piece_of_its_own_outline(monkeypatch: Any) -> None:
+    """Exported with its own mask opened after the lobes (round 36): every long strand in the bundled labels holds
+    a drawn strand, where the same tensors composed as trained label thin pieces of the lobed outline, lung in the
+    image, which the evaluation reads as strands."""
+    import torch
+    from scipy import ndimage
+
+    from RadiogenomicGANLib.networks import CodeDrivenSpicules
+    from training.metrics import long_strands
+
+    drawn_forward = CodeDrivenSpicules.forward
+    own_pieces: list[int] = []     # per call: the exported model's, then the as-trained one's
+
+    def counting(self: CodeDrivenSpicules, *args: Any, **kwargs: Any) -> tuple:
+        image, joined, strand = drawn_forward(self, *args, **kwargs)
+        count = 0
+        for label, drawn in zip(joined[:, 0].numpy() > 0.5, strand[:, 0].numpy() >= 0.5, strict=True):
+            pieces, found = ndimage.label(long_strands(label), structure=np.ones((3, 3), dtype=bool))
+            count += int((np.bincount(pieces[drawn], minlength=found + 1)[1:] == 0).sum())
+        own_pieces.append(count)
+        return image, joined, strand
+
+    monkeypatch.setattr(CodeDrivenSpicules, "forward", counting)
+    size = load_weights(WEIGHTS)[1].config.patch_size
+    _exported_and_as_trained("open_own_mask", torch.full((512, 1, size, size), -0.75))   # a flat lung, ≈ −810 HU
+    exported, as_trained = own_pieces
+    assert exported == 0 and as_trained > 0, own_pieces
