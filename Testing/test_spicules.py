@@ -271,6 +271,39 @@ def test_painting_at_a_contrast_only_brightens() -> None:
         GeneratorConfig(spicule_contrast=True)
 
 
+def test_capped_strands_merge_with_tissue_and_stay_as_painted_in_the_lung() -> None:
+    """`spicule_cap`: a painted strand stands at most max(background, 0 HU) — over a vessel or the chest wall it
+    merges with the tissue instead of standing the contrast over it — while in the lung it is painted as uncapped;
+    the nodule is still never darkened. Without the contrast's painting there is nothing to cap: refused."""
+    from RadiogenomicGANLib.intensity import unit_to_hu
+    from RadiogenomicGANLib.networks import with_composition
+
+    painted = {}
+    for cap in (False, True):
+        spicules = CodeDrivenSpicules(8, INDEX, noise_dim=16, anchor_sd=ANCHOR_SD, contrast=True, cap=cap)
+        spicules.calibrate_contrast(414.0 * 2 / 1500)
+        background = torch.full((1, 1, 8, 8), -0.75)     # lung, ≈ −810 HU
+        background[..., :, 4:6] = 0.4                     # a vessel, +50 HU
+        background[..., :, 6:] = -0.6                     # a fainter lung, ≈ −700 HU
+        image = background.clone()
+        image[..., 0:2, 0:2] = 0.5                        # a nodule brighter than anything painted
+        strand = torch.zeros_like(image)
+        strand[..., 1, :] = 1.0                           # one strand across the nodule, lung, tissue and lung
+        painted[cap] = unit_to_hu(spicules.paint_after_edge(image, background, strand).numpy())[0, 0, 1]
+        lifted = unit_to_hu(background.numpy())[0, 0, 1]
+    assert np.allclose(painted[True][2:4], lifted[2:4] + 414, atol=0.1)          # lung: the full lift, as uncapped
+    assert np.allclose(painted[True][6:], painted[False][6:]) and np.allclose(painted[True][:4], painted[False][:4])
+    assert np.allclose(painted[True][4:6], lifted[4:6], atol=0.1)                 # tissue: merged, not +414 HU
+    assert np.allclose(painted[False][4:6], lifted[4:6] + 414, atol=0.1)          # (uncapped it stood over it)
+    assert np.allclose(painted[True][:2], 125.0, atol=0.1)                        # the nodule kept (0.5 = 125 HU)
+    with pytest.raises(ValueError, match="set spicule_contrast=true too"):
+        GeneratorConfig(spicules=4, spicule_cap=True)
+    trained = build_generator(GeneratorConfig(**STRAND_GENERATOR, spicule_contrast=True)).eval()
+    capped = with_composition(trained, spicule_cap=True)                          # a composition option
+    assert capped.spicules.cap and not trained.spicules.cap
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in capped.state_dict().items())
+
+
 def test_painting_at_a_contrast_can_be_switched_on_a_trained_generator() -> None:
     """`with_composition(spicule_contrast=True, strand_contrast=Δ)` on a generator trained drawing its strands:
     every learned tensor kept, the strands then painted as a generator built with the option and calibrated to Δ
