@@ -148,8 +148,8 @@ class GeneratorConfig(StrictDict):
     spicule_contrast: bool = False
     # Cap the painted strands (with `spicule_contrast`) at max(background, 0 HU): a strand crossing a vessel or the
     # chest wall merges with it, as a real one does, instead of standing Δ (414 HU on cohort 2026) over the tissue,
-    # which it did on 43-46 % of the draws with a painted strand (round 36). In the lung (−810 HU) the cap is far
-    # above the painted value and changes nothing. A COMPOSITION_OPTION. Tried at export on four models (round 37,
+    # which it did on 28 % of the draws with a painted strand (round 37, cohort 29). In the lung (−810 HU) the cap is
+    # far above the painted value and changes nothing. A COMPOSITION_OPTION. Tried at export on four models (round 37,
     # cohort 29): no strand over tissue, the rest level, but the strands' measured contrast fell 15.01 HU further
     # from the real, over its rule's 15: not in the recommended setting. Off here, so older weights files load as
     # they were exported.

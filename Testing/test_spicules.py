@@ -278,19 +278,19 @@ def test_capped_strands_merge_with_tissue_and_stay_as_painted_in_the_lung() -> N
     from RadiogenomicGANLib.intensity import unit_to_hu
     from RadiogenomicGANLib.networks import with_composition
 
+    background = torch.full((1, 1, 8, 8), -0.75)     # lung, ≈ −810 HU
+    background[..., :, 4:6] = 0.4                     # a vessel, +50 HU
+    background[..., :, 6:] = -0.6                     # a fainter lung, ≈ −700 HU
+    image = background.clone()
+    image[..., 0:2, 0:2] = 0.5                        # a nodule brighter than anything painted
+    strand = torch.zeros_like(image)
+    strand[..., 1, :] = 1.0                           # one strand across the nodule, lung, tissue and lung
+    lifted = unit_to_hu(background.numpy())[0, 0, 1]
     painted = {}
     for cap in (False, True):
         spicules = CodeDrivenSpicules(8, INDEX, noise_dim=16, anchor_sd=ANCHOR_SD, contrast=True, cap=cap)
         spicules.calibrate_contrast(414.0 * 2 / 1500)
-        background = torch.full((1, 1, 8, 8), -0.75)     # lung, ≈ −810 HU
-        background[..., :, 4:6] = 0.4                     # a vessel, +50 HU
-        background[..., :, 6:] = -0.6                     # a fainter lung, ≈ −700 HU
-        image = background.clone()
-        image[..., 0:2, 0:2] = 0.5                        # a nodule brighter than anything painted
-        strand = torch.zeros_like(image)
-        strand[..., 1, :] = 1.0                           # one strand across the nodule, lung, tissue and lung
         painted[cap] = unit_to_hu(spicules.paint_after_edge(image, background, strand).numpy())[0, 0, 1]
-        lifted = unit_to_hu(background.numpy())[0, 0, 1]
     assert np.allclose(painted[True][2:4], lifted[2:4] + 414, atol=0.1)          # lung: the full lift, as uncapped
     assert np.allclose(painted[True][6:], painted[False][6:]) and np.allclose(painted[True][:4], painted[False][:4])
     assert np.allclose(painted[True][4:6], lifted[4:6], atol=0.1)                 # tissue: merged, not +414 HU
