@@ -428,6 +428,39 @@ def test_strand_contrast_tells_a_solid_strand_from_one_blurred_into_the_lung():
     assert M.nodule_features(solid, spiked, 1.0)["strand_contrast_hu"] == pytest.approx(800.0)
 
 
+def test_strand_contrast_splits_what_a_strand_crosses_into_lung_and_tissue():
+    """A strand at −400 HU in −800 HU lung that crosses a 40 HU vessel: where it merges with the vessel (painted at
+    the vessel's value, as the phantom's strands are) it reads ≈ 0 over tissue, where it stands 400 HU over it (a
+    lift painted over the vessel too) it reads 400; over the lung both read the 400 HU lift, which the whole-surround
+    contrast mixes with the crossing. Without a vessel the lung part is the whole contrast and the tissue part is
+    undefined; the nodule's own bright rim is not tissue."""
+    disc = _disc_mask(40, 8.0)
+    spiked = disc.copy()
+    spiked[20, 28:38] = True
+    strand = spiked & ~disc
+    vessel = np.zeros_like(disc)
+    vessel[:, 33:35] = True
+    vessel &= ~disc
+    lung = np.where(disc, 0.0, -800.0)
+    merged = np.where(vessel, 40.0, lung)
+    merged[strand & ~vessel] = -400.0
+    lifted = merged.copy()
+    lifted[strand & vessel] = 440.0
+    for image, over_tissue in ((merged, 0.0), (lifted, 400.0)):
+        lung_part, tissue_part = M.strand_contrast_split_hu(image, spiked)
+        assert lung_part == pytest.approx(400.0)
+        assert tissue_part == pytest.approx(over_tissue, abs=1e-9)
+        assert M.nodule_features(image, spiked, 1.0)["strand_over_tissue_hu"] == pytest.approx(tissue_part)
+    assert M.strand_contrast_hu(lifted, spiked) > M.strand_contrast_hu(merged, spiked)   # the mix moves
+    plain = np.where(spiked, np.where(strand, -400.0, 0.0), -800.0)
+    assert M.strand_contrast_lung_hu(plain, spiked) == pytest.approx(M.strand_contrast_hu(plain, spiked))
+    assert np.isnan(M.strand_over_tissue_hu(plain, spiked))
+    bright_rim = plain.copy()   # the nodule's partial-volume rim around the strand's base is brighter than tissue
+    bright_rim[(_disc_mask(40, 10.0) & ~disc)] = -100.0
+    assert np.isnan(M.strand_over_tissue_hu(bright_rim, spiked))
+    assert np.isnan(M.strand_contrast_lung_hu(plain, disc))
+
+
 def test_strand_lift_reads_over_the_lung_beyond_the_rim_that_the_contrast_reads_over():
     """A strand at 0 HU whose partial-volume rim (the pixels beside it, outside the label) sits at −400 HU in
     −800 HU lung: the contrast over its 2-px surround reads the rim and falls short of 800 HU; the lift, over the

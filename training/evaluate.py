@@ -71,6 +71,8 @@ SUMMARY_KEYS = ("protocol", "split", "donors", "size_rho", "size_rho_ci95", "den
                 "c2st_lung_only_pasted", "c2st_matched", "c2st_matched_copy", "c2st_matched_pasted",
                 "interior_leak", "empty_mask_fraction", "noise_diversity", "long_strand_fraction",
                 "long_strand_fraction_real", "strand_contrast_hu", "strand_contrast_real_hu",
+                "strand_contrast_lung_hu", "strand_contrast_lung_real_hu", "strand_over_tissue_hu",
+                "strand_over_tissue_real_hu",
                 "mask_offset_mm", "misplaced_fraction", "misplaced_fraction_real", "mask_on_tissue_fraction",
                 "mask_on_tissue_centred", "size_ratio", "size_ratio_small",
                 "core_contrast_hu", "core_contrast_real_hu", "core_rho", "slice_profile_error", "ssim_paper",

@@ -35,6 +35,7 @@ from ..metrics import (
     LONG_STRAND_PX,
     NODULE_FEATURES,
     STRAND_SURROUND_PX,
+    STRAND_TISSUE_HU,
     TISSUE_HU,
     adjusted_rand,
     carries_long_strand,
@@ -50,6 +51,9 @@ from ..metrics import (
     normalized_mutual_info,
     placement,
     spearman,
+    strand_contrast_hu,
+    strand_contrast_lung_hu,
+    strand_over_tissue_hu,
     to_unit_range,
 )
 from ..surroundings import LUNG_ONLY, central_crop, match_surroundings, texture_pair, wall_fraction
@@ -86,7 +90,8 @@ GENE_CONTROL: tuple[tuple[str, str, str, int, str | None], ...] = (
 )
 CONTROL_FEATURES: tuple[str, ...] = (*NODULE_FEATURES, "margin_gradient", "core_contrast_hu",
                                      "lobe_amplitude", "spicule_area_mm2", "long_strand_area_mm2",
-                                     "strand_contrast_hu")  # NODULE_FEATURES first
+                                     "strand_contrast_hu", "strand_contrast_lung_hu",
+                                     "strand_over_tissue_hu")  # NODULE_FEATURES first
 
 
 @dataclass
@@ -300,17 +305,24 @@ def real_long_strand_share(ctx: Context) -> float:
     return _mean(carries_long_strand(ctx.data.nodule_masks[ctx.nodule_slices()]).astype(float).tolist())
 
 
-def strand_contrast(features: np.ndarray) -> float:
-    """Median `metrics.strand_contrast_hu` over every drawn nodule with a long strand, whatever its donor (few
-    donors' nodules carry one, so a median per donor would rest on a handful)."""
-    return float(_nanmedian(features[:, :, CONTROL_FEATURES.index("strand_contrast_hu")]))
+#: the strands' contrast measures (`metrics`) by their CONTROL_FEATURES name: over the whole surround, over the
+#: lung only, over the tissue they cross
+STRAND_MEASURES: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "strand_contrast_hu": strand_contrast_hu, "strand_contrast_lung_hu": strand_contrast_lung_hu,
+    "strand_over_tissue_hu": strand_over_tissue_hu}
 
 
-def real_strand_contrast(ctx: Context) -> float:
-    """The same over the donors' real nodule slices with a long strand."""
+def strand_contrast(features: np.ndarray, name: str = "strand_contrast_hu") -> float:
+    """Median of one of STRAND_MEASURES over every drawn nodule where it is defined, whatever its donor (few
+    donors' nodules carry a strand, so a median per donor would rest on a handful)."""
+    return float(_nanmedian(features[:, :, CONTROL_FEATURES.index(name)]))
+
+
+def real_strand_contrast(ctx: Context, name: str = "strand_contrast_hu") -> float:
+    """The same over the donors' real nodule slices."""
     rows = ctx.nodule_slices()
     hu = unit_to_hu(ctx.data.nodule_images[rows], ctx.window)
-    return median_strand_contrast_hu(hu, ctx.data.nodule_masks[rows])
+    return median_strand_contrast_hu(hu, ctx.data.nodule_masks[rows], measure=STRAND_MEASURES[name])
 
 
 def core_calibration(per_donor: np.ndarray, real: np.ndarray) -> dict[str, float]:
@@ -359,7 +371,7 @@ def gene_control(ctx: Context) -> Section:
         entry: dict[str, Any] = {"empty_mask_fraction": float(gens["empty"].mean()),
                                  "noise_diversity": _mean(gens["diversity"]),
                                  "long_strand_fraction": long_strand_share(gens["features"]),
-                                 "strand_contrast_hu": strand_contrast(gens["features"]),
+                                 **{name: strand_contrast(gens["features"], name) for name in STRAND_MEASURES},
                                  **placement_summary(gens["placement"]),
                                  **size_calibration(gens["per_donor"], real),
                                  **core_calibration(gens["per_donor"], real), "rho": {}}
@@ -389,12 +401,14 @@ def gene_control(ctx: Context) -> Section:
     real_offsets = real_nodule_offsets_mm(ctx)
     real_offset, real_misplaced = float(_nanmedian(real_offsets)), misplaced_fraction(real_offsets)
     real_strands = real_long_strand_share(ctx)
-    real_contrast = real_strand_contrast(ctx)
+    real_contrasts = {name: real_strand_contrast(ctx, name) for name in STRAND_MEASURES}
+    real_contrast = real_contrasts["strand_contrast_hu"]
     metrics = {"donors": int(donors.size), "backgrounds": int(ctx.option("backgrounds")),
                "noises": int(ctx.option("noises")), "models": results,
                "real_within_nodule_l1": real_variation, "real_nodule_offset_mm": real_offset,
                "real_nodule_misplaced_fraction": real_misplaced,
-               "real_long_strand_fraction": real_strands, "real_strand_contrast_hu": real_contrast,
+               "real_long_strand_fraction": real_strands,
+               **{f"real_{name}": value for name, value in real_contrasts.items()},
                "real_nodules_aligned_rho": ceiling}
     lines = ["## Gene control (held-out donors)", "",
              f"{donors.size} held-out donors ({ctx.split} split); each donor's genes on the same "
@@ -430,10 +444,17 @@ def gene_control(ctx: Context) -> Section:
     lines += [f"| {ROLE_TITLES[r]} | {fmt(e['noise_diversity'], 4)} |" for r, e in results.items()]
     lines += ["", "**Spicules drawn**: the share of drawn nodules with at least one long strand, and how the "
               "strands stand out in the image: their mean HU minus that of the pixels within "
-              f"{STRAND_SURROUND_PX} px of them outside the mask (median over the nodules with a strand). The "
-              f"donors' real nodule slices: {fmt(real_strands, 2)} and {fmt(real_contrast, 0)} HU.", "",
-              "| model | with a long strand | strand contrast (HU) |", "|---|---|---|"]
-    lines += [f"| {ROLE_TITLES[r]} | {fmt(e['long_strand_fraction'], 3)} | {fmt(e['strand_contrast_hu'], 0)} |"
+              f"{STRAND_SURROUND_PX} px of them outside the mask (median over the nodules with a strand), and "
+              "that contrast split by what the strands run through: the lung, or tissue (a vessel or the chest "
+              f"wall in the surround, > {STRAND_TISSUE_HU:.0f} HU away from the nodule's rim), where a real spicule "
+              "merges with what it crosses and reads ≈ 0. The donors' real nodule slices: "
+              f"{fmt(real_strands, 2)}, {fmt(real_contrast, 0)} HU, over the lung "
+              f"{fmt(real_contrasts['strand_contrast_lung_hu'], 0)} HU, over tissue "
+              f"{fmt(real_contrasts['strand_over_tissue_hu'], 0)} HU.", "",
+              "| model | with a long strand | strand contrast (HU) | over the lung (HU) | over tissue (HU) |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {ROLE_TITLES[r]} | {fmt(e['long_strand_fraction'], 3)} | {fmt(e['strand_contrast_hu'], 0)} | "
+              f"{fmt(e['strand_contrast_lung_hu'], 0)} | {fmt(e['strand_over_tissue_hu'], 0)} |"
               for r, e in results.items()]
     lines += ["", "**Where the nodule is drawn** (the drawn masks' largest components): the median distance of its "
               "centroid from the patch centre, where it was asked for; the share of draws whose centroid lies more "
@@ -481,8 +502,9 @@ def gene_control(ctx: Context) -> Section:
         summary["noise_diversity"] = proposed["noise_diversity"]
         summary["long_strand_fraction"] = proposed["long_strand_fraction"]
         summary["long_strand_fraction_real"] = real_strands
-        summary["strand_contrast_hu"] = proposed["strand_contrast_hu"]
-        summary["strand_contrast_real_hu"] = real_contrast
+        for name in STRAND_MEASURES:   # e.g. strand_contrast_hu, strand_contrast_real_hu
+            summary[name] = proposed[name]
+            summary[name.replace("_hu", "_real_hu")] = real_contrasts[name]
         summary["misplaced_fraction_real"] = real_misplaced
         for key in ("mask_offset_mm", "misplaced_fraction", "mask_on_tissue_fraction", "mask_on_tissue_centred",
                     "size_ratio", "size_ratio_small", "core_contrast_hu", "core_contrast_real_hu", "core_rho"):
