@@ -72,21 +72,24 @@ def test_draws_nodules_inside_the_lung() -> None:
     assert max(areas) > 2 * min(areas), f"the donors' genes do not change the nodule size: {areas}"
 
 
-def _exported_and_as_trained(option: str, background: Any) -> dict[str, Any]:
+def _exported_and_as_trained(option: str, background: Any, *needing_it: str) -> dict[str, Any]:
     """The bundled model's outputs on `background` (B, 1, S, S) as exported and with the composition `option` it was
-    exported with switched off — the same tensors, genes and noise — after checking that the option was set at the
-    export, not in training."""
+    exported with switched off, with the options `needing_it` that it must come with — the same tensors, genes and
+    noise — after checking that each was set at the export, not in training."""
     import torch
 
     from RadiogenomicGANLib.networks import with_composition
 
     exported, metadata = load_weights(WEIGHTS)
-    assert getattr(metadata.config, option) and not metadata.provenance["train_config"]["generator"].get(option, False)
+    switched = (option, *needing_it)
+    for name in switched:
+        assert getattr(metadata.config, name) and not metadata.provenance["train_config"]["generator"].get(name, False)
     generator = torch.Generator().manual_seed(0)
     genes = torch.randn(background.shape[0], metadata.config.num_genes, generator=generator)
     noise = torch.randn(background.shape[0], metadata.config.noise_dim, generator=generator)
     outputs = {}
-    for name, model in (("exported", exported), ("as trained", with_composition(exported, **{option: False}))):
+    off = with_composition(exported, **dict.fromkeys(switched, False))
+    for name, model in (("exported", exported), ("as trained", off)):
         torch.manual_seed(1)
         with torch.no_grad():
             outputs[name] = model.eval()(background, genes, noise)
@@ -117,7 +120,7 @@ def test_its_nodules_cover_the_background_they_are_laid_on() -> None:
 def test_its_strands_stand_out_from_the_lung_as_the_real_ones_do() -> None:
     """Exported with the strands painted at the training donors' real strands' lift over the lung (round 35): on
     a flat lung the bundled nodules' long strands read a contrast near the real strands' (295 HU on the cohort it
-    trained on), where the same tensors drawing them as trained leave them faint (< 100 HU)."""
+    trained on), where the same tensors drawing them as trained (unpainted, so uncapped) leave them faint (< 100 HU)."""
     import torch
 
     from RadiogenomicGANLib.intensity import unit_to_hu
@@ -127,7 +130,7 @@ def test_its_strands_stand_out_from_the_lung_as_the_real_ones_do() -> None:
     size, count = metadata.config.patch_size, 256           # about one draw in twelve carries a long strand
     background = torch.full((count, 1, size, size), -0.75)  # ≈ −810 HU
     contrast = {}
-    for name, out in _exported_and_as_trained("spicule_contrast", background).items():
+    for name, out in _exported_and_as_trained("spicule_contrast", background, "spicule_cap").items():
         hu = unit_to_hu(out.image[:, 0].numpy(), tuple(metadata.hu_window))
         read = np.array([strand_contrast_hu(h, m) for h, m in zip(hu, out.mask[:, 0].numpy() > 0.5)])
         assert np.isfinite(read).sum() >= 10, name             # strands to read
@@ -162,3 +165,28 @@ def test_its_label_holds_no_thin_piece_of_its_own_outline(monkeypatch: Any) -> N
     _exported_and_as_trained("open_own_mask", torch.full((512, 1, size, size), -0.75))   # a flat lung, ≈ −810 HU
     exported, as_trained = own_pieces
     assert exported == 0 and as_trained > 0, own_pieces
+
+
+def test_its_strands_merge_with_the_vessels_they_cross() -> None:
+    """Exported with the painted strands capped at max(background, 0 HU) (round 38): on a lung crossed by 40 HU
+    vessels the bundled nodules' strands stand over the tissue they cross far less than the same tensors painted
+    without the cap, which lift them 414 HU over it; over the lung the two read alike."""
+    import torch
+
+    from RadiogenomicGANLib.intensity import hu_to_unit, unit_to_hu
+    from training.metrics import strand_contrast_split_hu
+
+    metadata = load_weights(WEIGHTS)[1]
+    size, count, window = metadata.config.patch_size, 256, tuple(metadata.hu_window)
+    lung = np.full((size, size), -810.0)
+    for column in range(3, size, 10):
+        lung[:, column : column + 3] = 40.0      # a vessel 3 px wide every 10 px
+    background = torch.from_numpy(np.asarray(hu_to_unit(lung, window), dtype=np.float32)).expand(count, 1, size, size)
+    read = {}
+    for name, out in _exported_and_as_trained("spicule_cap", background.contiguous()).items():
+        hu = unit_to_hu(out.image[:, 0].numpy(), window)
+        split = np.array([strand_contrast_split_hu(h, m) for h, m in zip(hu, out.mask[:, 0].numpy() > 0.5)])
+        assert np.isfinite(split).sum(axis=0).min() >= 5, name     # strands over both to read
+        read[name] = np.nanmedian(split, axis=0)
+    assert read["exported"][1] < 150.0 and read["as trained"][1] > 300.0, read
+    assert abs(read["exported"][0] - read["as trained"][0]) < 20.0, read
