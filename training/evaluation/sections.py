@@ -448,9 +448,11 @@ def gene_control(ctx: Context) -> Section:
               "that contrast split by what the strands run through: the lung, or tissue (a vessel or the chest "
               f"wall in the surround, > {STRAND_TISSUE_HU:.0f} HU away from the nodule's rim), where a real spicule "
               "merges with what it crosses and reads ≈ 0. The donors' real nodule slices: "
-              f"{fmt(real_strands, 2)}, {fmt(real_contrast, 0)} HU, over the lung "
-              f"{fmt(real_contrasts['strand_contrast_lung_hu'], 0)} HU, over tissue "
-              f"{fmt(real_contrasts['strand_over_tissue_hu'], 0)} HU.", "",
+              f"{fmt(real_strands, 2)} with a long strand; contrast {fmt(real_contrast, 0)}, over the lung "
+              f"{fmt(real_contrasts['strand_contrast_lung_hu'], 0)}, over tissue "
+              f"{fmt(real_contrasts['strand_over_tissue_hu'], 0)} HU (n/a: no real strand touches tissue). A pooled "
+              "median, not a measure of gene control: the control with another donor's genes reads the same draws.",
+              "",
               "| model | with a long strand | strand contrast (HU) | over the lung (HU) | over tissue (HU) |",
               "|---|---|---|---|---|"]
     lines += [f"| {ROLE_TITLES[r]} | {fmt(e['long_strand_fraction'], 3)} | {fmt(e['strand_contrast_hu'], 0)} | "
