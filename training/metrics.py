@@ -363,13 +363,21 @@ def strand_contrast_hu(image_hu: np.ndarray, mask: np.ndarray) -> float:
     """How the long strands stand out in the image: their pixels' mean HU minus the mean HU of the pixels within
     STRAND_SURROUND_PX of them outside the mask. The phantom's real spicules are solid strands; a strand drawn in
     the label but blurred into the lung in the image reads low. NaN without a long strand."""
-    mask = np.asarray(mask, dtype=bool)
+    strands, surround = _strands_and_surround(np.asarray(mask, dtype=bool))
+    return _contrast_hu(np.asarray(image_hu, dtype=np.float64), strands, surround)
+
+
+def _strands_and_surround(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A boolean mask's long strands and the pixels within STRAND_SURROUND_PX of them outside the mask."""
     strands = long_strands(mask)
-    surround = ndimage.binary_dilation(strands, iterations=STRAND_SURROUND_PX) & ~mask
-    if not strands.any() or not surround.any():
+    return strands, ndimage.binary_dilation(strands, iterations=STRAND_SURROUND_PX) & ~mask
+
+
+def _contrast_hu(image_hu: np.ndarray, pixels: np.ndarray, reference: np.ndarray) -> float:
+    """Mean HU of `pixels` minus that of `reference`; NaN where either is empty."""
+    if not pixels.any() or not reference.any():
         return float("nan")
-    image_hu = np.asarray(image_hu, dtype=np.float64)
-    return float(image_hu[strands].mean() - image_hu[surround].mean())
+    return float(image_hu[pixels].mean() - image_hu[reference].mean())
 
 
 #: Above this a long strand's surround is tissue it crosses (vessel, chest wall). Not TISSUE_HU's −500: a real
@@ -391,8 +399,7 @@ def strand_contrast_split_hu(image_hu: np.ndarray, mask: np.ndarray) -> tuple[fl
     by how many strands cross tissue. Without tissue the first equals `strand_contrast_hu`. NaN for a part without
     pixels."""
     mask = np.asarray(mask, dtype=bool)
-    strands = long_strands(mask)
-    surround = ndimage.binary_dilation(strands, iterations=STRAND_SURROUND_PX) & ~mask
+    strands, surround = _strands_and_surround(mask)
     if not strands.any() or not surround.any():
         return float("nan"), float("nan")
     image_hu = np.asarray(image_hu, dtype=np.float64)
@@ -403,13 +410,8 @@ def strand_contrast_split_hu(image_hu: np.ndarray, mask: np.ndarray) -> tuple[fl
     outside_neighbours = ndimage.convolve(outside.astype(np.float64), neighbourhood, mode="constant")
     over_tissue = strands & (2.0 * tissue_neighbours > outside_neighbours)
     tissue_reference = tissue & ndimage.binary_dilation(over_tissue, structure=neighbourhood.astype(bool))
-
-    def contrast(pixels: np.ndarray, reference: np.ndarray) -> float:
-        if not pixels.any() or not reference.any():
-            return float("nan")
-        return float(image_hu[pixels].mean() - image_hu[reference].mean())
-
-    return contrast(strands & ~over_tissue, surround & ~tissue), contrast(over_tissue, tissue_reference)
+    return (_contrast_hu(image_hu, strands & ~over_tissue, surround & ~tissue),
+            _contrast_hu(image_hu, over_tissue, tissue_reference))
 
 
 def strand_contrast_lung_hu(image_hu: np.ndarray, mask: np.ndarray) -> float:
@@ -437,10 +439,7 @@ def strand_lift_hu(image_hu: np.ndarray, mask: np.ndarray) -> float:
     strands = long_strands(mask)
     lung = ndimage.binary_dilation(strands, iterations=STRAND_LUNG_PX) & ~ndimage.binary_dilation(
         mask, iterations=STRAND_RIM_PX)
-    if not strands.any() or not lung.any():
-        return float("nan")
-    image_hu = np.asarray(image_hu, dtype=np.float64)
-    return float(image_hu[strands].mean() - image_hu[lung].mean())
+    return _contrast_hu(np.asarray(image_hu, dtype=np.float64), strands, lung)
 
 
 def median_strand_contrast_hu(images_hu: np.ndarray, masks: np.ndarray,
