@@ -149,9 +149,10 @@ class GeneratorConfig(StrictDict):
     # Cap the painted strands (with `spicule_contrast`) at max(background, 0 HU): a strand crossing a vessel or the
     # chest wall merges with it, as a real one does, instead of standing Δ (414 HU on cohort 2026) over the tissue,
     # which it did on 28 % of the draws with a painted strand (round 37, cohort 29). In the lung (−810 HU) the cap is
-    # far above the painted value and changes nothing. A COMPOSITION_OPTION. Tried at export on four models (round 37,
-    # cohort 29): no strand over tissue, the rest level, but the strands' measured contrast fell 15.01 HU further
-    # from the real, over its rule's 15: not in the recommended setting. Off here, so older weights files load as
+    # far above the painted value and changes nothing. A COMPOSITION_OPTION. Round 37 missed its rule on a measure
+    # that mixed strands over the lung with strands over tissue; read apart (`metrics.strand_contrast_split_hu`) on
+    # four models of the unseen cohort 43, strands over tissue 348 -> 93 HU (real 9), over the lung and the rest
+    # level (round 38): the bundle and `make demo-weights` export with it. Off here, so older weights files load as
     # they were exported.
     spicule_cap: bool = False
     # Drawn lobes (the phantom's module 4; off here, so weights files written without the key load as trained): the
